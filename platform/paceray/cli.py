@@ -1,0 +1,113 @@
+"""The `paceray` command line. Importing it imports no torch, Ray or MLflow: each command loads
+what it needs when it runs, so `--help` and spec checks answer at once."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from paceray.errors import PacerayError, one_line
+
+SPEC = click.argument("spec", type=click.Path(dir_okay=False))
+SET = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                   help="Override a trial config path for every trial (pins it if it was searched).")
+ADDRESS = click.option("--address", default=None, envvar="RAY_ADDRESS",
+                       help="Ray cluster address (default: RAY_ADDRESS, else a local Ray started for this run).")
+TRACKING = click.option("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else a store under the run directory).")
+RESUME = click.option("--resume", is_flag=True, help="Continue from the latest checkpoints instead of starting afresh.")
+
+
+def user_errors(fn):
+    """One line and a non-zero exit for a problem the user can fix; a traceback only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PacerayError as e:
+            if click.get_current_context().find_root().params.get("debug"):
+                raise
+            click.echo(f"paceray: error: {one_line(str(e))}", err=True)
+            sys.exit(e.exit_code)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.version_option(package_name="paceray")
+def main(debug: bool) -> None:
+    """Search diffusion-training timestep curricula with Ray Tune, Ray Train and MLflow."""
+
+
+@main.command()
+@SPEC
+@SET
+@ADDRESS
+@TRACKING
+@RESUME
+@click.option("--run-dir", default=None, help="Where results, checkpoints and the embedded MLflow store go.")
+@user_errors
+def train(spec, overrides, address, tracking_uri, resume, run_dir):
+    """Run one trial (the spec's base config plus --set) through Ray Train, without Tune."""
+    from paceray.commands.train import run_train
+
+    run_train(spec, overrides, address=address, tracking_uri=tracking_uri, resume=resume, run_dir=run_dir)
+
+
+@main.command()
+@SPEC
+@SET
+@ADDRESS
+@TRACKING
+@RESUME
+@click.option("--run-dir", default=None, help="Where results, checkpoints and the embedded MLflow store go.")
+@user_errors
+def tune(spec, overrides, address, tracking_uri, resume, run_dir):
+    """Search the spec's curriculum space with Ray Tune: one MLflow child run per trial."""
+    from paceray.commands.tune import run_tune
+
+    run_tune(spec, overrides, address=address, tracking_uri=tracking_uri, resume=resume, run_dir=run_dir)
+
+
+@main.command()
+@click.argument("experiment")
+@TRACKING
+@click.option("--run-dir", default=None, help="Run directory of the embedded store (default ./runs).")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Write the table (CSV) and plots (PNG) here.")
+@user_errors
+def report(experiment, tracking_uri, run_dir, out):
+    """The trial table sorted by best FID, and FID-vs-step plots, from MLflow (finished or running)."""
+    from paceray.commands.report import run_report
+
+    run_report(experiment, tracking_uri=tracking_uri, run_dir=run_dir, out=out)
+
+
+@main.command()
+@click.option("--run-dir", default=None, help="Run directory of the embedded store (default ./runs).")
+@click.option("--port", default=5000, show_default=True)
+@user_errors
+def ui(run_dir, port):
+    """Open the MLflow UI on the embedded store (127.0.0.1 only)."""
+    from paceray.tracking import serve_ui
+
+    serve_ui(run_dir, port)
+
+
+def _add_trainable_commands() -> None:
+    # The default trainable's own tools (curriculum preview, data prepare, fid-net train).
+    # They import only click at module level.
+    from trainables.denoiser.commands import COMMANDS
+
+    for command in COMMANDS:
+        for sub in getattr(command, "commands", {}).values():
+            sub.callback = user_errors(sub.callback)
+        if command.callback is not None:
+            command.callback = user_errors(command.callback)
+        main.add_command(command)
+
+
+_add_trainable_commands()

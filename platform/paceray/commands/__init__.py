@@ -1,0 +1,1 @@
+"""The work behind each `paceray` subcommand (imported only when that subcommand runs)."""

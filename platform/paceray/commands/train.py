@@ -1,0 +1,85 @@
+"""`paceray train SPEC`: one trial (base config + --set) through Ray Train, no Tune."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from paceray import raycluster, tracking
+from paceray.errors import PacerayError
+from paceray.paths import storage_root
+from paceray.spec import flatten, load, load_trainable, parse_overrides
+from paceray.trial import Resources, TrialContext, trainer_for, trial_storage
+
+
+def _pointer(run_dir: Path, name: str) -> Path:
+    return run_dir / "train" / name / "latest.json"
+
+
+def prepare_assets(trainable, config: dict, storage: Path) -> None:
+    """The trainable's one-off preparation (datasets, FID nets, reference statistics), before any run exists."""
+    prepare = getattr(trainable, "prepare", None)
+    if prepare is not None:
+        prepare(config, str(storage))
+
+
+def run_train(spec_path: str, overrides, address: Optional[str], tracking_uri: Optional[str], resume: bool,
+              run_dir: Optional[str]) -> None:
+    loaded = load(spec_path, parse_overrides(overrides))
+    spec = loaded.spec
+    rd = Path(run_dir).expanduser().resolve() if run_dir else loaded.run_dir
+    tracking_uri = tracking_uri or spec.tracking.uri
+    pointer = _pointer(rd, spec.name)
+    previous = None
+    if resume:
+        if not pointer.exists():
+            raise PacerayError(f"--resume: no earlier `paceray train` of {spec.name!r} under {rd} ({pointer} is missing)")
+        previous = json.loads(pointer.read_text())
+    config = loaded.base
+    trainable = load_trainable(spec.trainable, str(spec.path))
+    storage = storage_root()
+    prepare_assets(trainable, config, storage)
+
+    rd.mkdir(parents=True, exist_ok=True)
+    with tracking.tracking_session(rd, tracking_uri) as uri:
+        where = raycluster.connect(address)
+        print(f"paceray train {spec.name}: {where}; MLflow at {uri}", flush=True)
+        if previous:
+            trial_id, run_id = previous["trial_id"], previous["run_id"]
+        else:
+            trial_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            run_id = tracking.create_run(uri, spec.experiment, trial_id,
+                                         {tracking.TRIAL_TAG: trial_id, tracking.KIND_TAG: "trial"},
+                                         flatten(config))
+            pointer.parent.mkdir(parents=True, exist_ok=True)
+            pointer.write_text(json.dumps({"trial_id": trial_id, "run_id": run_id, "experiment": spec.experiment}))
+        ctx = TrialContext(trial_id=trial_id, run_id=run_id, tracking_uri=uri, storage=str(storage), run_dir=str(rd))
+        res = spec.resources
+        trainer = trainer_for(trainable, config, ctx, Resources(res.workers, res.cpus_per_worker, res.gpus_per_worker),
+                              trial_storage(rd), name=trial_id, keep_best=config["train"]["checkpoint_keep"])
+        status = "FAILED"
+        try:
+            result = trainer.fit()
+            status = "FINISHED"
+        except Exception as e:  # Ray wraps the worker's error; the run must not stay RUNNING
+            tracking.client(uri).set_tag(run_id, "paceray.error", str(e)[:4000])
+            raise PacerayError(f"trial {trial_id} failed: {str(e).splitlines()[0][:300]} "
+                               f"(details: {trial_storage(rd) / trial_id}; resume with --resume)") from e
+        finally:
+            tracking.end_run(uri, run_id, status)
+            raycluster.shutdown()
+        best = result.best_checkpoints[0][1] if result.best_checkpoints else {}
+        print(f"\nresults: {trial_storage(rd) / trial_id}")
+        if best:
+            fid = best.get("eval/fid")
+            print(f"best eval/fid {fid:.3f} at step {best.get('step')} ({best.get('fid_features', '')})")
+        if not (tracking_uri or _env_uri()):
+            print(f"MLflow UI: {tracking.ui_command(rd)}")
+
+
+def _env_uri() -> Optional[str]:
+    import os
+
+    return os.environ.get("MLFLOW_TRACKING_URI")

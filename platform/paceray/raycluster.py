@@ -1,0 +1,46 @@
+"""Connecting to Ray: the cluster named by --address / RAY_ADDRESS, else a local instance started
+explicitly for this command (a bare `ray.init()` may attach to a dead cluster left in
+/tmp/ray/ray_current_cluster)."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from paceray.errors import PacerayError, one_line
+
+
+def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> str:
+    """Initialise Ray once for this process; returns a description for the user."""
+    import ray
+
+    if ray.is_initialized():
+        return "ray (already connected)"
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Keep Train V2 (the default) and stop Ray from rewriting our metrics' names in the console.
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if address and address != "local":
+        if address.startswith("http"):  # a dashboard address is for `ray job submit`, not for ray.init
+            raise PacerayError(f"--address {address}: give the GCS address (host:6379) or 'auto'; "
+                               f"{address} is the Jobs API address used by `ray job submit`")
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise PacerayError(one_line(f"--address {address}: cannot connect to a Ray cluster ({e})")) from None
+        return f"Ray cluster at {address}"
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             configure_logging=True, logging_level="warning")
+    return "a local Ray instance"
+
+
+def shutdown() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def cluster_resources() -> dict:
+    import ray
+
+    return dict(ray.cluster_resources())

@@ -1,0 +1,432 @@
+"""The curriculum comparison read back from MLflow: the trial table sorted by best FID, the
+per-arm summary (order -> final FID over seeds) and FID-vs-step plots. `paceray report` prints
+it any time; `paceray tune` logs it to the search's parent run when the search ends.
+
+FIDs measured with different feature extractors or sample counts are different quantities.
+Trials are grouped by their `paceray.fid_features` tag; when there is more than one group the
+report says so loudly, ranks and compares against the baseline only within a group, and names
+no overall best trial.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from paceray import tracking
+from paceray.errors import PacerayError, one_line
+
+FID_METRIC = "eval/fid"
+FEATURES_TAG = "paceray.fid_features"
+ERROR_TAG = "paceray.error"
+UNKNOWN_FEATURES = "unknown (trial has FIDs but no paceray.fid_features tag)"
+ORDERS = ("none", "easy-to-hard", "hard-to-easy", "random")
+ORDER_COLORS = {"none": "#4d4d4d", "easy-to-hard": "#1f77b4", "hard-to-easy": "#d62728", "random": "#2ca02c"}
+ENDED_BADLY = ("FAILED", "KILLED")
+FILES = ("trials.csv", "summary.csv", "fid_by_order.png", "fid_by_clusters.png")
+DASH = "—"
+COLUMNS = ["trial", "status", "order", "N", "clustering", "pacing", "stage_or_tau", "cumulative", "seed",
+           "best_fid", "best_step", "final_fid", "final_step", "steps_to_baseline", "features", "error", "run_id"]
+
+
+@dataclass(frozen=True)
+class Baseline:
+    fid: float  # mean final FID of the order=none trials (seeds) in one feature group
+    n: int
+    provisional: bool  # no baseline has finished yet: the mean is over running ones
+
+
+@dataclass
+class Report:
+    experiment: str
+    source: str  # what the trials were read from, for the header
+    parent_run_id: Optional[str]
+    table: pd.DataFrame  # one row per trial, sorted (grouped by features, then best FID)
+    summary: pd.DataFrame  # per arm: order -> final FID mean/std over seeds
+    histories: dict  # trial -> pd.Series of eval/fid indexed by step
+    feature_groups: list  # the distinct `paceray.fid_features` values, first = F1
+    baselines: dict  # feature group -> Baseline
+    best_trial: Optional[str]  # None when FIDs are not comparable across trials
+    best_fid: Optional[float]
+
+    @property
+    def comparable(self) -> bool:
+        return len(self.feature_groups) <= 1
+
+    @property
+    def text(self) -> str:
+        return render(self)
+
+
+# ---------------------------------------------------------------- reading MLflow
+
+def _search_all(client, experiment_id: str, filter_string: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _fid_history(client, run_id: str) -> pd.Series:
+    # A restarted trial may log a step twice: the later value wins.
+    points = sorted(client.get_metric_history(run_id, FID_METRIC), key=lambda m: (m.step, m.timestamp))
+    by_step = {m.step: m.value for m in points}
+    return pd.Series(list(by_step.values()), index=list(by_step.keys()), dtype=float, name=FID_METRIC)
+
+
+def _experiment(client, name: str):
+    exp = client.get_experiment_by_name(name)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        names = sorted(e.name for e in client.search_experiments())
+        raise PacerayError(f"MLflow experiment {name!r} not found (experiments there: {', '.join(names) or 'none'}); "
+                           f"pass the spec's name, and --tracking-uri/--run-dir of the store the search wrote to")
+    return exp
+
+
+def report_for_experiment(uri: str, experiment: str) -> Report:
+    """The latest search of `experiment`; without any search, its `paceray train` runs."""
+    client = tracking.client(uri)
+    exp = _experiment(client, experiment)
+    searches = _search_all(client, exp.experiment_id, f"tags.`{tracking.KIND_TAG}` = 'search'")
+    if searches:
+        return report_for_parent(uri, searches[-1].info.run_id)
+    trials = [r for r in _search_all(client, exp.experiment_id, f"tags.`{tracking.KIND_TAG}` = 'trial'")
+              if tracking.PARENT_TAG not in r.data.tags]
+    if not trials:
+        raise PacerayError(f"MLflow experiment {experiment!r} has no paceray search or trial runs yet")
+    return build(client, experiment, "runs of `paceray train` (no search)", None, trials)
+
+
+def report_for_parent(uri: str, parent_run_id: str) -> Report:
+    """The trials (child runs) of one search, finished or still running."""
+    client = tracking.client(uri)
+    try:
+        parent = client.get_run(parent_run_id)
+    except Exception as e:  # MlflowException: unknown id
+        raise PacerayError(f"MLflow run {parent_run_id!r} not found at {uri}: {one_line(e)[:200]}") from None
+    experiment = client.get_experiment(parent.info.experiment_id).name
+    children = _search_all(client, parent.info.experiment_id, f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}'")
+    source = f"search run {parent_run_id} ({parent.info.run_name}, {parent.info.status})"
+    return build(client, experiment, source, parent_run_id, children)
+
+
+# ---------------------------------------------------------------- the table
+
+def _int(value) -> Optional[int]:
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def steps_to_reach(history: pd.Series, threshold: float) -> Optional[int]:
+    """The first eval step whose FID is at or below `threshold` (None if never)."""
+    hit = history[history <= threshold * (1 + 1e-12)]
+    return int(hit.index[0]) if len(hit) else None
+
+
+def _row(run, history: pd.Series) -> dict:
+    p, tags = run.data.params, run.data.tags
+    finite = history[history.map(math.isfinite)]
+    pacing = p.get("curriculum.pacing")
+    stage = {"fixed": p.get("curriculum.stage_steps"), "patience": f"τ={p.get('curriculum.patience')}"}.get(pacing)
+    return {
+        "trial": tags.get(tracking.TRIAL_TAG) or run.info.run_name or run.info.run_id,
+        "status": run.info.status,
+        "order": p.get("curriculum.order"),
+        "N": _int(p.get("curriculum.num_clusters")),
+        "clustering": p.get("curriculum.clustering"),
+        "pacing": pacing,
+        "stage_or_tau": stage,
+        "cumulative": p.get("curriculum.cumulative"),
+        "seed": _int(p.get("train.seed")),
+        "best_fid": finite.min() if len(finite) else math.nan,
+        "best_step": int(finite.idxmin()) if len(finite) else None,
+        "final_fid": history.iloc[-1] if len(history) else math.nan,
+        "final_step": int(history.index[-1]) if len(history) else None,
+        "steps_to_baseline": None,
+        "features": tags.get(FEATURES_TAG) or (UNKNOWN_FEATURES if len(finite) else None),
+        "error": one_line(tags[ERROR_TAG]) if tags.get(ERROR_TAG) else None,
+        "run_id": run.info.run_id,
+    }
+
+
+def _baselines(table: pd.DataFrame) -> dict:
+    out = {}
+    for group, sub in table[table["order"] == "none"].groupby("features"):
+        usable = sub[sub["final_fid"].map(math.isfinite)]
+        finished = usable[usable["status"] == "FINISHED"]
+        provisional = finished.empty
+        chosen = usable[~usable["status"].isin(ENDED_BADLY)] if provisional else finished
+        if not chosen.empty:
+            out[group] = Baseline(float(chosen["final_fid"].mean()), len(chosen), provisional)
+    return out
+
+
+def _summary(table: pd.DataFrame, by_features: bool) -> pd.DataFrame:
+    keys = ["features", "order"] if by_features else ["order"]
+    rows = []
+    for key, sub in table.groupby(keys, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        counted = sub[~sub["status"].isin(ENDED_BADLY) & sub["final_fid"].map(math.isfinite)]
+        fids = counted["final_fid"]
+        rows.append({**dict(zip(keys, key)), "n": len(fids),
+                     "final_fid_mean": fids.mean() if len(fids) else math.nan,
+                     "final_fid_std": fids.std(ddof=1) if len(fids) > 1 else math.nan,
+                     "best_fid_mean": counted["best_fid"].mean() if len(fids) else math.nan,
+                     "failed": int(sub["status"].isin(ENDED_BADLY).sum())})
+    summary = pd.DataFrame(rows, columns=keys + ["n", "final_fid_mean", "final_fid_std", "best_fid_mean", "failed"])
+    rank = {o: i for i, o in enumerate(ORDERS)}
+    summary["_rank"] = summary["order"].map(lambda o: rank.get(o, len(ORDERS)))
+    return summary.sort_values(keys[:-1] + ["_rank", "order"]).drop(columns="_rank").reset_index(drop=True)
+
+
+def build(client, experiment: str, source: str, parent_run_id: Optional[str], runs: list) -> Report:
+    histories, rows = {}, []
+    for run in runs:
+        history = _fid_history(client, run.info.run_id)
+        row = _row(run, history)
+        histories[row["trial"]] = history
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table[["best_fid", "final_fid"]] = table[["best_fid", "final_fid"]].astype(float)
+    groups = list(dict.fromkeys(g for g in table["features"] if g is not None))
+    baselines = _baselines(table)
+    table["steps_to_baseline"] = [
+        steps_to_reach(histories[t], baselines[g].fid) if g in baselines else None
+        for t, g in zip(table["trial"], table["features"])]
+    for col in ("N", "seed", "best_step", "final_step", "steps_to_baseline"):
+        table[col] = table[col].astype("Int64")
+    table["group"] = table["features"].map(lambda g: groups.index(g) if g in groups else len(groups))
+    table = table.sort_values(["group", "best_fid", "trial"], na_position="last").reset_index(drop=True)
+    # The best trial of each feature group; one overall best only when all FIDs are comparable.
+    ranked = table[table["best_fid"].map(math.isfinite)]
+    table["best"] = table.index.isin(ranked.groupby("group").head(1).index)
+    table = table.drop(columns="group")
+    best_trial = best_fid = None
+    if len(groups) <= 1 and not ranked.empty:
+        best_trial, best_fid = str(ranked.iloc[0]["trial"]), float(ranked.iloc[0]["best_fid"])
+    return Report(experiment, source, parent_run_id, table, _summary(table, len(groups) > 1), histories,
+                  groups, baselines, best_trial, best_fid)
+
+
+# ---------------------------------------------------------------- text
+
+def _fmt(x, digits: int = 2) -> str:
+    if x is None or x is pd.NA or (isinstance(x, float) and not math.isfinite(x)):
+        return DASH
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _feature_lines(rep: Report) -> list:
+    counts = rep.table["features"].value_counts()
+    if not rep.feature_groups:
+        return ["FID features: none yet (no trial has logged eval/fid)"]
+    if rep.comparable:
+        return [f"FID features: {rep.feature_groups[0]} ({counts.iloc[0]} of {len(rep.table)} trials with FIDs)"]
+    lines = [f"!!! WARNING: these FIDs come from {len(rep.feature_groups)} DIFFERENT feature extractors / sample "
+             f"counts and are NOT comparable across groups:"]
+    lines += [f"!!!   F{i + 1}: {g} ({counts.get(g, 0)} trials)" for i, g in enumerate(rep.feature_groups)]
+    lines.append("!!! Rows are grouped by extractor; best trial and steps-to-baseline are per group; no overall best.")
+    return lines
+
+
+def _baseline_lines(rep: Report) -> list:
+    if not rep.baselines:
+        return ["baseline: no order=none trial with a FID yet, so no steps-to-baseline"]
+    lines = []
+    for i, g in enumerate(rep.feature_groups):
+        b = rep.baselines.get(g)
+        if b is None:
+            continue
+        where = f" (F{i + 1})" if not rep.comparable else ""
+        note = ", provisional: no baseline has finished" if b.provisional else ""
+        lines.append(f"baseline{where}: final FID {b.fid:.2f}, mean of {b.n} order=none trial(s){note}; "
+                     f"'→baseline' = first eval step at or below it")
+    return lines
+
+
+def display_table(rep: Report) -> pd.DataFrame:
+    t = rep.table
+    curriculum_off = t["order"] == "none"  # clusters and pacing mean nothing to the uniform baseline
+
+    def cur(col):
+        return [DASH if off else _fmt(v) for v, off in zip(t[col], curriculum_off)]
+
+    shown = pd.DataFrame({
+        " ": ["*" if b else "" for b in t["best"]],
+        "trial": t["trial"], "status": t["status"], "order": t["order"].map(_fmt),
+        "N": cur("N"), "clustering": cur("clustering"), "pacing": cur("pacing"), "stage/τ": cur("stage_or_tau"),
+        "cumul.": cur("cumulative"), "seed": t["seed"].map(_fmt),
+        "best FID": t["best_fid"].map(_fmt), "@step": t["best_step"].map(_fmt),
+        "final FID": t["final_fid"].map(_fmt), "→baseline": t["steps_to_baseline"].map(_fmt),
+    })
+    if not rep.comparable:
+        shown.insert(2, "FID", [f"F{rep.feature_groups.index(g) + 1}" if g in rep.feature_groups else DASH
+                                for g in t["features"]])
+    notes = [f"error: {e[:70]}{'…' if len(e) > 70 else ''}" if isinstance(e, str) else "" for e in t["error"]]
+    if any(notes):
+        shown["note"] = notes
+    return shown
+
+
+def display_summary(rep: Report) -> pd.DataFrame:
+    s = rep.summary
+    out = pd.DataFrame({"order": s["order"], "n": s["n"],
+                        "final FID mean ± std": [f"{_fmt(m)} ± {_fmt(d)}" if n > 1 else _fmt(m)
+                                                 for m, d, n in zip(s["final_fid_mean"], s["final_fid_std"], s["n"])],
+                        "best FID mean": s["best_fid_mean"].map(_fmt), "failed": s["failed"]})
+    if "features" in s:
+        out.insert(0, "FID", [f"F{rep.feature_groups.index(g) + 1}" if g in rep.feature_groups else DASH
+                              for g in s["features"]])
+    return out
+
+
+def render(rep: Report) -> str:
+    status = rep.table["status"].value_counts()
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in status.items())
+    lines = [f"paceray report {rep.experiment}: {rep.source}; {len(rep.table)} trials ({counts or 'none yet'})"]
+    lines += _feature_lines(rep) + _baseline_lines(rep) + [""]
+    if rep.table.empty:
+        return "\n".join(lines + ["(no trials yet)"])
+    lines.append(display_table(rep).to_string(index=False))
+    lines.append("")
+    if rep.best_trial is not None:
+        row = rep.table[rep.table["trial"] == rep.best_trial].iloc[0]
+        lines.append(f"* best trial: {rep.best_trial}, FID {rep.best_fid:.2f} at step {row['best_step']} "
+                     f"(order={row['order']}, N={_fmt(row['N'])})")
+    elif not rep.comparable:
+        lines.append("* best trial of each FID group (not comparable across groups)")
+    lines += ["", "per arm (final FID over seeds; failed trials not counted):",
+              display_summary(rep).to_string(index=False)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- plots
+
+def _short_features(rep: Report) -> str:
+    if not rep.feature_groups:
+        return "no FIDs yet"
+    if rep.comparable:
+        return f"FID: {rep.feature_groups[0]}"
+    return "MIXED FID EXTRACTORS: curves of different line styles are NOT comparable"
+
+
+def plot_fid(rep: Report, by: str):
+    """FID vs step, one line per trial, coloured by `by` ("order" or "N")."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    t = rep.table
+    if by == "order":
+        keys = [o for o in ORDERS if o in set(t["order"])] + sorted(set(t["order"].dropna()) - set(ORDERS))
+        extra = colormaps["tab10"]
+        colors = {k: ORDER_COLORS.get(k, extra(i % 10)) for i, k in enumerate(keys)}
+        key_of, label_of = (lambda row: row["order"]), (lambda k: str(k))
+    else:
+        ns = sorted({int(n) for n, o in zip(t["N"], t["order"]) if o != "none" and n is not pd.NA})
+        cmap = colormaps["viridis"]
+        colors = {n: cmap(0.9 * i / max(len(ns) - 1, 1)) for i, n in enumerate(ns)}
+        colors["baseline"] = ORDER_COLORS["none"]
+        keys = ns + ["baseline"]
+        key_of = lambda row: "baseline" if row["order"] == "none" else (None if row["N"] is pd.NA else int(row["N"]))
+        label_of = lambda k: "baseline (order=none)" if k == "baseline" else f"N={k}"
+    styles = ["-", "--", ":", "-."]
+    fig = Figure(figsize=(9.5, 5.5), dpi=110, layout="constrained")
+    ax = fig.add_subplot()
+    counts: dict = {}
+    for _, row in t.iterrows():
+        h = rep.histories.get(row["trial"])
+        if h is None or h.empty:
+            continue
+        key = key_of(row)
+        counts[key] = counts.get(key, 0) + 1
+        style = styles[rep.feature_groups.index(row["features"]) % 4] if row["features"] in rep.feature_groups else "-"
+        if by == "N" and key == "baseline" and rep.comparable:
+            style = "--"
+        ax.plot(h.index, h.values, style, color=colors.get(key, "black"), marker="o", markersize=2.5,
+                linewidth=2.6 if row["best"] else 1.2, alpha=0.95 if row["best"] else 0.7)
+        if row["status"] in ENDED_BADLY:
+            ax.plot(h.index[-1], h.values[-1], "x", color="black", markersize=8)
+        if row["best"]:
+            ax.annotate(f"best: {row['trial']} ({row['best_fid']:.2f})", (row["best_step"], row["best_fid"]),
+                        xytext=(6, -12), textcoords="offset points", fontsize=8)
+    handles = [Line2D([], [], color=colors[k], linewidth=2, label=f"{label_of(k)} ({counts[k]})")
+               for k in keys if k in counts]
+    for g, b in rep.baselines.items():
+        ax.axhline(b.fid, color=ORDER_COLORS["none"], linestyle=":", linewidth=1)
+    if rep.baselines:
+        handles.append(Line2D([], [], color=ORDER_COLORS["none"], linestyle=":", label="baseline final FID (mean)"))
+    if any(t["status"].isin(ENDED_BADLY)):
+        handles.append(Line2D([], [], color="black", marker="x", linestyle="", label="failed / killed"))
+    values = pd.concat([h for h in rep.histories.values() if not h.empty] or [pd.Series(dtype=float)])
+    values = values[values.map(math.isfinite)]
+    if len(values) and values.min() > 0 and values.max() / values.min() > 5:
+        ax.set_yscale("log")
+    if not len(values):
+        ax.text(0.5, 0.5, "no eval/fid logged yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("FID (eval/fid, lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    if handles:
+        ax.legend(handles=handles, fontsize=8, loc="upper right", title="curriculum order" if by == "order" else
+                  "clusters N", title_fontsize=8)
+    what = "curriculum order" if by == "order" else "number of clusters N"
+    fig.suptitle(f"{rep.experiment}: FID vs step by {what}", fontsize=12)
+    ax.set_title(_short_features(rep), fontsize=8.5, color="black" if rep.comparable else "red")
+    return fig
+
+
+# ---------------------------------------------------------------- files and the parent run
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_outputs(rep: Report, out_dir) -> list:
+    """trials.csv, summary.csv, fid_by_order.png, fid_by_clusters.png in `out_dir`, each written atomically."""
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f for f in FILES]
+    _atomic(paths[0], lambda p: rep.table.to_csv(p, index=False))
+    _atomic(paths[1], lambda p: rep.summary.to_csv(p, index=False))
+    for path, by in ((paths[2], "order"), (paths[3], "N")):
+        fig = plot_fid(rep, by)
+        _atomic(path, lambda p: fig.savefig(p, format="png"))
+    return paths
+
+
+def log_to_parent(uri: str, parent_run_id: str) -> Report:
+    """Compute the report of one search and log it to its parent run: artifacts under `report/`,
+    tags `paceray.best_trial` / `paceray.best_fid` (or a warning tag when FIDs are not comparable)."""
+    rep = report_for_parent(uri, parent_run_id)
+    client = tracking.client(uri)
+    with tempfile.TemporaryDirectory(prefix="paceray-report-") as tmp:
+        write_outputs(rep, tmp)
+        Path(tmp, "report.txt").write_text(rep.text + "\n")
+        client.log_artifacts(parent_run_id, tmp, "report")
+    if rep.best_trial is not None:
+        client.set_tag(parent_run_id, "paceray.best_trial", rep.best_trial)
+        client.set_tag(parent_run_id, "paceray.best_fid", f"{rep.best_fid:.6g}")
+    if not rep.comparable:
+        client.set_tag(parent_run_id, "paceray.report_warning",
+                       f"trials used {len(rep.feature_groups)} different FID feature extractors: not comparable")
+    return rep

@@ -1,0 +1,286 @@
+"""Experiment specs: YAML -> `Spec`, checked against the trainable's `Config` before Ray starts.
+
+A spec names what to train (`trainable`, `base`), what to search (`search`: dotted config path
+-> distribution), how to schedule it (`tune`), on what (`resources`) and where to track it
+(`tracking`). Every error is one line naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import itertools
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from paceray.errors import PacerayError, one_line
+from paceray.paths import default_run_dir
+
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Distribution(_Strict):
+    """Exactly one of the keys, e.g. `{grid: [a, b]}` or `{loguniform: [1e-4, 1e-2]}`."""
+
+    grid: Optional[list[Any]] = None
+    choice: Optional[list[Any]] = None
+    uniform: Optional[tuple[float, float]] = None
+    loguniform: Optional[tuple[float, float]] = None
+    randint: Optional[tuple[int, int]] = None  # [low, high), like ray.tune.randint
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Distribution":
+        given = [k for k in DISTRIBUTIONS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DISTRIBUTIONS)} (got {given or 'none'})")
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind in ("grid", "choice") and not value:
+            raise ValueError(f"{kind} needs at least one value")
+        if kind in ("uniform", "loguniform", "randint") and not value[0] < value[1]:
+            raise ValueError(f"{kind} needs low < high, got {list(value)}")
+        if kind == "loguniform" and value[0] <= 0:
+            raise ValueError("loguniform needs low > 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DISTRIBUTIONS if getattr(self, k) is not None)
+
+    @property
+    def args(self):
+        return getattr(self, self.kind)
+
+    def probe_values(self) -> list[Any]:
+        """Values that must all pass the trainable's checks: every listed value, both ends of a range."""
+        if self.kind in ("grid", "choice"):
+            return list(self.args)
+        low, high = self.args
+        return [low, high - 1] if self.kind == "randint" else [low, high]
+
+    def to_tune(self):
+        from ray import tune  # only when a search really starts
+
+        kind, args = self.kind, self.args
+        if kind == "grid":
+            return tune.grid_search(list(args))
+        if kind == "choice":
+            return tune.choice(list(args))
+        return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[kind](*args)
+
+
+class TuneSection(_Strict):
+    metric: str = "eval/fid"
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = Field(1, ge=1)
+    algorithm: Literal["grid", "random", "optuna"] = "grid"
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    grace_evals: int = Field(1, ge=1)  # ASHA: evals a trial gets before it may be stopped
+    reduction_factor: int = Field(2, ge=2)
+    max_concurrent: Optional[int] = Field(None, ge=1)
+    seed: int = 0
+
+
+class ResourcesSection(_Strict):
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    trial_cpus: float = Field(0.0, ge=0)  # the Tune trial's own process (the Train driver)
+
+    @model_validator(mode="after")
+    def _fractional_only_alone(self) -> "ResourcesSection":
+        # Fractional GPUs inside one DDP group hit NCCL "Duplicate GPU detected" (DESIGN).
+        if self.workers > 1 and 0 < self.gpus_per_worker < 1:
+            raise ValueError("fractional gpus_per_worker only works with workers: 1")
+        return self
+
+
+class TrackingSection(_Strict):
+    experiment: Optional[str] = None  # default: the spec's name
+    uri: Optional[str] = None
+
+
+class Spec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    trainable: str = "denoiser"
+    description: str = ""
+    base: dict[str, Any] = {}
+    search: dict[str, Distribution] = {}
+    tune: TuneSection = TuneSection()
+    resources: ResourcesSection = ResourcesSection()
+    tracking: TrackingSection = TrackingSection()
+    run_dir: Optional[str] = None
+
+    # Filled by load(): where it came from and what the trainable made of `base`.
+    path: Optional[str] = None
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+
+# --------------------------------------------------------------------------- dotted paths
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def set_path(d: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = d
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise PacerayError(f"--set {dotted}: {p} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise PacerayError(f"--set {pair!r}: expected key=value, e.g. --set train.steps=100")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_trainable(name: str, where: str = "spec"):
+    """The trainable package `trainables.<name>`: it exposes `Config` and `train_loop`."""
+    try:
+        return importlib.import_module(f"trainables.{name}")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("trainables"):
+            raise PacerayError(f"{where}: trainable: no trainable named {name!r} (a package trainables/{name}/)") from None
+        raise
+
+
+def _pydantic_error(where: str, err: ValidationError, prefix: str = "") -> PacerayError:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if p != "__root__")
+    field = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    extra = f" ({len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return PacerayError(one_line(f"{where}: {field}: {msg}{extra}"))
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise PacerayError(f"{path}: no such spec file") from None
+    except OSError as e:
+        raise PacerayError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or "malformed YAML"
+        raise PacerayError(one_line(f"{where}: malformed YAML: {problem}")) from None
+    if not isinstance(data, dict):
+        raise PacerayError(f"{path}: a spec is a YAML mapping with name, base, search, tune, resources")
+    return data
+
+
+def load(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> "LoadedSpec":
+    """Read, override and check a spec; nothing is started and nothing is written."""
+    path = Path(path).expanduser().resolve()
+    data = read_yaml(path)
+    try:
+        spec = Spec.model_validate({**data, "path": str(path)})
+    except ValidationError as e:
+        raise _pydantic_error(str(path), e) from None
+    base = copy.deepcopy(spec.base)
+    search = dict(spec.search)
+    for key, value in (overrides or {}).items():
+        set_path(base, key, value)
+        search.pop(key, None)  # --set pins a searched path
+    trainable = load_trainable(spec.trainable, str(path))
+    config = check_config(trainable.Config, base, str(path), "base.")
+    check_search(trainable.Config, config, search, str(path))
+    run_dir = Path(os.environ.get("PACERAY_RUN_DIR") or spec.run_dir or default_run_dir()).expanduser()
+    return LoadedSpec(spec=spec, base=config, search=search, run_dir=run_dir.resolve(), overrides=overrides or {})
+
+
+def check_config(config_cls, values: dict, where: str, prefix: str) -> dict:
+    try:
+        return config_cls.model_validate(values).model_dump(mode="json")
+    except ValidationError as e:
+        raise _pydantic_error(where, e, prefix) from None
+
+
+def check_search(config_cls, base: dict, search: dict[str, "Distribution"], where: str) -> None:
+    """Every grid/choice value and both ends of every range must be a valid trial config."""
+    known = set(flatten(base))
+    for key in search:
+        if key not in known:
+            raise PacerayError(f"{where}: search.{key}: no such config field in trainable's Config")
+    probes = [[(k, v) for v in d.probe_values()] for k, d in search.items()]
+    # Each value alone, and (for small spaces) every combination: cross-field checks
+    # (e.g. num_clusters ≤ timesteps) only show in combinations.
+    combos = itertools.product(*probes) if _product_size(probes) <= 4096 else ([p] for ps in probes for p in ps)
+    for combo in combos:
+        trial = copy.deepcopy(base)
+        for key, value in combo:
+            set_path(trial, key, value)
+        try:
+            config_cls.model_validate(trial)
+        except ValidationError as e:
+            point = ", ".join(f"{k}={v!r}" for k, v in combo)
+            err = _pydantic_error(where, e, "")
+            raise PacerayError(f"{err} (search point {point})") from None
+
+
+def _product_size(probes) -> int:
+    n = 1
+    for p in probes:
+        n *= max(1, len(p))
+    return n
+
+
+class LoadedSpec(BaseModel):
+    """A checked spec: `base` is the full trial config with defaults filled in."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    spec: Spec
+    base: dict[str, Any]
+    search: dict[str, Distribution]
+    run_dir: Path
+    overrides: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def trial_configs_preview(self) -> int:
+        """How many trials a grid search makes (num_samples × grid product)."""
+        n = self.spec.tune.num_samples
+        for d in self.search.values():
+            if d.kind == "grid":
+                n *= len(d.args)
+        return n

@@ -1,0 +1,183 @@
+"""MLflow: where the store is, and the runs the platform owns (one per trial, nested under a search).
+
+Tracking URI: `--tracking-uri` > `MLFLOW_TRACKING_URI` > the embedded default, a SQLite store and
+artifact folder under the run directory. Many processes writing one SQLite file meet "database
+is locked", so the embedded store is always served by one local `mlflow server` on loopback for
+the length of the command, and every process (driver, Tune trials, Ray workers) talks HTTP to it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+from paceray.errors import PacerayError, one_line
+
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_TAG = "paceray.trial_id"
+KIND_TAG = "paceray.kind"  # "search" or "trial"
+
+
+def embedded_store(run_dir: Path) -> tuple[str, Path]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{run_dir / 'mlflow.db'}", run_dir / "mlartifacts"
+
+
+def ui_command(run_dir: Path) -> str:
+    return f"paceray ui --run-dir {run_dir}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """One line before any training starts if an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):  # auth or Host-header check: the server is there
+            return
+        raise PacerayError(f"MLflow tracking server {uri} answered HTTP {e.code} on /health") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise PacerayError(one_line(f"MLflow tracking server {uri} is unreachable ({reason}): start it, or drop "
+                                    f"--tracking-uri / MLFLOW_TRACKING_URI to use the embedded store")) from None
+
+
+class LocalServer:
+    """`mlflow server` on 127.0.0.1 in front of the embedded SQLite store, in its own process group
+    (it leaves huey_consumer children behind after SIGTERM unless the whole group ends)."""
+
+    def __init__(self, run_dir: Path, port: Optional[int] = None):
+        self.run_dir = run_dir
+        self.port = port or _free_port()
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90.0) -> "LocalServer":
+        backend, artifacts = embedded_store(self.run_dir)
+        log = open(self.run_dir / "mlflow-server.log", "ab")
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--backend-store-uri", backend, "--artifacts-destination", str(artifacts), "--workers", "2"]
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     cwd=self.run_dir)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise PacerayError(f"mlflow server for {backend} exited at start; see {self.run_dir / 'mlflow-server.log'}")
+            try:
+                urllib.request.urlopen(self.uri + "/health", timeout=2).read()
+                return self
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.3)
+        self.stop()
+        raise PacerayError(f"mlflow server for {backend} did not answer within {timeout:.0f}s; see "
+                           f"{self.run_dir / 'mlflow-server.log'}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pgid = os.getpgid(self.proc.pid)
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+        try:  # the group's stragglers (huey consumers)
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@contextmanager
+def tracking_session(run_dir: Path, tracking_uri: Optional[str] = None) -> Iterator[str]:
+    """Yield the tracking URI every process of this command uses; serve the embedded store meanwhile."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        check_reachable(uri)
+        yield uri
+        return
+    server = LocalServer(run_dir).start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    return c.create_experiment(name)
+
+
+def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    c = client(uri)
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
+        c.log_batch(run_id, params=items[i:i + 100])
+
+
+def find_run(uri: str, experiment: str, tags: Mapping[str, str]) -> Optional[str]:
+    """The id of the run in `experiment` carrying all `tags` (latest first), if any."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = c.search_runs([exp.experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def create_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str],
+               params: Optional[Mapping[str, Any]] = None) -> str:
+    c = client(uri)
+    run = c.create_run(experiment_id(uri, experiment), run_name=run_name, tags=dict(tags))
+    if params:
+        log_params(uri, run.info.run_id, params)
+    return run.info.run_id
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(uri).set_terminated(run_id, status=status)
+
+
+def serve_ui(run_dir: Optional[str], port: int) -> None:
+    from paceray.paths import default_run_dir
+
+    rd = Path(run_dir).expanduser().resolve() if run_dir else default_run_dir()
+    if not (rd / "mlflow.db").exists():
+        raise PacerayError(f"{rd / 'mlflow.db'}: no embedded MLflow store here; pass --run-dir of a paceray run")
+    backend, artifacts = embedded_store(rd)
+    print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
+    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", backend, "--artifacts-destination", str(artifacts)])

@@ -1,0 +1,154 @@
+"""Ray Tune over trials: search algorithm, scheduler, resources, and the function each trial runs.
+
+Each Tune trial is a function trainable that fits one `TorchTrainer` (the Train V2 pattern);
+`TuneReportCallback` forwards rank 0's reports to Tune. Its MLflow child run is found by the
+trial id before one is created, so a restarted trial or a resumed search never makes a second run.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from paceray import tracking
+from paceray.errors import PacerayError
+from paceray.spec import LoadedSpec, flatten, load_trainable, set_path
+from paceray.trial import Resources, TrialContext, trainer_for, trial_storage
+
+def param_space(loaded: LoadedSpec, algorithm: str) -> dict:
+    """The trial config with Tune distributions at the searched paths (nested like the config)."""
+    import copy
+
+    space = copy.deepcopy(loaded.base)
+    for key, dist in loaded.search.items():
+        if algorithm == "optuna" and dist.kind == "grid":
+            from ray import tune
+
+            value = tune.choice(list(dist.args))  # Optuna takes no grid: sample the same values
+        else:
+            value = dist.to_tune()
+        set_path(space, key, value)
+    return space
+
+
+def max_concurrent(loaded: LoadedSpec, cluster: dict[str, float]) -> int:
+    """Trials whose training workers fit in the cluster at once.
+
+    The workers' placement group is invisible to Tune, so without this cap Tune starts more trials
+    than there are workers for and they wait forever (WorkerGroupStartupTimeoutError).
+    """
+    r = loaded.spec.resources
+    fits = []
+    cpu_need = r.workers * r.cpus_per_worker + r.trial_cpus
+    fits.append(math.floor(cluster.get("CPU", 0) / cpu_need + 1e-9) if cpu_need else 10**6)
+    if r.gpus_per_worker:
+        fits.append(math.floor(cluster.get("GPU", 0) / (r.workers * r.gpus_per_worker) + 1e-9))
+    n = min(fits)
+    if n < 1:
+        have = ", ".join(f"{k}={v:g}" for k, v in sorted(cluster.items()) if k in ("CPU", "GPU"))
+        raise PacerayError(f"{loaded.spec.path}: resources: one trial needs {r.workers} worker(s) × "
+                           f"{r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU but the cluster has {have}")
+    if loaded.spec.tune.max_concurrent:
+        n = min(n, loaded.spec.tune.max_concurrent)
+    return n
+
+
+def search_alg(loaded: LoadedSpec):
+    t = loaded.spec.tune
+    if t.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=t.metric, mode=t.mode, seed=t.seed)
+    return None  # grid and random: Tune's variant generator (grid_search expands, others sample)
+
+
+def scheduler(loaded: LoadedSpec):
+    t = loaded.spec.tune
+    if t.scheduler == "fifo":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    every = loaded.base["eval"]["every"]
+    # Scheduled on our own `step` (not training_iteration, which restarts at 1 after a restore).
+    return ASHAScheduler(time_attr="step", metric=t.metric, mode=t.mode, max_t=loaded.base["train"]["steps"],
+                         grace_period=t.grace_evals * every, reduction_factor=t.reduction_factor)
+
+
+def run_trial(config: dict, search: dict) -> None:
+    """The Tune function trainable: one MLflow child run, one TorchTrainer fit.
+
+    `search` (tracking URI, parent run, storage) comes through `tune.with_parameters`, not the
+    trial config: it is given afresh when a search is restored (the embedded MLflow server of
+    the new process listens on a new port).
+    """
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    uri, parent = search["tracking_uri"], search["parent_run_id"]
+    run_id = tracking.find_run(uri, search["experiment"], {tracking.TRIAL_TAG: trial_id,
+                                                          tracking.PARENT_TAG: parent})
+    if run_id is None:
+        name = f"{config['curriculum']['order']}-N{config['curriculum']['num_clusters']}-{trial_id}"
+        run_id = tracking.create_run(uri, search["experiment"], name,
+                                     {tracking.TRIAL_TAG: trial_id, tracking.PARENT_TAG: parent,
+                                      tracking.KIND_TAG: "trial"}, flatten(config))
+    else:
+        tracking.client(uri).update_run(run_id, status="RUNNING")
+    trainable = load_trainable(search["trainable"])
+    ctx = TrialContext(trial_id=trial_id, run_id=run_id, tracking_uri=uri, storage=search["storage"],
+                       run_dir=search["run_dir"], console_progress=search.get("console_progress", True))
+    run_dir = Path(search["run_dir"])
+    trainer = trainer_for(trainable, config, ctx, Resources(**search["resources"]),
+                          trial_storage(run_dir) / search["name"] / "trials", name=f"trial-{trial_id}",
+                          keep_best=config["train"]["checkpoint_keep"], callbacks=[TuneReportCallback()])
+    try:
+        trainer.fit()
+    except Exception as e:
+        client = tracking.client(uri)
+        client.set_tag(run_id, "paceray.error", str(e).strip().splitlines()[-1][:4000] if str(e).strip() else repr(e))
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    tracking.end_run(uri, run_id, "FINISHED")
+
+
+def search_context(loaded: LoadedSpec, uri: str, parent_run_id: str, storage: str, run_dir: Path) -> dict[str, Any]:
+    r = loaded.spec.resources
+    return {
+        "tracking_uri": uri,
+        "parent_run_id": parent_run_id,
+        "experiment": loaded.spec.experiment,
+        "trainable": loaded.spec.trainable,
+        "storage": storage,
+        "run_dir": str(run_dir),
+        "name": loaded.spec.name,
+        "resources": {"workers": r.workers, "cpus_per_worker": r.cpus_per_worker,
+                      "gpus_per_worker": r.gpus_per_worker},
+        "console_progress": True,
+    }
+
+
+def build_tuner(loaded: LoadedSpec, context: dict, cluster: dict[str, float], tuner_path: Optional[Path]):
+    """A fresh Tuner, or the restored one when `tuner_path` holds an interrupted search."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, search=context),
+                                    {"CPU": loaded.spec.resources.trial_cpus})
+    t = loaded.spec.tune
+    if tuner_path is not None:
+        # Finished trials stay finished; errored and unfinished ones continue from their checkpoints.
+        return tune.Tuner.restore(str(tuner_path), trainable=trainable, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(loaded, t.algorithm),
+        tune_config=tune.TuneConfig(
+            metric=t.metric, mode=t.mode, num_samples=t.num_samples, search_alg=search_alg(loaded),
+            scheduler=scheduler(loaded), max_concurrent_trials=max_concurrent(loaded, cluster),
+        ),
+        run_config=tune.RunConfig(
+            name=loaded.spec.name, storage_path=str(trial_storage(Path(context["run_dir"]))),
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=1,
+        ),
+    )

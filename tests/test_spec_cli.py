@@ -1,0 +1,157 @@
+"""Spec loading and the CLI's contract: every error is one line naming the file and the field."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from paceray.errors import PacerayError
+from paceray.spec import flatten, load, parse_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+PACERAY = [str(Path(sys.executable).parent / "paceray")]
+
+
+def write(tmp_path, text, name="spec.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+GOOD = """
+name: t
+base:
+  curriculum: {num_clusters: 4}
+  train: {steps: 10}
+search:
+  curriculum.order: {grid: [none, easy-to-hard]}
+  train.lr: {loguniform: [0.0001, 0.01]}
+"""
+
+
+def test_good_spec_fills_defaults_and_resolves_paths(tmp_path):
+    s = load(write(tmp_path, GOOD))
+    assert s.base["curriculum"]["num_clusters"] == 4
+    assert s.base["diffusion"]["timesteps"] == 1000  # default from the trainable's Config
+    assert set(s.search) == {"curriculum.order", "train.lr"}
+    assert s.run_dir.is_absolute()
+    assert s.trial_configs_preview() == 2
+
+
+def test_set_overrides_base_and_pins_searched_paths(tmp_path):
+    s = load(write(tmp_path, GOOD), parse_overrides(["train.steps=3", "curriculum.order=random"]))
+    assert s.base["train"]["steps"] == 3 and s.base["curriculum"]["order"] == "random"
+    assert "curriculum.order" not in s.search
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("name: t\nbase: {curriculum: {num_clusters: 0}}\n", "base.curriculum.num_clusters"),
+        ("name: t\nbase: {curriculum: {num_clusters: 2000}}\n", "num_clusters (2000) must be at most diffusion.timesteps"),
+        ("name: t\nbase: {curriculum: {patience: -1}}\n", "base.curriculum.patience"),
+        ("name: t\nbase: {curriculum: {stage_steps: -5}}\n", "base.curriculum.stage_steps"),
+        ("name: t\nbase: {eval: {fid_samples: 1}}\n", "base.eval.fid_samples"),
+        ("name: t\nbase: {curriculum: {order: sideways}}\n", "base.curriculum.order"),
+        ("name: t\nbase: {curriculum: {clustering: kmeans}}\n", "base.curriculum.clustering"),
+        ("name: t\nbase: {data: {dataset: imagenet}}\n", "base.data.dataset"),
+        ("name: t\nbase: {model: {preset: huge}}\n", "base.model.preset"),
+        ("name: t\nbase: {train: {steps: many}}\n", "base.train.steps"),
+        ("name: t\nbase: {train: {stepz: 3}}\n", "base.train.stepz"),
+        ("name: t\nbogus: 1\n", "bogus"),
+        ("name: t\nsearch: {curriculum.num_clusters: {grid: [2, 5000]}}\n", "search point curriculum.num_clusters=5000"),
+        ("name: t\nsearch: {curriculum.nope: {grid: [1]}}\n", "search.curriculum.nope"),
+        ("name: t\nsearch: {train.lr: {loguniform: [0, 1]}}\n", "search.train.lr"),
+        ("name: t\nsearch: {train.lr: {grid: [0.1], choice: [0.2]}}\n", "exactly one"),
+        ("name: t\ntrainable: nosuch\n", "no trainable named"),
+        ("name: t\nresources: {workers: 2, gpus_per_worker: 0.5}\n", "fractional"),
+        ("name: [unclosed\n", "malformed YAML"),
+        ("- just\n- a list\n", "YAML mapping"),
+    ],
+)
+def test_bad_specs_give_one_line_naming_file_and_field(tmp_path, text, needle):
+    p = write(tmp_path, text)
+    with pytest.raises(PacerayError) as e:
+        load(p)
+    msg = str(e.value)
+    assert needle in msg and str(p) in msg and "\n" not in msg
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(PacerayError, match="no such spec file"):
+        load(tmp_path / "absent.yaml")
+
+
+def test_flatten_uses_dots():
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+
+
+def test_shipped_specs_are_valid():
+    for p in sorted((REPO / "search_spaces").glob("*.yaml")):
+        load(p)
+
+
+# ----------------------------------------------------------------- the CLI
+
+
+def run(*args, check=True):
+    r = subprocess.run([*PACERAY, *args], capture_output=True, text=True, timeout=120)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [[], ["tune"], ["train"], ["report"], ["ui"], ["curriculum", "preview"], ["data", "prepare"], ["fid-net", "train"]],
+)
+def test_every_command_answers_help(cmd):
+    r = run(*cmd, "--help")
+    assert "Usage:" in r.stdout
+
+
+def test_help_imports_no_torch_ray_or_mlflow():
+    code = (
+        "import sys; from paceray.cli import main; "
+        "bad = [m for m in ('torch', 'ray', 'mlflow', 'diffusers') if m in sys.modules]; print(bad)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "[]", r.stderr
+
+
+def test_cli_bad_spec_is_one_line_non_zero_no_traceback(tmp_path):
+    p = write(tmp_path, "name: t\nbase: {curriculum: {num_clusters: 0}}\n")
+    r = run("train", str(p), check=False)
+    assert r.returncode != 0
+    assert r.stderr.count("\n") == 1 and "base.curriculum.num_clusters" in r.stderr and str(p) in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_preview_json_matches_the_sampler():
+    r = run("curriculum", "preview", "--timesteps", "1000", "--clusters", "4", "--order", "easy-to-hard",
+            "--stage-steps", "50", "--sample", "4000", "--json")
+    p = json.loads(r.stdout)
+    assert p["clusters"] == [[0, 250], [250, 500], [500, 750], [750, 1000]]
+    stages = p["stages"]
+    assert [s["clusters"] for s in stages] == [[4], [3, 4], [2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]]
+    assert [s["ranges"] for s in stages[:2]] == [[[750, 1000]], [[500, 1000]]]
+    assert [(s["start_step"], s["end_step"]) for s in stages] == [(0, 50), (50, 100), (100, 150), (150, 200), (200, None)]
+    assert stages[-1]["final"] and not stages[0]["final"]
+    first = stages[0]["sampled_counts"]
+    assert first[:3] == [0, 0, 0] and first[3] == 4000
+    assert all(c > 800 for c in stages[-1]["sampled_counts"])
+
+
+def test_preview_table_patience_exclusive_cosine_log_snr():
+    r = run("curriculum", "preview", "-T", "100", "-N", "3", "--order", "random", "--seed", "2",
+            "--clustering", "log-snr", "--schedule", "cosine", "--pacing", "patience", "--patience", "50",
+            "--no-cumulative")
+    assert "patience τ=50" in r.stdout and "exclusive" in r.stdout and "C1" in r.stdout
+
+
+def test_preview_rejects_more_clusters_than_timesteps():
+    r = run("curriculum", "preview", "-T", "10", "-N", "11", check=False)
+    assert r.returncode != 0 and "--clusters" in r.stderr and "Traceback" not in r.stderr

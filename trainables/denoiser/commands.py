@@ -1,0 +1,95 @@
+"""The denoiser's own CLI tools, mounted under `paceray`: curriculum preview, data prepare,
+fid-net train. Only click is imported here; each command loads torch when it runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from trainables.denoiser.config import Clustering, Dataset, Order
+
+
+def _choices(literal) -> click.Choice:
+    return click.Choice(list(literal.__args__))
+
+
+@click.group()
+def curriculum() -> None:
+    """Inspect timestep curricula."""
+
+
+@curriculum.command()
+@click.option("--timesteps", "-T", type=click.IntRange(2, 100_000), default=1000, show_default=True)
+@click.option("--clusters", "-N", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--order", type=_choices(Order), default="easy-to-hard", show_default=True)
+@click.option("--clustering", type=_choices(Clustering), default="uniform", show_default=True)
+@click.option("--schedule", type=click.Choice(["linear", "cosine"]), default="linear", show_default=True,
+              help="Noise schedule (log-snr and quantile clustering depend on it). linear: DDPM's β 1e-4 → 0.02.")
+@click.option("--pacing", type=click.Choice(["fixed", "patience"]), default="fixed", show_default=True)
+@click.option("--stage-steps", type=click.IntRange(1), default=100, show_default=True, help="Fixed pacing: steps per stage.")
+@click.option("--patience", type=click.IntRange(1), default=200, show_default=True, help="Patience pacing: τ.")
+@click.option("--cumulative/--no-cumulative", default=True, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Permutation seed of the random order.")
+@click.option("--sample", "draws", type=click.IntRange(1), default=None, help="Draw M timesteps per stage with the real sampler.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
+def preview(timesteps, clusters, order, clustering, schedule, pacing, stage_steps, patience, cumulative,
+            seed, draws, as_json):
+    """Show the clusters (C1 = lowest noise, hardest) and the stages a curriculum will run."""
+    from paceray.errors import PacerayError
+    from trainables.denoiser.preview import build_sampler, preview as make_preview, render_table
+
+    if clusters > timesteps:
+        raise PacerayError(f"--clusters: {clusters} clusters cannot split {timesteps} timesteps")
+    sampler = build_sampler(timesteps, clusters, order, clustering, schedule, pacing, stage_steps, patience,
+                            cumulative, seed)
+    result = make_preview(sampler, schedule, clustering, draws)
+    click.echo(json.dumps(result, indent=2) if as_json else render_table(result))
+
+
+@click.group()
+def data() -> None:
+    """Prepare datasets as Parquet shards in the storage root."""
+
+
+@data.command()
+@click.argument("dataset", type=_choices(Dataset))
+@click.option("--source", type=click.Path(file_okay=False), default=None,
+              help="Directory with the raw files (IDX files, CIFAR python batches, an image folder).")
+@click.option("--storage", type=click.Path(file_okay=False), default=None,
+              help="Storage root (default: PACERAY_STORAGE, else ~/.cache/paceray).")
+def prepare(dataset, source, storage):
+    """Write DATASET once as Parquet shards plus a manifest; a second call is a no-op."""
+    from paceray.paths import storage_root
+    from trainables.denoiser.data import prepare as prepare_dataset, read_manifest
+
+    root = Path(storage).resolve() if storage else storage_root()
+    path = prepare_dataset(dataset, root, source=source)
+    m = read_manifest(path)
+    counts = ", ".join(f"{k}: {v['count'] if isinstance(v, dict) else v}" for k, v in m["splits"].items())
+    click.echo(f"{dataset}: {counts} images of shape {tuple(m['image_shape'])} in {path}")
+
+
+@click.group("fid-net")
+def fid_net() -> None:
+    """The domain feature network for FID without a download."""
+
+
+@fid_net.command("train")
+@click.argument("dataset", type=_choices(Dataset))
+@click.option("--source", type=click.Path(file_okay=False), default=None)
+@click.option("--storage", type=click.Path(file_okay=False), default=None)
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Default: enough for the accuracy target.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_fid_net_command(dataset, source, storage, epochs, seed):
+    """Train the small classifier whose penultimate features give the `classifier` FID."""
+    from paceray.paths import storage_root
+    from trainables.denoiser.features import ensure_fid_net
+
+    root = Path(storage).resolve() if storage else storage_root()
+    path, info = ensure_fid_net(dataset, root, source=source, epochs=epochs, seed=seed, retrain=True)
+    click.echo(f"{dataset}: fid-net test accuracy {info['accuracy']:.4f} → {path}")
+
+
+COMMANDS = [curriculum, data, fid_net]

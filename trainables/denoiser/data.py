@@ -1,0 +1,287 @@
+"""The denoiser's data: prepare a dataset once, read one rank's shard, draw minibatches.
+
+`prepare` turns raw files (see `datasets_sources`) into Parquet shards of uint8 images plus
+labels and a `manifest.json`, written once and atomically under `{cache_dir}/datasets/`.
+`load_split` reads a DDP rank's disjoint share of a split. `ImageBatches` yields endless
+random minibatches in [-1, 1] from a tensor preloaded on the training device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from paceray.errors import PacerayError, one_line
+from trainables.denoiser.datasets_sources import RawDataset, read_raw
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_ROWS = 16384  # ~12 MiB of uint8 pixels per CIFAR-10 shard before compression
+
+
+def dataset_dir(dataset: str, cache_dir: str | Path, source: str | Path | None = None) -> Path:
+    """Where `prepare` puts `dataset`: {cache_dir}/datasets/{dataset}, or, for an image folder,
+    .../imagefolder-{short hash of the folder's absolute path}."""
+    if dataset not in DATASETS:
+        raise PacerayError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
+    root = Path(cache_dir).expanduser().resolve() / "datasets"
+    if dataset != "imagefolder":
+        return root / dataset
+    if source is None:
+        raise PacerayError("imagefolder needs source=DIR (--source DIR): a folder with one sub-folder of images per class")
+    key = hashlib.sha256(str(Path(source).expanduser().resolve()).encode()).hexdigest()[:12]
+    return root / f"imagefolder-{key}"
+
+
+def prepare(dataset: str, cache_dir: str | Path, source: str | Path | None = None,
+            download: bool = True) -> Path:
+    """Write `dataset` as Parquet shards + manifest.json once; later calls return at once.
+
+    The shards are built in a temporary folder beside the target and renamed into place, so a
+    crash leaves no half-written dataset, and concurrent preparers (DDP workers on one node)
+    race harmlessly: the first rename wins, the others drop their copy.
+    """
+    target = dataset_dir(dataset, cache_dir, source)
+    if (target / MANIFEST).is_file():
+        return target
+    if target.exists():
+        raise PacerayError(f"{target} exists but holds no {MANIFEST} (not written by paceray): delete it and prepare again")
+    raw = read_raw(dataset, source, Path(cache_dir).expanduser().resolve(), download)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    building.chmod(0o755)  # mkdtemp makes it owner-only; other users and pods read it too
+    try:
+        _write_prepared(raw, dataset, building)
+        try:
+            os.rename(building, target)
+        except OSError:
+            if not (target / MANIFEST).is_file():
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)  # gone after a rename; our copy if we lost the race
+    return target
+
+
+def _content_hash_update(digest: hashlib._Hash, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+    digest.update(f"{split}:{list(images.shape)}\n".encode())
+    digest.update(images.tobytes())
+    digest.update(labels.astype("<i8").tobytes())
+
+
+def _write_prepared(raw: RawDataset, name: str, out: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    image_shape = None
+    splits: dict[str, Any] = {}
+    max_label = -1
+    for split, (images, labels) in raw.splits.items():
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        labels = np.ascontiguousarray(labels, dtype=np.int64)
+        if images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
+            raise PacerayError(f"{name}/{split}: images {images.shape} and labels {labels.shape} do not form a dataset")
+        if image_shape not in (None, list(images.shape[1:])):
+            raise PacerayError(f"{name}: split {split} has images {list(images.shape[1:])}, others {image_shape}")
+        image_shape = list(images.shape[1:])
+        max_label = max(max_label, int(labels.max()))
+        _content_hash_update(digest, split, images, labels)
+        shards = []
+        for start in range(0, len(images), SHARD_ROWS):
+            file = f"{split}-{len(shards):05d}.parquet"
+            pq.write_table(_to_table(images[start:start + SHARD_ROWS], labels[start:start + SHARD_ROWS]),
+                           out / file, compression="zstd")
+            shards.append(file)
+        splits[split] = {"count": len(images), "shards": shards}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "splits": splits,
+        "image_shape": image_shape,  # [C, H, W]
+        "num_classes": len(raw.class_names) if raw.class_names else max_label + 1,
+        "class_names": raw.class_names,
+        "content_hash": digest.hexdigest(),  # sha256 over split names, shapes, pixels, labels
+        "source": raw.source,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _to_table(images: np.ndarray, labels: np.ndarray) -> pa.Table:
+    # One fixed-size binary cell per image: reading back is one zero-copy view of the column.
+    width = int(np.prod(images.shape[1:]))
+    column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(images), [None, pa.py_buffer(images)])
+    return pa.table({"image": column, "label": pa.array(labels, pa.int64())})
+
+
+def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
+    path = Path(dataset_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PacerayError(f"no {path}: prepare the dataset first (`paceray data prepare DATASET`)") from None
+    except (OSError, ValueError) as e:
+        raise PacerayError(one_line(f"{path}: unreadable ({e}); delete {path.parent} and prepare again")) from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise PacerayError(f"{path}: format_version {manifest.get('format_version')}, this paceray reads "
+                           f"{FORMAT_VERSION}; delete {path.parent} and prepare again")
+    return manifest
+
+
+def load_split(dataset_dir: str | Path, split: str = "train", rank: int = 0,
+               world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank `rank`'s rows of `split`: uint8 images (n, C, H, W) and int64 labels (n,).
+
+    Rank r gets the rows i with i % world_size == r: disjoint across ranks, their union the
+    whole split, and every rank sees every class even when the files are sorted by label.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    dataset_dir = Path(dataset_dir)
+    manifest = read_manifest(dataset_dir)
+    if split not in manifest["splits"]:
+        raise PacerayError(f"{dataset_dir}: no split {split!r}; it has {', '.join(manifest['splits'])}")
+    info = manifest["splits"][split]
+    shape = tuple(manifest["image_shape"])
+    width = int(np.prod(shape))
+    mine = len(range(rank, info["count"], world_size))
+    images = np.empty((mine, *shape), np.uint8)
+    labels = np.empty(mine, np.int64)
+    seen = filled = 0  # rows read so far across shards, rows of ours written
+    for file in info["shards"]:
+        table = pq.read_table(dataset_dir / file, columns=["image", "label"])
+        start = (rank - seen) % world_size  # first row of this shard that is ours
+        shard_images = _pixels(table.column("image"), width).reshape(-1, *shape)[start::world_size]
+        shard_labels = table.column("label").to_numpy()[start::world_size]
+        if filled + len(shard_images) > mine:
+            break
+        images[filled:filled + len(shard_images)] = shard_images
+        labels[filled:filled + len(shard_labels)] = shard_labels
+        filled += len(shard_images)
+        seen += table.num_rows
+    if seen != info["count"] or filled != mine:
+        raise PacerayError(f"{dataset_dir}: {split} shards hold {seen} rows, manifest says {info['count']}; "
+                           f"delete {dataset_dir} and prepare again")
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def _pixels(column: pa.ChunkedArray, width: int) -> np.ndarray:
+    parts = []
+    for chunk in column.chunks:
+        if chunk.null_count:
+            raise PacerayError("a prepared shard holds null images; delete the dataset folder and prepare again")
+        data = chunk.buffers()[1]
+        parts.append(np.frombuffer(data, np.uint8, count=len(chunk) * width, offset=chunk.offset * width))
+    return np.concatenate(parts) if len(parts) != 1 else parts[0]
+
+
+# --- pixels <-> model range -----------------------------------------------------------------
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float32 in [-1, 1]."""
+    return images.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def from_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """float in [-1, 1] (clamped) -> uint8 0..255."""
+    return images.clamp(-1.0, 1.0).add(1.0).mul_(127.5).round_().to(torch.uint8)
+
+
+def resize_images(images: torch.Tensor, image_size: int, chunk: int = 4096) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> uint8 (N, C, image_size, image_size), on the images' device.
+
+    Bilinear both ways. Downscaling antialiases (a box-like filter over every source pixel),
+    so fine texture does not alias into moire. Upscaling is bilinear rather than nearest
+    because nearest is only even at integer factors: 28 -> 32 would double every 7th row and
+    column, a stripe pattern the denoiser would learn and the FID network would see. Use this
+    same function for the FID reference images so both sides are resized alike.
+    """
+    n, c, h, w = images.shape
+    if (h, w) == (image_size, image_size):
+        return images
+    out = torch.empty((n, c, image_size, image_size), dtype=torch.uint8, device=images.device)
+    downscale = image_size < h or image_size < w
+    for start in range(0, n, chunk):  # bounded float memory for large datasets
+        part = images[start:start + chunk].to(torch.float32)
+        part = F.interpolate(part, size=(image_size, image_size), mode="bilinear",
+                             align_corners=False, antialias=downscale)
+        out[start:start + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def stream_seed(seed: int, rank: int) -> int:
+    """A well-mixed 63-bit seed per (seed, rank): nearby seeds and ranks share no stream."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{rank}".encode()).digest()[:8], "little") >> 1
+
+
+class ImageBatches:
+    """Endless random minibatches of (float images in [-1, 1], int64 labels) on `device`.
+
+    The images are resized once and kept as uint8 on the device, so a step costs one index
+    into that tensor and one scale. Order: a fresh permutation per epoch from a generator
+    seeded per (seed, rank); `state_dict()` lets a resumed run continue the same stream.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, image_size: int,
+                 device: str | torch.device = "cpu", seed: int = 0, rank: int = 0):
+        if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != len(labels):
+            raise ValueError(f"want uint8 images (N, C, H, W) and N labels, got {images.dtype} {tuple(images.shape)}, {len(labels)}")
+        if len(images) == 0:
+            raise PacerayError(f"rank {rank} has no images: the split holds fewer rows than there are workers")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.images = resize_images(images.to(self.device), image_size)
+        self.labels = labels.to(self.device, torch.int64)
+        self.generator = torch.Generator().manual_seed(stream_seed(seed, rank))
+        self.epoch = 0
+        self._new_epoch()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _new_epoch(self) -> None:
+        # Keeping the generator state from *before* the permutation makes the resume state
+        # a few KiB instead of the whole permutation.
+        self._epoch_state = self.generator.get_state()
+        self._order = torch.randperm(len(self.images), generator=self.generator).to(self.device)
+        self._position = 0
+
+    def __iter__(self) -> "ImageBatches":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        parts, needed = [], self.batch_size
+        while needed:
+            if self._position == len(self.images):
+                self.epoch += 1
+                self._new_epoch()
+            take = min(needed, len(self.images) - self._position)
+            parts.append(self._order[self._position:self._position + take])
+            self._position += take
+            needed -= take
+        index = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return to_unit_range(self.images[index]), self.labels[index]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self._epoch_state.clone(), "epoch": self.epoch,
+                "position": self._position, "num_items": len(self.images)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["num_items"] != len(self.images):
+            raise PacerayError(f"resume state is for {state['num_items']} images, this rank holds "
+                               f"{len(self.images)}: the dataset or the worker count changed")
+        self.generator.set_state(state["generator"])
+        self._new_epoch()
+        self.epoch = state["epoch"]
+        self._position = state["position"]
