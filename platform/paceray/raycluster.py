@@ -28,8 +28,10 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> st
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise PacerayError(one_line(f"--address {address}: cannot connect to a Ray cluster ({e})")) from None
         return f"Ray cluster at {address}"
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-             configure_logging=True, logging_level="warning")
+    # The dashboard serves the State API that Train's placement-group cleaner polls; without it
+    # every trial logs "Failed to query Ray Train Controller actor state" every few seconds.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             log_to_driver=True, configure_logging=True, logging_level="warning")
     return "a local Ray instance"
 
 

@@ -49,7 +49,7 @@ class Report:
     parent_run_id: Optional[str]
     table: pd.DataFrame  # one row per trial, sorted (grouped by features, then best FID)
     summary: pd.DataFrame  # per arm: order -> final FID mean/std over seeds
-    histories: dict  # trial -> pd.Series of eval/fid indexed by step
+    histories: dict  # run id -> pd.Series of eval/fid indexed by step
     feature_groups: list  # the distinct `paceray.fid_features` values, first = F1
     baselines: dict  # feature group -> Baseline
     best_trial: Optional[str]  # None when FIDs are not comparable across trials
@@ -58,6 +58,10 @@ class Report:
     @property
     def comparable(self) -> bool:
         return len(self.feature_groups) <= 1
+
+    def group_label(self, features) -> str:
+        """F1, F2, ... for the feature groups of a mixed report."""
+        return f"F{self.feature_groups.index(features) + 1}" if features in self.feature_groups else DASH
 
     @property
     def text(self) -> str:
@@ -122,6 +126,11 @@ def report_for_parent(uri: str, parent_run_id: str) -> Report:
 
 # ---------------------------------------------------------------- the table
 
+def _finite(values: pd.Series) -> pd.Series:
+    # bool dtype even when empty: an empty object Series used as a mask would select columns
+    return pd.to_numeric(values, errors="coerce").map(math.isfinite).astype(bool)
+
+
 def _int(value) -> Optional[int]:
     try:
         return int(float(value))
@@ -137,7 +146,7 @@ def steps_to_reach(history: pd.Series, threshold: float) -> Optional[int]:
 
 def _row(run, history: pd.Series) -> dict:
     p, tags = run.data.params, run.data.tags
-    finite = history[history.map(math.isfinite)]
+    finite = history[_finite(history)]
     pacing = p.get("curriculum.pacing")
     stage = {"fixed": p.get("curriculum.stage_steps"), "patience": f"τ={p.get('curriculum.patience')}"}.get(pacing)
     return {
@@ -164,7 +173,7 @@ def _row(run, history: pd.Series) -> dict:
 def _baselines(table: pd.DataFrame) -> dict:
     out = {}
     for group, sub in table[table["order"] == "none"].groupby("features"):
-        usable = sub[sub["final_fid"].map(math.isfinite)]
+        usable = sub[_finite(sub["final_fid"])]
         finished = usable[usable["status"] == "FINISHED"]
         provisional = finished.empty
         chosen = usable[~usable["status"].isin(ENDED_BADLY)] if provisional else finished
@@ -178,7 +187,7 @@ def _summary(table: pd.DataFrame, by_features: bool) -> pd.DataFrame:
     rows = []
     for key, sub in table.groupby(keys, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
-        counted = sub[~sub["status"].isin(ENDED_BADLY) & sub["final_fid"].map(math.isfinite)]
+        counted = sub[~sub["status"].isin(ENDED_BADLY) & _finite(sub["final_fid"])]
         fids = counted["final_fid"]
         rows.append({**dict(zip(keys, key)), "n": len(fids),
                      "final_fid_mean": fids.mean() if len(fids) else math.nan,
@@ -196,21 +205,21 @@ def build(client, experiment: str, source: str, parent_run_id: Optional[str], ru
     for run in runs:
         history = _fid_history(client, run.info.run_id)
         row = _row(run, history)
-        histories[row["trial"]] = history
+        histories[run.info.run_id] = history
         rows.append(row)
     table = pd.DataFrame(rows, columns=COLUMNS)
     table[["best_fid", "final_fid"]] = table[["best_fid", "final_fid"]].astype(float)
-    groups = list(dict.fromkeys(g for g in table["features"] if g is not None))
+    groups = list(dict.fromkeys(g for g in table["features"] if isinstance(g, str)))
     baselines = _baselines(table)
     table["steps_to_baseline"] = [
         steps_to_reach(histories[t], baselines[g].fid) if g in baselines else None
-        for t, g in zip(table["trial"], table["features"])]
+        for t, g in zip(table["run_id"], table["features"])]
     for col in ("N", "seed", "best_step", "final_step", "steps_to_baseline"):
         table[col] = table[col].astype("Int64")
     table["group"] = table["features"].map(lambda g: groups.index(g) if g in groups else len(groups))
     table = table.sort_values(["group", "best_fid", "trial"], na_position="last").reset_index(drop=True)
     # The best trial of each feature group; one overall best only when all FIDs are comparable.
-    ranked = table[table["best_fid"].map(math.isfinite)]
+    ranked = table[_finite(table["best_fid"])]
     table["best"] = table.index.isin(ranked.groupby("group").head(1).index)
     table = table.drop(columns="group")
     best_trial = best_fid = None
@@ -233,7 +242,7 @@ def _feature_lines(rep: Report) -> list:
     if not rep.feature_groups:
         return ["FID features: none yet (no trial has logged eval/fid)"]
     if rep.comparable:
-        return [f"FID features: {rep.feature_groups[0]} ({counts.iloc[0]} of {len(rep.table)} trials with FIDs)"]
+        return [f"FID features: {rep.feature_groups[0]} (all {counts.iloc[0]} trials with FIDs)"]
     lines = [f"!!! WARNING: these FIDs come from {len(rep.feature_groups)} DIFFERENT feature extractors / sample "
              f"counts and are NOT comparable across groups:"]
     lines += [f"!!!   F{i + 1}: {g} ({counts.get(g, 0)} trials)" for i, g in enumerate(rep.feature_groups)]
@@ -264,16 +273,15 @@ def display_table(rep: Report) -> pd.DataFrame:
         return [DASH if off else _fmt(v) for v, off in zip(t[col], curriculum_off)]
 
     shown = pd.DataFrame({
-        " ": ["*" if b else "" for b in t["best"]],
-        "trial": t["trial"], "status": t["status"], "order": t["order"].map(_fmt),
+        "trial": [f"{'*' if b else ' '} {name}" for b, name in zip(t["best"], t["trial"])],
+        "status": t["status"], "order": t["order"].map(_fmt),
         "N": cur("N"), "clustering": cur("clustering"), "pacing": cur("pacing"), "stage/τ": cur("stage_or_tau"),
         "cumul.": cur("cumulative"), "seed": t["seed"].map(_fmt),
         "best FID": t["best_fid"].map(_fmt), "@step": t["best_step"].map(_fmt),
         "final FID": t["final_fid"].map(_fmt), "→baseline": t["steps_to_baseline"].map(_fmt),
     })
     if not rep.comparable:
-        shown.insert(2, "FID", [f"F{rep.feature_groups.index(g) + 1}" if g in rep.feature_groups else DASH
-                                for g in t["features"]])
+        shown.insert(2, "FID", t["features"].map(rep.group_label))
     notes = [f"error: {e[:70]}{'…' if len(e) > 70 else ''}" if isinstance(e, str) else "" for e in t["error"]]
     if any(notes):
         shown["note"] = notes
@@ -282,14 +290,20 @@ def display_table(rep: Report) -> pd.DataFrame:
 
 def display_summary(rep: Report) -> pd.DataFrame:
     s = rep.summary
-    out = pd.DataFrame({"order": s["order"], "n": s["n"],
+    out = pd.DataFrame({"order": s["order"].map(_fmt), "n": s["n"],
                         "final FID mean ± std": [f"{_fmt(m)} ± {_fmt(d)}" if n > 1 else _fmt(m)
                                                  for m, d, n in zip(s["final_fid_mean"], s["final_fid_std"], s["n"])],
                         "best FID mean": s["best_fid_mean"].map(_fmt), "failed": s["failed"]})
     if "features" in s:
-        out.insert(0, "FID", [f"F{rep.feature_groups.index(g) + 1}" if g in rep.feature_groups else DASH
-                              for g in s["features"]])
+        out.insert(0, "FID", s["features"].map(rep.group_label))
     return out
+
+
+def _left_aligned(frame: pd.DataFrame, columns) -> str:
+    """`to_string` with text columns flush left (headers included: padded names stay put)."""
+    widths = {c: max(frame[c].map(len).max(), len(c)) for c in columns if c in frame}
+    frame = frame.assign(**{c: frame[c].map(lambda v, w=w: f"{v:<{w}}") for c, w in widths.items()})
+    return frame.rename(columns={c: c.ljust(w) for c, w in widths.items()}).to_string(index=False)
 
 
 def render(rep: Report) -> str:
@@ -299,12 +313,12 @@ def render(rep: Report) -> str:
     lines += _feature_lines(rep) + _baseline_lines(rep) + [""]
     if rep.table.empty:
         return "\n".join(lines + ["(no trials yet)"])
-    lines.append(display_table(rep).to_string(index=False))
+    lines += [line.rstrip() for line in _left_aligned(display_table(rep), ("trial", "note")).splitlines()]
     lines.append("")
     if rep.best_trial is not None:
         row = rep.table[rep.table["trial"] == rep.best_trial].iloc[0]
         lines.append(f"* best trial: {rep.best_trial}, FID {rep.best_fid:.2f} at step {row['best_step']} "
-                     f"(order={row['order']}, N={_fmt(row['N'])})")
+                     f"(order={_fmt(row['order'])}, N={_fmt(row['N'])})")
     elif not rep.comparable:
         lines.append("* best trial of each FID group (not comparable across groups)")
     lines += ["", "per arm (final FID over seeds; failed trials not counted):",
@@ -346,24 +360,29 @@ def plot_fid(rep: Report, by: str):
     fig = Figure(figsize=(9.5, 5.5), dpi=110, layout="constrained")
     ax = fig.add_subplot()
     counts: dict = {}
+    dashed_baseline = by == "N" and rep.comparable
     for _, row in t.iterrows():
-        h = rep.histories.get(row["trial"])
+        h = rep.histories.get(row["run_id"])
         if h is None or h.empty:
             continue
         key = key_of(row)
         counts[key] = counts.get(key, 0) + 1
         style = styles[rep.feature_groups.index(row["features"]) % 4] if row["features"] in rep.feature_groups else "-"
-        if by == "N" and key == "baseline" and rep.comparable:
+        if dashed_baseline and key == "baseline":
             style = "--"
         ax.plot(h.index, h.values, style, color=colors.get(key, "black"), marker="o", markersize=2.5,
                 linewidth=2.6 if row["best"] else 1.2, alpha=0.95 if row["best"] else 0.7)
         if row["status"] in ENDED_BADLY:
-            ax.plot(h.index[-1], h.values[-1], "x", color="black", markersize=8)
+            ax.plot(h.index[-1], h.values[-1], "x", color=colors.get(key, "black"), markersize=9, markeredgewidth=2)
         if row["best"]:
             ax.annotate(f"best: {row['trial']} ({row['best_fid']:.2f})", (row["best_step"], row["best_fid"]),
-                        xytext=(6, -12), textcoords="offset points", fontsize=8)
-    handles = [Line2D([], [], color=colors[k], linewidth=2, label=f"{label_of(k)} ({counts[k]})")
+                        xytext=(-4, -12), textcoords="offset points", fontsize=8, ha="right")
+    handles = [Line2D([], [], color=colors[k], linewidth=2, label=f"{label_of(k)} ({counts[k]})",
+                      linestyle="--" if dashed_baseline and k == "baseline" else "-")
                for k in keys if k in counts]
+    if not rep.comparable:
+        handles += [Line2D([], [], color="black", linestyle=styles[i % 4], label=f"F{i + 1}: {g[:60]}")
+                    for i, g in enumerate(rep.feature_groups)]
     for g, b in rep.baselines.items():
         ax.axhline(b.fid, color=ORDER_COLORS["none"], linestyle=":", linewidth=1)
     if rep.baselines:
@@ -371,7 +390,7 @@ def plot_fid(rep: Report, by: str):
     if any(t["status"].isin(ENDED_BADLY)):
         handles.append(Line2D([], [], color="black", marker="x", linestyle="", label="failed / killed"))
     values = pd.concat([h for h in rep.histories.values() if not h.empty] or [pd.Series(dtype=float)])
-    values = values[values.map(math.isfinite)]
+    values = values[_finite(values)]
     if len(values) and values.min() > 0 and values.max() / values.min() > 5:
         ax.set_yscale("log")
     if not len(values):
@@ -380,7 +399,7 @@ def plot_fid(rep: Report, by: str):
     ax.set_ylabel("FID (eval/fid, lower is better)")
     ax.grid(True, which="both", alpha=0.3)
     if handles:
-        ax.legend(handles=handles, fontsize=8, loc="upper right", title="curriculum order" if by == "order" else
+        ax.legend(handles=handles, fontsize=8, loc="best", title="curriculum order" if by == "order" else
                   "clusters N", title_fontsize=8)
     what = "curriculum order" if by == "order" else "number of clusters N"
     fig.suptitle(f"{rep.experiment}: FID vs step by {what}", fontsize=12)

@@ -21,6 +21,7 @@ from paceray.errors import PacerayError, one_line
 from paceray.paths import default_run_dir
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
+SPEC_SECTIONS = ("tune", "resources", "tracking")  # --set on these changes the spec, not the trial
 
 
 class _Strict(BaseModel):
@@ -216,7 +217,18 @@ def load(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> "Loade
         raise _pydantic_error(str(path), e) from None
     base = copy.deepcopy(spec.base)
     search = dict(spec.search)
+    spec_overrides = {k: v for k, v in (overrides or {}).items() if k.split(".")[0] in SPEC_SECTIONS}
+    if spec_overrides:  # e.g. --set resources.gpus_per_worker=0 to try a GPU spec on a laptop
+        raw = spec.model_dump(exclude={"search"})
+        for key, value in spec_overrides.items():
+            set_path(raw, key, value)
+        try:
+            spec = Spec.model_validate({**raw, "search": spec.search})
+        except ValidationError as e:
+            raise _pydantic_error(f"{path} (with --set)", e) from None
     for key, value in (overrides or {}).items():
+        if key in spec_overrides:
+            continue
         set_path(base, key, value)
         search.pop(key, None)  # --set pins a searched path
     trainable = load_trainable(spec.trainable, str(path))

@@ -74,10 +74,13 @@ class LocalServer:
     def start(self, timeout: float = 90.0) -> "LocalServer":
         backend, artifacts = embedded_store(self.run_dir)
         log = open(self.run_dir / "mlflow-server.log", "ab")
-        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+        # Through the supervisor: the server's whole process group ends with us, even on SIGKILL.
+        cmd = [sys.executable, "-m", "paceray.supervise", sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--backend-store-uri", backend, "--artifacts-destination", str(artifacts), "--workers", "2"]
+        # No job runner: its eight huey consumers serve GenAI jobs we never submit, and cost seconds.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     cwd=self.run_dir)
+                                     cwd=self.run_dir, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

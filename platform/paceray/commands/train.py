@@ -70,7 +70,8 @@ def run_train(spec_path: str, overrides, address: Optional[str], tracking_uri: O
         finally:
             tracking.end_run(uri, run_id, status)
             raycluster.shutdown()
-        best = result.best_checkpoints[0][1] if result.best_checkpoints else {}
+        scored = [m for _, m in (result.best_checkpoints or []) if m.get("eval/fid") is not None]
+        best = min(scored, key=lambda m: m["eval/fid"]) if scored else {}
         print(f"\nresults: {trial_storage(rd) / trial_id}")
         if best:
             fid = best.get("eval/fid")

@@ -1,0 +1,75 @@
+"""Shared fixtures: one storage root per test session (datasets, FID nets, reference statistics
+are made once), one CPU thread per test process (2 cores; oversubscription slows torch 10×)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACERAY = str(Path(sys.executable).parent / "paceray")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def storage(tmp_path_factory) -> Path:
+    """The session's storage root, exported for the `paceray` subprocesses the tests start."""
+    root = tmp_path_factory.mktemp("storage")
+    os.environ["PACERAY_STORAGE"] = str(root)
+    return root
+
+
+def run_paceray(*args, cwd=None, timeout=900, check=True, env=None) -> subprocess.CompletedProcess:
+    r = subprocess.run([PACERAY, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                       env={**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})})
+    if check and r.returncode != 0:
+        raise AssertionError(f"paceray {' '.join(map(str, args))} exited {r.returncode}\n"
+                             f"--- stdout ---\n{r.stdout[-6000:]}\n--- stderr ---\n{r.stderr[-6000:]}")
+    return r
+
+
+def write_spec(path: Path, name: str, base: dict, search: dict | None = None, resources: dict | None = None,
+               tune: dict | None = None) -> Path:
+    import yaml
+
+    spec = {"name": name, "trainable": "denoiser", "base": base, "search": search or {},
+            "resources": resources or {"workers": 1, "cpus_per_worker": 1}, "tune": tune or {}}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def tiny_base(**sections) -> dict:
+    """A digits trial small enough for CPU tests; sections override the defaults given here."""
+    base = {
+        "data": {"dataset": "digits", "image_size": 8},
+        "model": {"preset": "tiny"},
+        "diffusion": {"timesteps": 1000, "schedule": "linear"},
+        "curriculum": {"order": "easy-to-hard", "num_clusters": 4, "pacing": "fixed", "stage_steps": 10},
+        "train": {"steps": 40, "batch_size": 32, "lr": 0.002, "log_every": 5},
+        "eval": {"every": 20, "fid_samples": 64, "sampler_steps": 5, "batch_size": 64, "sample_grid": 16},
+    }
+    for key, value in sections.items():
+        base.setdefault(key, {}).update(value)
+    return base
+
+
+def mlflow_client(run_dir: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+
+
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))

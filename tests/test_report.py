@@ -1,0 +1,198 @@
+"""`paceray report`: the trial table, summary and plots read back from a real (embedded SQLite)
+MLflow store laid out the way `paceray tune` writes it."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from paceray import report
+from paceray.commands.report import run_report
+from paceray.errors import PacerayError
+
+PACERAY = str(Path(sys.executable).parent / "paceray")
+FEATURES = "classifier:digits@8px(d=128); 256 samples vs 1438 reference images"
+INCEPTION = "inception:pool3(d=2048); 1000 samples vs 10000 reference images"
+STEPS = [100, 200, 300, 400]
+OOM = "CUDA out of memory. Tried to allocate 2.00 GiB; " + "x" * 200
+
+# trial -> (order, N, pacing, seed, status, FIDs at STEPS, error)
+TRIALS = {
+    "base-s0": ("none", 1, "fixed", 0, "FINISHED", [80, 60, 50, 40], None),
+    "base-s1": ("none", 1, "fixed", 1, "FINISHED", [82, 62, 48, 44], None),  # baseline mean final FID: 42
+    "e2h-n4": ("easy-to-hard", 4, "fixed", 0, "FINISHED", [70, 41, 35, 30], None),
+    "h2e-n4": ("hard-to-easy", 4, "patience", 0, "FINISHED", [90, 70, 55, 45], None),
+    "rnd-n8": ("random", 8, "fixed", 0, "FINISHED", [75, 50, 42, 33], None),  # reaches 42 exactly at 300
+    "e2h-n8": ("easy-to-hard", 8, "fixed", 1, "RUNNING", [65, 39], None),
+    "e2h-n2": ("easy-to-hard", 2, "fixed", 0, "FAILED", [95], OOM),
+    "fresh": ("easy-to-hard", 2, "fixed", 1, "RUNNING", [], None),  # no eval yet
+}
+
+
+def add_trial(c, exp, parent, trial_id, order, n, pacing, seed, status, fids, error, features=FEATURES):
+    tags = {"paceray.kind": "trial", "paceray.trial_id": trial_id}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    if fids and features:
+        tags["paceray.fid_features"] = features
+    if error:
+        tags["paceray.error"] = error
+    run_id = c.create_run(exp, run_name=f"{order}-N{n}-{trial_id}", tags=tags).info.run_id
+    params = {"curriculum.order": order, "curriculum.num_clusters": n, "curriculum.clustering": "uniform",
+              "curriculum.pacing": pacing, "curriculum.stage_steps": 50, "curriculum.patience": 200,
+              "curriculum.cumulative": True, "train.seed": seed, "train.steps": 400, "eval.fid_samples": 256}
+    metrics = [Metric("eval/fid", float(v), 1000 + i, s) for i, (s, v) in enumerate(zip(STEPS, fids))]
+    metrics += [Metric("train/loss", 1.0 / (i + 1), 1000 + i, s) for i, s in enumerate(STEPS)]
+    c.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
+    if status != "RUNNING":
+        c.set_terminated(run_id, status=status)
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs")
+    uri = f"sqlite:///{run_dir / 'mlflow.db'}"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("quick", artifact_location=str(run_dir / "mlartifacts"))
+    # An older search of the same experiment: the report must read the latest one.
+    old = c.create_run(exp, run_name="search-old", start_time=1, tags={"paceray.kind": "search"}).info.run_id
+    add_trial(c, exp, old, "old-trial", "easy-to-hard", 4, "fixed", 0, "FINISHED", [1, 1, 1, 1], None)
+    parent = c.create_run(exp, run_name="search-quick", tags={"paceray.kind": "search"}).info.run_id
+    for trial_id, spec in TRIALS.items():
+        add_trial(c, exp, parent, trial_id, *spec)
+
+    mixed = c.create_experiment("mixed", artifact_location=str(run_dir / "mlartifacts-mixed"))
+    mparent = c.create_run(mixed, run_name="search-mixed", tags={"paceray.kind": "search"}).info.run_id
+    add_trial(c, mixed, mparent, "cls-base", "none", 1, "fixed", 0, "FINISHED", [50, 40], None)
+    add_trial(c, mixed, mparent, "cls-e2h", "easy-to-hard", 4, "fixed", 0, "FINISHED", [45, 30], None)
+    add_trial(c, mixed, mparent, "inc-e2h", "easy-to-hard", 4, "fixed", 0, "FINISHED", [20, 10], None,
+              features=INCEPTION)
+
+    single = c.create_experiment("single", artifact_location=str(run_dir / "mlartifacts-single"))
+    add_trial(c, single, None, "single-20260101", "easy-to-hard", 4, "fixed", 0, "FINISHED", [60, 50], None)
+    empty = c.create_experiment("empty", artifact_location=str(run_dir / "mlartifacts-empty"))
+    c.create_run(empty, run_name="search-empty", tags={"paceray.kind": "search"})
+    return {"uri": uri, "run_dir": run_dir, "parent": parent, "mixed_parent": mparent}
+
+
+@pytest.fixture(scope="module")
+def quick(store):
+    return report.report_for_experiment(store["uri"], "quick")
+
+
+def test_reads_latest_search_sorted_by_best_fid_missing_last(quick, store):
+    assert quick.parent_run_id == store["parent"]
+    assert list(quick.table["trial"]) == ["e2h-n4", "rnd-n8", "e2h-n8", "base-s0", "base-s1", "h2e-n4",
+                                          "e2h-n2", "fresh"]
+    assert math.isnan(quick.table["best_fid"].iloc[-1])
+    assert quick.best_trial == "e2h-n4" and quick.best_fid == 30.0
+    assert list(quick.table["best"]) == [True] + [False] * 7
+    row = quick.table.set_index("trial").loc["e2h-n4"]
+    assert (row["best_step"], row["final_fid"], row["N"], row["seed"]) == (400, 30.0, 4, 0)
+    assert quick.table.set_index("trial").loc["h2e-n4", "stage_or_tau"] == "τ=200"
+    assert quick.table.set_index("trial").loc["rnd-n8", "stage_or_tau"] == "50"
+
+
+def test_steps_to_baseline_final_fid(quick):
+    assert quick.baselines[FEATURES].fid == pytest.approx(42.0)  # mean of 40 and 44
+    steps = quick.table.set_index("trial")["steps_to_baseline"]
+    got = {t: (None if s is None or s is report.pd.NA else int(s)) for t, s in steps.items()}
+    assert got == {"e2h-n4": 200, "rnd-n8": 300, "e2h-n8": 200, "base-s0": 400, "base-s1": None,
+                   "h2e-n4": None, "e2h-n2": None, "fresh": None}
+
+
+def test_text_has_extractor_line_failure_reason_and_summary(quick):
+    text = quick.text
+    lines = text.splitlines()
+    assert f"FID features: {FEATURES}" in lines[1]
+    assert "WARNING" not in text
+    failed = next(line for line in lines if " e2h-n2 " in line)
+    assert "FAILED" in failed and "error: CUDA out of memory. Tried to allocate 2.00 GiB" in failed
+    assert "x" * 100 not in failed  # the reason is truncated
+    best = next(line for line in lines if " e2h-n4 " in line)
+    assert best.lstrip().startswith("*")
+    h2e = next(line for line in lines if " h2e-n4 " in line)
+    assert "τ=200" in h2e and "—" in h2e  # never reaches the baseline
+    assert "* best trial: e2h-n4, FID 30.00 at step 400" in text
+    summary = quick.summary.set_index("order")
+    assert summary.loc["none", "n"] == 2
+    assert summary.loc["none", "final_fid_mean"] == pytest.approx(42.0)
+    assert summary.loc["none", "final_fid_std"] == pytest.approx(math.sqrt(8))
+    assert summary.loc["easy-to-hard", "failed"] == 1
+    assert "42.00 ± 2.83" in text
+
+
+def test_mixed_extractors_warn_and_name_no_overall_best(store):
+    rep = report.report_for_parent(store["uri"], store["mixed_parent"])
+    assert not rep.comparable and rep.best_trial is None
+    text = rep.text
+    assert "WARNING" in text and "NOT comparable" in text and FEATURES in text and INCEPTION in text
+    # Ranked within each extractor group: the inception trial's lower number does not win.
+    assert list(rep.table["trial"]) == ["cls-e2h", "cls-base", "inc-e2h"]
+    assert list(rep.table["best"]) == [True, False, True]
+    assert "features" in rep.summary.columns
+
+
+def test_trains_without_a_search_are_reported(store):
+    rep = report.report_for_experiment(store["uri"], "single")
+    assert rep.parent_run_id is None and list(rep.table["trial"]) == ["single-20260101"]
+
+
+def test_search_without_trials_yet(store, tmp_path):
+    rep = report.report_for_experiment(store["uri"], "empty")
+    assert rep.table.empty and rep.best_trial is None
+    assert "(no trials yet)" in rep.text and "none yet" in rep.text
+    assert [p.name for p in report.write_outputs(rep, tmp_path)] == list(report.FILES)
+
+
+def test_out_writes_files(store, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_report("quick", run_dir=str(store["run_dir"]), out=str(out))
+    assert sorted(p.name for p in out.iterdir()) == sorted(report.FILES)  # no temp files left
+    trials = report.pd.read_csv(out / "trials.csv")
+    assert trials["trial"].iloc[0] == "e2h-n4" and "steps_to_baseline" in trials
+    assert (out / "fid_by_order.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "fid_by_clusters.png").stat().st_size > 10_000
+    assert "wrote trials.csv" in capsys.readouterr().out
+
+
+def test_log_to_parent(store):
+    rep = report.log_to_parent(store["uri"], store["parent"])
+    c = MlflowClient(store["uri"])
+    names = {Path(a.path).name for a in c.list_artifacts(store["parent"], "report")}
+    assert set(report.FILES) <= names
+    tags = c.get_run(store["parent"]).data.tags
+    assert tags["paceray.best_trial"] == rep.best_trial == "e2h-n4"
+    assert float(tags["paceray.best_fid"]) == 30.0
+
+
+def test_missing_store_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(PacerayError, match="no embedded MLflow store"):
+        run_report("quick", run_dir=str(tmp_path))
+
+
+def _cli(*args):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run([PACERAY, "report", *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_cli_prints_table(store):
+    r = _cli("quick", "--run-dir", str(store["run_dir"]))
+    assert r.returncode == 0, r.stderr
+    assert f"FID features: {FEATURES}" in r.stdout
+    assert "e2h-n4" in r.stdout and "best FID" in r.stdout and "→baseline" in r.stdout
+
+
+def test_cli_unknown_experiment_is_one_line(store):
+    r = _cli("nope", "--run-dir", str(store["run_dir"]))
+    assert r.returncode != 0
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'nope' not found" in lines[0] and "quick" in lines[0]

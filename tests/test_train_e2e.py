@@ -1,0 +1,163 @@
+"""`paceray train` for real: Ray Train workers (gloo), an MLflow server, FID evals, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import PACERAY, history, mlflow_client, run_paceray, tiny_base, write_spec
+
+pytestmark = pytest.mark.slow
+
+STEPS, STAGE, EVERY = 60, 10, 30
+
+
+def only_run(run_dir: Path, experiment: str):
+    client = mlflow_client(run_dir)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, runs[0]
+
+
+@pytest.fixture(scope="module")
+def two_worker_trial(tmp_path_factory, storage):
+    tmp = tmp_path_factory.mktemp("train2")
+    base = tiny_base(train={"steps": STEPS, "log_every": 5}, curriculum={"stage_steps": STAGE},
+                     eval={"every": EVERY})
+    spec = write_spec(tmp / "two.yaml", "two-workers", base, resources={"workers": 2, "cpus_per_worker": 1})
+    result = run_paceray("train", spec, "--run-dir", tmp / "runs")
+    return tmp / "runs", result
+
+
+def test_two_worker_trial_logs_every_metric(two_worker_trial):
+    run_dir, result = two_worker_trial
+    client, run = only_run(run_dir, "two-workers")
+    assert run.info.status == "FINISHED"
+    keys = set(run.data.metrics)
+    for key in ("train/loss", "curriculum/stage", "curriculum/t_min", "curriculum/t_max", "perf/img_per_s",
+                "eval/fid", "train/lr"):
+        assert key in keys, key
+    assert {f"train/loss_c{k}" for k in range(1, 5)} <= keys
+    assert run.data.params["curriculum.order"] == "easy-to-hard"
+    assert run.data.params["curriculum.num_clusters"] == "4"
+    assert run.data.tags["paceray.trial_id"]
+    assert "classifier:digits" in run.data.tags["paceray.fid_features"]
+    assert "64 samples" in run.data.tags["paceray.fid_features"]
+    fids = history(client, run.info.run_id, "eval/fid")
+    assert [s for s, _ in fids] == [EVERY, 2 * EVERY]
+    assert all(math.isfinite(v) and v > 0 for _, v in fids)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "curriculum")}
+    assert {"curriculum/schedule.png", "curriculum/schedule.json"} <= artifacts
+    # progress on the console: step, stage, loss, img/s, and the last FID
+    assert "step 40/60 · stage" in result.stdout and "img/s · FID" in result.stdout
+    assert "paceray ui --run-dir" in result.stdout
+
+
+def test_t_min_steps_down_exactly_as_the_preview_says(two_worker_trial):
+    run_dir, _ = two_worker_trial
+    client, run = only_run(run_dir, "two-workers")
+    preview = json.loads(run_paceray("curriculum", "preview", "-T", 1000, "-N", 4, "--order", "easy-to-hard",
+                                     "--stage-steps", STAGE, "--json").stdout)
+
+    def stage_of(step):  # logged step s was trained with the sampler at step s - 1
+        for st in preview["stages"]:
+            if st["start_step"] <= step - 1 and (st["end_step"] is None or step - 1 < st["end_step"]):
+                return st
+        raise AssertionError(step)
+
+    t_min = history(client, run.info.run_id, "curriculum/t_min")
+    stages = dict(history(client, run.info.run_id, "curriculum/stage"))
+    assert [s for s, _ in t_min] == list(range(5, STEPS + 1, 5))
+    for step, value in t_min:
+        st = stage_of(step)
+        assert value == st["ranges"][0][0], (step, value, st)
+        assert stages[step] == st["stage"]
+    assert [v for _, v in t_min][:8] == [750, 750, 500, 500, 250, 250, 0, 0]
+
+
+def test_fid_in_the_loop_with_two_workers_equals_one_process(two_worker_trial, storage):
+    """Regenerate both ranks' images from the last checkpoint in one process: same FID."""
+    from trainables.denoiser.config import Config
+    from trainables.denoiser.diffusion import GaussianDiffusion
+    from trainables.denoiser.export import load_checkpoint_model
+    from trainables.denoiser.features import dataset_path, reference, extractor
+    from trainables.denoiser.fid import FIDEvaluator
+    from trainables.denoiser.train import generate_share
+
+    run_dir, _ = two_worker_trial
+    client, run = only_run(run_dir, "two-workers")
+    ckpt = sorted((run_dir / "ray").glob("*/checkpoint_step*"))[-1]
+    assert ckpt.name == f"checkpoint_step{STEPS:08d}"
+    config = tiny_base(train={"steps": STEPS, "log_every": 5}, curriculum={"stage_steps": STAGE}, eval={"every": EVERY})
+    model, cfg, _ = load_checkpoint_model(ckpt, Config.model_validate(config).model_dump())
+    diffusion = GaussianDiffusion(cfg.diffusion.timesteps, cfg.diffusion.schedule)
+    data_dir = dataset_path(cfg.data, storage)
+    ext = extractor(cfg, storage, data_dir)
+    evaluator = FIDEvaluator(ext, reference(cfg, storage, data_dir, ext), "cpu")
+    for rank in (0, 1):
+        for x in generate_share(cfg, diffusion, model, rank, 2, torch.device("cpu"), None):
+            evaluator.update(x)
+    one_process = evaluator.compute()
+    logged = dict(history(client, run.info.run_id, "eval/fid"))[STEPS]
+    assert one_process["num_fake"] == cfg.eval.fid_samples
+    assert one_process["fid"] == pytest.approx(logged, rel=1e-6, abs=1e-6)
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "ray").glob("*/checkpoint_step*"))
+
+
+def test_resume_after_a_kill_continues_the_same_run(tmp_path, storage):
+    base = tiny_base(train={"steps": 120, "log_every": 5}, curriculum={"stage_steps": 25}, eval={"every": 20})
+    spec = write_spec(tmp_path / "resume.yaml", "resume", base)
+    run_dir = tmp_path / "runs"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([PACERAY, "train", str(spec), "--run-dir", str(run_dir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
+    try:
+        deadline = time.monotonic() + 600
+        while not _checkpoints(run_dir) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert _checkpoints(run_dir), "no checkpoint appeared"
+        time.sleep(1.0)  # a few steps past the checkpoint: they are lost and re-trained
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole `paceray train` group: driver and Ray with it
+        proc.wait(timeout=60)
+    killed_at = max(int(p.name.removeprefix("checkpoint_step")) for p in _checkpoints(run_dir))
+    assert killed_at < 120
+
+    result = run_paceray("train", spec, "--run-dir", run_dir, "--resume")
+    assert f"resumed from the checkpoint at step {killed_at}" in result.stdout
+    client, run = only_run(run_dir, "resume")  # one run, not two
+    assert run.info.status == "FINISHED"
+    for key in ("train/loss", "curriculum/stage", "curriculum/t_min", "eval/fid"):
+        steps = [m.step for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.timestamp)]
+        assert steps == sorted(set(steps)), f"{key} logged a step twice or out of order: {steps}"
+    stage = dict(history(client, run.info.run_id, "curriculum/stage"))
+    # the stage carried over: the schedule is the fixed one across the kill, step by step
+    assert all(stage[s] == min(5, (s - 1) // 25 + 1) for s in stage), stage
+    assert max(stage) == 120 and [s for s, _ in history(client, run.info.run_id, "train/loss")] == list(range(5, 121, 5))
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist; .ci/run does)")
+def test_fashion_mnist_spec_runs_a_few_steps(tmp_path, storage):
+    result = run_paceray("train", "search_spaces/fashion-mnist.yaml", "--run-dir", tmp_path / "runs",
+                         "--set", "resources.gpus_per_worker=0", "--set", "resources.cpus_per_worker=1",
+                         "--set", "model.preset=tiny", "--set", "train.steps=4", "--set", "train.batch_size=16",
+                         "--set", "train.log_every=2", "--set", "eval.every=4", "--set", "eval.fid_samples=16",
+                         "--set", "eval.sampler_steps=2", cwd=Path(__file__).resolve().parents[1])
+    client, run = only_run(tmp_path / "runs", "fashion-mnist")
+    assert run.info.status == "FINISHED"
+    assert "classifier:fashion-mnist" in run.data.tags["paceray.fid_features"]
+    assert [s for s, _ in history(client, run.info.run_id, "eval/fid")] == [4]
+    assert "eval at step 4" in result.stdout

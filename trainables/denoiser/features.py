@@ -1,0 +1,94 @@
+"""The assets every trial shares, made once in the storage root: the prepared dataset, the FID
+feature network, and the reference statistics (per dataset, split, extractor and image size).
+
+`prepare` runs on the driver before any trial starts, so trials only read; the same calls are
+idempotent and atomic, so a trial that finds something missing makes it without harm.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from paceray.errors import PacerayError
+from trainables.denoiser.config import Config, DataConfig
+from trainables.denoiser.data import dataset_dir, prepare as prepare_dataset
+
+REFERENCE_SPLIT = "train"  # FID against the training distribution, as for CIFAR-10 in the literature
+
+
+def dataset_path(data: DataConfig, storage: Path, make: bool = True) -> Path:
+    path = dataset_dir(data.dataset, storage, data.source)
+    if make and not (path / "manifest.json").exists():
+        return prepare_dataset(data.dataset, storage, source=data.source)
+    return path
+
+
+def fid_net_path(dataset: str, storage: Path) -> Path:
+    return storage / "fid-nets" / f"{dataset}.pt"
+
+
+def ensure_fid_net(dataset: str, storage: Path, source: Optional[str] = None, epochs: Optional[int] = None,
+                   seed: int = 0, retrain: bool = False) -> tuple[Path, dict[str, Any]]:
+    """The classifier FID network of `dataset`, trained (on CPU or the local GPU) if missing."""
+    import torch
+
+    from trainables.denoiser.fid_net import train_fid_net
+
+    data_dir = dataset_path(DataConfig(dataset=dataset, source=source), storage)
+    out = fid_net_path(dataset, storage)
+    if out.exists() and not retrain:
+        saved = torch.load(out, map_location="cpu", weights_only=False)
+        return out, {"accuracy": saved.get("accuracy"), "path": str(out)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"training the {dataset} FID network once (saved to {out}) …", flush=True)
+    info = train_fid_net(data_dir, out, epochs=epochs, seed=seed, device=device)
+    return out, info
+
+
+def extractor(cfg: Config, storage: Path, data_dir: Path):
+    from trainables.denoiser.fid import load_extractor
+
+    if cfg.eval.features == "classifier":
+        path = fid_net_path(cfg.data.dataset, storage)
+        if not path.exists():
+            ensure_fid_net(cfg.data.dataset, storage, cfg.data.source)
+        return load_extractor("classifier", dataset_dir=data_dir, fid_net_path=path)
+    return load_extractor("inception", inception_weights=cfg.eval.inception_weights,
+                          inception_cache_dir=storage / "inception")
+
+
+def reference(cfg: Config, storage: Path, data_dir: Path, ext=None, device="cpu"):
+    from trainables.denoiser.fid import reference_statistics
+
+    ext = ext if ext is not None else extractor(cfg, storage, data_dir)
+    return reference_statistics(ext.to(device), data_dir, storage / "fid-stats", split=REFERENCE_SPLIT,
+                                image_size=cfg.data.image_size, device=device)
+
+
+def fid_evaluator(cfg: Config, storage: Path, data_dir: Path, device):
+    """The in-loop FID: rank 0 holds the cached reference statistics, every rank its samples."""
+    import torch.distributed as dist
+
+    from trainables.denoiser.fid import FIDEvaluator
+
+    ext = extractor(cfg, storage, data_dir).to(device)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    ref = reference(cfg, storage, data_dir, ext, device) if rank == 0 else None
+    return FIDEvaluator(ext, ref, device)
+
+
+def prepare(config: dict, storage: str) -> None:
+    """The platform's hook: dataset, FID network and reference statistics, before any trial."""
+    cfg = Config.model_validate(config)
+    root = Path(storage)
+    data_dir = dataset_path(cfg.data, root)
+    from trainables.denoiser.data import read_manifest
+    from trainables.denoiser.model import build_model
+
+    channels = read_manifest(data_dir)["image_shape"][0]
+    build_model(cfg.model.preset, cfg.data.image_size, channels)  # a bad preset/size fails here, not on a worker
+    if cfg.eval.fid_samples < 2:
+        raise PacerayError("eval.fid_samples must be at least 2")
+    reference(cfg, root, data_dir)

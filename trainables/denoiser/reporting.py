@@ -1,0 +1,117 @@
+"""What rank 0 shows: a progress line on the console, metrics/images/plots in the trial's MLflow run."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+
+from paceray.runlog import RunLogger
+
+
+def sample_grid(images: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1] (N, C, H, W) -> one HxWx3 uint8 grid, as square as possible, 1px gutters."""
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    n, c, h, w = x.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = torch.full((3, rows * (h + 1) + 1, cols * (w + 1) + 1), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, cols)
+        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = x[i]
+    return grid.permute(1, 2, 0).numpy()
+
+
+class TrialLog:
+    def __init__(self, ctx: dict, cfg, sampler, rank: int):
+        self.cfg, self.sampler = cfg, sampler
+        self.trial = ctx.get("trial_id", "trial")
+        self.console = ctx.get("console_progress", True)
+        self.run: Optional[RunLogger] = None
+        if ctx.get("run_id"):
+            self.run = RunLogger(ctx["run_id"], ctx.get("tracking_uri"))
+            self.run.set_tags({"paceray.trial_id": self.trial})
+        self.fid_features: Optional[str] = None
+
+    def note_resume(self, step: int) -> None:
+        self._say(f"resumed from the checkpoint at step {step} (stage {self.sampler.stage})")
+
+    def _say(self, text: str) -> None:
+        if self.console:
+            # Not print(): Ray Train patches print into its logger, which echoes every line twice.
+            sys.stdout.write(f"[{self.trial}] {text}\n")
+            sys.stdout.flush()
+
+    def metrics(self, metrics: dict, step: int, last_fid: Optional[float]) -> None:
+        if self.run:
+            self.run.log_metrics(metrics, step)
+        stages = self.sampler.num_clusters + 1
+        fid = f" · FID {last_fid:.2f}" if last_fid is not None else ""
+        self._say(f"step {step}/{self.cfg.train.steps} · stage {metrics['curriculum/stage']}/{stages} · "
+                  f"t∈[{metrics['curriculum/t_min']}, {metrics['curriculum/t_max']}] · "
+                  f"loss {metrics['train/loss']:.4f} · {metrics['perf/img_per_s']:.0f} img/s{fid}")
+
+    def eval(self, fid: dict, grid, step: int, seconds: float) -> None:
+        self.fid_features = f"{fid['features']}; {fid['num_fake']} samples vs {fid['num_real']} reference images"
+        if self.run:
+            self.run.log_metrics({"eval/fid": fid["fid"], "eval/seconds": seconds}, step)
+            if grid is not None:
+                self.run.log_image(grid, key="samples", step=step)
+            self.run.set_tags({"paceray.fid_features": self.fid_features})
+        self._say(f"eval at step {step}: FID {fid['fid']:.3f} ({self.fid_features}) in {seconds:.1f}s")
+
+    def finish(self) -> None:
+        if not self.run:
+            return
+        self.run.log_dict(
+            {"clusters": [list(c) for c in self.sampler.clusters],
+             "stages": [{"stage": s.number, "clusters": list(s.clusters), "ranges": [list(r) for r in s.ranges]}
+                        for s in self.sampler.stages()]},
+            "curriculum/schedule.json",
+        )
+        fig = schedule_figure(self.run, self.sampler)
+        if fig is not None:
+            self.run.log_figure(fig, "curriculum/schedule.png")
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+
+
+def schedule_figure(run: RunLogger, sampler):
+    """Stages over steps (with the active timestep band) above the loss of each cluster."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    client, rid = run.client, run.run_id
+    history = lambda key: sorted((m.step, m.value) for m in client.get_metric_history(rid, key))  # noqa: E731
+    stage = history("curriculum/stage")
+    if not stage:
+        return None
+    t_min, t_max = history("curriculum/t_min"), history("curriculum/t_max")
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, constrained_layout=True)
+    steps = [s for s, _ in stage]
+    ax1.fill_between(steps, [v for _, v in t_min], [v for _, v in t_max], step="pre", alpha=0.3,
+                     label="active timesteps")
+    ax1.set_ylabel("timestep t")
+    ax1.set_ylim(0, sampler.timesteps)
+    ax1b = ax1.twinx()
+    ax1b.step(steps, [v for _, v in stage], where="pre", color="k", label="stage")
+    ax1b.set_ylabel("stage")
+    ax1.set_title(f"{sampler.order_name} · {sampler.num_clusters} clusters · {sampler.pacing} pacing")
+    cmap = plt.get_cmap("viridis")
+    for k in range(sampler.num_clusters):
+        h = history(f"train/loss_c{k + 1}")
+        if h:
+            ax2.plot([s for s, _ in h], [v for _, v in h], color=cmap(k / max(1, sampler.num_clusters - 1)),
+                     label=f"C{k + 1}" if sampler.num_clusters <= 10 or k in (0, sampler.num_clusters - 1) else None)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("loss per cluster (C1 hardest)")
+    ax2.legend(fontsize="small", ncol=2)
+    return fig

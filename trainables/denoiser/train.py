@@ -1,0 +1,234 @@
+"""The Ray Train per-worker loop: curriculum-sampled timesteps, weighted ε loss, EMA, FID evals.
+
+Reads top to bottom: set-up, resume, then one loop whose body is a training step, a log every
+`train.log_every` steps and an eval + checkpoint every `eval.every` steps. Rank 0 alone talks
+to MLflow; every rank samples its share of the FID images.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from trainables.denoiser import curriculum as curriculum_lib
+from trainables.denoiser.config import Config
+from trainables.denoiser.data import ImageBatches, load_split, read_manifest
+from trainables.denoiser.diffusion import GaussianDiffusion
+from trainables.denoiser.features import dataset_path, fid_evaluator
+from trainables.denoiser.model import EMA, build_model, drop_labels, null_label, unwrap
+from trainables.denoiser.reporting import TrialLog, sample_grid
+
+CHECKPOINT_FILE = "state.pt"
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf: the trial fails with this reason rather than training on garbage."""
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def train_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    ctx = dict(config.pop("paceray", {}) or {})
+    cfg = Config.model_validate(config)
+    rank, world = _world()
+    device = ray.train.torch.get_device()
+    use_cuda = device.type == "cuda"
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_cuda)
+    if use_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.train.seed * 1000 + rank)
+
+    # ---------------------------------------------------------------- data, model, curriculum
+    storage = Path(ctx.get("storage") or os.environ.get("PACERAY_STORAGE", "~/.cache/paceray")).expanduser()
+    data_dir = dataset_path(cfg.data, storage)
+    manifest = read_manifest(data_dir)
+    channels = manifest["image_shape"][0]
+    num_classes = manifest["num_classes"] if cfg.data.class_conditional else None
+    images, labels = load_split(data_dir, "train", rank, world)
+    batches = ImageBatches(images, labels, cfg.train.batch_size, cfg.data.image_size, device=device,
+                           seed=cfg.train.seed, rank=rank)
+    diffusion = GaussianDiffusion(cfg.diffusion.timesteps, cfg.diffusion.schedule)
+    sampler = curriculum_lib.from_config(cfg.curriculum, cfg.diffusion.timesteps, diffusion.log_snr(), rank)
+    weights_by_t = diffusion.loss_weight(torch.arange(cfg.diffusion.timesteps), cfg.loss.weighting,
+                                         cfg.loss.gamma if cfg.loss.weighting == "min-snr" else cfg.loss.p2_gamma,
+                                         cfg.loss.p2_k).to(device)
+
+    model = build_model(cfg.model.preset, cfg.data.image_size, channels, num_classes).to(device)
+    ema = EMA(model, decay=cfg.train.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    warmup = max(1, cfg.train.warmup_steps)
+    lr_at = lambda step: cfg.train.lr * min(1.0, (step + 1) / warmup)  # noqa: E731
+
+    # ---------------------------------------------------------------- resume
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["curriculum"])
+        batches.load_state_dict(state["data"][rank] if rank < len(state["data"]) else state["data"][0])
+        start_step = int(state["step"])
+    ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
+    train_model = torch.compile(ddp_model) if cfg.train.compile else ddp_model
+
+    evaluator = fid_evaluator(cfg, storage, data_dir, device)
+    log = TrialLog(ctx, cfg, sampler, rank) if rank == 0 else None
+    if log and checkpoint is not None:
+        log.note_resume(start_step)
+
+    # ---------------------------------------------------------------- the loop
+    n_clusters = sampler.num_clusters
+    loss_sum = torch.zeros((), device=device)
+    cluster_loss = torch.zeros(n_clusters, device=device, dtype=torch.float64)
+    cluster_count = torch.zeros(n_clusters, device=device, dtype=torch.float64)
+    interval_start, interval_images, interval_steps, last_fid = time.perf_counter(), 0, 0, None
+    null = null_label(model)
+    label_gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + rank)
+
+    for step in range(start_step + 1, cfg.train.steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step - 1)
+        x0, y = next(batches)
+        t = sampler.sample(x0.shape[0], device)
+        y = drop_labels(y, cfg.data.label_dropout, null, label_gen) if num_classes else None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            per_sample = diffusion.training_losses(train_model, x0, t, y)
+        loss = (weights_by_t[t] * per_sample).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        ema.update(model)
+
+        raw = per_sample.detach()
+        loss_sum += raw.mean()
+        k = sampler.cluster_of(t).to(device)
+        cluster_loss.index_add_(0, k, raw.double())
+        cluster_count.index_add_(0, k, torch.ones_like(raw, dtype=torch.float64))
+        # What this step trained on, before `advance` may open the next stage.
+        stage_before, t_lo, t_hi = sampler.stage, sampler.t_min, sampler.t_max
+        sampler.advance(raw.mean() if cfg.curriculum.pacing == "patience" else None)
+        interval_images += x0.shape[0]
+        interval_steps += 1
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            totals = _all_reduce_sum(torch.cat([loss_sum.double().reshape(1), cluster_loss, cluster_count]))
+            mean_loss = float(totals[0]) / (interval_steps * world)
+            if not math.isfinite(mean_loss):
+                raise NonFiniteLoss(f"train/loss is {mean_loss} at step {step} (stage {stage_before}); "
+                                    f"lower train.lr or check the data")
+            elapsed = time.perf_counter() - interval_start
+            per_cluster = totals[1:1 + n_clusters] / totals[1 + n_clusters:].clamp(min=1)
+            sampled = totals[1 + n_clusters:] > 0
+            metrics = {
+                "train/loss": mean_loss,
+                "curriculum/stage": stage_before,
+                "curriculum/t_min": t_lo,
+                "curriculum/t_max": t_hi,
+                "perf/img_per_s": interval_images * world / max(elapsed, 1e-9),
+                "train/lr": lr_at(step - 1),
+                **{f"train/loss_c{i + 1}": float(per_cluster[i]) for i in range(n_clusters) if sampled[i]},
+            }
+            if log:
+                log.metrics(metrics, step, last_fid)
+            loss_sum.zero_(), cluster_loss.zero_(), cluster_count.zero_()
+            interval_start, interval_images, interval_steps = time.perf_counter(), 0, 0
+
+        if step % cfg.eval.every == 0 or step == cfg.train.steps:
+            eval_start = time.perf_counter()
+            fid, grid = evaluate(cfg, diffusion, model, ema, evaluator, rank, world, device, num_classes, step)
+            last_fid = fid["fid"]
+            eval_seconds = time.perf_counter() - eval_start
+            metrics = {"eval/fid": last_fid, "eval/seconds": eval_seconds, "step": step,
+                       "curriculum/stage": stage_before, "fid_features": fid["features"],
+                       "fid_samples": fid["num_fake"]}
+            if log:
+                log.eval(fid, grid, step, eval_seconds)
+            report_with_checkpoint(metrics, step, model, ema, optimizer, sampler, batches, rank, world)
+            interval_start = time.perf_counter()  # eval time is not training throughput
+
+    if log:
+        log.finish()
+
+
+@torch.no_grad()
+def generate_share(cfg, diffusion, ema_model, rank, world, device, num_classes):
+    """This rank's share of the `eval.fid_samples` images, batch by batch; the same noise at every
+    eval (seeded by rank), so FIDs over training compare like with like."""
+    share = cfg.eval.fid_samples // world + (1 if rank < cfg.eval.fid_samples % world else 0)
+    gen = torch.Generator(device=device).manual_seed(10_000 + rank)
+    shape = (ema_model.config.in_channels, cfg.data.image_size, cfg.data.image_size)
+    done = 0
+    while done < share:
+        n = min(cfg.eval.batch_size, share - done)
+        y = torch.randint(num_classes, (n,), generator=gen, device=device) if num_classes else None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            x = diffusion.sample(ema_model, n, shape, cfg.eval.sampler_steps, labels=y,
+                                 guidance_scale=cfg.eval.guidance_scale, generator=gen, device=device)
+        yield x.float()
+        done += n
+
+
+@torch.no_grad()
+def evaluate(cfg, diffusion, model, ema, evaluator, rank, world, device, num_classes, step):
+    """Every rank samples its share with the EMA weights; the FID statistics are reduced across ranks."""
+    evaluator.reset()
+    first = None
+    with ema.applied_to(model) as ema_model:
+        for x in generate_share(cfg, diffusion, ema_model, rank, world, device, num_classes):
+            evaluator.update(x)
+            if first is None:
+                first = x[: cfg.eval.sample_grid].cpu()
+    result = evaluator.compute()
+    return result, (sample_grid(first) if rank == 0 and cfg.eval.sample_grid and first is not None else None)
+
+
+def report_with_checkpoint(metrics, step, model, ema, optimizer, sampler, batches, rank, world):
+    """Every rank reports (it is a barrier); rank 0 writes the checkpoint: model, EMA, optimizer,
+    curriculum, every rank's data-stream position, step."""
+    import ray.train
+
+    data_states = [None] * world
+    if world > 1:
+        dist.all_gather_object(data_states, batches.state_dict())
+    else:
+        data_states = [batches.state_dict()]
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        state = {
+            "step": step,
+            "model": unwrap(model).state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "curriculum": sampler.state_dict(),
+            "data": data_states,
+        }
+        torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_step{step:08d}")
