@@ -151,6 +151,10 @@ def test_resume_after_a_kill_continues_the_same_run(tmp_path, storage):
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist; .ci/run does)")
 def test_fashion_mnist_spec_runs_a_few_steps(tmp_path, storage):
+    # One epoch of the Fashion-MNIST FID network (~30 s on one CPU core; the default 6 take ~3 min):
+    # this test checks the path, not the net's accuracy (tests/test_fid.py and the note measure that).
+    net = run_paceray("fid-net", "train", "fashion-mnist", "--epochs", 1, env={"OMP_NUM_THREADS": "1"})
+    assert "fid-net test accuracy" in net.stdout
     result = run_paceray("train", "search_spaces/fashion-mnist.yaml", "--run-dir", tmp_path / "runs",
                          "--set", "resources.gpus_per_worker=0", "--set", "resources.cpus_per_worker=1",
                          "--set", "model.preset=tiny", "--set", "train.steps=4", "--set", "train.batch_size=16",

@@ -76,7 +76,10 @@ class LocalServer:
         log = open(self.run_dir / "mlflow-server.log", "ab")
         # Through the supervisor: the server's whole process group ends with us, even on SIGKILL.
         cmd = [sys.executable, "-m", "paceray.supervise", sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--backend-store-uri", backend, "--artifacts-destination", str(artifacts), "--workers", "2"]
+               "--backend-store-uri", backend, "--workers", "2",
+               # Artifacts as plain files under the run directory: every process of a local run
+               # shares that disk, and `paceray report` / tests can read them without a server.
+               "--no-serve-artifacts", "--default-artifact-root", str(artifacts)]
         # No job runner: its eight huey consumers serve GenAI jobs we never submit, and cost seconds.
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -183,4 +186,5 @@ def serve_ui(run_dir: Optional[str], port: int) -> None:
     backend, artifacts = embedded_store(rd)
     print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
     os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", backend, "--artifacts-destination", str(artifacts)])
+                               "--backend-store-uri", backend, "--no-serve-artifacts",
+                               "--default-artifact-root", str(artifacts)])

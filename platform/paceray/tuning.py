@@ -59,7 +59,7 @@ def search_alg(loaded: LoadedSpec):
     if t.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(metric=t.metric, mode=t.mode, seed=t.seed)
+        return OptunaSearch(seed=t.seed)  # metric and mode come from TuneConfig
     return None  # grid and random: Tune's variant generator (grid_search expands, others sample)
 
 
@@ -71,7 +71,9 @@ def scheduler(loaded: LoadedSpec):
 
     every = loaded.base["eval"]["every"]
     # Scheduled on our own `step` (not training_iteration, which restarts at 1 after a restore).
-    return ASHAScheduler(time_attr="step", metric=t.metric, mode=t.mode, max_t=loaded.base["train"]["steps"],
+    # max_t one past the last step: ASHA stops a trial that reaches max_t, and a trial stopped
+    # at its final report would lose its end (the schedule plot, its run's FINISHED status).
+    return ASHAScheduler(time_attr="step", max_t=loaded.base["train"]["steps"] + 1,
                          grace_period=t.grace_evals * every, reduction_factor=t.reduction_factor)
 
 
@@ -133,8 +135,11 @@ def build_tuner(loaded: LoadedSpec, context: dict, cluster: dict[str, float], tu
     """A fresh Tuner, or the restored one when `tuner_path` holds an interrupted search."""
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, search=context),
-                                    {"CPU": loaded.spec.resources.trial_cpus})
+    trial_cpus = loaded.spec.resources.trial_cpus
+    # The trial function only waits on its TorchTrainer. Tune refuses an empty bundle, so a
+    # zero-CPU trial asks for a token of memory instead of a CPU its workers would then lack.
+    trial_bundle = {"CPU": trial_cpus} if trial_cpus > 0 else {"CPU": 0, "memory": 2**20}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, search=context), trial_bundle)
     t = loaded.spec.tune
     if tuner_path is not None:
         # Finished trials stay finished; errored and unfinished ones continue from their checkpoints.

@@ -73,6 +73,7 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
             try:
                 results = tuner.fit()
                 status = "FINISHED"  # failed trials are marked on their own runs
+                _mark_stopped_trials(uri, spec.experiment, parent, results, spec.tune.scheduler)
             finally:
                 _close_orphans(uri, spec.experiment, parent)
                 tracking.end_run(uri, parent, status)
@@ -98,6 +99,33 @@ def _log_spec(uri: str, parent: str, loaded) -> None:
     resolved = {"base": loaded.base, "search": {k: {d.kind: list(d.args)} for k, d in loaded.search.items()},
                 "overrides": loaded.overrides}
     c.log_text(parent, yaml.safe_dump(resolved, sort_keys=False), "spec/resolved.yaml")
+
+
+def _trial_id(result) -> Optional[str]:
+    tid = (result.metrics or {}).get("trial_id")
+    if tid:
+        return tid
+    name = Path(result.path).name if result.path else ""  # run_trial_<id>_<params>_<date>
+    parts = name.split("_")
+    return "_".join(parts[2:4]) if len(parts) >= 4 else None
+
+
+def _mark_stopped_trials(uri: str, experiment: str, parent: str, results, scheduler: str) -> None:
+    """A trial the scheduler stopped ends without error while its run is still RUNNING: KILLED,
+    tagged with who stopped it, so no one reads it as a crash or a finished curriculum."""
+    c = tracking.client(uri)
+    for result in results:
+        tid = _trial_id(result)
+        if tid is None or result.error is not None:
+            continue
+        run_id = tracking.find_run(uri, experiment, {tracking.TRIAL_TAG: tid, tracking.PARENT_TAG: parent})
+        if run_id and c.get_run(run_id).info.status == "RUNNING":
+            steps = (result.config or {}).get("train", {}).get("steps")
+            if steps is not None and (result.metrics or {}).get("step", -1) >= steps:
+                c.set_terminated(run_id, status="FINISHED")  # stopped only after its last report
+                continue
+            c.set_tag(run_id, "paceray.stopped_early", scheduler)
+            c.set_terminated(run_id, status="KILLED")
 
 
 def _close_orphans(uri: str, experiment: str, parent: str) -> None:

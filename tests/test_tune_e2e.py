@@ -1,0 +1,221 @@
+"""`paceray tune` for real: Ray Tune over Ray Train trials, nested MLflow runs, report, resume,
+ASHA, and `ray job submit` to a real local Ray head."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PACERAY, REPO, history, mlflow_client, run_paceray
+
+pytestmark = pytest.mark.slow
+
+# quick.yaml, shortened: 4 trials (the four orders) of 30 steps, evals at 15 and 30.
+SHORT = ["--set", "train.steps=30", "--set", "eval.every=15", "--set", "curriculum.stage_steps=6",
+         "--set", "eval.fid_samples=32", "--set", "eval.sampler_steps=4", "--set", "train.log_every=5"]
+
+
+def search_runs(run_dir: Path, experiment: str = "quick"):
+    client = mlflow_client(run_dir)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    parents = [r for r in runs if r.data.tags.get("paceray.kind") == "search"]
+    children = [r for r in runs if r.data.tags.get("paceray.kind") == "trial"]
+    return client, parents, children
+
+
+def artifact_dir(run_dir: Path, run) -> Path:
+    return Path(run.info.artifact_uri.removeprefix("file://"))
+
+
+@pytest.fixture(scope="module")
+def quick_search(tmp_path_factory, storage):
+    run_dir = tmp_path_factory.mktemp("tune") / "runs"
+    result = run_paceray("tune", REPO / "search_spaces/quick.yaml", "--run-dir", run_dir, *SHORT)
+    return run_dir, result
+
+
+def test_search_makes_one_parent_and_a_child_per_order(quick_search):
+    run_dir, result = quick_search
+    client, parents, children = search_runs(run_dir)
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sorted(c.data.params["curriculum.order"] for c in children) == sorted(
+        ["none", "easy-to-hard", "hard-to-easy", "random"])
+    assert len({c.data.tags["paceray.trial_id"] for c in children}) == 4
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert [s for s, _ in history(client, child.info.run_id, "eval/fid")] == [15, 30]
+    assert parent.data.params["search.curriculum.order"].startswith("grid")
+    # the parent holds the spec, the trial table, the plots, the best config and the best model
+    art = artifact_dir(run_dir, parent)
+    for rel in ("spec/spec.yaml", "spec/resolved.yaml", "report/trials.csv", "report/fid_by_order.png",
+                "report/fid_by_clusters.png", "best/config.json", "best/pipeline/model_index.json"):
+        assert (art / rel).is_file(), rel
+    assert parent.data.tags["paceray.best_trial"] in {c.data.tags["paceray.trial_id"] for c in children}
+    assert "best trial" in result.stdout and "paceray ui --run-dir" in result.stdout
+
+
+def test_best_model_loads_as_a_diffusers_pipeline(quick_search):
+    from diffusers import DDPMPipeline
+
+    run_dir, _ = quick_search
+    _, parents, _ = search_runs(run_dir)
+    pipe = DDPMPipeline.from_pretrained(artifact_dir(run_dir, parents[0]) / "best/pipeline")
+    images = pipe(batch_size=2, num_inference_steps=3, output_type="np").images
+    assert images.shape == (2, 8, 8, 1)
+
+
+def test_report_lists_the_trials(quick_search):
+    run_dir, _ = quick_search
+    out = run_dir.parent / "report"
+    r = run_paceray("report", "quick", "--run-dir", run_dir, "--out", out)
+    for order in ("none", "easy-to-hard", "hard-to-easy", "random"):
+        assert order in r.stdout
+    assert "classifier:digits" in r.stdout and "32 samples" in r.stdout
+    assert (out / "trials.csv").read_text().count("\n") == 5
+
+
+# ----------------------------------------------------------------- resume after a killed driver
+
+
+def _finished_children(run_dir: Path) -> int:
+    if not (run_dir / "mlflow.db").exists():
+        return 0
+    try:
+        _, _, children = search_runs(run_dir)
+    except Exception:  # the store is being created
+        return 0
+    return sum(c.info.status == "FINISHED" for c in children)
+
+
+def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, storage):
+    run_dir = tmp_path / "runs"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    cmd = [PACERAY, "tune", str(REPO / "search_spaces/quick.yaml"), "--run-dir", str(run_dir), *SHORT,
+           "--set", "tune.max_concurrent=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=env)
+    try:
+        deadline = time.monotonic() + 600
+        while _finished_children(run_dir) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    client, _, before = search_runs(run_dir)
+    finished_before = {c.data.tags["paceray.trial_id"]: c.info.end_time for c in before if c.info.status == "FINISHED"}
+    assert 2 <= len(finished_before) < 4
+
+    run_paceray("tune", REPO / "search_spaces/quick.yaml", "--run-dir", run_dir, *SHORT,
+                "--set", "tune.max_concurrent=1", "--resume")
+    client, parents, children = search_runs(run_dir)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    ids = [c.data.tags["paceray.trial_id"] for c in children]
+    assert len(ids) == 4 == len(set(ids)), ids  # exactly one child run per trial
+    assert all(c.info.status == "FINISHED" for c in children)
+    for c in children:
+        tid = c.data.tags["paceray.trial_id"]
+        if tid in finished_before:  # not rerun: its run was not touched again
+            assert c.info.end_time == finished_before[tid]
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")]
+        assert sorted(steps) == sorted(set(steps)) == list(range(5, 31, 5))
+
+
+# ----------------------------------------------------------------- ASHA
+
+
+def test_asha_stops_the_weak_trials(tmp_path, storage):
+    """One trial learns (lr 2e-3); two barely move (lr 1e-7) and keep FIDs far above it.
+    Trials run one at a time, the strong one first (grid order), so when each weak trial reaches
+    the first rung (2 evals = step 60; by then lr 2e-3 has clearly learned) ASHA compares it with
+    the FIDs recorded there: the first weak one against the strong one alone, the second against
+    the midpoint of the strong and the first weak one (ASHA's 1/2 quantile with reduction factor 2).
+    Both are far worse, so both stop (one more eval may land while the stop travels)."""
+    import yaml
+
+    spec = yaml.safe_load((REPO / "search_spaces/quick.yaml").read_text())
+    spec["name"] = "asha"
+    spec["base"]["curriculum"]["order"] = "easy-to-hard"
+    spec["search"] = {"train.lr": {"grid": [0.002, 1.0e-7, 1.0e-7]}}
+    spec["tune"] = {"scheduler": "asha", "grace_evals": 2, "reduction_factor": 2, "max_concurrent": 1}
+    path = tmp_path / "asha.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    run_dir = tmp_path / "runs"
+    # 300 steps: long enough after the first rung for Tune's stop to reach a weak trial mid-run.
+    run_paceray("tune", path, "--run-dir", run_dir, *SHORT, "--set", "train.steps=300", "--set", "eval.every=30")
+    client, parents, children = search_runs(run_dir, "asha")
+    assert len(children) == 3
+    last_step: dict[str, list[int]] = {}
+    for c in children:
+        steps = [s for s, _ in history(client, c.info.run_id, "eval/fid")]
+        last_step.setdefault(c.data.params["train.lr"], []).append(max(steps))
+    assert last_step["0.002"] == [300]  # the strong trial trains to the end
+    assert all(s <= 90 for s in last_step["1e-07"]), last_step  # the weak ones stop at the first rung
+    stopped = [c for c in children if c.data.params["train.lr"] == "1e-07"]
+    assert all(c.data.tags.get("paceray.stopped_early") == "asha" for c in stopped)
+    assert all(c.info.status == "KILLED" for c in stopped)
+    strong = next(c for c in children if c.data.params["train.lr"] == "0.002")
+    assert strong.info.status == "FINISHED" and "paceray.stopped_early" not in strong.data.tags
+
+
+# ----------------------------------------------------------------- ray job submit
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_to_a_local_head(tmp_path, storage):
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    gcs, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    temp = Path("/tmp") / f"rayjob-{os.getpid()}"  # short: Ray's socket paths must stay under 108 bytes
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                             "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                             "--include-dashboard", "true", "--num-cpus", "2", "--temp-dir", str(temp)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    run_dir = tmp_path / "runs"
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            r = subprocess.run([ray_bin, "job", "list", "--address", address], capture_output=True, env=env)
+            if r.returncode == 0:
+                break
+            time.sleep(2)
+        runtime_env = {"env_vars": {"PACERAY_STORAGE": str(storage)}}
+        submit = subprocess.run(
+            [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO),
+             "--runtime-env-json", json.dumps(runtime_env), "--",
+             "paceray", "tune", "search_spaces/quick.yaml", "--run-dir", str(run_dir), *SHORT],
+            capture_output=True, text=True, timeout=900, env=env)
+        assert submit.returncode == 0, submit.stdout[-5000:] + submit.stderr[-3000:]
+        assert "SUCCEEDED" in submit.stdout
+        _, parents, children = search_runs(run_dir)
+        assert len(parents) == 1 and len(children) == 4
+        assert all(c.info.status == "FINISHED" for c in children)
+        # nothing landed in the job's ephemeral copy of the working dir
+        copies = list(temp.glob("session_*/runtime_resources/working_dir_files/*"))
+        assert copies and not any((c / "runs").exists() for c in copies)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
