@@ -121,6 +121,7 @@ def tracking_session(run_dir: Path, tracking_uri: Optional[str] = None) -> Itera
         check_reachable(uri)
         yield uri
         return
+    run_dir.mkdir(parents=True, exist_ok=True)
     server = LocalServer(run_dir).start()
     try:
         yield server.uri
@@ -171,6 +172,14 @@ def create_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str]
     if params:
         log_params(uri, run.info.run_id, params)
     return run.info.run_id
+
+
+ERROR_TAG = "paceray.error"  # why a trial failed, set by the trainable or the platform
+
+
+def trial_error(uri: str, run_id: str) -> Optional[str]:
+    """The reason the trainable gave for failing its trial, if it did."""
+    return client(uri).get_run(run_id).data.tags.get(ERROR_TAG)
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

@@ -108,11 +108,19 @@ def run_trial(config: dict, search: dict) -> None:
     try:
         trainer.fit()
     except Exception as e:
-        client = tracking.client(uri)
-        client.set_tag(run_id, "paceray.error", str(e).strip().splitlines()[-1][:4000] if str(e).strip() else repr(e))
+        text = str(e).strip()
+        tracking.client(uri).set_tag(run_id, tracking.ERROR_TAG, text.splitlines()[-1][:4000] if text else repr(e))
         tracking.end_run(uri, run_id, "FAILED")
         raise
+    reason = tracking.trial_error(uri, run_id)
+    if reason:  # the trainable ended its trial as failed (e.g. a NaN loss): Tune sees an error
+        tracking.end_run(uri, run_id, "FAILED")
+        raise TrialFailed(reason)
     tracking.end_run(uri, run_id, "FINISHED")
+
+
+class TrialFailed(RuntimeError):
+    """The trainable failed its trial and said why (the reason is in the run's paceray.error tag)."""
 
 
 def search_context(loaded: LoadedSpec, uri: str, parent_run_id: str, storage: str, run_dir: Path) -> dict[str, Any]:

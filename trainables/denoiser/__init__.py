@@ -30,4 +30,11 @@ def export(checkpoint_dir: str, config: dict, out_dir: str) -> str:
     return _export(checkpoint_dir, config, out_dir)
 
 
-__all__ = ["Config", "train_loop", "prepare", "export"]
+def check_checkpoint(checkpoint_dir: str) -> None:
+    """Raise a one-line PacerayError if a checkpoint cannot be resumed from (export.py)."""
+    from trainables.denoiser.export import check_checkpoint as _check
+
+    _check(checkpoint_dir)
+
+
+__all__ = ["Config", "train_loop", "prepare", "export", "check_checkpoint"]

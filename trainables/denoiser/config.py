@@ -63,7 +63,7 @@ class LossConfig(_Section):
 class TrainConfig(_Section):
     steps: int = Field(600, ge=1)
     batch_size: int = Field(64, ge=1)  # per worker
-    lr: float = Field(2e-3, gt=0.0, le=1.0)
+    lr: float = Field(2e-3, gt=0.0, le=1e4)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, ge=0.0)  # 0 disables

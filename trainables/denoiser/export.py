@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMPipeline
 
+from paceray.errors import PacerayError, one_line
 from trainables.denoiser.config import Config
 from trainables.denoiser.diffusion import GaussianDiffusion
 from trainables.denoiser.model import EMA, build_model
@@ -34,3 +35,21 @@ def export(checkpoint_dir: str, config: dict, out_dir: str) -> str:
     scheduler = GaussianDiffusion(cfg.diffusion.timesteps, cfg.diffusion.schedule).scheduler
     DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(out_dir)
     return out_dir
+
+
+REQUIRED = ("step", "model", "ema", "optimizer", "curriculum", "data")
+
+
+def check_checkpoint(checkpoint_dir: str | Path) -> None:
+    """Readable, and holding everything a resume restores; else one line naming the file."""
+    path = Path(checkpoint_dir) / CHECKPOINT_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise PacerayError(f"{path}: checkpoint file missing; delete {checkpoint_dir} to resume from the one before") from None
+    except Exception as e:  # truncated or overwritten: torch raises many kinds
+        raise PacerayError(one_line(f"{path}: corrupted checkpoint ({type(e).__name__}); delete {checkpoint_dir} "
+                                    f"to resume from the one before")) from None
+    missing = [k for k in REQUIRED if k not in state] if isinstance(state, dict) else list(REQUIRED)
+    if missing:
+        raise PacerayError(f"{path}: not a paceray checkpoint (missing {', '.join(missing)})")

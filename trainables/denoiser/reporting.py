@@ -64,6 +64,12 @@ class TrialLog:
             self.run.set_tags({"paceray.fid_features": self.fid_features})
         self._say(f"eval at step {step}: FID {fid['fid']:.3f} ({self.fid_features}) in {seconds:.1f}s")
 
+    def fail(self, reason: str) -> None:
+        """The trial cannot go on: the reason goes to its run (the platform marks it FAILED)."""
+        if self.run:
+            self.run.set_tags({"paceray.error": reason})
+        self._say(f"FAILED: {reason}")
+
     def finish(self) -> None:
         if not self.run:
             return

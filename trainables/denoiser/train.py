@@ -27,10 +27,6 @@ from trainables.denoiser.reporting import TrialLog, sample_grid
 CHECKPOINT_FILE = "state.pt"
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf: the trial fails with this reason rather than training on garbage."""
-
-
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -139,8 +135,13 @@ def train_loop(config: dict) -> None:
             totals = _all_reduce_sum(torch.cat([loss_sum.double().reshape(1), cluster_loss, cluster_count]))
             mean_loss = float(totals[0]) / (interval_steps * world)
             if not math.isfinite(mean_loss):
-                raise NonFiniteLoss(f"train/loss is {mean_loss} at step {step} (stage {stage_before}); "
-                                    f"lower train.lr or check the data")
+                # Every rank sees the same all-reduced value, so all stop together. Retrying from
+                # the last checkpoint would meet the same NaN: end the trial as failed, with why.
+                reason = (f"non-finite loss: train/loss is {mean_loss} at step {step} (stage {stage_before}); "
+                          f"lower train.lr or check the data")
+                if log:
+                    log.fail(reason)
+                return
             elapsed = time.perf_counter() - interval_start
             per_cluster = totals[1:1 + n_clusters] / totals[1 + n_clusters:].clamp(min=1)
             sampled = totals[1 + n_clusters:] > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -25,8 +26,24 @@ def prepare_assets(trainable, config: dict, storage: Path) -> None:
         prepare(config, str(storage))
 
 
+def latest_checkpoint(trial_dir: Path) -> Optional[Path]:
+    """The newest checkpoint folder of a Ray Train run (our names sort by step)."""
+    found = sorted(trial_dir.glob("checkpoint_*"))
+    return found[-1] if found else None
+
+
+def check_resumable(trainable, trial_dir: Path) -> None:
+    """A corrupted checkpoint is one line here, not a crash loop on the workers."""
+    ckpt = latest_checkpoint(trial_dir)
+    check = getattr(trainable, "check_checkpoint", None)
+    if ckpt is not None and check is not None:
+        check(str(ckpt))
+
+
 def run_train(spec_path: str, overrides, address: Optional[str], tracking_uri: Optional[str], resume: bool,
               run_dir: Optional[str]) -> None:
+    # Order matters: everything that can fail on bad input (spec, dataset, Ray address, tracking
+    # server, checkpoint) fails before an MLflow run or anything under the run directory exists.
     loaded = load(spec_path, parse_overrides(overrides))
     spec = loaded.spec
     rd = Path(run_dir).expanduser().resolve() if run_dir else loaded.run_dir
@@ -39,45 +56,60 @@ def run_train(spec_path: str, overrides, address: Optional[str], tracking_uri: O
         previous = json.loads(pointer.read_text())
     config = loaded.base
     trainable = load_trainable(spec.trainable, str(spec.path))
+    if previous:
+        check_resumable(trainable, trial_storage(rd) / previous["trial_id"])
     storage = storage_root()
     prepare_assets(trainable, config, storage)
+    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        tracking.check_reachable(tracking_uri or os.environ["MLFLOW_TRACKING_URI"])
+    where = raycluster.connect(address)
+    try:
+        with tracking.tracking_session(rd, tracking_uri) as uri:
+            print(f"paceray train {spec.name}: {where}; MLflow at {uri}", flush=True)
+            if previous:
+                trial_id, run_id = previous["trial_id"], previous["run_id"]
+            else:
+                trial_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+                run_id = tracking.create_run(uri, spec.experiment, trial_id,
+                                             {tracking.TRIAL_TAG: trial_id, tracking.KIND_TAG: "trial"},
+                                             flatten(config))
+                pointer.parent.mkdir(parents=True, exist_ok=True)
+                pointer.write_text(json.dumps({"trial_id": trial_id, "run_id": run_id,
+                                               "experiment": spec.experiment}))
+            result = _fit(trainable, config, spec, rd, storage, uri, trial_id, run_id)
+    finally:
+        raycluster.shutdown()
+    scored = [m for _, m in (result.best_checkpoints or []) if m.get("eval/fid") is not None]
+    best = min(scored, key=lambda m: m["eval/fid"]) if scored else {}
+    print(f"\nresults: {trial_storage(rd) / trial_id}")
+    if best:
+        print(f"best eval/fid {best['eval/fid']:.3f} at step {best.get('step')} ({best.get('fid_features', '')}, "
+              f"{best.get('fid_samples')} samples)")
+    if not (tracking_uri or _env_uri()):
+        print(f"MLflow UI: {tracking.ui_command(rd)}")
 
-    rd.mkdir(parents=True, exist_ok=True)
-    with tracking.tracking_session(rd, tracking_uri) as uri:
-        where = raycluster.connect(address)
-        print(f"paceray train {spec.name}: {where}; MLflow at {uri}", flush=True)
-        if previous:
-            trial_id, run_id = previous["trial_id"], previous["run_id"]
-        else:
-            trial_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-            run_id = tracking.create_run(uri, spec.experiment, trial_id,
-                                         {tracking.TRIAL_TAG: trial_id, tracking.KIND_TAG: "trial"},
-                                         flatten(config))
-            pointer.parent.mkdir(parents=True, exist_ok=True)
-            pointer.write_text(json.dumps({"trial_id": trial_id, "run_id": run_id, "experiment": spec.experiment}))
-        ctx = TrialContext(trial_id=trial_id, run_id=run_id, tracking_uri=uri, storage=str(storage), run_dir=str(rd))
-        res = spec.resources
-        trainer = trainer_for(trainable, config, ctx, Resources(res.workers, res.cpus_per_worker, res.gpus_per_worker),
-                              trial_storage(rd), name=trial_id, keep_best=config["train"]["checkpoint_keep"])
-        status = "FAILED"
-        try:
-            result = trainer.fit()
-            status = "FINISHED"
-        except Exception as e:  # Ray wraps the worker's error; the run must not stay RUNNING
-            tracking.client(uri).set_tag(run_id, "paceray.error", str(e)[:4000])
-            raise PacerayError(f"trial {trial_id} failed: {str(e).splitlines()[0][:300]} "
-                               f"(details: {trial_storage(rd) / trial_id}; resume with --resume)") from e
-        finally:
-            tracking.end_run(uri, run_id, status)
-            raycluster.shutdown()
-        scored = [m for _, m in (result.best_checkpoints or []) if m.get("eval/fid") is not None]
-        best = min(scored, key=lambda m: m["eval/fid"]) if scored else {}
-        print(f"\nresults: {trial_storage(rd) / trial_id}")
-        if best:
-            fid = best.get("eval/fid")
-            print(f"best eval/fid {fid:.3f} at step {best.get('step')} ({best.get('fid_features', '')})")
-        if not (tracking_uri or _env_uri()):
-            print(f"MLflow UI: {tracking.ui_command(rd)}")
+
+def _fit(trainable, config, spec, rd: Path, storage: Path, uri: str, trial_id: str, run_id: str):
+    ctx = TrialContext(trial_id=trial_id, run_id=run_id, tracking_uri=uri, storage=str(storage), run_dir=str(rd))
+    res = spec.resources
+    trainer = trainer_for(trainable, config, ctx, Resources(res.workers, res.cpus_per_worker, res.gpus_per_worker),
+                          trial_storage(rd), name=trial_id, keep_best=config["train"]["checkpoint_keep"])
+    status = "FAILED"
+    try:
+        result = trainer.fit()
+        reason = tracking.trial_error(uri, run_id)
+        if reason:  # the trainable ended the trial as failed, and said why
+            raise PacerayError(f"trial {trial_id} failed: {reason}")
+        status = "FINISHED"
+        return result
+    except PacerayError:
+        raise
+    except Exception as e:  # Ray wraps the worker's error; the run must not stay RUNNING
+        tracking.client(uri).set_tag(run_id, tracking.ERROR_TAG, str(e)[:4000])
+        raise PacerayError(f"trial {trial_id} failed: {str(e).splitlines()[0][:300]} "
+                           f"(details: {trial_storage(rd) / trial_id}; resume with --resume)") from e
+    finally:
+        tracking.end_run(uri, run_id, status)
 
 
 def _env_uri() -> Optional[str]:

@@ -43,18 +43,24 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
         if not state_path.exists() or not tuner_dir.exists():
             raise PacerayError(f"--resume: no interrupted search {spec.name!r} under {rd} ({state_path} is missing)")
         previous = json.loads(state_path.read_text())
-    elif tuner_dir.exists():
-        # A new search must not silently mix with the old one's trials and checkpoints.
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        tuner_dir.rename(tuner_dir.with_name(f"{spec.name}.{stamp}"))
     trainable = load_trainable(spec.trainable, str(spec.path))
     storage = storage_root()
+    # Everything that can fail on bad input fails before an MLflow run or a results folder exists.
     prepare_assets(trainable, loaded.base, storage)
-
-    rd.mkdir(parents=True, exist_ok=True)
-    with tracking.tracking_session(rd, tracking_uri) as uri:
-        where = raycluster.connect(address)
-        try:
+    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        tracking.check_reachable(tracking_uri or os.environ["MLFLOW_TRACKING_URI"])
+    where = raycluster.connect(address)
+    cluster = raycluster.cluster_resources()
+    try:
+        tuning.max_concurrent(loaded, cluster)  # a trial that cannot fit the cluster fails here
+    except PacerayError:
+        raycluster.shutdown()
+        raise
+    if not previous and tuner_dir.exists():
+        # A new search must not silently mix with the old one's trials and checkpoints.
+        tuner_dir.rename(tuner_dir.with_name(f"{spec.name}.{time.strftime('%Y%m%d-%H%M%S')}"))
+    try:
+        with tracking.tracking_session(rd, tracking_uri) as uri:
             if previous:
                 parent = previous["parent_run_id"]
                 tracking.client(uri).update_run(parent, status="RUNNING")
@@ -65,7 +71,6 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
                 _log_spec(uri, parent, loaded)
                 _write_atomic(state_path, json.dumps({"parent_run_id": parent, "experiment": spec.experiment,
                                                       "spec": spec.path}))
-            cluster = raycluster.cluster_resources()
             context = tuning.search_context(loaded, uri, parent, str(storage), rd)
             tuner = tuning.build_tuner(loaded, context, cluster, tuner_dir if previous else None)
             print(f"paceray tune {spec.name}: {where}; MLflow at {uri}; results in {tuner_dir}", flush=True)
@@ -78,8 +83,8 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
                 _close_orphans(uri, spec.experiment, parent)
                 tracking.end_run(uri, parent, status)
             _finish(uri, parent, loaded, rd, results, trainable)
-        finally:
-            raycluster.shutdown()
+    finally:
+        raycluster.shutdown()
     if not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         print(f"MLflow UI: {tracking.ui_command(rd)}")
 

@@ -1,0 +1,431 @@
+#!/usr/bin/env python
+"""Training throughput of the denoiser: a bare PyTorch loop against paceray's own Ray Train path.
+
+    python benchmarks/throughput.py --quick            # CPU, digits, a few minutes
+    python benchmarks/throughput.py --preset ddpm-cifar10 --dataset fashion-mnist --image-size 32 \
+        --batch 128 --bf16 --json out.json             # one GPU
+
+Prints, for one model/batch/size, alternating A B A B:
+  bare  the peer a user writes by hand: same model, AdamW, grad clip, EMA and ε loss, uniform
+        timesteps, no curriculum, no Ray, no logging;
+  ours  the real `trainables.denoiser.train_loop`, run by `paceray.trial.trainer_for(...).fit()`
+        on a local Ray with one worker and tracking off;
+then the median images/s of each and ratio = median over repeats of ours/bare; the data path
+alone (ImageBatches + curriculum sampler); the share of a real trial's wall time spent in
+evaluation (quick.yaml by default); on CUDA the MFU. `--json OUT` writes every figure.
+
+How "ours" is timed: the loop itself reports no training-only time when tracking is off, so each
+repeat runs two fits that differ only in length (warm-up W steps, and W + S steps), each timed
+inside the worker around `train_loop` and less the `eval/seconds` of its one (final) eval. Their
+difference is the time of S steps of our loop after warm-up: Ray start-up, worker set-up, the
+warm-up steps, the final eval and the checkpoint cancel out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+GOAL_RATIO = {"cpu": 0.97, "cuda": 0.99}
+GOAL_DATA_MULTIPLE = 5.0
+GOAL_EVAL_SHARE = 0.10
+# Dense bf16 tensor-core peak (NVIDIA datasheets, without sparsity), matched in this order
+# against torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+                   ("A100", 312e12))
+EVAL_NEVER = 10**9  # eval.every past the end: only the loop's obligatory final eval runs
+QUICK = dict(warmup=10, steps=150, repeats=3)
+DEFAULT = dict(warmup=30, steps=400, repeats=3)
+
+
+# --------------------------------------------------------------------------- settings
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"short runs: {QUICK}")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "base", "ddpm-cifar10"])
+    p.add_argument("--dataset", default="digits", choices=["digits", "mnist", "fashion-mnist", "cifar10"],
+                   help="the model's channel count follows the dataset (digits/MNISTs: 1, cifar10: 3)")
+    p.add_argument("--image-size", type=int, default=8)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--warmup", type=int, help="untimed steps before the timed ones")
+    p.add_argument("--steps", type=int, help="timed steps per run")
+    p.add_argument("--repeats", type=int, help="A B pairs")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on CUDA, off on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--parts", default="throughput,data,trial",
+                   help="comma-separated subset of throughput,data,trial")
+    p.add_argument("--trial", default=str(REPO / "search_spaces" / "quick.yaml"),
+                   help="spec whose base config is run as one real trial for the eval share")
+    p.add_argument("--trial-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override in the trial's spec, as `paceray --set` (repeatable)")
+    p.add_argument("--storage", help="storage root (datasets, FID nets, statistics); default: a temp dir")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="prepare the assets of the benchmark and trial configs in --storage, then exit")
+    p.add_argument("--json", dest="json_out", help="write every figure to this JSON file")
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else DEFAULT).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
+    args.parts = {s.strip() for s in args.parts.split(",") if s.strip()}
+    unknown = args.parts - {"throughput", "data", "trial"}
+    if unknown:
+        p.error(f"--parts: unknown {', '.join(sorted(unknown))}")
+    return args
+
+
+def bench_config(args, steps: int) -> dict:
+    """The trial config both loops train with: defaults of `Config` but for what is benchmarked,
+    and an eval pushed past the end whose one obligatory run is made as cheap as the config allows."""
+    from trainables.denoiser.config import Config
+
+    return Config.model_validate({
+        "data": {"dataset": args.dataset, "image_size": args.image_size},
+        "model": {"preset": args.preset},
+        "train": {"steps": steps, "batch_size": args.batch, "compile": args.compile,
+                  "precision": "bf16" if args.bf16 else "fp32"},
+        "eval": {"every": EVAL_NEVER, "fid_samples": 16, "batch_size": 16, "sampler_steps": 1, "sample_grid": 0},
+    }).model_dump(mode="json")
+
+
+def environment(args, threads: int) -> dict:
+    import ray
+
+    env = {"device": args.device, "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
+           "cpus": os.cpu_count(), "torch_threads": threads, "load_avg_start": os.getloadavg()[0]}
+    if args.device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+# --------------------------------------------------------------------------- A: the bare loop
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_images_per_s(config: dict, storage: Path, device: torch.device, warmup: int, steps: int) -> float:
+    """The hand-written peer: preloaded images indexed at random, uniform t, same model and update."""
+    from trainables.denoiser.config import Config
+    from trainables.denoiser.data import load_split, resize_images, to_unit_range
+    from trainables.denoiser.diffusion import GaussianDiffusion
+    from trainables.denoiser.features import dataset_path
+    from trainables.denoiser.model import EMA, build_model
+
+    cfg = Config.model_validate(config)
+    images, _ = load_split(dataset_path(cfg.data, storage), "train")
+    images = resize_images(images.to(device), cfg.data.image_size)
+    model = build_model(cfg.model.preset, cfg.data.image_size, images.shape[1]).to(device)
+    step_model = torch.compile(model) if cfg.train.compile else model
+    ema = EMA(model, decay=cfg.train.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    diffusion = GaussianDiffusion(cfg.diffusion.timesteps, cfg.diffusion.schedule)
+    batch, bf16 = cfg.train.batch_size, cfg.train.precision == "bf16"
+
+    def step() -> None:
+        x0 = to_unit_range(images[torch.randint(len(images), (batch,), device=device)])
+        t = torch.randint(cfg.diffusion.timesteps, (batch,), device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = diffusion.training_losses(step_model, x0, t).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        ema.update(model)
+
+    for _ in range(warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return steps * batch / (time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- B: paceray's path
+
+def timed_train_loop(config: dict) -> dict:
+    """Runs in the Ray Train worker: the real train_loop, timed from inside the worker."""
+    import time
+
+    import torch
+
+    import trainables.denoiser.train  # noqa: F401  (imported before the clock starts)
+    from trainables.denoiser import train_loop
+
+    start = time.perf_counter()
+    train_loop(config)
+    return {"seconds": time.perf_counter() - start, "threads": torch.get_num_threads()}
+
+
+@dataclass
+class Fit:
+    wall_s: float  # trainer.fit() on the driver
+    worker_s: float  # train_loop inside the worker
+    eval_s: list  # eval/seconds of every eval
+    threads: int
+    metrics: dict  # the last report
+
+
+class RayPath:
+    """Fits through `paceray.trial.trainer_for`, each under a fresh name (a reused name resumes)."""
+
+    def __init__(self, storage: Path, run_dir: Path, resources):
+        self.storage, self.run_dir, self.resources = storage, run_dir, resources
+        self.count = 0
+
+    def fit(self, config: dict, keep: int = 2) -> Fit:
+        from paceray.trial import TrialContext, trainer_for, trial_storage
+
+        self.count += 1
+        name = f"bench-{self.count:03d}"
+        ctx = TrialContext(trial_id="bench", run_id=None, tracking_uri=None, storage=str(self.storage),
+                           run_dir=str(self.run_dir), console_progress=False)
+        trainer = trainer_for(SimpleNamespace(train_loop=timed_train_loop), config, ctx, self.resources,
+                              trial_storage(self.run_dir), name=name, max_failures=0, keep_best=keep)
+        start = time.perf_counter()
+        result = trainer.fit()
+        wall = time.perf_counter() - start
+        reports = [m for _, m in sorted(result.best_checkpoints or [], key=lambda cm: cm[1]["step"])]
+        shutil.rmtree(trial_storage(self.run_dir) / name, ignore_errors=True)  # big models: GBs of checkpoints
+        value = result.return_value
+        return Fit(wall, value["seconds"], [m["eval/seconds"] for m in reports], value["threads"], result.metrics)
+
+    def images_per_s(self, config_for, warmup: int, steps: int, batch: int) -> tuple[float, int]:
+        """S steps after W, from the difference of a (W + S)-step and a W-step fit."""
+        short, long = self.fit(config_for(warmup)), self.fit(config_for(warmup + steps))
+        seconds = (long.worker_s - sum(long.eval_s)) - (short.worker_s - sum(short.eval_s))
+        return steps * batch / seconds, long.threads
+
+
+def throughput(args, storage: Path, ray_path: RayPath, device: torch.device, threads: int) -> dict:
+    config_for = lambda steps: bench_config(args, steps)  # noqa: E731
+    bare, ours = [], []
+    for repeat in range(1, args.repeats + 1):
+        bare.append(bare_images_per_s(config_for(args.warmup + args.steps), storage, device, args.warmup, args.steps))
+        rate, worker_threads = ray_path.images_per_s(config_for, args.warmup, args.steps, args.batch)
+        ours.append(rate)
+        print(f"  repeat {repeat}: bare {bare[-1]:9,.0f} img/s   ours {ours[-1]:9,.0f} img/s   "
+              f"ours/bare {ours[-1] / bare[-1]:.3f}", flush=True)
+        if device.type == "cpu" and worker_threads != threads:
+            print(f"  note: the Ray worker ran {worker_threads} torch threads, the bare loop {threads}")
+    ratio = statistics.median(o / b for o, b in zip(ours, bare))
+    goal = GOAL_RATIO[device.type]
+    out = {"bare_img_per_s": bare, "ours_img_per_s": ours, "bare_median": statistics.median(bare),
+           "ours_median": statistics.median(ours), "ratio": ratio, "ratio_goal": goal, "ratio_met": ratio >= goal}
+    print(f"bare  median {out['bare_median']:9,.0f} img/s")
+    print(f"ours  median {out['ours_median']:9,.0f} img/s")
+    print(f"ratio {ratio:.3f}  (median of ours/bare over {len(ours)} pairs; goal >= {goal} on "
+          f"{device.type.upper()}: {'met' if out['ratio_met'] else 'NOT met'})", flush=True)
+    out.update(efficiency(config_for(1), storage, device, out))
+    return out
+
+
+# --------------------------------------------------------------------------- FLOPs and MFU
+
+def flops_per_image(config: dict, channels: int, device: torch.device, batch: int = 4) -> float:
+    """FLOPs of one forward + backward of the ε loss, per image (the optimizer's are negligible)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trainables.denoiser.config import Config
+    from trainables.denoiser.diffusion import GaussianDiffusion
+    from trainables.denoiser.model import build_model
+
+    cfg = Config.model_validate(config)
+    model = build_model(cfg.model.preset, cfg.data.image_size, channels).to(device)
+    diffusion = GaussianDiffusion(cfg.diffusion.timesteps, cfg.diffusion.schedule)
+    x0 = torch.randn(batch, channels, cfg.data.image_size, cfg.data.image_size, device=device)
+    t = torch.randint(cfg.diffusion.timesteps, (batch,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        diffusion.training_losses(model, x0, t).mean().backward()
+    return counter.get_total_flops() / batch
+
+
+def peak_flops(device: torch.device) -> tuple[str, float] | None:
+    name = torch.cuda.get_device_name(device)
+    return next(((key, peak) for key, peak in PEAK_BF16_FLOPS if key in name), None)
+
+
+def efficiency(config: dict, storage: Path, device: torch.device, rates: dict) -> dict:
+    from trainables.denoiser.config import Config
+    from trainables.denoiser.data import read_manifest
+    from trainables.denoiser.features import dataset_path
+
+    data_dir = dataset_path(Config.model_validate(config).data, storage)
+    flops = flops_per_image(config, read_manifest(data_dir)["image_shape"][0], device)
+    out = {"flops_per_image": flops}
+    print(f"FLOPs per image, forward + backward: {flops / 1e9:.3f} GFLOP")
+    if device.type != "cuda":
+        return out
+    peak = peak_flops(device)
+    if peak is None:
+        print(f"MFU: no peak bf16 FLOP/s known for {torch.cuda.get_device_name(device)}")
+        return out
+    out.update({"peak_assumed": peak[0], "peak_bf16_flops": peak[1],
+                "mfu_bare": flops * rates["bare_median"] / peak[1], "mfu_ours": flops * rates["ours_median"] / peak[1]})
+    print(f"MFU (peak assumed: {peak[0]}, {peak[1] / 1e12:.0f} TFLOP/s dense bf16): "
+          f"bare {out['mfu_bare']:.1%}, ours {out['mfu_ours']:.1%}")
+    return out
+
+
+# --------------------------------------------------------------------------- the data path
+
+def data_path_images_per_s(config: dict, storage: Path, device: torch.device, steps: int) -> float:
+    """ImageBatches + the curriculum sampler's sample() and advance(), as the loop calls them."""
+    from trainables.denoiser import curriculum
+    from trainables.denoiser.config import Config
+    from trainables.denoiser.data import ImageBatches, load_split
+    from trainables.denoiser.diffusion import GaussianDiffusion
+    from trainables.denoiser.features import dataset_path
+
+    cfg = Config.model_validate(config)
+    images, labels = load_split(dataset_path(cfg.data, storage), "train")
+    batches = ImageBatches(images, labels, cfg.train.batch_size, cfg.data.image_size, device=device)
+    diffusion = GaussianDiffusion(cfg.diffusion.timesteps, cfg.diffusion.schedule)
+    sampler = curriculum.from_config(cfg.curriculum, cfg.diffusion.timesteps, diffusion.log_snr())
+
+    def step():
+        x0, _ = next(batches)
+        t = sampler.sample(x0.shape[0], device)
+        sampler.advance()
+        return x0, t
+
+    for _ in range(10):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return steps * cfg.train.batch_size / (time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- a real trial
+
+def trial_eval_share(spec_path: str, overrides: list[str], storage: Path, ray_path: RayPath) -> dict:
+    """One trial of a spec's base config, as `paceray train` runs it (tracking off): evaluation
+    seconds against the trial's wall time (trainer.fit() on the driver)."""
+    from paceray.spec import load, parse_overrides
+    from paceray.trial import Resources
+
+    loaded = load(spec_path, parse_overrides(overrides))
+    config, res = loaded.base, loaded.spec.resources
+    steps, every = config["train"]["steps"], config["eval"]["every"]
+    evals = -(-steps // every)
+    runner = RayPath(storage, ray_path.run_dir, Resources(res.workers, res.cpus_per_worker, res.gpus_per_worker))
+    runner.count = ray_path.count + 100
+    fit = runner.fit(config, keep=evals + 1)  # keep every eval's report
+    eval_s = sum(fit.eval_s)
+    out = {"spec": str(spec_path), "overrides": overrides, "steps": steps, "batch": config["train"]["batch_size"],
+           "evals": len(fit.eval_s), "eval_seconds": eval_s, "wall_seconds": fit.wall_s,
+           "worker_seconds": fit.worker_s, "eval_share": eval_s / fit.wall_s, "eval_share_goal": GOAL_EVAL_SHARE,
+           "final_fid": fit.metrics.get("eval/fid"), "fid_features": fit.metrics.get("fid_features"),
+           "fid_samples": fit.metrics.get("fid_samples"),
+           # Includes the worker's set-up: a lower bound on the training rate.
+           "train_img_per_s_incl_setup": steps * config["train"]["batch_size"] / (fit.worker_s - eval_s)}
+    print(f"trial {Path(spec_path).name} {' '.join(overrides)}: {steps} steps, {out['evals']} evals "
+          f"({out['fid_samples']} samples each): eval {eval_s:.1f} s of {fit.wall_s:.1f} s wall = "
+          f"{out['eval_share']:.1%} (goal <= {GOAL_EVAL_SHARE:.0%}: "
+          f"{'met' if out['eval_share'] <= GOAL_EVAL_SHARE else 'NOT met'}); final FID {out['final_fid']:.3f}; "
+          f"training {out['train_img_per_s_incl_setup']:,.0f} img/s incl. worker set-up", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+def prepare(args, storage: Path) -> None:
+    """Dataset, FID net and reference statistics of every config this run trains, before timing."""
+    from paceray.spec import load, parse_overrides
+    from trainables.denoiser import prepare as prepare_assets
+
+    if args.parts & {"throughput", "data"} or args.prepare_only:
+        prepare_assets(bench_config(args, 1), str(storage))
+    if "trial" in args.parts:
+        prepare_assets(load(args.trial, parse_overrides(args.trial_set)).base, str(storage))
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":  # as the loop does
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    scratch = Path(tempfile.mkdtemp(prefix="paceray-bench-"))
+    storage = Path(args.storage).expanduser().resolve() if args.storage else scratch / "storage"
+    try:
+        prepare(args, storage)
+        if args.prepare_only:
+            print(f"prepared in {storage}")
+            return {}
+        return run(args, storage, scratch / "runs", device)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run(args, storage: Path, run_dir: Path, device: torch.device) -> dict:
+    from paceray import raycluster
+    from paceray.trial import Resources
+
+    # The Ray worker gets as many CPUs (hence torch threads) as the bare loop uses.
+    threads = torch.get_num_threads() if device.type == "cpu" else min(8, os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    raycluster.connect(num_cpus=os.cpu_count())
+    ray_path = RayPath(storage, run_dir, Resources(1, float(threads), 1.0 if device.type == "cuda" else 0.0))
+    report = {"environment": environment(args, threads),
+              "settings": {"preset": args.preset, "dataset": args.dataset, "image_size": args.image_size,
+                           "batch": args.batch, "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats,
+                           "bf16": args.bf16, "compile": args.compile, "quick": args.quick}}
+    e, s = report["environment"], report["settings"]
+    print(f"paceray throughput: {e['device']}{' ' + e.get('gpu', '') if 'gpu' in e else ''}, torch {e['torch']}, "
+          f"ray {e['ray']}, {e['cpus']} CPUs, {threads} torch threads, load average {e['load_avg_start']:.2f}")
+    print(f"{s['preset']} UNet, {s['dataset']} at {s['image_size']}x{s['image_size']}, batch {s['batch']}, "
+          f"{s['warmup']} warm-up + {s['steps']} timed steps, {'bf16' if s['bf16'] else 'fp32'}, "
+          f"{'torch.compile' if s['compile'] else 'eager'}, {s['repeats']} repeats", flush=True)
+    try:
+        if "throughput" in args.parts:
+            report["throughput"] = throughput(args, storage, ray_path, device, threads)
+        if "data" in args.parts:
+            rate = data_path_images_per_s(bench_config(args, 1), storage, device, max(args.steps, 200))
+            report["data_path"] = {"img_per_s": rate}
+            if "throughput" in report:
+                multiple = rate / report["throughput"]["ours_median"]
+                report["data_path"].update(multiple=multiple, goal=GOAL_DATA_MULTIPLE)
+                print(f"data path alone {rate:,.0f} img/s = {multiple:.1f}x our training rate "
+                      f"(goal >= {GOAL_DATA_MULTIPLE:.0f}x: {'met' if multiple >= GOAL_DATA_MULTIPLE else 'NOT met'})")
+            else:
+                print(f"data path alone {rate:,.0f} img/s")
+        if "trial" in args.parts:
+            report["trial"] = trial_eval_share(args.trial, args.trial_set, storage, ray_path)
+    finally:
+        raycluster.shutdown()
+    report["environment"]["load_avg_end"] = os.getloadavg()[0]
+    print(f"load average at the end {report['environment']['load_avg_end']:.2f}")
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json_out}")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)

@@ -1,0 +1,163 @@
+"""Crashes, numerical faults, bad input and disk: each done for real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import PACERAY, REPO, history, mlflow_client, run_paceray, tiny_base, write_spec
+
+pytestmark = pytest.mark.slow
+
+
+def runs_of(run_dir: Path, experiment: str):
+    client = mlflow_client(run_dir)
+    exp = client.get_experiment_by_name(experiment)
+    return client, (client.search_runs([exp.experiment_id]) if exp else [])
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode != 0, r.stdout[-2000:]
+    err = r.stderr.strip()
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = err.splitlines()[-1]
+    assert last.startswith("paceray: error: "), err[-2000:]
+    for n in needles:
+        assert n in last, (n, last)
+
+
+# ----------------------------------------------------------------- worker crash
+
+
+def test_killed_worker_restarts_from_its_last_checkpoint(tmp_path, storage):
+    base = tiny_base(train={"steps": 150, "log_every": 5}, curriculum={"stage_steps": 30}, eval={"every": 25})
+    spec = write_spec(tmp_path / "crash.yaml", "crash", base)
+    run_dir = tmp_path / "runs"
+    proc = subprocess.Popen([PACERAY, "train", str(spec), "--run-dir", str(run_dir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        deadline = time.monotonic() + 600
+        while not list((run_dir / "ray").glob("*/checkpoint_step*")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.3)
+        # The training worker of *this* run: a process in our session whose name says so.
+        ps = subprocess.run(["ps", "-eo", "pid,sid,args"], capture_output=True, text=True).stdout.splitlines()
+        workers = [int(l.split()[0]) for l in ps[1:] if int(l.split()[1]) == proc.pid and "RayTrainWorker" in l]
+        assert workers, "no RayTrainWorker process found"
+        os.kill(workers[0], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-5000:]
+    assert "resumed from the checkpoint at step" in out
+    client, runs = runs_of(run_dir, "crash")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    rid = runs[0].info.run_id
+    for key in ("train/loss", "curriculum/stage", "curriculum/t_min"):
+        steps = [m.step for m in sorted(client.get_metric_history(rid, key), key=lambda m: m.timestamp)]
+        assert steps == list(range(5, 151, 5)), (key, steps)  # no step twice, no gap
+    stage = dict(history(client, rid, "curriculum/stage"))
+    assert all(stage[s] == min(5, (s - 1) // 30 + 1) for s in stage)
+
+
+# ----------------------------------------------------------------- NaN
+
+
+def test_nan_loss_fails_its_trial_and_the_search_goes_on(tmp_path, storage):
+    spec = yaml.safe_load((REPO / "search_spaces/quick.yaml").read_text())
+    spec["name"] = "nan"
+    spec["base"]["train"].update({"steps": 30, "log_every": 5, "grad_clip": 0})
+    spec["base"]["eval"].update({"every": 15, "fid_samples": 32, "sampler_steps": 4})
+    spec["search"] = {"train.lr": {"grid": [0.002, 1000.0]}}
+    path = tmp_path / "nan.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    run_paceray("tune", path, "--run-dir", tmp_path / "runs")
+    client, runs = runs_of(tmp_path / "runs", "nan")
+    trials = {r.data.params["train.lr"]: r for r in runs if r.data.tags.get("paceray.kind") == "trial"}
+    assert trials["0.002"].info.status == "FINISHED"
+    bad = trials["1000.0"]
+    assert bad.info.status == "FAILED"
+    assert "non-finite loss" in bad.data.tags["paceray.error"]
+    report = run_paceray("report", "nan", "--run-dir", tmp_path / "runs")
+    assert "FAILED" in report.stdout and "non-finite loss" in report.stdout
+
+
+def test_nan_loss_in_a_single_trial_is_one_line(tmp_path, storage):
+    spec = write_spec(tmp_path / "nan1.yaml", "nan1",
+                      tiny_base(train={"steps": 20, "lr": 1000.0, "grad_clip": 0, "log_every": 5}))
+    r = run_paceray("train", spec, "--run-dir", tmp_path / "runs", check=False)
+    assert_one_line_error(r, "non-finite loss")
+    _, runs = runs_of(tmp_path / "runs", "nan1")
+    assert runs[0].info.status == "FAILED"
+
+
+# ----------------------------------------------------------------- bad input: nothing written
+
+
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["--address", "127.0.0.1:1"], ["--address 127.0.0.1:1"]),
+        (["--address", "http://127.0.0.1:8265"], ["GCS address"]),
+        (["--tracking-uri", "http://127.0.0.1:1"], ["MLflow tracking server http://127.0.0.1:1 is unreachable"]),
+        (["--set", "data.dataset=mnist", "--set", "data.source=/nonexistent/mnist"], ["/nonexistent/mnist"]),
+        (["--set", "model.preset=ddpm-cifar10"], ["data.image_size"]),
+        (["--set", "curriculum.order=sideways"], ["base.curriculum.order"]),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, storage, args, needles):
+    spec = write_spec(tmp_path / "bad.yaml", "bad", tiny_base())
+    run_dir = tmp_path / "runs"
+    r = run_paceray("train", spec, "--run-dir", run_dir, *args, check=False, timeout=300)
+    assert_one_line_error(r, *needles)
+    assert not run_dir.exists(), list(run_dir.rglob("*"))[:10]
+
+
+def test_corrupted_checkpoint_on_resume_is_one_line(tmp_path, storage):
+    spec = write_spec(tmp_path / "c.yaml", "corrupt", tiny_base(train={"steps": 10}, eval={"every": 10}))
+    run_dir = tmp_path / "runs"
+    run_paceray("train", spec, "--run-dir", run_dir)
+    ckpt = sorted((run_dir / "ray").glob("*/checkpoint_step*"))[-1] / "state.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated, as by a full disk
+    r = run_paceray("train", spec, "--run-dir", run_dir, "--resume", check=False)
+    assert_one_line_error(r, str(ckpt), "corrupted checkpoint")
+
+
+def test_resume_without_an_earlier_run_is_one_line(tmp_path, storage):
+    spec = write_spec(tmp_path / "r.yaml", "never", tiny_base())
+    r = run_paceray("train", spec, "--run-dir", tmp_path / "runs", "--resume", check=False)
+    assert_one_line_error(r, "--resume", "never")
+    r = run_paceray("tune", spec, "--run-dir", tmp_path / "runs", "--resume", check=False)
+    assert_one_line_error(r, "--resume", "never")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    spec = write_spec(tmp_path / "d.yaml", "d", tiny_base(curriculum={"num_clusters": 0}))
+    r = subprocess.run([PACERAY, "--debug", "train", str(spec)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+# ----------------------------------------------------------------- disk
+
+
+def test_checkpoints_stay_bounded(tmp_path, storage):
+    """Twelve evals, checkpoint_keep 2: on disk only the best 2 by eval/fid plus the latest."""
+    base = tiny_base(train={"steps": 60, "checkpoint_keep": 2, "log_every": 5}, eval={"every": 5})
+    spec = write_spec(tmp_path / "disk.yaml", "disk", base)
+    run_paceray("train", spec, "--run-dir", tmp_path / "runs")
+    kept = sorted((tmp_path / "runs" / "ray").glob("*/checkpoint_step*"))
+    assert 2 <= len(kept) <= 3, kept
+    assert kept[-1].name == "checkpoint_step00000060"  # the latest is always kept
+    client, runs = runs_of(tmp_path / "runs", "disk")
+    fids = dict(history(client, runs[0].info.run_id, "eval/fid"))
+    best_two = sorted(fids, key=fids.get)[:2]
+    kept_steps = {int(p.name.removeprefix("checkpoint_step")) for p in kept}
+    assert set(best_two) <= kept_steps
