@@ -48,7 +48,7 @@ GOAL_EVAL_SHARE = 0.10
 PEAK_BF16_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
                    ("A100", 312e12))
 EVAL_NEVER = 10**9  # eval.every past the end: only the loop's obligatory final eval runs
-QUICK = dict(warmup=10, steps=150, repeats=3)
+QUICK = dict(warmup=10, steps=200, repeats=3)
 DEFAULT = dict(warmup=30, steps=400, repeats=3)
 
 
@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="bf16 autocast (default: on CUDA, off on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--threads", type=int, help="torch threads of both loops; the Ray worker gets as many CPUs "
+                                               "(default: 1 on CPU, as quick.yaml)")
     p.add_argument("--parts", default="throughput,data,trial",
                    help="comma-separated subset of throughput,data,trial")
     p.add_argument("--trial", default=str(REPO / "search_spaces" / "quick.yaml"),
@@ -182,57 +184,65 @@ def timed_train_loop(config: dict) -> dict:
 class Fit:
     wall_s: float  # trainer.fit() on the driver
     worker_s: float  # train_loop inside the worker
-    eval_s: list  # eval/seconds of every eval
-    threads: int
+    eval_s: list  # eval/seconds of every eval, by step
+    threads: int  # torch threads in the worker
     metrics: dict  # the last report
 
 
 class RayPath:
-    """Fits through `paceray.trial.trainer_for`, each under a fresh name (a reused name resumes)."""
+    """Fits through `paceray.trial.trainer_for` on the connected Ray, tracking off, each under a
+    fresh name (a reused name would resume the earlier fit)."""
 
-    def __init__(self, storage: Path, run_dir: Path, resources):
-        self.storage, self.run_dir, self.resources = storage, run_dir, resources
-        self.count = 0
+    def __init__(self, storage: Path, run_dir: Path):
+        self.storage, self.run_dir, self.count = storage, run_dir, 0
 
-    def fit(self, config: dict, keep: int = 2) -> Fit:
+    def fit(self, config: dict, resources, keep: int = 2) -> Fit:
         from paceray.trial import TrialContext, trainer_for, trial_storage
 
         self.count += 1
         name = f"bench-{self.count:03d}"
         ctx = TrialContext(trial_id="bench", run_id=None, tracking_uri=None, storage=str(self.storage),
                            run_dir=str(self.run_dir), console_progress=False)
-        trainer = trainer_for(SimpleNamespace(train_loop=timed_train_loop), config, ctx, self.resources,
+        # max_failures=0: a retried worker would resume from a checkpoint and skew the timing.
+        trainer = trainer_for(SimpleNamespace(train_loop=timed_train_loop), config, ctx, resources,
                               trial_storage(self.run_dir), name=name, max_failures=0, keep_best=keep)
         start = time.perf_counter()
         result = trainer.fit()
         wall = time.perf_counter() - start
-        reports = [m for _, m in sorted(result.best_checkpoints or [], key=lambda cm: cm[1]["step"])]
+        reports = sorted((m for _, m in result.best_checkpoints or []), key=lambda m: m["step"])
         shutil.rmtree(trial_storage(self.run_dir) / name, ignore_errors=True)  # big models: GBs of checkpoints
         value = result.return_value
         return Fit(wall, value["seconds"], [m["eval/seconds"] for m in reports], value["threads"], result.metrics)
 
-    def images_per_s(self, config_for, warmup: int, steps: int, batch: int) -> tuple[float, int]:
-        """S steps after W, from the difference of a (W + S)-step and a W-step fit."""
-        short, long = self.fit(config_for(warmup)), self.fit(config_for(warmup + steps))
+    def images_per_s(self, config_for, resources, warmup: int, steps: int, batch: int) -> tuple[float, dict]:
+        """S steps after W warm-up steps, from a W-step and a (W + S)-step fit: what differs
+        between the two is S steps of the loop; set-up, warm-up, final eval and checkpoint cancel."""
+        short = self.fit(config_for(warmup), resources)
+        long = self.fit(config_for(warmup + steps), resources)
         seconds = (long.worker_s - sum(long.eval_s)) - (short.worker_s - sum(short.eval_s))
-        return steps * batch / seconds, long.threads
+        detail = {"train_seconds": seconds, "worker_threads": long.threads,
+                  "short_fit": {"wall_s": short.wall_s, "worker_s": short.worker_s, "eval_s": short.eval_s},
+                  "long_fit": {"wall_s": long.wall_s, "worker_s": long.worker_s, "eval_s": long.eval_s}}
+        return steps * batch / seconds, detail
 
 
-def throughput(args, storage: Path, ray_path: RayPath, device: torch.device, threads: int) -> dict:
+def throughput(args, storage: Path, ray_path: RayPath, resources, device: torch.device, threads: int) -> dict:
     config_for = lambda steps: bench_config(args, steps)  # noqa: E731
-    bare, ours = [], []
+    bare, ours, details = [], [], []
     for repeat in range(1, args.repeats + 1):
         bare.append(bare_images_per_s(config_for(args.warmup + args.steps), storage, device, args.warmup, args.steps))
-        rate, worker_threads = ray_path.images_per_s(config_for, args.warmup, args.steps, args.batch)
+        rate, detail = ray_path.images_per_s(config_for, resources, args.warmup, args.steps, args.batch)
         ours.append(rate)
+        details.append(detail)
         print(f"  repeat {repeat}: bare {bare[-1]:9,.0f} img/s   ours {ours[-1]:9,.0f} img/s   "
               f"ours/bare {ours[-1] / bare[-1]:.3f}", flush=True)
-        if device.type == "cpu" and worker_threads != threads:
-            print(f"  note: the Ray worker ran {worker_threads} torch threads, the bare loop {threads}")
+        if device.type == "cpu" and detail["worker_threads"] != threads:
+            print(f"  note: the Ray worker ran {detail['worker_threads']} torch threads, the bare loop {threads}")
     ratio = statistics.median(o / b for o, b in zip(ours, bare))
     goal = GOAL_RATIO[device.type]
-    out = {"bare_img_per_s": bare, "ours_img_per_s": ours, "bare_median": statistics.median(bare),
-           "ours_median": statistics.median(ours), "ratio": ratio, "ratio_goal": goal, "ratio_met": ratio >= goal}
+    out = {"bare_img_per_s": bare, "ours_img_per_s": ours, "ours_detail": details,
+           "bare_median": statistics.median(bare), "ours_median": statistics.median(ours),
+           "ratio": ratio, "ratio_goal": goal, "ratio_met": ratio >= goal}
     print(f"bare  median {out['bare_median']:9,.0f} img/s")
     print(f"ours  median {out['ours_median']:9,.0f} img/s")
     print(f"ratio {ratio:.3f}  (median of ours/bare over {len(ours)} pairs; goal >= {goal} on "
@@ -322,32 +332,32 @@ def data_path_images_per_s(config: dict, storage: Path, device: torch.device, st
 
 # --------------------------------------------------------------------------- a real trial
 
-def trial_eval_share(spec_path: str, overrides: list[str], storage: Path, ray_path: RayPath) -> dict:
-    """One trial of a spec's base config, as `paceray train` runs it (tracking off): evaluation
-    seconds against the trial's wall time (trainer.fit() on the driver)."""
+def trial_eval_share(spec_path: str, overrides: list[str], ray_path: RayPath) -> dict:
+    """One trial of a spec's base config (+ overrides) with the spec's resources, as `paceray
+    train` runs it but with tracking off: evaluation seconds against the trial's wall time
+    (trainer.fit() on the driver, Ray start-up of the trial included)."""
     from paceray.spec import load, parse_overrides
     from paceray.trial import Resources
 
     loaded = load(spec_path, parse_overrides(overrides))
     config, res = loaded.base, loaded.spec.resources
-    steps, every = config["train"]["steps"], config["eval"]["every"]
-    evals = -(-steps // every)
-    runner = RayPath(storage, ray_path.run_dir, Resources(res.workers, res.cpus_per_worker, res.gpus_per_worker))
-    runner.count = ray_path.count + 100
-    fit = runner.fit(config, keep=evals + 1)  # keep every eval's report
+    steps, batch = config["train"]["steps"], config["train"]["batch_size"]
+    evals = -(-steps // config["eval"]["every"])
+    fit = ray_path.fit(config, Resources(res.workers, res.cpus_per_worker, res.gpus_per_worker), keep=evals + 1)
     eval_s = sum(fit.eval_s)
-    out = {"spec": str(spec_path), "overrides": overrides, "steps": steps, "batch": config["train"]["batch_size"],
-           "evals": len(fit.eval_s), "eval_seconds": eval_s, "wall_seconds": fit.wall_s,
-           "worker_seconds": fit.worker_s, "eval_share": eval_s / fit.wall_s, "eval_share_goal": GOAL_EVAL_SHARE,
+    out = {"spec": str(spec_path), "overrides": overrides, "steps": steps, "batch": batch, "evals": len(fit.eval_s),
+           "eval_seconds": eval_s, "wall_seconds": fit.wall_s, "worker_seconds": fit.worker_s,
+           "eval_share": eval_s / fit.wall_s, "eval_share_goal": GOAL_EVAL_SHARE,
            "final_fid": fit.metrics.get("eval/fid"), "fid_features": fit.metrics.get("fid_features"),
            "fid_samples": fit.metrics.get("fid_samples"),
-           # Includes the worker's set-up: a lower bound on the training rate.
-           "train_img_per_s_incl_setup": steps * config["train"]["batch_size"] / (fit.worker_s - eval_s)}
-    print(f"trial {Path(spec_path).name} {' '.join(overrides)}: {steps} steps, {out['evals']} evals "
-          f"({out['fid_samples']} samples each): eval {eval_s:.1f} s of {fit.wall_s:.1f} s wall = "
-          f"{out['eval_share']:.1%} (goal <= {GOAL_EVAL_SHARE:.0%}: "
-          f"{'met' if out['eval_share'] <= GOAL_EVAL_SHARE else 'NOT met'}); final FID {out['final_fid']:.3f}; "
-          f"training {out['train_img_per_s_incl_setup']:,.0f} img/s incl. worker set-up", flush=True)
+           # The worker's set-up is in it: a lower bound on the training rate.
+           "train_img_per_s_incl_setup": steps * batch / (fit.worker_s - eval_s)}
+    met = "met" if out["eval_share"] <= GOAL_EVAL_SHARE else "NOT met"
+    print(f"trial {Path(spec_path).name}{''.join(' --set ' + o for o in overrides)}: {steps} steps, "
+          f"{out['evals']} evals of {out['fid_samples']} samples: eval {eval_s:.1f} s of {fit.wall_s:.1f} s wall = "
+          f"{out['eval_share']:.1%} (goal <= {GOAL_EVAL_SHARE:.0%}: {met}); final FID {out['final_fid']:.3f} "
+          f"({out['fid_features']}); training {out['train_img_per_s_incl_setup']:,.0f} img/s incl. worker set-up",
+          flush=True)
     return out
 
 
@@ -364,7 +374,7 @@ def prepare(args, storage: Path) -> None:
         prepare_assets(load(args.trial, parse_overrides(args.trial_set)).base, str(storage))
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":  # as the loop does
@@ -376,56 +386,81 @@ def main(argv=None) -> dict:
         prepare(args, storage)
         if args.prepare_only:
             print(f"prepared in {storage}")
-            return {}
-        return run(args, storage, scratch / "runs", device)
+            return 0
+        report = run(args, storage, scratch / "runs", device)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+def cpu_threads(args, device: torch.device) -> int:
+    """Torch threads of the bare loop, and the CPUs (so threads) Ray gives the worker. On CPU the
+    default is 1, as quick.yaml's `cpus_per_worker: 1`: with every core busy training, Ray's own
+    processes would take their share from the worker alone (try --threads with all cores)."""
+    if args.threads:
+        return args.threads
+    return 1 if device.type == "cpu" else min(8, os.cpu_count() or 1)
 
 
 def run(args, storage: Path, run_dir: Path, device: torch.device) -> dict:
     from paceray import raycluster
     from paceray.trial import Resources
 
-    # The Ray worker gets as many CPUs (hence torch threads) as the bare loop uses.
-    threads = torch.get_num_threads() if device.type == "cpu" else min(8, os.cpu_count() or 1)
+    threads = cpu_threads(args, device)
     torch.set_num_threads(threads)
     raycluster.connect(num_cpus=os.cpu_count())
-    ray_path = RayPath(storage, run_dir, Resources(1, float(threads), 1.0 if device.type == "cuda" else 0.0))
-    report = {"environment": environment(args, threads),
-              "settings": {"preset": args.preset, "dataset": args.dataset, "image_size": args.image_size,
-                           "batch": args.batch, "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats,
-                           "bf16": args.bf16, "compile": args.compile, "quick": args.quick}}
-    e, s = report["environment"], report["settings"]
-    print(f"paceray throughput: {e['device']}{' ' + e.get('gpu', '') if 'gpu' in e else ''}, torch {e['torch']}, "
-          f"ray {e['ray']}, {e['cpus']} CPUs, {threads} torch threads, load average {e['load_avg_start']:.2f}")
-    print(f"{s['preset']} UNet, {s['dataset']} at {s['image_size']}x{s['image_size']}, batch {s['batch']}, "
-          f"{s['warmup']} warm-up + {s['steps']} timed steps, {'bf16' if s['bf16'] else 'fp32'}, "
-          f"{'torch.compile' if s['compile'] else 'eager'}, {s['repeats']} repeats", flush=True)
+    ray_path = RayPath(storage, run_dir)
+    report = {"environment": environment(args, threads)}
+    print_environment(report["environment"])
     try:
+        if args.parts & {"throughput", "data"}:
+            report["settings"] = settings(args)
         if "throughput" in args.parts:
-            report["throughput"] = throughput(args, storage, ray_path, device, threads)
+            resources = Resources(1, float(threads), 1.0 if device.type == "cuda" else 0.0)
+            report["throughput"] = throughput(args, storage, ray_path, resources, device, threads)
         if "data" in args.parts:
-            rate = data_path_images_per_s(bench_config(args, 1), storage, device, max(args.steps, 200))
-            report["data_path"] = {"img_per_s": rate}
-            if "throughput" in report:
-                multiple = rate / report["throughput"]["ours_median"]
-                report["data_path"].update(multiple=multiple, goal=GOAL_DATA_MULTIPLE)
-                print(f"data path alone {rate:,.0f} img/s = {multiple:.1f}x our training rate "
-                      f"(goal >= {GOAL_DATA_MULTIPLE:.0f}x: {'met' if multiple >= GOAL_DATA_MULTIPLE else 'NOT met'})")
-            else:
-                print(f"data path alone {rate:,.0f} img/s")
+            report["data_path"] = data_part(args, storage, device, report.get("throughput"))
         if "trial" in args.parts:
-            report["trial"] = trial_eval_share(args.trial, args.trial_set, storage, ray_path)
+            report["trial"] = trial_eval_share(args.trial, args.trial_set, ray_path)
     finally:
         raycluster.shutdown()
     report["environment"]["load_avg_end"] = os.getloadavg()[0]
     print(f"load average at the end {report['environment']['load_avg_end']:.2f}")
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json_out}")
     return report
 
 
+def print_environment(e: dict) -> None:
+    gpu = f" ({e['gpu']})" if "gpu" in e else ""
+    print(f"paceray throughput: {e['device']}{gpu}, torch {e['torch']}, ray {e['ray']}, python {e['python']}, "
+          f"{e['cpus']} CPUs, {e['torch_threads']} torch threads per loop, load average {e['load_avg_start']:.2f}",
+          flush=True)
+
+
+def settings(args) -> dict:
+    s = {"preset": args.preset, "dataset": args.dataset, "image_size": args.image_size, "batch": args.batch,
+         "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats, "bf16": args.bf16,
+         "compile": args.compile, "quick": args.quick}
+    print(f"{s['preset']} UNet, {s['dataset']} at {s['image_size']}x{s['image_size']}, batch {s['batch']}, "
+          f"{s['warmup']} warm-up + {s['steps']} timed steps, {'bf16' if s['bf16'] else 'fp32'}, "
+          f"{'torch.compile' if s['compile'] else 'eager'}, {s['repeats']} repeats", flush=True)
+    return s
+
+
+def data_part(args, storage: Path, device: torch.device, throughput_report: dict | None) -> dict:
+    rate = data_path_images_per_s(bench_config(args, 1), storage, device, max(args.steps, 200))
+    if throughput_report is None:
+        print(f"data path alone {rate:,.0f} img/s")
+        return {"img_per_s": rate}
+    multiple = rate / throughput_report["ours_median"]
+    met = "met" if multiple >= GOAL_DATA_MULTIPLE else "NOT met"
+    print(f"data path alone {rate:,.0f} img/s = {multiple:,.1f}x our training rate "
+          f"(goal >= {GOAL_DATA_MULTIPLE:.0f}x: {met})")
+    return {"img_per_s": rate, "multiple_of_ours": multiple, "goal": GOAL_DATA_MULTIPLE}
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    sys.exit(main())

@@ -161,3 +161,141 @@ def test_checkpoints_stay_bounded(tmp_path, storage):
     best_two = sorted(fids, key=fids.get)[:2]
     kept_steps = {int(p.name.removeprefix("checkpoint_step")) for p in kept}
     assert set(best_two) <= kept_steps
+
+
+# ----------------------------------------------------------------- MLflow outage
+
+
+class MlflowServer:
+    """A real `mlflow server` on loopback, in its own process group, that the test stops and restarts."""
+
+    def __init__(self, root: Path):
+        import socket
+
+        self.root = root
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "MlflowServer":
+        import sys
+        import urllib.request
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--no-serve-artifacts",
+             "--default-artifact-root", str(self.root / "artifacts")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(self.uri + "/health", timeout=2).read()
+                return self
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError("mlflow server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the whole group: uvicorn workers too
+            self.proc.wait(timeout=30)
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=f"sqlite:///{self.root / 'mlflow.db'}")
+
+
+def _start_train(spec: Path, run_dir: Path, uri: str) -> subprocess.Popen:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PACERAY_TRACKING_FLUSH_TIMEOUT": "8"}
+    return subprocess.Popen([PACERAY, "train", str(spec), "--run-dir", str(run_dir), "--tracking-uri", uri],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=env)
+
+
+def _wait_for_metrics(server: MlflowServer, experiment: str, proc, at_least: int = 2):
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        try:
+            exp = server.client().get_experiment_by_name(experiment)
+            runs = server.client().search_runs([exp.experiment_id]) if exp else []
+            if runs and len(server.client().get_metric_history(runs[0].info.run_id, "train/loss")) >= at_least:
+                return runs[0].info.run_id
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("no metrics arrived")
+
+
+def test_mlflow_outage_mid_run_loses_nothing(tmp_path, storage):
+    server = MlflowServer(tmp_path / "mlflow").start()
+    spec = write_spec(tmp_path / "o.yaml", "outage",
+                      tiny_base(train={"steps": 200, "log_every": 5}, curriculum={"stage_steps": 40},
+                                eval={"every": 50}))
+    proc = _start_train(spec, tmp_path / "runs", server.uri)
+    try:
+        run_id = _wait_for_metrics(server, "outage", proc)
+        server.stop()  # gone mid-run: training must go on
+        time.sleep(8)
+        assert proc.poll() is None
+        server.start()  # back on the same port and store
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        server.stop()
+    assert proc.returncode == 0, out[-4000:]
+    client = server.client()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)] == \
+        list(range(5, 201, 5))
+    assert [m.step for m in sorted(client.get_metric_history(run_id, "eval/fid"), key=lambda m: m.step)] == \
+        [50, 100, 150, 200]
+    assert (Path(run.info.artifact_uri) / "curriculum" / "schedule.png").is_file()
+    assert not (tmp_path / "runs" / "mlflow-spool" / run_id).exists()  # all delivered
+
+
+def test_mlflow_gone_for_good_leaves_the_queue_and_a_replay_command(tmp_path, storage):
+    server = MlflowServer(tmp_path / "mlflow").start()
+    spec = write_spec(tmp_path / "g.yaml", "gone",
+                      tiny_base(train={"steps": 60, "log_every": 5}, eval={"every": 30}))
+    proc = _start_train(spec, tmp_path / "runs", server.uri)
+    try:
+        run_id = _wait_for_metrics(server, "gone", proc)
+        server.stop()
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-4000:]
+    queue = tmp_path / "runs" / "mlflow-spool" / run_id
+    assert (queue / "entries.jsonl").is_file()
+    assert f"paceray replay-tracking {queue}" in out
+    server.start()
+    try:
+        r = run_paceray("replay-tracking", queue, "--tracking-uri", server.uri)
+        assert "delivered" in r.stdout
+    finally:
+        server.stop()
+    client = server.client()
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)] == \
+        list(range(5, 61, 5))
+    assert not queue.exists()
+
+
+def test_unreachable_tracking_server_at_start_is_one_line_before_training(tmp_path, storage):
+    spec = write_spec(tmp_path / "u.yaml", "unreach", tiny_base())
+    r = run_paceray("tune", spec, "--run-dir", tmp_path / "runs", "--tracking-uri", "http://127.0.0.1:1",
+                    check=False, timeout=300)
+    assert_one_line_error(r, "unreachable")
+    assert not (tmp_path / "runs").exists()

@@ -97,6 +97,20 @@ def ui(run_dir, port):
     serve_ui(run_dir, port)
 
 
+@main.command("replay-tracking")
+@click.argument("spool_dir", type=click.Path(exists=True, file_okay=False))
+@TRACKING
+@user_errors
+def replay_tracking(spool_dir, tracking_uri):
+    """Deliver MLflow writes a trial queued on disk while its tracking server was away."""
+    from pathlib import Path
+
+    from paceray.spool import replay
+
+    n = replay(Path(spool_dir), tracking_uri)
+    click.echo(f"delivered {n} queued write(s) from {spool_dir}")
+
+
 def _add_trainable_commands() -> None:
     # The default trainable's own tools (curriculum preview, data prepare, fid-net train).
     # They import only click at module level.

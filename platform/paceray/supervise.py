@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 PR_SET_PDEATHSIG = 1
 
@@ -23,35 +24,37 @@ def _die_with_parent() -> None:
         pass
 
 
-def _end_group(pgid: int, grace: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+def _signal_group(pgid: int, sig: int) -> None:
     try:
-        os.killpg(pgid, signal.SIGTERM)
-        if proc is not None:
-            proc.wait(timeout=grace)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(pgid, signal.SIGKILL)  # stragglers
+        os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], grace: float = 10.0) -> int:
     parent = os.getppid()
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before prctl took effect
         return 1
     proc = subprocess.Popen(argv, start_new_session=True)
+    stop_since: list[float] = []
 
     def stop(signum, _frame):
-        _end_group(proc.pid, proc=proc)
-        sys.exit(128 + signum)
+        # Only signal here; the loop below waits (waiting inside a handler can deadlock on Popen's lock).
+        _signal_group(proc.pid, signal.SIGTERM)
+        stop_since.append(time.monotonic())
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    rc = proc.wait()
-    _end_group(proc.pid, grace=0)
-    return rc
+    while True:
+        try:
+            rc = proc.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            if stop_since and time.monotonic() - stop_since[0] > grace:
+                _signal_group(proc.pid, signal.SIGKILL)
+    _signal_group(proc.pid, signal.SIGKILL)  # stragglers (huey consumers, uvicorn workers)
+    return 128 + signal.SIGTERM if stop_since else rc
 
 
 if __name__ == "__main__":

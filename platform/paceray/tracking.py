@@ -116,6 +116,10 @@ class LocalServer:
 @contextmanager
 def tracking_session(run_dir: Path, tracking_uri: Optional[str] = None) -> Iterator[str]:
     """Yield the tracking URI every process of this command uses; serve the embedded store meanwhile."""
+    # MLflow's default is 7 retries with exponential backoff (minutes) per request: a server that
+    # went away would freeze the command. Trials queue their writes on disk instead (spool).
+    for key, value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}.items():
+        os.environ.setdefault(key, value)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         check_reachable(uri)
@@ -178,8 +182,31 @@ ERROR_TAG = "paceray.error"  # why a trial failed, set by the trainable or the p
 
 
 def trial_error(uri: str, run_id: str) -> Optional[str]:
-    """The reason the trainable gave for failing its trial, if it did."""
-    return client(uri).get_run(run_id).data.tags.get(ERROR_TAG)
+    """The reason the trainable gave for failing its trial, if it did (None if the server is away)."""
+    try:
+        return client(uri).get_run(run_id).data.tags.get(ERROR_TAG)
+    except Exception:
+        return None
+
+
+def finish_run(uri: str, run_id: str, status: str, run_dir: Path) -> Optional[str]:
+    """End the run; if the server is away, queue the end behind the trial's spooled writes and
+    return the command that replays them."""
+    from paceray import runlog, spool
+
+    folder = runlog.spool_dir(run_dir, run_id)
+    if folder.exists() and spool.deliver_pending(folder, spool.mlflow_deliverer(uri)):
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)  # a worker's leftovers, delivered now
+    if not folder.exists():
+        try:
+            end_run(uri, run_id, status)
+            return None
+        except Exception:
+            pass
+    spool.append(folder, {"kind": "terminate", "run_id": run_id, "status": status})
+    return runlog.replay_command(folder, uri)
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

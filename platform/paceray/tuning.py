@@ -109,14 +109,20 @@ def run_trial(config: dict, search: dict) -> None:
         trainer.fit()
     except Exception as e:
         text = str(e).strip()
-        tracking.client(uri).set_tag(run_id, tracking.ERROR_TAG, text.splitlines()[-1][:4000] if text else repr(e))
-        tracking.end_run(uri, run_id, "FAILED")
+        try:
+            tracking.client(uri).set_tag(run_id, tracking.ERROR_TAG,
+                                         text.splitlines()[-1][:4000] if text else repr(e))
+        except Exception:  # the server is away: the trial's own error is what matters here
+            pass
+        tracking.finish_run(uri, run_id, "FAILED", run_dir)
         raise
     reason = tracking.trial_error(uri, run_id)
     if reason:  # the trainable ended its trial as failed (e.g. a NaN loss): Tune sees an error
-        tracking.end_run(uri, run_id, "FAILED")
+        tracking.finish_run(uri, run_id, "FAILED", run_dir)
         raise TrialFailed(reason)
-    tracking.end_run(uri, run_id, "FINISHED")
+    left = tracking.finish_run(uri, run_id, "FINISHED", run_dir)
+    if left:
+        print(f"warning: MLflow at {uri} is unreachable; trial {trial_id}'s last writes wait on disk: {left}")
 
 
 class TrialFailed(RuntimeError):

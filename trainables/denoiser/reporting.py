@@ -33,9 +33,10 @@ class TrialLog:
         self.console = ctx.get("console_progress", True)
         self.run: Optional[RunLogger] = None
         if ctx.get("run_id"):
-            self.run = RunLogger(ctx["run_id"], ctx.get("tracking_uri"))
+            self.run = RunLogger(ctx["run_id"], ctx.get("tracking_uri"), ctx.get("run_dir") or ".")
             self.run.set_tags({"paceray.trial_id": self.trial})
         self.fid_features: Optional[str] = None
+        self.logged: dict[str, dict[int, float]] = {}  # what this process logged, for the end plot
 
     def note_resume(self, step: int) -> None:
         self._say(f"resumed from the checkpoint at step {step} (stage {self.sampler.stage})")
@@ -47,6 +48,8 @@ class TrialLog:
             sys.stdout.flush()
 
     def metrics(self, metrics: dict, step: int, last_fid: Optional[float]) -> None:
+        for k, v in metrics.items():
+            self.logged.setdefault(k, {})[step] = v
         if self.run:
             self.run.log_metrics(metrics, step)
         stages = self.sampler.num_clusters + 1
@@ -69,8 +72,17 @@ class TrialLog:
         if self.run:
             self.run.set_tags({"paceray.error": reason})
         self._say(f"FAILED: {reason}")
+        self.close()
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        """The run's full history of `key`: what the server has (steps before a resume) and what
+        this process logged (perhaps still queued)."""
+        merged = dict(self.run.metric_history(key)) if self.run else {}
+        merged.update(self.logged.get(key, {}))
+        return sorted(merged.items())
 
     def finish(self) -> None:
+        """The schedule (JSON and plot) into the run, then every queued write delivered."""
         if not self.run:
             return
         self.run.log_dict(
@@ -79,28 +91,29 @@ class TrialLog:
                         for s in self.sampler.stages()]},
             "curriculum/schedule.json",
         )
-        fig = schedule_figure(self.run, self.sampler)
+        fig = schedule_figure(self.history, self.sampler)
         if fig is not None:
             self.run.log_figure(fig, "curriculum/schedule.png")
-            import matplotlib.pyplot as plt
+        self.close()
 
-            plt.close(fig)
+    def close(self) -> None:
+        if self.run:
+            left = self.run.close()
+            if left:
+                self._say(left)
 
 
-def schedule_figure(run: RunLogger, sampler):
-    """Stages over steps (with the active timestep band) above the loss of each cluster."""
-    import matplotlib
+def schedule_figure(history, sampler):
+    """Stages over steps (with the active timestep band) above the loss of each cluster;
+    `history(key)` gives a metric's (step, value) pairs."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    client, rid = run.client, run.run_id
-    history = lambda key: sorted((m.step, m.value) for m in client.get_metric_history(rid, key))  # noqa: E731
     stage = history("curriculum/stage")
     if not stage:
         return None
     t_min, t_max = history("curriculum/t_min"), history("curriculum/t_max")
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, constrained_layout=True)
+    fig = Figure(figsize=(8, 6), constrained_layout=True)
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
     steps = [s for s, _ in stage]
     ax1.fill_between(steps, [v for _, v in t_min], [v for _, v in t_max], step="pre", alpha=0.3,
                      label="active timesteps")
@@ -110,7 +123,9 @@ def schedule_figure(run: RunLogger, sampler):
     ax1b.step(steps, [v for _, v in stage], where="pre", color="k", label="stage")
     ax1b.set_ylabel("stage")
     ax1.set_title(f"{sampler.order_name} · {sampler.num_clusters} clusters · {sampler.pacing} pacing")
-    cmap = plt.get_cmap("viridis")
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
     for k in range(sampler.num_clusters):
         h = history(f"train/loss_c{k + 1}")
         if h:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -109,7 +110,10 @@ def _fit(trainable, config, spec, rd: Path, storage: Path, uri: str, trial_id: s
         raise PacerayError(f"trial {trial_id} failed: {str(e).splitlines()[0][:300]} "
                            f"(details: {trial_storage(rd) / trial_id}; resume with --resume)") from e
     finally:
-        tracking.end_run(uri, run_id, status)
+        left = tracking.finish_run(uri, run_id, status, rd)
+        if left:
+            print(f"warning: MLflow at {uri} is unreachable; this trial's last writes wait on disk: {left}",
+                  file=sys.stderr, flush=True)
 
 
 def _env_uri() -> Optional[str]:
