@@ -3,15 +3,16 @@
 # (../shared/gpu/README.md: Python 3.12 and CUDA torch there; Ray, diffusers, pydantic and the
 # Fashion-MNIST data travel in .gpu/, which git ignores and the device tool carries).
 #
-# Prepare here, once (about 66 MB under .gpu/, just inside the 64 MiB the device tool carries):
+# Prepare here, once (66 MB = 63 MiB under .gpu/: the device tool carries 64 MiB in all, so add
+# nothing else there):
 #   bash ../shared/gpu/pack.sh
 #   .venv/bin/python benchmarks/throughput.py --prepare-only --storage .gpu/data --dataset fashion-mnist \
 #       --image-size 32 --preset ddpm-cifar10 --trial search_spaces/fashion-mnist.yaml
 # (the dataset as Parquet, its FID network, trained here on CPU in about 3 minutes, and the 32 px
 # reference statistics: nothing is downloaded or trained on the GPU machine).
 #
-# Run there, from the repository root, carrying .gpu (pack.sh prints PREFIX; keep its trailing ';'):
-#   PREFIX bash benchmarks/gpu.sh          (about 6-7 minutes on one H100; give it timeout_s=600)
+# Run there, from the repository root, with carry [".gpu"] (pack.sh prints PREFIX, ending in ';'):
+#   PREFIX bash benchmarks/gpu.sh     (estimated 6-7 minutes on one H100, not yet measured: timeout_s=600)
 # Check here on CPU, same code paths at tiny sizes:   SMOKE=1 PYTHON=.venv/bin/python bash benchmarks/gpu.sh
 #
 # Parts, in order of importance (PARTS="eager fashion compile" picks some, e.g. for a rerun):
@@ -21,7 +22,8 @@
 #   fashion  the two trials of search_spaces/fashion-mnist.yaml (order none, easy-to-hard),
 #            shortened, each one real trial through paceray's Ray Train path: FID, eval share,
 #            training rate. Not `paceray tune`: it needs MLflow, which that machine lacks (see README)
-#   compile  the same as eager with torch.compile in both loops, 1 pair (every fit compiles anew)
+#   compile  the same as eager with torch.compile in both loops, 1 pair (each loop compiles: the
+#            first compile took 76 s there)
 # Output: $OUT/gpu-benchmark.json (every figure, one key per part; rewritten after each part so a
 # run cut short still returns what it measured) and $OUT/gpu-benchmark.log (the full console).
 set -uo pipefail
@@ -34,7 +36,7 @@ SMOKE=${SMOKE:-0}
 mkdir -p "$OUT"
 parts_dir=$(mktemp -d)
 trap 'rm -rf "$parts_dir"' EXIT
-exec > >(tee -a "$OUT/gpu-benchmark.log") 2>&1
+exec > >(tee "$OUT/gpu-benchmark.log") 2>&1
 
 if [[ $SMOKE == 1 ]]; then  # CPU, tiny sizes: the same commands, checked in a couple of minutes
   MODEL=(--device cpu --preset tiny --batch 8 --warmup 2 --steps 4)
@@ -69,12 +71,27 @@ print(f"gpu.sh: python {sys.version.split()[0]}, torch {torch.__version__}, "
 PY
 }
 
-# Folds every part's JSON into one file: {"eager": {...}, "fashion_none": {...}, ..., "failed": [...]}.
+# Folds every part's JSON into one file: {"eager": {...}, "fashion_none": {...}, ..., "failed": [...]};
+# with "summary", also prints the headline figures (the console above them is mostly Ray's).
 merge() {
-  "$PY" - "$parts_dir" "$OUT/gpu-benchmark.json" "${failed[@]}" <<'PY'
+  "$PY" - "$parts_dir" "$OUT/gpu-benchmark.json" "$@" "${failed[@]}" <<'PY'
 import json, pathlib, sys
 parts = {p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json"))}
-pathlib.Path(sys.argv[2]).write_text(json.dumps({**parts, "failed": sys.argv[3:]}, indent=2) + "\n")
+summary = sys.argv[3:4] == ["summary"]
+failed = sys.argv[4 if summary else 3:]
+pathlib.Path(sys.argv[2]).write_text(json.dumps({**parts, "failed": failed}, indent=2) + "\n")
+for name, part in parts.items() if summary else ():
+    if "throughput" in part:
+        t = part["throughput"]
+        mfu = f", MFU bare {t['mfu_bare']:.1%} ours {t['mfu_ours']:.1%} ({t['peak_assumed']})" if "mfu_ours" in t else ""
+        print(f"{name}: bare {t['bare_median']:,.0f} img/s, ours {t['ours_median']:,.0f} img/s, "
+              f"ratio {t['ratio']:.3f} (goal {t['ratio_goal']}){mfu}")
+    if "data_path" in part:
+        print(f"{name}: data path {part['data_path']['img_per_s']:,.0f} img/s")
+    if "trial" in part:
+        r = part["trial"]
+        print(f"{name}: FID {r['final_fid']:.2f} after {r['steps']} steps, eval share {r['eval_share']:.1%}, "
+              f"training {r['train_img_per_s']:,.0f} img/s, wall {r['wall_seconds']:.0f} s")
 PY
 }
 
@@ -104,5 +121,6 @@ for p in $PARTS; do
     *) echo "gpu.sh: unknown part $p (eager, fashion, compile)"; failed+=("$p") ;;
   esac
 done
+merge summary
 echo "=== wrote $OUT/gpu-benchmark.json; failed parts: ${failed[*]:-none}"
 [[ ${#failed[@]} == 0 ]]

@@ -14,11 +14,11 @@ then the median images/s of each and ratio = median over repeats of ours/bare; t
 alone (ImageBatches + curriculum sampler); the share of a real trial's wall time spent in
 evaluation (quick.yaml by default); on CUDA the MFU. `--json OUT` writes every figure.
 
-How "ours" is timed: the loop itself reports no training-only time when tracking is off, so each
-repeat runs two fits that differ only in length (warm-up W steps, and W + S steps), each timed
-inside the worker around `train_loop` and less the `eval/seconds` of its one (final) eval. Their
-difference is the time of S steps of our loop after warm-up: Ray start-up, worker set-up, the
-warm-up steps, the final eval and the checkpoint cancel out.
+How both are timed, alike: torch's global optimizer-step hook (`torch.optim.optimizer.
+register_optimizer_step_post_hook`) counts the training steps of the process, and the clock runs
+from the end of step W (the warm-up) to the end of the last step, with the device synchronised at
+both ends. Inside the Ray worker that leaves out Ray start-up, the worker's set-up, the warm-up
+and the loop's obligatory final eval and checkpoint, without touching the loop under test.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ GOAL_EVAL_SHARE = 0.10
 # against torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
                    ("A100", 312e12))
+SETTLE_S = 5.0  # before each bare run: Ray winds the previous fit's worker down in the background
 EVAL_NEVER = 10**9  # eval.every past the end: only the loop's obligatory final eval runs
 QUICK = dict(warmup=10, steps=200, repeats=3)
 DEFAULT = dict(warmup=30, steps=400, repeats=3)
@@ -91,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = args.parts - {"throughput", "data", "trial"}
     if unknown:
         p.error(f"--parts: unknown {', '.join(sorted(unknown))}")
+    if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
+        p.error("--warmup, --steps and --repeats must be at least 1")
     return args
 
 
@@ -118,12 +121,48 @@ def environment(args, threads: int) -> dict:
     return env
 
 
-# --------------------------------------------------------------------------- A: the bare loop
+# --------------------------------------------------------------------------- timing, alike for both
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
+
+class StepTimer:
+    """Seconds from the end of optimizer step `first` to the end of step `last` (1-based),
+    counting the steps of every optimizer in this process through torch's global post-step hook;
+    the device is synchronised at both ends only."""
+
+    def __init__(self, first: int, last: int, device: torch.device):
+        self.first, self.last, self.device = first, last, device
+        self.count, self.start, self.end = 0, None, None
+
+    def __enter__(self) -> "StepTimer":
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.handle = register_optimizer_step_post_hook(self._after_step)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self.count += 1
+        if self.count in (self.first, self.last):
+            sync(self.device)
+            if self.count == self.first:
+                self.start = time.perf_counter()
+            else:
+                self.end = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        if self.start is None or self.end is None:
+            raise RuntimeError(f"StepTimer saw {self.count} optimizer steps, wanted {self.last}")
+        return self.end - self.start
+
+
+# --------------------------------------------------------------------------- A: the bare loop
 
 def bare_images_per_s(config: dict, storage: Path, device: torch.device, warmup: int, steps: int) -> float:
     """The hand-written peer: preloaded images indexed at random, uniform t, same model and update."""
@@ -154,38 +193,36 @@ def bare_images_per_s(config: dict, storage: Path, device: torch.device, warmup:
         optimizer.step()
         ema.update(model)
 
-    for _ in range(warmup):
-        step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return steps * batch / (time.perf_counter() - start)
+    with StepTimer(warmup, warmup + steps, device) as timer:
+        for _ in range(warmup + steps):
+            step()
+    return steps * batch / timer.seconds
 
 
 # --------------------------------------------------------------------------- B: paceray's path
 
 def timed_train_loop(config: dict) -> dict:
-    """Runs in the Ray Train worker: the real train_loop, timed from inside the worker."""
-    import time
+    """Runs in the Ray Train worker: the real train_loop under a StepTimer (see the module doc)."""
+    import ray.train.torch
 
-    import torch
-
-    import trainables.denoiser.train  # noqa: F401  (imported before the clock starts)
     from trainables.denoiser import train_loop
 
+    first = config.pop(BENCH_KEY)["timed_from_step"]
     start = time.perf_counter()
-    train_loop(config)
-    return {"seconds": time.perf_counter() - start, "threads": torch.get_num_threads()}
+    with StepTimer(first, config["train"]["steps"], ray.train.torch.get_device()) as timer:
+        train_loop(config)
+    return {"worker_seconds": time.perf_counter() - start, "train_seconds": timer.seconds,
+            "timed_from_step": first, "threads": torch.get_num_threads()}
+
+
+BENCH_KEY = "benchmark"  # our part of the config the wrapper is given; train_loop never sees it
 
 
 @dataclass
 class Fit:
     wall_s: float  # trainer.fit() on the driver
-    worker_s: float  # train_loop inside the worker
-    eval_s: list  # eval/seconds of every eval, by step
-    threads: int  # torch threads in the worker
+    timing: dict  # what timed_train_loop returned
+    evals: list  # (step, eval/seconds) of every eval
     metrics: dict  # the last report
 
 
@@ -196,59 +233,56 @@ class RayPath:
     def __init__(self, storage: Path, run_dir: Path):
         self.storage, self.run_dir, self.count = storage, run_dir, 0
 
-    def fit(self, config: dict, resources, keep: int = 2) -> Fit:
+    def fit(self, config: dict, resources, timed_from_step: int, keep: int = 2) -> Fit:
         from paceray.trial import TrialContext, trainer_for, trial_storage
 
         self.count += 1
         name = f"bench-{self.count:03d}"
         ctx = TrialContext(trial_id="bench", run_id=None, tracking_uri=None, storage=str(self.storage),
                            run_dir=str(self.run_dir), console_progress=False)
+        config = {**config, BENCH_KEY: {"timed_from_step": timed_from_step}}
         # max_failures=0: a retried worker would resume from a checkpoint and skew the timing.
         trainer = trainer_for(SimpleNamespace(train_loop=timed_train_loop), config, ctx, resources,
                               trial_storage(self.run_dir), name=name, max_failures=0, keep_best=keep)
         start = time.perf_counter()
         result = trainer.fit()
         wall = time.perf_counter() - start
-        reports = sorted((m for _, m in result.best_checkpoints or []), key=lambda m: m["step"])
+        evals = sorted((m["step"], m["eval/seconds"]) for _, m in result.best_checkpoints or [])
         shutil.rmtree(trial_storage(self.run_dir) / name, ignore_errors=True)  # big models: GBs of checkpoints
-        value = result.return_value
-        return Fit(wall, value["seconds"], [m["eval/seconds"] for m in reports], value["threads"], result.metrics)
-
-    def images_per_s(self, config_for, resources, warmup: int, steps: int, batch: int) -> tuple[float, dict]:
-        """S steps after W warm-up steps, from a W-step and a (W + S)-step fit: what differs
-        between the two is S steps of the loop; set-up, warm-up, final eval and checkpoint cancel."""
-        short = self.fit(config_for(warmup), resources)
-        long = self.fit(config_for(warmup + steps), resources)
-        seconds = (long.worker_s - sum(long.eval_s)) - (short.worker_s - sum(short.eval_s))
-        detail = {"train_seconds": seconds, "worker_threads": long.threads,
-                  "short_fit": {"wall_s": short.wall_s, "worker_s": short.worker_s, "eval_s": short.eval_s},
-                  "long_fit": {"wall_s": long.wall_s, "worker_s": long.worker_s, "eval_s": long.eval_s}}
-        return steps * batch / seconds, detail
+        return Fit(wall, result.return_value, evals, result.metrics)
 
 
 def throughput(args, storage: Path, ray_path: RayPath, resources, device: torch.device, threads: int) -> dict:
-    config_for = lambda steps: bench_config(args, steps)  # noqa: E731
-    bare, ours, details = [], [], []
+    config = bench_config(args, args.warmup + args.steps)
+    bare, ours, fits = [], [], []
     for repeat in range(1, args.repeats + 1):
-        bare.append(bare_images_per_s(config_for(args.warmup + args.steps), storage, device, args.warmup, args.steps))
-        rate, detail = ray_path.images_per_s(config_for, resources, args.warmup, args.steps, args.batch)
-        ours.append(rate)
-        details.append(detail)
+        time.sleep(SETTLE_S)
+        bare.append(bare_images_per_s(config, storage, device, args.warmup, args.steps))
+        release(device)
+        fit = ray_path.fit(config, resources, timed_from_step=args.warmup)
+        ours.append(args.steps * args.batch / fit.timing["train_seconds"])
+        fits.append({"wall_s": fit.wall_s, **fit.timing})
         print(f"  repeat {repeat}: bare {bare[-1]:9,.0f} img/s   ours {ours[-1]:9,.0f} img/s   "
-              f"ours/bare {ours[-1] / bare[-1]:.3f}", flush=True)
-        if device.type == "cpu" and detail["worker_threads"] != threads:
-            print(f"  note: the Ray worker ran {detail['worker_threads']} torch threads, the bare loop {threads}")
+              f"ours/bare {ours[-1] / bare[-1]:.3f}   (fit {fit.wall_s:.1f} s wall)", flush=True)
+        if fit.timing["threads"] != threads and device.type == "cpu":
+            print(f"  note: the Ray worker ran {fit.timing['threads']} torch threads, the bare loop {threads}")
     ratio = statistics.median(o / b for o, b in zip(ours, bare))
     goal = GOAL_RATIO[device.type]
-    out = {"bare_img_per_s": bare, "ours_img_per_s": ours, "ours_detail": details,
+    out = {"bare_img_per_s": bare, "ours_img_per_s": ours, "ours_fits": fits,
            "bare_median": statistics.median(bare), "ours_median": statistics.median(ours),
            "ratio": ratio, "ratio_goal": goal, "ratio_met": ratio >= goal}
     print(f"bare  median {out['bare_median']:9,.0f} img/s")
     print(f"ours  median {out['ours_median']:9,.0f} img/s")
     print(f"ratio {ratio:.3f}  (median of ours/bare over {len(ours)} pairs; goal >= {goal} on "
           f"{device.type.upper()}: {'met' if out['ratio_met'] else 'NOT met'})", flush=True)
-    out.update(efficiency(config_for(1), storage, device, out))
+    out.update(efficiency(config, storage, device, out))
     return out
+
+
+def release(device: torch.device) -> None:
+    """Hand the bare loop's cached GPU memory back before the Ray worker takes the same GPU."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------- FLOPs and MFU
@@ -332,32 +366,35 @@ def data_path_images_per_s(config: dict, storage: Path, device: torch.device, st
 
 # --------------------------------------------------------------------------- a real trial
 
-def trial_eval_share(spec_path: str, overrides: list[str], ray_path: RayPath) -> dict:
+def trial_eval_share(spec_path: str, overrides: list[str], ray_path: RayPath, warmup: int) -> dict:
     """One trial of a spec's base config (+ overrides) with the spec's resources, as `paceray
     train` runs it but with tracking off: evaluation seconds against the trial's wall time
-    (trainer.fit() on the driver, Ray start-up of the trial included)."""
+    (trainer.fit() on the driver, the trial's Ray start-up included)."""
     from paceray.spec import load, parse_overrides
     from paceray.trial import Resources
 
     loaded = load(spec_path, parse_overrides(overrides))
     config, res = loaded.base, loaded.spec.resources
     steps, batch = config["train"]["steps"], config["train"]["batch_size"]
+    first = min(warmup, steps - 1)
     evals = -(-steps // config["eval"]["every"])
-    fit = ray_path.fit(config, Resources(res.workers, res.cpus_per_worker, res.gpus_per_worker), keep=evals + 1)
-    eval_s = sum(fit.eval_s)
-    out = {"spec": str(spec_path), "overrides": overrides, "steps": steps, "batch": batch, "evals": len(fit.eval_s),
-           "eval_seconds": eval_s, "wall_seconds": fit.wall_s, "worker_seconds": fit.worker_s,
+    fit = ray_path.fit(config, Resources(res.workers, res.cpus_per_worker, res.gpus_per_worker), first,
+                       keep=evals + 1)  # keep every eval's report
+    eval_s = sum(seconds for _, seconds in fit.evals)
+    # Evals after step `first` and before the last step ran inside the timed window.
+    timed_eval_s = sum(seconds for step, seconds in fit.evals if first <= step < steps)
+    out = {"spec": str(spec_path), "overrides": overrides, "steps": steps, "batch": batch, "evals": fit.evals,
+           "eval_seconds": eval_s, "wall_seconds": fit.wall_s, "worker_seconds": fit.timing["worker_seconds"],
            "eval_share": eval_s / fit.wall_s, "eval_share_goal": GOAL_EVAL_SHARE,
            "final_fid": fit.metrics.get("eval/fid"), "fid_features": fit.metrics.get("fid_features"),
            "fid_samples": fit.metrics.get("fid_samples"),
-           # The worker's set-up is in it: a lower bound on the training rate.
-           "train_img_per_s_incl_setup": steps * batch / (fit.worker_s - eval_s)}
+           # Steps after `first`; checkpoint writes at the evals in between are in it.
+           "train_img_per_s": (steps - first) * batch / (fit.timing["train_seconds"] - timed_eval_s)}
     met = "met" if out["eval_share"] <= GOAL_EVAL_SHARE else "NOT met"
     print(f"trial {Path(spec_path).name}{''.join(' --set ' + o for o in overrides)}: {steps} steps, "
-          f"{out['evals']} evals of {out['fid_samples']} samples: eval {eval_s:.1f} s of {fit.wall_s:.1f} s wall = "
+          f"{len(fit.evals)} evals of {out['fid_samples']} samples: eval {eval_s:.1f} s of {fit.wall_s:.1f} s wall = "
           f"{out['eval_share']:.1%} (goal <= {GOAL_EVAL_SHARE:.0%}: {met}); final FID {out['final_fid']:.3f} "
-          f"({out['fid_features']}); training {out['train_img_per_s_incl_setup']:,.0f} img/s incl. worker set-up",
-          flush=True)
+          f"({out['fid_features']}); training {out['train_img_per_s']:,.0f} img/s after step {first}", flush=True)
     return out
 
 
@@ -425,7 +462,7 @@ def run(args, storage: Path, run_dir: Path, device: torch.device) -> dict:
         if "data" in args.parts:
             report["data_path"] = data_part(args, storage, device, report.get("throughput"))
         if "trial" in args.parts:
-            report["trial"] = trial_eval_share(args.trial, args.trial_set, ray_path)
+            report["trial"] = trial_eval_share(args.trial, args.trial_set, ray_path, args.warmup)
     finally:
         raycluster.shutdown()
     report["environment"]["load_avg_end"] = os.getloadavg()[0]

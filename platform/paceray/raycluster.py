@@ -23,6 +23,7 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> st
         if address.startswith("http"):  # a dashboard address is for `ray job submit`, not for ray.init
             raise PacerayError(f"--address {address}: give the GCS address (host:6379) or 'auto'; "
                                f"{address} is the Jobs API address used by `ray job submit`")
+        _check_gcs_port(address)
         try:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -33,6 +34,22 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> st
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              log_to_driver=True, configure_logging=True, logging_level="warning")
     return "a local Ray instance"
+
+
+def _check_gcs_port(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not after Ray's minute of reconnect attempts, when nothing listens there."""
+    import socket
+
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise PacerayError(f"--address {address}: expected host:port of the Ray head's GCS (e.g. 10.0.0.5:6379) or 'auto'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise PacerayError(f"--address {address}: cannot connect to a Ray cluster ({e.strerror or e}); "
+                           f"is `ray start --head` running there?") from None
 
 
 def shutdown() -> None:

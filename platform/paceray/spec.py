@@ -182,7 +182,7 @@ def load_trainable(name: str, where: str = "spec"):
 def _pydantic_error(where: str, err: ValidationError, prefix: str = "") -> PacerayError:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"] if p != "__root__")
-    field = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "(top level)"
+    field = f"{prefix}{loc}" if loc else prefix.rstrip(".: ") or "(top level)"
     msg = first["msg"].removeprefix("Value error, ")
     extra = f" ({len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return PacerayError(one_line(f"{where}: {field}: {msg}{extra}"))
@@ -263,7 +263,7 @@ def check_search(config_cls, base: dict, search: dict[str, "Distribution"], wher
             config_cls.model_validate(trial)
         except ValidationError as e:
             point = ", ".join(f"{k}={v!r}" for k, v in combo)
-            err = _pydantic_error(where, e, "")
+            err = _pydantic_error(where, e, "search: ")
             raise PacerayError(f"{err} (search point {point})") from None
 
 

@@ -20,11 +20,14 @@ def _pointer(run_dir: Path, name: str) -> Path:
     return run_dir / "train" / name / "latest.json"
 
 
-def prepare_assets(trainable, config: dict, storage: Path) -> None:
+def prepare_assets(trainable, config: dict, storage: Path, where: str = "") -> None:
     """The trainable's one-off preparation (datasets, FID nets, reference statistics), before any run exists."""
     prepare = getattr(trainable, "prepare", None)
     if prepare is not None:
-        prepare(config, str(storage))
+        try:
+            prepare(config, str(storage))
+        except PacerayError as e:
+            raise PacerayError(f"{where}: {e}" if where else str(e)) from None
 
 
 def latest_checkpoint(trial_dir: Path) -> Optional[Path]:
@@ -60,7 +63,7 @@ def run_train(spec_path: str, overrides, address: Optional[str], tracking_uri: O
     if previous:
         check_resumable(trainable, trial_storage(rd) / previous["trial_id"])
     storage = storage_root()
-    prepare_assets(trainable, config, storage)
+    prepare_assets(trainable, config, storage, str(spec.path))
     if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         tracking.check_reachable(tracking_uri or os.environ["MLFLOW_TRACKING_URI"])
     where = raycluster.connect(address)

@@ -46,7 +46,7 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
     trainable = load_trainable(spec.trainable, str(spec.path))
     storage = storage_root()
     # Everything that can fail on bad input fails before an MLflow run or a results folder exists.
-    prepare_assets(trainable, loaded.base, storage)
+    prepare_assets(trainable, loaded.base, storage, str(spec.path))
     if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         tracking.check_reachable(tracking_uri or os.environ["MLFLOW_TRACKING_URI"])
     where = raycluster.connect(address)
