@@ -31,7 +31,11 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> st
         return f"Ray cluster at {address}"
     # The dashboard serves the State API that Train's placement-group cleaner polls; without it
     # every trial logs "Failed to query Ray Train Controller actor state" every few seconds.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+    import importlib.util
+
+    # (A minimal Ray, without the `default` extra's aiohttp_cors, cannot start it: go without.)
+    dashboard = importlib.util.find_spec("aiohttp_cors") is not None
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
              log_to_driver=True, configure_logging=True, logging_level="warning")
     return "a local Ray instance"
 
