@@ -20,13 +20,6 @@ from trainables.denoiser.diffusion import (
 from trainables.denoiser.model import EMA, build_model, drop_labels
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Intra-op threads on a busy 2-core machine (CI, other tests) slow each step tenfold or more.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class ExactEpsilon(nn.Module):

@@ -17,13 +17,6 @@ from trainables.denoiser.model import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Intra-op threads on a busy 2-core machine (CI, other tests) slow each step tenfold or more.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def forward(model, x, labels=None):
