@@ -108,7 +108,8 @@ def train_loop(config: dict) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step - 1)
         x0, y = next(batches)
-        t = sampler.sample(x0.shape[0], device)
+        t_cpu = sampler.sample(x0.shape[0])  # drawn on the CPU: bucketing it below needs no device sync
+        t = t_cpu.to(device, non_blocking=True)
         y = drop_labels(y, cfg.data.label_dropout, null, label_gen) if num_classes else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             per_sample = diffusion.training_losses(train_model, x0, t, y)
@@ -122,7 +123,7 @@ def train_loop(config: dict) -> None:
 
         raw = per_sample.detach()
         loss_sum += raw.mean()
-        k = sampler.cluster_of(t).to(device)
+        k = sampler.cluster_of(t_cpu).to(device, non_blocking=True)
         cluster_loss.index_add_(0, k, raw.double())
         cluster_count.index_add_(0, k, torch.ones_like(raw, dtype=torch.float64))
         # What this step trained on, before `advance` may open the next stage.
