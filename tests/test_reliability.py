@@ -46,7 +46,8 @@ def test_killed_worker_restarts_from_its_last_checkpoint(tmp_path, storage):
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     try:
         deadline = time.monotonic() + 600
-        while not list((run_dir / "ray").glob("*/checkpoint_step*")) and time.monotonic() < deadline:
+        # Two checkpoint folders: the first is then surely registered (a folder appears while it is written).
+        while len(list((run_dir / "ray").glob("*/checkpoint_step*"))) < 2 and time.monotonic() < deadline:
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             time.sleep(0.3)
         # The training worker of *this* run: a descendant of our `paceray train` named so by Ray.

@@ -31,9 +31,14 @@ def prepare_assets(trainable, config: dict, storage: Path, where: str = "") -> N
 
 
 def latest_checkpoint(trial_dir: Path) -> Optional[Path]:
-    """The newest checkpoint folder of a Ray Train run (our names sort by step)."""
-    found = sorted(trial_dir.glob("checkpoint_*"))
-    return found[-1] if found else None
+    """The checkpoint Ray Train will resume from: the latest one its snapshot registered (a folder
+    on disk may be one a crash cut short while it was being written, which Ray ignores)."""
+    try:
+        snapshot = json.loads((trial_dir / "checkpoint_manager_snapshot.json").read_text())
+        name = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    except (FileNotFoundError, ValueError):
+        return None
+    return trial_dir / name if name else None
 
 
 def check_resumable(trainable, trial_dir: Path) -> None:
