@@ -76,7 +76,7 @@ def train_loop(config: dict) -> None:
     lr_at = lambda step: cfg.train.lr * min(1.0, (step + 1) / warmup)  # noqa: E731
 
     # ---------------------------------------------------------------- resume
-    start_step = 0
+    start_step, last_report = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -87,6 +87,7 @@ def train_loop(config: dict) -> None:
         sampler.load_state_dict(state["curriculum"])
         batches.load_state_dict(state["data"][rank] if rank < len(state["data"]) else state["data"][0])
         start_step = int(state["step"])
+        last_report = state.get("metrics")
     ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
     train_model = torch.compile(ddp_model) if cfg.train.compile else ddp_model
 
@@ -94,6 +95,13 @@ def train_loop(config: dict) -> None:
     log = TrialLog(ctx, cfg, sampler, rank) if rank == 0 else None
     if log and checkpoint is not None:
         log.note_resume(start_step)
+    if start_step >= cfg.train.steps and last_report is not None:
+        # Killed after its last checkpoint but before its caller heard it finished: say the final
+        # result again (a Tune trial that reports nothing fails the whole search), then end.
+        ray.train.report(last_report)
+        if log:
+            log.finish()
+        return
 
     # ---------------------------------------------------------------- the loop
     n_clusters = sampler.num_clusters
@@ -230,6 +238,7 @@ def report_with_checkpoint(metrics, step, model, ema, optimizer, sampler, batche
             "optimizer": optimizer.state_dict(),
             "curriculum": sampler.state_dict(),
             "data": data_states,
+            "metrics": metrics,  # re-reported by a resume that finds nothing left to train
         }
         torch.save(state, Path(tmp) / CHECKPOINT_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
