@@ -91,13 +91,19 @@ def run_trial(config: dict, search: dict) -> None:
     uri, parent = search["tracking_uri"], search["parent_run_id"]
     run_id = tracking.find_run(uri, search["experiment"], {tracking.TRIAL_TAG: trial_id,
                                                           tracking.PARENT_TAG: parent})
+    already_finished = False
     if run_id is None:
         name = f"{config['curriculum']['order']}-N{config['curriculum']['num_clusters']}-{trial_id}"
         run_id = tracking.create_run(uri, search["experiment"], name,
                                      {tracking.TRIAL_TAG: trial_id, tracking.PARENT_TAG: parent,
                                       tracking.KIND_TAG: "trial"}, flatten(config))
     else:
-        tracking.client(uri).update_run(run_id, status="RUNNING")
+        # A trial whose run finished just before the search was killed (Tune had not recorded it
+        # yet) is re-run by the restore: its TorchTrainer only re-reports the final result, and its
+        # run stays as it was.
+        already_finished = tracking.client(uri).get_run(run_id).info.status == "FINISHED"
+        if not already_finished:
+            tracking.client(uri).update_run(run_id, status="RUNNING")
     trainable = load_trainable(search["trainable"])
     ctx = TrialContext(trial_id=trial_id, run_id=run_id, tracking_uri=uri, storage=search["storage"],
                        run_dir=search["run_dir"], console_progress=search.get("console_progress", True))
@@ -120,6 +126,8 @@ def run_trial(config: dict, search: dict) -> None:
     if reason:  # the trainable ended its trial as failed (e.g. a NaN loss): Tune sees an error
         tracking.finish_run(uri, run_id, "FAILED", run_dir)
         raise TrialFailed(reason)
+    if already_finished:
+        return
     left = tracking.finish_run(uri, run_id, "FINISHED", run_dir)
     if left:
         print(f"warning: MLflow at {uri} is unreachable; trial {trial_id}'s last writes wait on disk: {left}")
