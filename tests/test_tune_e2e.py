@@ -169,7 +169,9 @@ def test_asha_stops_the_weak_trials(tmp_path, storage):
         steps = [s for s, _ in history(client, c.info.run_id, "eval/fid")]
         last_step.setdefault(c.data.params["train.lr"], []).append(max(steps))
     assert last_step["0.002"] == [300]  # the strong trial trains to the end
-    assert all(s <= 90 for s in last_step["1e-07"]), last_step  # the weak ones stop at the first rung
+    # stopped early: the decision comes at the first rung (step 60); how many evals land before
+    # the stop reaches the worker depends on the machine's load
+    assert all(s < 300 for s in last_step["1e-07"]), last_step
     stopped = [c for c in children if c.data.params["train.lr"] == "1e-07"]
     assert all(c.data.tags.get("paceray.stopped_early") == "asha" for c in stopped)
     assert all(c.info.status == "KILLED" for c in stopped)
