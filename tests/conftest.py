@@ -8,6 +8,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,44 @@ def mlflow_client(run_dir: Path):
 
 def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def registered_checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the latest checkpoint Ray Train registered for a `paceray train` run (what a
+    restart resumes from), or None. A checkpoint folder on disk is not enough: the controller
+    registers it a moment after the worker wrote it, later still on a loaded machine."""
+    from paceray.commands.train import latest_checkpoint
+
+    steps = []
+    for trial_dir in (run_dir / "ray").glob("*"):
+        ckpt = latest_checkpoint(trial_dir)
+        if ckpt is not None:
+            steps.append(int(ckpt.name.removeprefix("checkpoint_step")))
+    return max(steps) if steps else None
+
+
+def kill_session(leader: int, timeout: float = 60) -> None:
+    """SIGKILL every process of the session `leader` started (a Popen with start_new_session=True),
+    and wait until none is left. Killing its process group is not enough: Ray gives each worker
+    a process group of its own, and a worker outlives its driver by seconds, long enough to train
+    on and register another checkpoint."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for p in psutil.process_iter(["status"]):
+            try:
+                if os.getsid(p.pid) == leader and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                continue
+        if not alive:
+            return
+        assert time.monotonic() < deadline, f"processes of session {leader} survive SIGKILL: {alive}"
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        time.sleep(0.1)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PACERAY, REPO, history, mlflow_client, run_paceray, tiny_base, write_spec
+from conftest import (PACERAY, REPO, history, kill_session, mlflow_client, registered_checkpoint_step, run_paceray,
+                      tiny_base, write_spec)
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,9 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None
 
 
 def test_killed_worker_restarts_from_its_last_checkpoint(tmp_path, storage):
-    base = tiny_base(train={"steps": 150, "log_every": 5}, curriculum={"stage_steps": 30}, eval={"every": 25})
+    # 300 steps (~15 s here): the kill must land mid-run even when a loaded machine registers the
+    # first checkpoint late.
+    base = tiny_base(train={"steps": 300, "log_every": 5}, curriculum={"stage_steps": 60}, eval={"every": 25})
     spec = write_spec(tmp_path / "crash.yaml", "crash", base)
     run_dir = tmp_path / "runs"
     proc = subprocess.Popen([PACERAY, "train", str(spec), "--run-dir", str(run_dir)], stdout=subprocess.PIPE,
@@ -46,10 +49,11 @@ def test_killed_worker_restarts_from_its_last_checkpoint(tmp_path, storage):
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     try:
         deadline = time.monotonic() + 600
-        # Two checkpoint folders: the first is then surely registered (a folder appears while it is written).
-        while len(list((run_dir / "ray").glob("*/checkpoint_step*"))) < 2 and time.monotonic() < deadline:
+        # A checkpoint Ray Train registered: the restart resumes from it.
+        while registered_checkpoint_step(run_dir) is None and time.monotonic() < deadline:
             assert proc.poll() is None, proc.stdout.read()[-3000:]
-            time.sleep(0.3)
+            time.sleep(0.2)
+        at_kill = registered_checkpoint_step(run_dir)
         # The training worker of *this* run: a descendant of our `paceray train` named so by Ray.
         import psutil
 
@@ -60,17 +64,18 @@ def test_killed_worker_restarts_from_its_last_checkpoint(tmp_path, storage):
         out, _ = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_session(proc.pid)
     assert proc.returncode == 0, out[-5000:]
-    assert "resumed from the checkpoint at step" in out
+    assert at_kill is not None and at_kill < 300, at_kill
+    assert f"resumed from the checkpoint at step" in out, out[-5000:]
     client, runs = runs_of(run_dir, "crash")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     rid = runs[0].info.run_id
     for key in ("train/loss", "curriculum/stage", "curriculum/t_min"):
         steps = [m.step for m in sorted(client.get_metric_history(rid, key), key=lambda m: m.timestamp)]
-        assert steps == list(range(5, 151, 5)), (key, steps)  # no step twice, no gap
+        assert steps == list(range(5, 301, 5)), (key, steps)  # no step twice, no gap
     stage = dict(history(client, rid, "curriculum/stage"))
-    assert all(stage[s] == min(5, (s - 1) // 30 + 1) for s in stage)
+    assert all(stage[s] == min(5, (s - 1) // 60 + 1) for s in stage)
 
 
 # ----------------------------------------------------------------- NaN
@@ -255,7 +260,7 @@ def test_mlflow_outage_mid_run_loses_nothing(tmp_path, storage):
         out, _ = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_session(proc.pid)
         server.stop()
     assert proc.returncode == 0, out[-4000:]
     client = server.client()
@@ -280,7 +285,7 @@ def test_mlflow_gone_for_good_leaves_the_queue_and_a_replay_command(tmp_path, st
         out, _ = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_session(proc.pid)
     assert proc.returncode == 0, out[-4000:]
     queue = tmp_path / "runs" / "mlflow-spool" / run_id
     assert (queue / "entries.jsonl").is_file()

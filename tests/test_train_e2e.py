@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PACERAY, history, mlflow_client, run_paceray, tiny_base, write_spec
+from conftest import (PACERAY, history, kill_session, mlflow_client, registered_checkpoint_step, run_paceray, tiny_base,
+                      write_spec)
 
 pytestmark = pytest.mark.slow
 
@@ -125,23 +125,23 @@ def test_resume_after_a_kill_continues_the_same_run(tmp_path, storage):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + 600
-        # Two checkpoint folders: the first is then surely registered (a folder appears while it is
-        # written, and Ray resumes only from registered ones).
-        while len(_checkpoints(run_dir)) < 2 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-        assert len(_checkpoints(run_dir)) >= 2, "no checkpoint appeared"
+        # A checkpoint Ray Train registered (a folder on disk may still be being written; Ray
+        # resumes only from registered ones).
+        while registered_checkpoint_step(run_dir) is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert registered_checkpoint_step(run_dir) is not None, "no checkpoint was registered"
         time.sleep(0.5)  # a few steps past the checkpoint: they are lost and re-trained
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole `paceray train` group: driver and Ray with it
+        kill_session(proc.pid)  # the whole `paceray train`: driver, Ray and its workers
         proc.wait(timeout=60)
-    on_disk = {int(p.name.removeprefix("checkpoint_step")) for p in _checkpoints(run_dir)}
-    assert max(on_disk) < 120
+    registered = registered_checkpoint_step(run_dir)
+    assert max(int(p.name.removeprefix("checkpoint_step")) for p in _checkpoints(run_dir)) < 120
 
     result = run_paceray("train", spec, "--run-dir", run_dir, "--resume")
     import re
 
     resumed = re.search(r"resumed from the checkpoint at step (\d+)", result.stdout)
-    assert resumed and int(resumed.group(1)) in on_disk and int(resumed.group(1)) >= 20, result.stdout[-3000:]
+    assert resumed and int(resumed.group(1)) == registered >= 20, (registered, result.stdout[-3000:])
     client, run = only_run(run_dir, "resume")  # one run, not two
     assert run.info.status == "FINISHED"
     for key in ("train/loss", "curriculum/stage", "curriculum/t_min", "eval/fid"):

@@ -111,9 +111,14 @@ def run_trial(config: dict, search: dict) -> None:
     trainer = trainer_for(trainable, config, ctx, Resources(**search["resources"]),
                           trial_storage(run_dir) / search["name"] / "trials", name=f"trial-{trial_id}",
                           keep_best=config["train"]["checkpoint_keep"], callbacks=[TuneReportCallback()])
+    stop_flag = _tune_stop_flag()
     try:
         trainer.fit()
     except Exception as e:
+        if stop_flag is not None and stop_flag.is_set():
+            # Tune stopped this trial (a scheduler's decision) and its Train controller died with
+            # it: not a failure. The search driver marks the run KILLED from Tune's own result.
+            raise
         text = str(e).strip()
         try:
             tracking.client(uri).set_tag(run_id, tracking.ERROR_TAG,
@@ -131,6 +136,16 @@ def run_trial(config: dict, search: dict) -> None:
     left = tracking.finish_run(uri, run_id, "FINISHED", run_dir)
     if left:
         print(f"warning: MLflow at {uri} is unreachable; trial {trial_id}'s last writes wait on disk: {left}")
+
+
+def _tune_stop_flag():
+    """The event Tune sets when it stops this trial, or None where this Ray keeps it elsewhere."""
+    try:
+        from ray.train._internal.session import get_session
+
+        return getattr(get_session(), "stop_event", None)
+    except ImportError:
+        return None
 
 
 class TrialFailed(RuntimeError):

@@ -116,21 +116,28 @@ def _trial_id(result) -> Optional[str]:
 
 
 def _mark_stopped_trials(uri: str, experiment: str, parent: str, results, scheduler: str) -> None:
-    """A trial the scheduler stopped ends without error while its run is still RUNNING: KILLED,
-    tagged with who stopped it, so no one reads it as a crash or a finished curriculum."""
+    """A trial Tune ended without error before its last step was stopped by the scheduler: its run
+    becomes KILLED, tagged with who stopped it, so no one reads it as a crash or a finished
+    curriculum. Tune's result decides, not the run's status: depending on how fast the trial's
+    process went down, the stop left the run RUNNING or (its Train controller dying first) FAILED."""
     c = tracking.client(uri)
     for result in results:
         tid = _trial_id(result)
         if tid is None or result.error is not None:
             continue
         run_id = tracking.find_run(uri, experiment, {tracking.TRIAL_TAG: tid, tracking.PARENT_TAG: parent})
-        if run_id and c.get_run(run_id).info.status == "RUNNING":
-            steps = (result.config or {}).get("train", {}).get("steps")
-            if steps is not None and (result.metrics or {}).get("step", -1) >= steps:
+        if run_id is None:
+            continue
+        run = c.get_run(run_id)
+        steps = (result.config or {}).get("train", {}).get("steps")
+        if steps is None or (result.metrics or {}).get("step", -1) >= steps:
+            if run.info.status == "RUNNING":
                 c.set_terminated(run_id, status="FINISHED")  # stopped only after its last report
-                continue
-            c.set_tag(run_id, "paceray.stopped_early", scheduler)
-            c.set_terminated(run_id, status="KILLED")
+            continue
+        if tracking.ERROR_TAG in run.data.tags:
+            c.delete_tag(run_id, tracking.ERROR_TAG)
+        c.set_tag(run_id, "paceray.stopped_early", scheduler)
+        c.set_terminated(run_id, status="KILLED")
 
 
 def _close_orphans(uri: str, experiment: str, parent: str) -> None:
