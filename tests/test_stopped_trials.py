@@ -1,0 +1,53 @@
+"""How a search marks the runs of trials its scheduler stopped, from Tune's own results.
+
+A stop kills the trial's process; whether the trial's run is left RUNNING or (its Train
+controller dying first, the trial's error path running) FAILED depends on timing. These cases
+pin the outcome for each, on a real MLflow store and Tune's own Result objects."""
+
+from __future__ import annotations
+
+from paceray import tracking
+from paceray.commands.tune import _mark_stopped_trials
+
+
+def _result(trial_id: str, step: int, steps: int = 300, error: Exception | None = None):
+    from ray.tune import Result
+
+    # Tune puts the trial's config into its reported metrics; Result.config reads it from there.
+    metrics = {"trial_id": trial_id, "step": step, "config": {"train": {"steps": steps}}}
+    return Result(metrics=metrics, checkpoint=None, error=error, path=f"/nowhere/run_trial_{trial_id}")
+
+
+def test_stopped_trials_become_killed_whatever_status_the_stop_left(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = tracking.create_run(uri, "exp", "search", {tracking.KIND_TAG: "search"})
+    c = tracking.client(uri)
+
+    def child(tid: str, status: str, error: str | None = None) -> str:
+        rid = tracking.create_run(uri, "exp", tid, {tracking.TRIAL_TAG: tid, tracking.PARENT_TAG: parent})
+        if error:
+            c.set_tag(rid, tracking.ERROR_TAG, error)
+        if status != "RUNNING":
+            c.set_terminated(rid, status=status)
+        return rid
+
+    left_running = child("a", "RUNNING")
+    left_failed = child("b", "FAILED", "ActorDiedError: the actor died unexpectedly")
+    stopped_at_end = child("c", "RUNNING")
+    finished = child("d", "FINISHED")
+    crashed = child("e", "FAILED", "non-finite loss at step 40")
+    results = [_result("a", 60), _result("b", 90), _result("c", 300), _result("d", 300),
+               _result("e", 40, error=RuntimeError("non-finite loss"))]
+
+    _mark_stopped_trials(uri, "exp", parent, results, "asha")
+
+    for rid in (left_running, left_failed):
+        run = c.get_run(rid)
+        assert run.info.status == "KILLED"
+        assert run.data.tags.get("paceray.stopped_early") == "asha"
+        assert tracking.ERROR_TAG not in run.data.tags  # a stop is not a crash
+    for rid in (stopped_at_end, finished):
+        run = c.get_run(rid)
+        assert run.info.status == "FINISHED" and "paceray.stopped_early" not in run.data.tags
+    run = c.get_run(crashed)  # Tune saw its error: it stays failed, with its reason
+    assert run.info.status == "FAILED" and run.data.tags[tracking.ERROR_TAG].startswith("non-finite")
