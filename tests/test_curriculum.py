@@ -216,6 +216,31 @@ def test_resume_mid_stage_gives_the_same_future(pacing):
     assert len({st for _, st in future_a}) > 1  # the window crosses a stage change
 
 
+def test_every_rank_resumes_its_own_stream_from_rank_0s_state():
+    """Only rank 0 writes the checkpoint; every rank (on any worker count) must continue its own
+    draws, not rank 0's."""
+    def make(rank):
+        return CurriculumSampler(1000, 4, "easy-to-hard", stage_steps=10, seed=3, rank=rank)
+
+    uninterrupted = {}
+    for rank in range(3):
+        s = make(rank)
+        for _ in range(15):
+            s.sample(4)
+            s.advance()
+        uninterrupted[rank] = [s.sample(16).tolist()]
+    writer = make(0)
+    for _ in range(15):
+        writer.sample(4)
+        writer.advance()
+    state = torch.load(_roundtrip(writer.state_dict()), weights_only=False)
+    for rank in range(3):
+        resumed = make(rank)
+        resumed.load_state_dict(state)
+        assert [resumed.sample(16).tolist()] == uninterrupted[rank], rank
+    assert uninterrupted[1] != uninterrupted[0]
+
+
 def _roundtrip(state):
     import io
 

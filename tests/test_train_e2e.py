@@ -137,11 +137,14 @@ def test_resume_after_a_kill_continues_the_same_run(tmp_path, storage):
     registered = registered_checkpoint_step(run_dir)
     assert max(int(p.name.removeprefix("checkpoint_step")) for p in _checkpoints(run_dir)) < 120
 
-    result = run_paceray("train", spec, "--run-dir", run_dir, "--resume")
+    # Resumed on two workers where one wrote the checkpoint (a user who got a bigger node): the
+    # data is resharded, everything else continues.
+    result = run_paceray("train", spec, "--run-dir", run_dir, "--resume", "--set", "resources.workers=2")
     import re
 
     resumed = re.search(r"resumed from the checkpoint at step (\d+)", result.stdout)
     assert resumed and int(resumed.group(1)) == registered >= 20, (registered, result.stdout[-3000:])
+    assert "written by 1 worker(s), this run has 2" in result.stdout
     client, run = only_run(run_dir, "resume")  # one run, not two
     assert run.info.status == "FINISHED"
     for key in ("train/loss", "curriculum/stage", "curriculum/t_min", "eval/fid"):

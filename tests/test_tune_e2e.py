@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -191,7 +192,10 @@ def _free_port() -> int:
 def test_ray_job_submit_to_a_local_head(tmp_path, storage):
     ray_bin = str(Path(sys.executable).parent / "ray")
     gcs, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    # Token authentication on, as README's commands and the cluster run it; the token comes from the
+    # environment here so that the test writes nothing under ~/.ray.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     temp = Path("/tmp") / f"rayjob-{os.getpid()}"  # short: Ray's socket paths must stay under 108 bytes
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                              "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
@@ -206,6 +210,10 @@ def test_ray_job_submit_to_a_local_head(tmp_path, storage):
             if r.returncode == 0:
                 break
             time.sleep(2)
+        assert r.returncode == 0, r.stderr[-3000:]
+        wrong = subprocess.run([ray_bin, "job", "list", "--address", address], capture_output=True, text=True,
+                               env={**env, "RAY_AUTH_TOKEN": secrets.token_hex(32)})
+        assert wrong.returncode != 0  # the Jobs API refuses another token
         runtime_env = {"env_vars": {"PACERAY_STORAGE": str(storage)}}
         submit = subprocess.run(
             [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO),
@@ -225,6 +233,7 @@ def test_ray_job_submit_to_a_local_head(tmp_path, storage):
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
+            pass
+        kill_session(head.pid)  # what `ray stop` would leave: workers in process groups of their own
+        head.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)

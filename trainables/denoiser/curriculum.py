@@ -330,7 +330,9 @@ class CurriculumSampler:
         self.smoothed, self.best, self.since_best = state["smoothed"], state["best"], int(state["since_best"])
         self._pending = None if state["pending"] is None else torch.tensor(state["pending"])
         self._pending_n = int(state["pending_n"])
-        self.generator.set_state(state["generator"])
+        # Not the saved generator: that is the writing rank's (rank 0's). The stream is a function
+        # of (seed, rank, step), so reseeding gives each rank its own, exactly where it left off.
+        self._reseed()
         self._refresh()
 
 

@@ -218,9 +218,10 @@ def resize_images(images: torch.Tensor, image_size: int, chunk: int = 4096) -> t
     return out
 
 
-def stream_seed(seed: int, rank: int) -> int:
-    """A well-mixed 63-bit seed per (seed, rank): nearby seeds and ranks share no stream."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{rank}".encode()).digest()[:8], "little") >> 1
+def stream_seed(seed: int, rank: int, salt: str = "") -> int:
+    """A well-mixed 63-bit seed per (seed, rank[, salt]): nearby seeds and ranks share no stream."""
+    key = f"{seed}:{rank}" + (f":{salt}" if salt else "")
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
 
 
 class ImageBatches:
@@ -276,6 +277,12 @@ class ImageBatches:
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self._epoch_state.clone(), "epoch": self.epoch,
                 "position": self._position, "num_items": len(self.images)}
+
+    def reseed(self, seed: int) -> None:
+        """Start a new stream from `seed` at a fresh epoch (a resume whose old positions mean nothing here)."""
+        self.generator.manual_seed(seed)
+        self.epoch = 0
+        self._new_epoch()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["num_items"] != len(self.images):

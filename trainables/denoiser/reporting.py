@@ -41,6 +41,9 @@ class TrialLog:
     def note_resume(self, step: int) -> None:
         self._say(f"resumed from the checkpoint at step {step} (stage {self.sampler.stage})")
 
+    def note(self, text: str) -> None:
+        self._say(text)
+
     def _say(self, text: str) -> None:
         if self.console:
             # Not print(): Ray Train patches print into its logger, which echoes every line twice.

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from trainables.denoiser import curriculum as curriculum_lib
 from trainables.denoiser.config import Config
-from trainables.denoiser.data import ImageBatches, load_split, read_manifest
+from trainables.denoiser.data import ImageBatches, load_split, read_manifest, stream_seed
 from trainables.denoiser.diffusion import GaussianDiffusion
 from trainables.denoiser.features import dataset_path, fid_evaluator
 from trainables.denoiser.model import EMA, build_model, drop_labels, null_label, unwrap
@@ -76,7 +76,7 @@ def train_loop(config: dict) -> None:
     lr_at = lambda step: cfg.train.lr * min(1.0, (step + 1) / warmup)  # noqa: E731
 
     # ---------------------------------------------------------------- resume
-    start_step, last_report = 0, None
+    start_step, last_report, saved_world = 0, None, world
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -85,9 +85,16 @@ def train_loop(config: dict) -> None:
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["curriculum"])
-        batches.load_state_dict(state["data"][rank] if rank < len(state["data"]) else state["data"][0])
         start_step = int(state["step"])
         last_report = state.get("metrics")
+        saved_world = len(state["data"])
+        if saved_world == world:
+            batches.load_state_dict(state["data"][rank])
+        else:
+            # Another worker count reshards the data: no saved position belongs to this rank's shard.
+            # A fresh stream per (seed, rank, step) keeps the resume deterministic and does not
+            # replay the opening batches of step 0.
+            batches.reseed(stream_seed(cfg.train.seed, rank, salt=f"resume@{start_step}"))
     ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
     train_model = torch.compile(ddp_model) if cfg.train.compile else ddp_model
 
@@ -95,6 +102,9 @@ def train_loop(config: dict) -> None:
     log = TrialLog(ctx, cfg, sampler, rank) if rank == 0 else None
     if log and checkpoint is not None:
         log.note_resume(start_step)
+        if saved_world != world:
+            log.note(f"the checkpoint was written by {saved_world} worker(s), this run has {world}: "
+                     f"the data is resharded and each worker's data order starts afresh")
     if start_step >= cfg.train.steps and last_report is not None:
         # Killed after its last checkpoint but before its caller heard it finished: say the final
         # result again (a Tune trial that reports nothing fails the whole search), then end.
