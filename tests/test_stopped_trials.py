@@ -6,8 +6,8 @@ pin the outcome for each, on a real MLflow store and Tune's own Result objects."
 
 from __future__ import annotations
 
-from paceray import tracking
-from paceray.commands.tune import _mark_stopped_trials
+from paceray import runlog, spool, tracking
+from paceray.commands.tune import _close_orphans, _mark_stopped_trials
 
 
 def _result(trial_id: str, step: int, steps: int = 300, error: Exception | None = None):
@@ -39,7 +39,16 @@ def test_stopped_trials_become_killed_whatever_status_the_stop_left(tmp_path):
     results = [_result("a", 60), _result("b", 90), _result("c", 300), _result("d", 300),
                _result("e", 40, error=RuntimeError("non-finite loss"))]
 
-    _mark_stopped_trials(uri, "exp", parent, results, "asha")
+    # The stopped process had queued two log intervals it never sent.
+    queued = runlog.spool_dir(tmp_path, left_running)
+    for step in (65, 70):
+        spool.append(queued, {"kind": "metrics", "run_id": left_running, "step": step,
+                              "timestamp": spool.now_ms(), "metrics": {"train/loss": 0.5}})
+
+    _mark_stopped_trials(uri, "exp", parent, results, "asha", tmp_path)
+
+    assert [m.step for m in c.get_metric_history(left_running, "train/loss")] == [65, 70]
+    assert not queued.exists()
 
     for rid in (left_running, left_failed):
         run = c.get_run(rid)
@@ -51,3 +60,15 @@ def test_stopped_trials_become_killed_whatever_status_the_stop_left(tmp_path):
         assert run.info.status == "FINISHED" and "paceray.stopped_early" not in run.data.tags
     run = c.get_run(crashed)  # Tune saw its error: it stays failed, with its reason
     assert run.info.status == "FAILED" and run.data.tags[tracking.ERROR_TAG].startswith("non-finite")
+
+
+def test_orphans_get_their_queued_writes_then_fail(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = tracking.create_run(uri, "exp", "search", {tracking.KIND_TAG: "search"})
+    orphan = tracking.create_run(uri, "exp", "t", {tracking.TRIAL_TAG: "t", tracking.PARENT_TAG: parent})
+    spool.append(runlog.spool_dir(tmp_path, orphan), {"kind": "metrics", "run_id": orphan, "step": 5,
+                                                      "timestamp": spool.now_ms(), "metrics": {"train/loss": 1.0}})
+    _close_orphans(uri, "exp", parent, tmp_path)
+    run = tracking.client(uri).get_run(orphan)
+    assert run.info.status == "FAILED" and "did not finish" in run.data.tags[tracking.ERROR_TAG]
+    assert run.data.metrics == {"train/loss": 1.0}

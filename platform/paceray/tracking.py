@@ -195,11 +195,7 @@ def finish_run(uri: str, run_id: str, status: str, run_dir: Path) -> Optional[st
     from paceray import runlog, spool
 
     folder = runlog.spool_dir(run_dir, run_id)
-    if folder.exists() and spool.deliver_pending(folder, spool.mlflow_deliverer(uri)):
-        import shutil
-
-        shutil.rmtree(folder, ignore_errors=True)  # a worker's leftovers, delivered now
-    if not folder.exists():
+    if deliver_leftovers(uri, run_id, run_dir):
         try:
             end_run(uri, run_id, status)
             return None
@@ -207,6 +203,22 @@ def finish_run(uri: str, run_id: str, status: str, run_dir: Path) -> Optional[st
             pass
     spool.append(folder, {"kind": "terminate", "run_id": run_id, "status": status})
     return runlog.replay_command(folder, uri)
+
+
+def deliver_leftovers(uri: str, run_id: str, run_dir: Path) -> bool:
+    """Deliver what a trial's process queued for its run and did not send before it died (a
+    worker killed by a crash or by a scheduler's stop). True when nothing is left queued."""
+    import shutil
+
+    from paceray import runlog, spool
+
+    folder = runlog.spool_dir(run_dir, run_id)
+    if not folder.exists():
+        return True
+    if spool.deliver_pending(folder, spool.mlflow_deliverer(uri)):
+        shutil.rmtree(folder, ignore_errors=True)
+        return True
+    return False
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

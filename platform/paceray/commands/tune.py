@@ -78,9 +78,9 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
             try:
                 results = tuner.fit()
                 status = "FINISHED"  # failed trials are marked on their own runs
-                _mark_stopped_trials(uri, spec.experiment, parent, results, spec.tune.scheduler)
+                _mark_stopped_trials(uri, spec.experiment, parent, results, spec.tune.scheduler, rd)
             finally:
-                _close_orphans(uri, spec.experiment, parent)
+                _close_orphans(uri, spec.experiment, parent, rd)
                 tracking.end_run(uri, parent, status)
             _finish(uri, parent, loaded, rd, results, trainable)
     finally:
@@ -115,7 +115,7 @@ def _trial_id(result) -> Optional[str]:
     return "_".join(parts[2:4]) if len(parts) >= 4 else None
 
 
-def _mark_stopped_trials(uri: str, experiment: str, parent: str, results, scheduler: str) -> None:
+def _mark_stopped_trials(uri: str, experiment: str, parent: str, results, scheduler: str, run_dir: Path) -> None:
     """A trial Tune ended without error before its last step was stopped by the scheduler: its run
     becomes KILLED, tagged with who stopped it, so no one reads it as a crash or a finished
     curriculum. Tune's result decides, not the run's status: depending on how fast the trial's
@@ -128,28 +128,31 @@ def _mark_stopped_trials(uri: str, experiment: str, parent: str, results, schedu
         run_id = tracking.find_run(uri, experiment, {tracking.TRIAL_TAG: tid, tracking.PARENT_TAG: parent})
         if run_id is None:
             continue
+        tracking.deliver_leftovers(uri, run_id, run_dir)  # what the stopped process had queued
         run = c.get_run(run_id)
         steps = (result.config or {}).get("train", {}).get("steps")
         if steps is None or (result.metrics or {}).get("step", -1) >= steps:
             if run.info.status == "RUNNING":
-                c.set_terminated(run_id, status="FINISHED")  # stopped only after its last report
+                tracking.finish_run(uri, run_id, "FINISHED", run_dir)  # stopped only after its last report
             continue
         if tracking.ERROR_TAG in run.data.tags:
             c.delete_tag(run_id, tracking.ERROR_TAG)
         c.set_tag(run_id, "paceray.stopped_early", scheduler)
-        c.set_terminated(run_id, status="KILLED")
+        tracking.finish_run(uri, run_id, "KILLED", run_dir)
 
 
-def _close_orphans(uri: str, experiment: str, parent: str) -> None:
-    """Child runs still RUNNING when the search ends (a trial killed with its driver) are marked failed."""
+def _close_orphans(uri: str, experiment: str, parent: str, run_dir: Path) -> None:
+    """Child runs still RUNNING when the search ends (a trial killed with its driver) are marked
+    failed, after what their processes had queued is delivered."""
     c = tracking.client(uri)
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         return
     for run in c.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent}' "
                                                                  f"and attributes.status = 'RUNNING'"):
-        c.set_tag(run.info.run_id, "paceray.error", "the trial did not finish (search interrupted or killed)")
-        c.set_terminated(run.info.run_id, status="FAILED")
+        tracking.deliver_leftovers(uri, run.info.run_id, run_dir)
+        c.set_tag(run.info.run_id, tracking.ERROR_TAG, "the trial did not finish (search interrupted or killed)")
+        tracking.finish_run(uri, run.info.run_id, "FAILED", run_dir)
 
 
 def _finish(uri: str, parent: str, loaded, run_dir: Path, results, trainable) -> None:
