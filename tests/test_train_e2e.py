@@ -59,7 +59,7 @@ def test_two_worker_trial_logs_every_metric(two_worker_trial):
     assert {"curriculum/schedule.png", "curriculum/schedule.json"} <= artifacts
     # progress on the console: step, stage, loss, img/s, and the last FID
     assert "step 40/60 · stage" in result.stdout and "img/s · FID" in result.stdout
-    assert "paceray ui --run-dir" in result.stdout
+    assert "paceray ui --run-dir" in result.stdout and "View run" not in result.stdout + result.stderr
 
 
 def test_t_min_steps_down_exactly_as_the_preview_says(two_worker_trial):

@@ -66,6 +66,8 @@ def test_search_makes_one_parent_and_a_child_per_order(quick_search):
         assert (art / rel).is_file(), rel
     assert parent.data.tags["paceray.best_trial"] in {c.data.tags["paceray.trial_id"] for c in children}
     assert "best trial" in result.stdout and "paceray ui --run-dir" in result.stdout
+    # no "View run at http://127.0.0.1:PORT" links: the embedded server's port dies with the command
+    assert "View run" not in result.stdout + result.stderr
 
 
 def test_best_model_loads_as_a_diffusers_pipeline(quick_search):

@@ -113,6 +113,13 @@ class LocalServer:
             pass
 
 
+def quiet_run_links() -> None:
+    """MLflow prints a "View run at http://…" link as each run ends. The embedded server listens
+    on a port that dies with the command, so those links would be dead by the time anyone clicks:
+    the command prints `paceray ui …` instead. (A user's own setting wins.)"""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
 @contextmanager
 def tracking_session(run_dir: Path, tracking_uri: Optional[str] = None) -> Iterator[str]:
     """Yield the tracking URI every process of this command uses; serve the embedded store meanwhile."""
@@ -127,6 +134,7 @@ def tracking_session(run_dir: Path, tracking_uri: Optional[str] = None) -> Itera
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     server = LocalServer(run_dir).start()
+    quiet_run_links()
     try:
         yield server.uri
     finally:

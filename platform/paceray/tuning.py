@@ -89,6 +89,8 @@ def run_trial(config: dict, search: dict) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     uri, parent = search["tracking_uri"], search["parent_run_id"]
+    if search.get("embedded_tracking"):
+        tracking.quiet_run_links()
     run_id = tracking.find_run(uri, search["experiment"], {tracking.TRIAL_TAG: trial_id,
                                                           tracking.PARENT_TAG: parent})
     already_finished = False
@@ -152,9 +154,11 @@ class TrialFailed(RuntimeError):
     """The trainable failed its trial and said why (the reason is in the run's paceray.error tag)."""
 
 
-def search_context(loaded: LoadedSpec, uri: str, parent_run_id: str, storage: str, run_dir: Path) -> dict[str, Any]:
+def search_context(loaded: LoadedSpec, uri: str, parent_run_id: str, storage: str, run_dir: Path,
+                   embedded_tracking: bool = False) -> dict[str, Any]:
     r = loaded.spec.resources
     return {
+        "embedded_tracking": embedded_tracking,
         "tracking_uri": uri,
         "parent_run_id": parent_run_id,
         "experiment": loaded.spec.experiment,

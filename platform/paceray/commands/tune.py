@@ -71,7 +71,8 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
                 _log_spec(uri, parent, loaded)
                 _write_atomic(state_path, json.dumps({"parent_run_id": parent, "experiment": spec.experiment,
                                                       "spec": spec.path}))
-            context = tuning.search_context(loaded, uri, parent, str(storage), rd)
+            context = tuning.search_context(loaded, uri, parent, str(storage), rd,
+                                            embedded_tracking=not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")))
             tuner = tuning.build_tuner(loaded, context, cluster, tuner_dir if previous else None)
             print(f"paceray tune {spec.name}: {where}; MLflow at {uri}; results in {tuner_dir}", flush=True)
             status = "FAILED"
