@@ -276,8 +276,9 @@ def test_mlflow_outage_mid_run_loses_nothing(tmp_path, storage):
 
 def test_mlflow_gone_for_good_leaves_the_queue_and_a_replay_command(tmp_path, storage):
     server = MlflowServer(tmp_path / "mlflow").start()
+    # 200 steps (~10 s): the server must go while there is still training left to log.
     spec = write_spec(tmp_path / "g.yaml", "gone",
-                      tiny_base(train={"steps": 60, "log_every": 5}, eval={"every": 30}))
+                      tiny_base(train={"steps": 200, "log_every": 5}, eval={"every": 100}))
     proc = _start_train(spec, tmp_path / "runs", server.uri)
     try:
         run_id = _wait_for_metrics(server, "gone", proc)
@@ -299,7 +300,7 @@ def test_mlflow_gone_for_good_leaves_the_queue_and_a_replay_command(tmp_path, st
     client = server.client()
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [m.step for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)] == \
-        list(range(5, 61, 5))
+        list(range(5, 201, 5))
     assert not queue.exists()
 
 
