@@ -115,3 +115,19 @@ def kill_session(leader: int, timeout: float = 60) -> None:
             except psutil.Error:
                 pass
         time.sleep(0.1)
+
+
+@pytest.fixture
+def fashion_mnist() -> Path:
+    """The Debian package's Fashion-MNIST folder. Without it the test is skipped on a developer's
+    machine (nothing downloads here), but fails where it must run: `.ci/run` installs the package
+    and sets PACERAY_REQUIRE_FASHION_MNIST, so CI never passes by skipping."""
+    from trainables.denoiser.datasets_sources import FASHION_MNIST_DIR
+
+    if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        return FASHION_MNIST_DIR
+    message = f"{FASHION_MNIST_DIR} holds no Fashion-MNIST (apt-get install dataset-fashion-mnist)"
+    if os.environ.get("PACERAY_REQUIRE_FASHION_MNIST"):
+        pytest.fail(message)
+    pytest.skip(message)
+

@@ -172,9 +172,7 @@ def test_image_folder_size_mismatch_names_the_file(tmp_path):
     assert not (tmp_path / "cache" / "datasets").exists() or not any((tmp_path / "cache" / "datasets").iterdir())
 
 
-@pytest.mark.skipif(not (datasets_sources.FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
-                    reason=f"{datasets_sources.FASHION_MNIST_DIR} absent (apt-get install dataset-fashion-mnist)")
-def test_fashion_mnist_from_the_debian_package(tmp_path):
+def test_fashion_mnist_from_the_debian_package(tmp_path, fashion_mnist):
     path = data.prepare("fashion-mnist", tmp_path, download=False)
     manifest = data.read_manifest(path)
     assert manifest["image_shape"] == [1, 28, 28]

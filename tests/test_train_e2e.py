@@ -156,9 +156,7 @@ def test_resume_after_a_kill_continues_the_same_run(tmp_path, storage):
     assert max(stage) == 120 and [s for s, _ in history(client, run.info.run_id, "train/loss")] == list(range(5, 121, 5))
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
-                    reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist; .ci/run does)")
-def test_fashion_mnist_spec_runs_a_few_steps(tmp_path, storage):
+def test_fashion_mnist_spec_runs_a_few_steps(tmp_path, storage, fashion_mnist):
     # One epoch of the Fashion-MNIST FID network (~30 s on one CPU core; the default 6 take ~3 min):
     # this test checks the path, not the net's accuracy (tests/test_fid.py and the note measure that).
     net = run_paceray("fid-net", "train", "fashion-mnist", "--epochs", 1, env={"OMP_NUM_THREADS": "1"})
