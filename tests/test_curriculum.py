@@ -3,7 +3,6 @@
 import copy
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from scipy.stats import chisquare
 
+from paceray.tracking import free_port
 from trainables.denoiser.curriculum import (
     CurriculumSampler,
     cluster_edges,
@@ -260,12 +260,6 @@ def test_state_from_another_curriculum_is_refused():
 # ----------------------------------------------------------------- DDP: identical decisions
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _patience_rank(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -284,7 +278,7 @@ def _patience_rank(rank, world, port, out_dir):
 
 @pytest.mark.slow
 def test_patience_decisions_are_identical_on_two_gloo_ranks(tmp_path):
-    mp.spawn(_patience_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_patience_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0["trace"] == r1["trace"]

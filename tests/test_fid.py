@@ -4,7 +4,6 @@ exact across 2 gloo ranks, and the Inception-v3 weights paths (local file, env, 
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from paceray.errors import PacerayError
+from paceray.tracking import free_port
 from trainables.denoiser.data import load_split, prepare, resize_images, to_unit_range
 from trainables.denoiser.fid import (INCEPTION_ENV, FIDEvaluator, ReferenceStats, load_extractor, load_inception,
                                      reference_statistics)
@@ -126,12 +126,6 @@ def test_reference_statistics_are_cached(digits):
         hook.remove()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _fid_on_rank(rank, world, port, net_path, dataset_dir, cache, images_path, out_dir):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -161,7 +155,7 @@ def test_fid_from_two_gloo_ranks_equals_one_process(digits, tmp_path):
     torch.save(images, tmp_path / "images.pt")
     single = _fid(extractor, reference, images)
     mp.spawn(_fid_on_rank, nprocs=2, join=True,
-             args=(2, _free_port(), digits["net_path"], digits["dataset_dir"], cache, tmp_path / "images.pt", tmp_path))
+             args=(2, free_port(), digits["net_path"], digits["dataset_dir"], cache, tmp_path / "images.pt", tmp_path))
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for result in results:
         assert result["num_fake"] == len(images) and result["num_real"] == single["num_real"]

@@ -180,13 +180,9 @@ class MlflowServer:
     """A real `mlflow server` on loopback, in its own process group, that the test stops and restarts."""
 
     def __init__(self, root: Path):
-        import socket
+        from paceray.tracking import free_port
 
-        self.root = root
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.proc = None
+        self.root, self.port, self.proc = root, free_port(), None
 
     @property
     def uri(self) -> str:

@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PACERAY, REPO, history, kill_session, mlflow_client, run_paceray
+from paceray.tracking import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -185,15 +185,9 @@ def test_asha_stops_the_weak_trials(tmp_path, storage):
 # ----------------------------------------------------------------- ray job submit
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_job_submit_to_a_local_head(tmp_path, storage):
     ray_bin = str(Path(sys.executable).parent / "ray")
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     # Token authentication on, as README's commands and the cluster run it; the token comes from the
     # environment here so that the test writes nothing under ~/.ray.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),

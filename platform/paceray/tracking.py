@@ -32,11 +32,28 @@ def embedded_store(run_dir: Path) -> tuple[str, Path]:
     return f"sqlite:///{run_dir / 'mlflow.db'}", run_dir / "mlartifacts"
 
 
+# No job runner: its eight huey consumers serve GenAI jobs we never submit, and cost seconds.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def server_argv(run_dir: Path, port: int, *options: str) -> list[str]:
+    """`mlflow server` on 127.0.0.1 over the embedded store, run through `paceray.supervise`: the
+    server leaves children behind after SIGTERM, the supervisor ends its whole process group
+    when told to stop or when its parent dies, even by SIGKILL."""
+    backend, artifacts = embedded_store(run_dir)
+    # Artifacts as plain files under the run directory: every process of a local run shares that
+    # disk, and `paceray report` / tests can read them without a server.
+    return [sys.executable, "-m", "paceray.supervise", sys.executable, "-m", "mlflow", "server",
+            "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", backend,
+            "--no-serve-artifacts", "--default-artifact-root", str(artifacts), *options]
+
+
 def ui_command(run_dir: Path) -> str:
     return f"paceray ui --run-dir {run_dir}"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -64,7 +81,7 @@ class LocalServer:
 
     def __init__(self, run_dir: Path, port: Optional[int] = None):
         self.run_dir = run_dir
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.proc: Optional[subprocess.Popen] = None
 
     @property
@@ -72,18 +89,11 @@ class LocalServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 90.0) -> "LocalServer":
-        backend, artifacts = embedded_store(self.run_dir)
+        backend, _ = embedded_store(self.run_dir)
         log = open(self.run_dir / "mlflow-server.log", "ab")
-        # Through the supervisor: the server's whole process group ends with us, even on SIGKILL.
-        cmd = [sys.executable, "-m", "paceray.supervise", sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--backend-store-uri", backend, "--workers", "2",
-               # Artifacts as plain files under the run directory: every process of a local run
-               # shares that disk, and `paceray report` / tests can read them without a server.
-               "--no-serve-artifacts", "--default-artifact-root", str(artifacts)]
-        # No job runner: its eight huey consumers serve GenAI jobs we never submit, and cost seconds.
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     cwd=self.run_dir, env=env)
+        self.proc = subprocess.Popen(server_argv(self.run_dir, self.port, "--workers", "2"), stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True, cwd=self.run_dir,
+                                     env={**os.environ, **SERVER_ENV})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -239,8 +249,8 @@ def serve_ui(run_dir: Optional[str], port: int) -> None:
     rd = Path(run_dir).expanduser().resolve() if run_dir else default_run_dir()
     if not (rd / "mlflow.db").exists():
         raise PacerayError(f"{rd / 'mlflow.db'}: no embedded MLflow store here; pass --run-dir of a paceray run")
-    backend, artifacts = embedded_store(rd)
     print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
-    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", backend, "--no-serve-artifacts",
-                               "--default-artifact-root", str(artifacts)])
+    # The same server as the embedded one, supervised: on SIGTERM its whole group goes at once
+    # (a bare `mlflow server` leaves its workers winding down for seconds).
+    argv = server_argv(rd, port)
+    os.execvpe(argv[0], argv, {**os.environ, **SERVER_ENV})

@@ -16,7 +16,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sysconfig
 import time
@@ -25,17 +24,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from paceray.tracking import free_port
 from k8s_pods import env_by_name
 from k8s_render import KUSTOMIZATIONS, render
 
 READY_TIMEOUT_S = 90
 UNLISTED_HOST = "attacker.example:5000"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _find(objects, kind, name):
@@ -148,7 +142,7 @@ def test_mlflow_server_with_manifest_arguments(tmp_path):
     secret_values = {("paceray-mlflow-auth", "username"): "paceray-admin"}
     env = _server_env(container, mounts, secret_values)
     credentials = (env["MLFLOW_AUTH_ADMIN_USERNAME"], env["MLFLOW_AUTH_ADMIN_PASSWORD"])
-    port = _free_port()
+    port = free_port()
     command = _server_command(container, mounts, tmp_path / "mlflow.db", port)
     artifacts = Path(next(a for a in command if a.startswith("--artifacts-destination=")).partition("=")[2])
 
