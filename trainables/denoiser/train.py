@@ -8,7 +8,6 @@ to MLflow; every rank samples its share of the FID images.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from trainables.denoiser import curriculum as curriculum_lib
+from paceray.paths import storage_root
 from trainables.denoiser.config import Config
 from trainables.denoiser.data import ImageBatches, load_split, read_manifest, stream_seed
 from trainables.denoiser.diffusion import GaussianDiffusion
@@ -55,7 +55,7 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(cfg.train.seed * 1000 + rank)
 
     # ---------------------------------------------------------------- data, model, curriculum
-    storage = Path(ctx.get("storage") or os.environ.get("PACERAY_STORAGE", "~/.cache/paceray")).expanduser()
+    storage = Path(ctx["storage"]) if ctx.get("storage") else storage_root()
     data_dir = dataset_path(cfg.data, storage)
     manifest = read_manifest(data_dir)
     channels = manifest["image_shape"][0]
@@ -115,10 +115,11 @@ def train_loop(config: dict) -> None:
 
     # ---------------------------------------------------------------- the loop
     n_clusters = sampler.num_clusters
-    loss_sum = torch.zeros((), device=device)
+    # The cluster of every timestep, on the device once: no CPU bucketing or copy per step.
+    cluster_by_t = sampler.cluster_of(torch.arange(cfg.diffusion.timesteps)).to(device)
     cluster_loss = torch.zeros(n_clusters, device=device, dtype=torch.float64)
     cluster_count = torch.zeros(n_clusters, device=device, dtype=torch.float64)
-    interval_start, interval_images, interval_steps, last_fid = time.perf_counter(), 0, 0, None
+    interval_start, interval_images, last_fid = time.perf_counter(), 0, None
     null = null_label(model)
     label_gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + rank)
 
@@ -126,8 +127,7 @@ def train_loop(config: dict) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step - 1)
         x0, y = next(batches)
-        t_cpu = sampler.sample(x0.shape[0])  # drawn on the CPU: bucketing it below needs no device sync
-        t = t_cpu.to(device, non_blocking=True)
+        t = sampler.sample(x0.shape[0], device)
         y = drop_labels(y, cfg.data.label_dropout, null, label_gen) if num_classes else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             per_sample = diffusion.training_losses(train_model, x0, t, y)
@@ -140,19 +140,19 @@ def train_loop(config: dict) -> None:
         ema.update(model)
 
         raw = per_sample.detach()
-        loss_sum += raw.mean()
-        k = sampler.cluster_of(t_cpu).to(device, non_blocking=True)
+        k = cluster_by_t[t]
         cluster_loss.index_add_(0, k, raw.double())
-        cluster_count.index_add_(0, k, torch.ones_like(raw, dtype=torch.float64))
+        cluster_count += torch.bincount(k, minlength=n_clusters)
         # What this step trained on, before `advance` may open the next stage.
         stage_before, t_lo, t_hi = sampler.stage, sampler.t_min, sampler.t_max
         sampler.advance(raw.mean() if cfg.curriculum.pacing == "patience" else None)
         interval_images += x0.shape[0]
-        interval_steps += 1
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            totals = _all_reduce_sum(torch.cat([loss_sum.double().reshape(1), cluster_loss, cluster_count]))
-            mean_loss = float(totals[0]) / (interval_steps * world)
+            # One device-to-host copy per log; train/loss is the mean over every sample of the interval.
+            totals = _all_reduce_sum(torch.cat([cluster_loss, cluster_count])).cpu()
+            loss_by_cluster, count_by_cluster = totals[:n_clusters], totals[n_clusters:]
+            mean_loss = float(loss_by_cluster.sum() / count_by_cluster.sum())
             if not math.isfinite(mean_loss):
                 # Every rank sees the same all-reduced value, so all stop together. Retrying from
                 # the last checkpoint would meet the same NaN: end the trial as failed, with why.
@@ -162,8 +162,8 @@ def train_loop(config: dict) -> None:
                     log.fail(reason)
                 return
             elapsed = time.perf_counter() - interval_start
-            per_cluster = totals[1:1 + n_clusters] / totals[1 + n_clusters:].clamp(min=1)
-            sampled = totals[1 + n_clusters:] > 0
+            per_cluster = loss_by_cluster / count_by_cluster.clamp(min=1)
+            sampled = count_by_cluster > 0
             metrics = {
                 "train/loss": mean_loss,
                 "curriculum/stage": stage_before,
@@ -175,12 +175,12 @@ def train_loop(config: dict) -> None:
             }
             if log:
                 log.metrics(metrics, step, last_fid)
-            loss_sum.zero_(), cluster_loss.zero_(), cluster_count.zero_()
-            interval_start, interval_images, interval_steps = time.perf_counter(), 0, 0
+            cluster_loss.zero_(), cluster_count.zero_()
+            interval_start, interval_images = time.perf_counter(), 0
 
         if step % cfg.eval.every == 0 or step == cfg.train.steps:
             eval_start = time.perf_counter()
-            fid, grid = evaluate(cfg, diffusion, model, ema, evaluator, rank, world, device, num_classes, step)
+            fid, grid = evaluate(cfg, diffusion, model, ema, evaluator, rank, world, device, num_classes, bf16)
             last_fid = fid["fid"]
             eval_seconds = time.perf_counter() - eval_start
             metrics = {"eval/fid": last_fid, "eval/seconds": eval_seconds, "step": step,
@@ -196,9 +196,10 @@ def train_loop(config: dict) -> None:
 
 
 @torch.no_grad()
-def generate_share(cfg, diffusion, ema_model, rank, world, device, num_classes):
+def generate_share(cfg, diffusion, ema_model, rank, world, device, num_classes, bf16: bool = False):
     """This rank's share of the `eval.fid_samples` images, batch by batch; the same noise at every
-    eval (seeded by rank), so FIDs over training compare like with like."""
+    eval (seeded by rank), so FIDs over training compare like with like. Sampling runs in the
+    trial's own precision (`bf16`), as its training did."""
     share = cfg.eval.fid_samples // world + (1 if rank < cfg.eval.fid_samples % world else 0)
     gen = torch.Generator(device=device).manual_seed(10_000 + rank)
     shape = (ema_model.config.in_channels, cfg.data.image_size, cfg.data.image_size)
@@ -206,7 +207,7 @@ def generate_share(cfg, diffusion, ema_model, rank, world, device, num_classes):
     while done < share:
         n = min(cfg.eval.batch_size, share - done)
         y = torch.randint(num_classes, (n,), generator=gen, device=device) if num_classes else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             x = diffusion.sample(ema_model, n, shape, cfg.eval.sampler_steps, labels=y,
                                  guidance_scale=cfg.eval.guidance_scale, generator=gen, device=device)
         yield x.float()
@@ -214,14 +215,14 @@ def generate_share(cfg, diffusion, ema_model, rank, world, device, num_classes):
 
 
 @torch.no_grad()
-def evaluate(cfg, diffusion, model, ema, evaluator, rank, world, device, num_classes, step):
+def evaluate(cfg, diffusion, model, ema, evaluator, rank, world, device, num_classes, bf16):
     """Every rank samples its share with the EMA weights; the FID statistics are reduced across ranks."""
     evaluator.reset()
     first = None
     with ema.applied_to(model) as ema_model:
-        for x in generate_share(cfg, diffusion, ema_model, rank, world, device, num_classes):
+        for x in generate_share(cfg, diffusion, ema_model, rank, world, device, num_classes, bf16):
             evaluator.update(x)
-            if first is None:
+            if first is None and rank == 0:  # the sample grid is rank 0's to log
                 first = x[: cfg.eval.sample_grid].cpu()
     result = evaluator.compute()
     return result, (sample_grid(first) if rank == 0 and cfg.eval.sample_grid and first is not None else None)
