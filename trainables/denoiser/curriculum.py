@@ -316,7 +316,6 @@ class CurriculumSampler:
             "since_best": self.since_best,
             "pending": pending,
             "pending_n": self._pending_n,
-            "generator": self.generator.get_state(),
             "edges": list(self.edges),
             "order": list(self.order),
         }

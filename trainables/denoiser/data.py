@@ -228,8 +228,10 @@ class ImageBatches:
     """Endless random minibatches of (float images in [-1, 1], int64 labels) on `device`.
 
     The images are resized once and kept as uint8 on the device, so a step costs one index
-    into that tensor and one scale. Order: a fresh permutation per epoch from a generator
-    seeded per (seed, rank); `state_dict()` lets a resumed run continue the same stream.
+    into that tensor and one scale. Order: epoch e is a permutation seeded by (seed, rank, e),
+    so the stream is a function of its position alone: `seek(step)` puts a resumed run where an
+    uninterrupted one would be, and on another worker count each rank starts at the same point
+    of its own (new) shard's stream. Nothing about the data goes into checkpoints.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, image_size: int,
@@ -241,54 +243,36 @@ class ImageBatches:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
-        self.batch_size = batch_size
+        self.batch_size, self.seed, self.rank = batch_size, seed, rank
         self.images = resize_images(images.to(self.device), image_size)
         self.labels = labels.to(self.device, torch.int64)
-        self.generator = torch.Generator().manual_seed(stream_seed(seed, rank))
-        self.epoch = 0
-        self._new_epoch()
+        self.epoch, self._order = -1, None
+        self.seek(0)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def _new_epoch(self) -> None:
-        # Keeping the generator state from *before* the permutation makes the resume state
-        # a few KiB instead of the whole permutation.
-        self._epoch_state = self.generator.get_state()
-        self._order = torch.randperm(len(self.images), generator=self.generator).to(self.device)
-        self._position = 0
+    def seek(self, step: int) -> None:
+        """Continue after `step` batches have been drawn."""
+        self._drawn = step * self.batch_size
+
+    def _order_of(self, epoch: int) -> torch.Tensor:
+        if epoch != self.epoch:
+            gen = torch.Generator().manual_seed(stream_seed(self.seed, self.rank, f"epoch{epoch}"))
+            self._order = torch.randperm(len(self.images), generator=gen).to(self.device)
+            self.epoch = epoch
+        return self._order
 
     def __iter__(self) -> "ImageBatches":
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        parts, needed = [], self.batch_size
+        parts, needed, n = [], self.batch_size, len(self.images)
         while needed:
-            if self._position == len(self.images):
-                self.epoch += 1
-                self._new_epoch()
-            take = min(needed, len(self.images) - self._position)
-            parts.append(self._order[self._position:self._position + take])
-            self._position += take
+            epoch, position = divmod(self._drawn, n)
+            take = min(needed, n - position)
+            parts.append(self._order_of(epoch)[position:position + take])
+            self._drawn += take
             needed -= take
         index = parts[0] if len(parts) == 1 else torch.cat(parts)
         return to_unit_range(self.images[index]), self.labels[index]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self._epoch_state.clone(), "epoch": self.epoch,
-                "position": self._position, "num_items": len(self.images)}
-
-    def reseed(self, seed: int) -> None:
-        """Start a new stream from `seed` at a fresh epoch (a resume whose old positions mean nothing here)."""
-        self.generator.manual_seed(seed)
-        self.epoch = 0
-        self._new_epoch()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["num_items"] != len(self.images):
-            raise PacerayError(f"resume state is for {state['num_items']} images, this rank holds "
-                               f"{len(self.images)}: the dataset or the worker count changed")
-        self.generator.set_state(state["generator"])
-        self._new_epoch()
-        self.epoch = state["epoch"]
-        self._position = state["position"]

@@ -37,7 +37,7 @@ def export(checkpoint_dir: str, config: dict, out_dir: str) -> str:
     return out_dir
 
 
-REQUIRED = ("step", "model", "ema", "optimizer", "curriculum", "data")
+REQUIRED = ("step", "model", "ema", "optimizer", "curriculum", "world")
 
 
 def check_checkpoint(checkpoint_dir: str | Path) -> None:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from trainables.denoiser import curriculum as curriculum_lib
 from paceray.paths import storage_root
 from trainables.denoiser.config import Config
-from trainables.denoiser.data import ImageBatches, load_split, read_manifest, stream_seed
+from trainables.denoiser.data import ImageBatches, load_split, read_manifest
 from trainables.denoiser.diffusion import GaussianDiffusion
 from trainables.denoiser.features import dataset_path, fid_evaluator
 from trainables.denoiser.model import EMA, build_model, drop_labels, null_label, unwrap
@@ -87,14 +87,8 @@ def train_loop(config: dict) -> None:
         sampler.load_state_dict(state["curriculum"])
         start_step = int(state["step"])
         last_report = state.get("metrics")
-        saved_world = len(state["data"])
-        if saved_world == world:
-            batches.load_state_dict(state["data"][rank])
-        else:
-            # Another worker count reshards the data: no saved position belongs to this rank's shard.
-            # A fresh stream per (seed, rank, step) keeps the resume deterministic and does not
-            # replay the opening batches of step 0.
-            batches.reseed(stream_seed(cfg.train.seed, rank, salt=f"resume@{start_step}"))
+        saved_world = int(state["world"])
+        batches.seek(start_step)  # the data stream is a function of (seed, rank, step), like the curriculum's
     ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
     train_model = torch.compile(ddp_model) if cfg.train.compile else ddp_model
 
@@ -188,7 +182,7 @@ def train_loop(config: dict) -> None:
                        "fid_samples": fid["num_fake"]}
             if log:
                 log.eval(fid, grid, step, eval_seconds)
-            report_with_checkpoint(metrics, step, model, ema, optimizer, sampler, batches, rank, world)
+            report_with_checkpoint(metrics, step, model, ema, optimizer, sampler, rank, world)
             interval_start = time.perf_counter()  # eval time is not training throughput
 
     if log:
@@ -228,16 +222,11 @@ def evaluate(cfg, diffusion, model, ema, evaluator, rank, world, device, num_cla
     return result, (sample_grid(first) if rank == 0 and cfg.eval.sample_grid and first is not None else None)
 
 
-def report_with_checkpoint(metrics, step, model, ema, optimizer, sampler, batches, rank, world):
+def report_with_checkpoint(metrics, step, model, ema, optimizer, sampler, rank, world):
     """Every rank reports (it is a barrier); rank 0 writes the checkpoint: model, EMA, optimizer,
-    curriculum, every rank's data-stream position, step."""
+    curriculum, step and the worker count (the data stream needs nothing more: see ImageBatches)."""
     import ray.train
 
-    data_states = [None] * world
-    if world > 1:
-        dist.all_gather_object(data_states, batches.state_dict())
-    else:
-        data_states = [batches.state_dict()]
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
@@ -248,7 +237,7 @@ def report_with_checkpoint(metrics, step, model, ema, optimizer, sampler, batche
             "ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(),
             "curriculum": sampler.state_dict(),
-            "data": data_states,
+            "world": world,
             "metrics": metrics,  # re-reported by a resume that finds nothing left to train
         }
         torch.save(state, Path(tmp) / CHECKPOINT_FILE)
