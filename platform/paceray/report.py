@@ -24,7 +24,7 @@ from paceray.errors import PacerayError, one_line
 
 FID_METRIC = "eval/fid"
 FEATURES_TAG = "paceray.fid_features"
-ERROR_TAG = "paceray.error"
+ERROR_TAG = tracking.ERROR_TAG
 UNKNOWN_FEATURES = "unknown (trial has FIDs but no paceray.fid_features tag)"
 ORDERS = ("none", "easy-to-hard", "hard-to-easy", "random")
 ENDED_BADLY = ("FAILED", "KILLED")

@@ -42,7 +42,8 @@ class RunLogger:
         self._marker = self.folder.with_suffix(".queued.json")
         # Per metric, the last step the run already has (on the server or queued before a crash).
         self.floor = self._server_steps()
-        for key, step in self._queued_steps().items():
+        self.queued = self._queued_steps()  # what this run's processes queued so far, kept on disk too
+        for key, step in self.queued.items():
             self.floor[key] = max(step, self.floor.get(key, -1))
         self.spool = spool.Spool(self.folder, spool.mlflow_deliverer(tracking_uri))
 
@@ -67,10 +68,9 @@ class RunLogger:
             return False
         self.spool.put({"kind": "metrics", "run_id": self.run_id, "step": step, "timestamp": spool.now_ms(),
                         "metrics": fresh})
-        self.queued = getattr(self, "queued", {})
         self.queued.update({k: step for k in fresh})
         self._marker.parent.mkdir(parents=True, exist_ok=True)
-        self._marker.write_text(json.dumps({**self._queued_steps(), **self.queued}))
+        self._marker.write_text(json.dumps(self.queued))
         return True
 
     def already_logged(self, key: str, step: int) -> bool:

@@ -33,7 +33,7 @@ def append(folder: Path, entry: dict, files: Optional[dict[str, Path]] = None) -
         copied = {}
         for name, src in files.items():
             dst = blob_dir / Path(name).name
-            (shutil.copytree if Path(src).is_dir() else shutil.copy2)(src, dst)
+            shutil.copy2(src, dst)
             copied[name] = str(dst)
         entry = {**entry, "files": copied}
     with open(folder / ENTRIES, "a") as f:
@@ -53,16 +53,20 @@ class Spool:
         self._wake = threading.Condition()
         self._closing_until: Optional[float] = None
         self.last_error: Optional[str] = None
+        # Entries in the file, counted here: pending() must not parse the whole file on every call.
+        done = _delivered(self.folder)
+        self._count = done + len(_read_entries(self.folder, done))
         self._thread = threading.Thread(target=self._run, name="mlflow-spool", daemon=True)
         self._thread.start()
 
     def put(self, entry: dict, files: Optional[dict[str, Path]] = None) -> None:
         with self._wake:
             append(self.folder, entry, files)
+            self._count += 1
             self._wake.notify_all()
 
     def pending(self) -> int:
-        return len(_read_entries(self.folder)) - _delivered(self.folder)
+        return self._count - _delivered(self.folder)
 
     def _run(self) -> None:
         while True:
@@ -92,12 +96,13 @@ class Spool:
         return False
 
 
-def _read_entries(folder: Path) -> list[dict]:
+def _read_entries(folder: Path, start: int = 0) -> list[dict]:
+    """The entries from the `start`-th on (only those are parsed)."""
     path = folder / ENTRIES
     if not path.exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text().splitlines()[start:]:
         if line.strip():
             try:
                 out.append(json.loads(line))
@@ -122,15 +127,24 @@ def _mark_delivered(folder: Path, n: int) -> None:
 def deliver_pending(folder: Path, deliver: Callable[[dict], None],
                     on_error: Callable[[Exception], None] = lambda e: None) -> bool:
     """Deliver undelivered entries in order; False at the first failure (to retry later)."""
-    entries = _read_entries(folder)
     done = _delivered(folder)
-    for i in range(done, len(entries)):
+    for i, entry in enumerate(_read_entries(folder, done), start=done):
         try:
-            deliver(entries[i])
+            deliver(entry)
         except Exception as e:  # connection refused, timeouts, 5xx: try again later
             on_error(e)
             return False
         _mark_delivered(folder, i + 1)
+    return True
+
+
+def drain(folder: Path, deliver: Callable[[dict], None],
+          on_error: Callable[[Exception], None] = lambda e: None) -> bool:
+    """Deliver everything left in a spool nobody is writing to any more and remove it; False (the
+    spool kept) at the first failure."""
+    if not deliver_pending(folder, deliver, on_error):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
     return True
 
 
@@ -156,9 +170,6 @@ def mlflow_deliverer(tracking_uri: Optional[str]) -> Callable[[dict], None]:
         elif kind == "artifact":
             (name, path), = e["files"].items()
             client.log_artifact(run_id, path, e.get("artifact_path"))
-        elif kind == "artifacts":
-            (name, path), = e["files"].items()
-            client.log_artifacts(run_id, path, e.get("artifact_path"))
         elif kind == "image":
             from PIL import Image
 
@@ -176,15 +187,14 @@ def mlflow_deliverer(tracking_uri: Optional[str]) -> Callable[[dict], None]:
 def replay(folder: Path, tracking_uri: Optional[str]) -> int:
     """Deliver a left-behind spool; returns how many entries were delivered."""
     before = _delivered(folder)
+    waiting = len(_read_entries(folder, before))
     errors: list[Exception] = []
-    ok = deliver_pending(folder, mlflow_deliverer(tracking_uri), errors.append)
-    delivered = _delivered(folder) - before
-    if not ok:
+    if not drain(folder, mlflow_deliverer(tracking_uri), errors.append):
         from paceray.errors import PacerayError, one_line
 
-        raise PacerayError(one_line(f"{folder}: delivered {delivered}, stopped at an error: {errors[-1]}"))
-    shutil.rmtree(folder, ignore_errors=True)
-    return delivered
+        raise PacerayError(one_line(f"{folder}: delivered {_delivered(folder) - before}, "
+                                    f"stopped at an error: {errors[-1]}"))
+    return waiting
 
 
 def now_ms() -> int:

@@ -9,7 +9,6 @@ the length of the command, and every process (driver, Tune trials, Ray workers) 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -76,8 +75,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 class LocalServer:
-    """`mlflow server` on 127.0.0.1 in front of the embedded SQLite store, in its own process group
-    (it leaves huey_consumer children behind after SIGTERM unless the whole group ends)."""
+    """`mlflow server` on 127.0.0.1 in front of the embedded SQLite store, run by `paceray.supervise`
+    (see server_argv), which owns ending the server's whole process group."""
 
     def __init__(self, run_dir: Path, port: Optional[int] = None):
         self.run_dir = run_dir
@@ -108,43 +107,53 @@ class LocalServer:
                            f"{self.run_dir / 'mlflow-server.log'}")
 
     def stop(self) -> None:
+        """Ask the supervisor to end the server: it stops the server's whole process group (after
+        a grace period, by SIGKILL) and then exits."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        pgid = os.getpgid(self.proc.pid)
-        os.killpg(pgid, signal.SIGTERM)
+        self.proc.terminate()
         try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
-            self.proc.wait(timeout=5)
-        try:  # the group's stragglers (huey consumers)
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # last resort: the supervisor gives the server 10 s, then SIGKILL
+            self.proc.kill()
+            self.proc.wait(timeout=10)
 
 
-def quiet_run_links() -> None:
-    """MLflow prints a "View run at http://…" link as each run ends. The embedded server listens
-    on a port that dies with the command, so those links would be dead by the time anyone clicks:
-    the command prints `paceray ui …` instead. (A user's own setting wins.)"""
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+def client_env(embedded: bool) -> dict[str, str]:
+    """The MLflow client settings of every process of a command that talks to the tracking server
+    itself (the driver, each Tune trial's process; the trainable's writes go through the spool).
+    MLflow's default of 7 retries with exponential backoff per request would freeze a command
+    for minutes on a server that went away. MLflow prints a "View run at http://…" link as each
+    run ends; the embedded server's port dies with the command, so those links would be dead:
+    the command prints `paceray ui …` instead. A user's own setting of any of these wins."""
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+    if embedded:
+        env["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    return env
+
+
+def apply_client_env(env: Mapping[str, str]) -> None:
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+
+
+def external_uri(tracking_uri: Optional[str]) -> Optional[str]:
+    """The tracking server a command was pointed at (`--tracking-uri`, else MLFLOW_TRACKING_URI),
+    or None for the embedded store."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
 
 
 @contextmanager
-def tracking_session(run_dir: Path, tracking_uri: Optional[str] = None) -> Iterator[str]:
-    """Yield the tracking URI every process of this command uses; serve the embedded store meanwhile."""
-    # MLflow's default is 7 retries with exponential backoff (minutes) per request: a server that
-    # went away would freeze the command. Trials queue their writes on disk instead (spool).
-    for key, value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}.items():
-        os.environ.setdefault(key, value)
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        check_reachable(uri)
-        yield uri
+def tracking_session(run_dir: Path, external: Optional[str]) -> Iterator[str]:
+    """Yield the tracking URI every process of this command uses: `external` (from external_uri,
+    checked reachable by the command before it wrote anything), else the embedded store, served
+    meanwhile."""
+    apply_client_env(client_env(embedded=external is None))
+    if external:
+        yield external
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     server = LocalServer(run_dir).start()
-    quiet_run_links()
     try:
         yield server.uri
     finally:
@@ -226,17 +235,10 @@ def finish_run(uri: str, run_id: str, status: str, run_dir: Path) -> Optional[st
 def deliver_leftovers(uri: str, run_id: str, run_dir: Path) -> bool:
     """Deliver what a trial's process queued for its run and did not send before it died (a
     worker killed by a crash or by a scheduler's stop). True when nothing is left queued."""
-    import shutil
-
     from paceray import runlog, spool
 
     folder = runlog.spool_dir(run_dir, run_id)
-    if not folder.exists():
-        return True
-    if spool.deliver_pending(folder, spool.mlflow_deliverer(uri)):
-        shutil.rmtree(folder, ignore_errors=True)
-        return True
-    return False
+    return not folder.exists() or spool.drain(folder, spool.mlflow_deliverer(uri))
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

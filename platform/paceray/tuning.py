@@ -89,8 +89,7 @@ def run_trial(config: dict, search: dict) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     uri, parent = search["tracking_uri"], search["parent_run_id"]
-    if search.get("embedded_tracking"):
-        tracking.quiet_run_links()
+    tracking.apply_client_env(search["client_env"])  # this process was started before the command set it
     run_id = tracking.find_run(uri, search["experiment"], {tracking.TRIAL_TAG: trial_id,
                                                           tracking.PARENT_TAG: parent})
     already_finished = False
@@ -155,10 +154,10 @@ class TrialFailed(RuntimeError):
 
 
 def search_context(loaded: LoadedSpec, uri: str, parent_run_id: str, storage: str, run_dir: Path,
-                   embedded_tracking: bool = False) -> dict[str, Any]:
+                   client_env: dict[str, str]) -> dict[str, Any]:
     r = loaded.spec.resources
     return {
-        "embedded_tracking": embedded_tracking,
+        "client_env": client_env,
         "tracking_uri": uri,
         "parent_run_id": parent_run_id,
         "experiment": loaded.spec.experiment,

@@ -9,11 +9,13 @@ import numpy as np
 import torch
 
 from paceray.runlog import RunLogger
+from paceray.tracking import ERROR_TAG
+from trainables.denoiser.data import from_unit_range
 
 
 def sample_grid(images: torch.Tensor) -> np.ndarray:
     """Images in [-1, 1] (N, C, H, W) -> one HxWx3 uint8 grid, as square as possible, 1px gutters."""
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = from_unit_range(images)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     n, c, h, w = x.shape
@@ -34,7 +36,6 @@ class TrialLog:
         self.run: Optional[RunLogger] = None
         if ctx.get("run_id"):
             self.run = RunLogger(ctx["run_id"], ctx.get("tracking_uri"), ctx.get("run_dir") or ".")
-            self.run.set_tags({"paceray.trial_id": self.trial})
         self.fid_features: Optional[str] = None
         self.logged: dict[str, dict[int, float]] = {}  # what this process logged, for the end plot
 
@@ -73,7 +74,7 @@ class TrialLog:
     def fail(self, reason: str) -> None:
         """The trial cannot go on: the reason goes to its run (the platform marks it FAILED)."""
         if self.run:
-            self.run.set_tags({"paceray.error": reason})
+            self.run.set_tags({ERROR_TAG: reason})
         self._say(f"FAILED: {reason}")
         self.close()
 

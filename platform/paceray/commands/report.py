@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -17,7 +16,7 @@ def resolve_tracking_uri(tracking_uri: Optional[str], run_dir: Optional[str]) ->
     Reading the SQLite file directly is safe here (report only reads), so no server is started;
     the file must exist, or MLflow would quietly create an empty store.
     """
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = tracking.external_uri(tracking_uri)
     if uri:
         tracking.check_reachable(uri)
         return uri

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,14 +19,14 @@ def _pointer(run_dir: Path, name: str) -> Path:
     return run_dir / "train" / name / "latest.json"
 
 
-def prepare_assets(trainable, config: dict, storage: Path, where: str = "") -> None:
+def prepare_assets(trainable, config: dict, storage: Path, where: str) -> None:
     """The trainable's one-off preparation (datasets, FID nets, reference statistics), before any run exists."""
     prepare = getattr(trainable, "prepare", None)
     if prepare is not None:
         try:
             prepare(config, str(storage))
         except PacerayError as e:
-            raise PacerayError(f"{where}: {e}" if where else str(e)) from None
+            raise PacerayError(f"{where}: {e}") from None
 
 
 def latest_checkpoint(trial_dir: Path) -> Optional[Path]:
@@ -69,11 +68,12 @@ def run_train(spec_path: str, overrides, address: Optional[str], tracking_uri: O
         check_resumable(trainable, trial_storage(rd) / previous["trial_id"])
     storage = storage_root()
     prepare_assets(trainable, config, storage, str(spec.path))
-    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
-        tracking.check_reachable(tracking_uri or os.environ["MLFLOW_TRACKING_URI"])
+    external = tracking.external_uri(tracking_uri)
+    if external:
+        tracking.check_reachable(external)
     where = raycluster.connect(address)
     try:
-        with tracking.tracking_session(rd, tracking_uri) as uri:
+        with tracking.tracking_session(rd, external) as uri:
             print(f"paceray train {spec.name}: {where}; MLflow at {uri}", flush=True)
             if previous:
                 trial_id, run_id = previous["trial_id"], previous["run_id"]
@@ -94,7 +94,7 @@ def run_train(spec_path: str, overrides, address: Optional[str], tracking_uri: O
     if best:
         print(f"best eval/fid {best['eval/fid']:.3f} at step {best.get('step')} ({best.get('fid_features', '')}, "
               f"{best.get('fid_samples')} samples)")
-    if not (tracking_uri or _env_uri()):
+    if external is None:
         print(f"MLflow UI: {tracking.ui_command(rd)}")
 
 
@@ -123,8 +123,3 @@ def _fit(trainable, config, spec, rd: Path, storage: Path, uri: str, trial_id: s
             print(f"warning: MLflow at {uri} is unreachable; this trial's last writes wait on disk: {left}",
                   file=sys.stderr, flush=True)
 
-
-def _env_uri() -> Optional[str]:
-    import os
-
-    return os.environ.get("MLFLOW_TRACKING_URI")

@@ -47,8 +47,9 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
     storage = storage_root()
     # Everything that can fail on bad input fails before an MLflow run or a results folder exists.
     prepare_assets(trainable, loaded.base, storage, str(spec.path))
-    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
-        tracking.check_reachable(tracking_uri or os.environ["MLFLOW_TRACKING_URI"])
+    external = tracking.external_uri(tracking_uri)
+    if external:
+        tracking.check_reachable(external)
     where = raycluster.connect(address)
     cluster = raycluster.cluster_resources()
     try:
@@ -60,7 +61,7 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
         # A new search must not silently mix with the old one's trials and checkpoints.
         tuner_dir.rename(tuner_dir.with_name(f"{spec.name}.{time.strftime('%Y%m%d-%H%M%S')}"))
     try:
-        with tracking.tracking_session(rd, tracking_uri) as uri:
+        with tracking.tracking_session(rd, external) as uri:
             if previous:
                 parent = previous["parent_run_id"]
                 tracking.client(uri).update_run(parent, status="RUNNING")
@@ -72,7 +73,7 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
                 _write_atomic(state_path, json.dumps({"parent_run_id": parent, "experiment": spec.experiment,
                                                       "spec": spec.path}))
             context = tuning.search_context(loaded, uri, parent, str(storage), rd,
-                                            embedded_tracking=not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")))
+                                            tracking.client_env(embedded=external is None))
             tuner = tuning.build_tuner(loaded, context, cluster, tuner_dir if previous else None)
             print(f"paceray tune {spec.name}: {where}; MLflow at {uri}; results in {tuner_dir}", flush=True)
             status = "FAILED"
@@ -86,7 +87,7 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
             _finish(uri, parent, loaded, rd, results, trainable)
     finally:
         raycluster.shutdown()
-    if not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+    if external is None:
         print(f"MLflow UI: {tracking.ui_command(rd)}")
 
 
