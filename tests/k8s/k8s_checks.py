@@ -205,14 +205,16 @@ def _mlflow_service_and_container(bundle: Bundle) -> tuple[dict | None, dict | N
     return None, None
 
 
-def mlflow_in_cluster_hosts(service: dict) -> list[str]:
-    """Host headers in-cluster clients and kubectl port-forward send: every name, with the port."""
+def mlflow_service_hosts(service: dict) -> list[str]:
+    """Host headers in-cluster clients send: every name of the Service, with the port."""
     name, namespace = _name(service), service["metadata"].get("namespace", "default")
-    hosts = []
-    for port in service["spec"].get("ports", []):
-        for host in (name, f"{name}.{namespace}", f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.cluster.local", "localhost", "127.0.0.1"):
-            hosts.append(f"{host}:{port['port']}")
-    return hosts
+    return [f"{host}:{port['port']}" for port in service["spec"].get("ports", [])
+            for host in (name, f"{name}.{namespace}", f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.cluster.local")]
+
+
+def mlflow_port_forward_hosts(service: dict) -> list[str]:
+    """Host headers a browser or client sends through `kubectl port-forward` (not reachable in-cluster)."""
+    return [f"{host}:{port['port']}" for port in service["spec"].get("ports", []) for host in ("localhost", "127.0.0.1")]
 
 
 def check_mlflow_allowed_hosts(bundle: Bundle) -> list[str]:
@@ -221,7 +223,8 @@ def check_mlflow_allowed_hosts(bundle: Bundle) -> list[str]:
     if container is None or service is None:
         return ["no MLflow server Deployment (command: mlflow) with a Service"]
     allowed = set((command_options(container).get("--allowed-hosts") or "").split(","))
-    return [f"mlflow --allowed-hosts lacks {host!r}" for host in mlflow_in_cluster_hosts(service) if host not in allowed]
+    return [f"mlflow --allowed-hosts lacks {host!r}"
+            for host in mlflow_service_hosts(service) + mlflow_port_forward_hosts(service) if host not in allowed]
 
 
 def check_mlflow_basic_auth(bundle: Bundle) -> list[str]:
@@ -245,7 +248,7 @@ def check_mlflow_basic_auth(bundle: Bundle) -> list[str]:
 def check_tracking_env_on_ray_containers(bundle: Bundle) -> list[str]:
     """Every Ray container finds the MLflow server, with credentials from a Secret."""
     service, _ = _mlflow_service_and_container(bundle)
-    reachable = set(mlflow_in_cluster_hosts(service)) if service else set()
+    reachable = set(mlflow_service_hosts(service)) if service else set()
     problems = []
     for template in ray_node_templates(bundle.objects):
         for container in template.containers(include_init=False):

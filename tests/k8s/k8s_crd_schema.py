@@ -59,9 +59,6 @@ class CRDRegistry:
         if not self._versions:
             raise FileNotFoundError(f"no CustomResourceDefinition found in {crd_dir}")
 
-    def kinds(self) -> set[tuple[str, str]]:
-        return {(f"{group}/{version}", kind) for group, version, kind in self._versions}
-
     def handles(self, obj: dict) -> bool:
         group = obj.get("apiVersion", "").split("/")[0]
         return any(g == group for g, _, _ in self._versions)
@@ -112,6 +109,20 @@ def _child(path: str, key: Any) -> str:
     return f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
 
 
+def _subschemas(value: Any, schema: dict, path: str) -> Iterator[tuple[Any, dict, str]]:
+    """(child value, its schema, its path) for each child a structural schema describes: a
+    property, an additionalProperties entry or a list item: the unknown-field, default and CEL walks."""
+    if isinstance(value, dict):
+        properties, extra = schema.get("properties") or {}, schema.get("additionalProperties")
+        for key, item in list(value.items()):
+            sub = properties[key] if key in properties else (extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                yield item, sub, _child(path, key)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(value):
+            yield item, schema["items"], _child(path, index)
+
+
 def _unknown_fields(value: Any, schema: dict, path: str, is_root: bool = False) -> Iterator[str]:
     if isinstance(value, dict):
         properties = schema.get("properties")
@@ -122,14 +133,8 @@ def _unknown_fields(value: Any, schema: dict, path: str, is_root: bool = False) 
             for key in value:
                 if key not in known:
                     yield f"{_child(path, key)}: unknown field"
-        for key, item in value.items():
-            if key in (properties or {}):
-                yield from _unknown_fields(item, properties[key], _child(path, key))
-            elif isinstance(schema.get("additionalProperties"), dict):
-                yield from _unknown_fields(item, schema["additionalProperties"], _child(path, key))
-    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for index, item in enumerate(value):
-            yield from _unknown_fields(item, schema["items"], _child(path, index))
+    for item, sub, where in _subschemas(value, schema, path):
+        yield from _unknown_fields(item, sub, where)
 
 
 def _drop_nulls_and_default(value: Any, schema: dict) -> None:
@@ -141,14 +146,8 @@ def _drop_nulls_and_default(value: Any, schema: dict) -> None:
         for key, prop in properties.items():
             if key not in value and "default" in prop:
                 value[key] = copy.deepcopy(prop["default"])
-        for key, item in value.items():
-            if key in properties:
-                _drop_nulls_and_default(item, properties[key])
-            elif isinstance(schema.get("additionalProperties"), dict):
-                _drop_nulls_and_default(item, schema["additionalProperties"])
-    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for item in value:
-            _drop_nulls_and_default(item, schema["items"])
+    for item, sub, _ in _subschemas(value, schema, ""):
+        _drop_nulls_and_default(item, sub)
 
 
 def to_json_schema(schema: dict) -> dict:
@@ -243,13 +242,5 @@ def _cel_errors(value: Any, schema: dict, path: str) -> Iterator[str]:
             yield f"{path or '<root>'}: CEL rule {rule!r} could not be evaluated: {result}"
         elif result is not True and result != celpy.celtypes.BoolType(True):
             yield f"{path or '<root>'}: {validation.get('message') or 'failed rule: ' + rule}"
-    if isinstance(value, dict):
-        properties = schema.get("properties") or {}
-        for key, item in value.items():
-            if key in properties:
-                yield from _cel_errors(item, properties[key], _child(path, key))
-            elif isinstance(schema.get("additionalProperties"), dict):
-                yield from _cel_errors(item, schema["additionalProperties"], _child(path, key))
-    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for index, item in enumerate(value):
-            yield from _cel_errors(item, schema["items"], _child(path, index))
+    for item, sub, where in _subschemas(value, schema, path):
+        yield from _cel_errors(item, sub, where)

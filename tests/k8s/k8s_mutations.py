@@ -125,6 +125,8 @@ MUTATIONS = [
              lambda b: _job_worker_container(b).__setitem__("env", [e for e in _job_worker_container(b)["env"] if e["name"] != "MLFLOW_TRACKING_URI"])),
     Mutation("tracking-uri-without-port", "tracking_env_on_ray_containers",
              lambda b: _set_env(_job_worker_container(b), "MLFLOW_TRACKING_URI", {"value": "http://mlflow.paceray.svc.cluster.local"})),
+    Mutation("tracking-uri-localhost", "tracking_env_on_ray_containers",
+             lambda b: _set_env(_job_worker_container(b), "MLFLOW_TRACKING_URI", {"value": "http://localhost:5000"})),
     Mutation("worker-mounts-storage-elsewhere", "shared_storage",
              lambda b: _job_worker_container(b)["volumeMounts"][0].__setitem__("mountPath", "/data")),
     Mutation("run-dir-off-the-shared-volume", "shared_storage",
