@@ -3,9 +3,7 @@ are made once), one CPU thread per test process (2 cores; oversubscription slows
 
 from __future__ import annotations
 
-import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -41,6 +39,28 @@ def run_paceray(*args, cwd=None, timeout=900, check=True, env=None) -> subproces
     return r
 
 
+class Started(subprocess.Popen):
+    """A `paceray` running in its own session, its stdout and stderr in a file (a pipe nobody
+    reads while the test waits would fill and stall it)."""
+
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def finish(self, timeout: float = 900) -> str:
+        """Wait for it to end; its whole output."""
+        self.wait(timeout=timeout)
+        return self.output()
+
+
+def start_paceray(*args, log: Path, env=None) -> Started:
+    proc = Started([PACERAY, *map(str, args)], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                   start_new_session=True, env={**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})})
+    proc.log = log
+    return proc
+
+
 def write_spec(path: Path, name: str, base: dict, search: dict | None = None, resources: dict | None = None,
                tune: dict | None = None) -> Path:
     import yaml
@@ -70,6 +90,13 @@ def mlflow_client(run_dir: Path):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+
+
+def experiment_runs(run_dir: Path, experiment: str):
+    """(client, every run of `experiment`) in the embedded store of `run_dir`."""
+    client = mlflow_client(run_dir)
+    exp = client.get_experiment_by_name(experiment)
+    return client, (client.search_runs([exp.experiment_id]) if exp else [])
 
 
 def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -130,4 +157,14 @@ def fashion_mnist() -> Path:
     if os.environ.get("PACERAY_REQUIRE_FASHION_MNIST"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+def wait_for_checkpoint(run_dir: Path, proc: Started, timeout: float = 600) -> int:
+    """The step of the first checkpoint Ray Train registers for the `paceray train` in `run_dir`."""
+    deadline = time.monotonic() + timeout
+    while (step := registered_checkpoint_step(run_dir)) is None:
+        assert proc.poll() is None, proc.output()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint was registered"
+        time.sleep(0.2)
+    return step
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -11,16 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import (PACERAY, REPO, history, kill_session, mlflow_client, registered_checkpoint_step, run_paceray,
-                      tiny_base, write_spec)
+from conftest import (REPO, Started, experiment_runs, history, kill_session, mlflow_client, registered_checkpoint_step,
+                      run_paceray, start_paceray, tiny_base, wait_for_checkpoint, write_spec)
+from paceray.tracking import LocalServer
 
 pytestmark = pytest.mark.slow
 
-
-def runs_of(run_dir: Path, experiment: str):
-    client = mlflow_client(run_dir)
-    exp = client.get_experiment_by_name(experiment)
-    return client, (client.search_runs([exp.experiment_id]) if exp else [])
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
@@ -44,15 +38,9 @@ def test_killed_worker_restarts_from_its_last_checkpoint(tmp_path, storage):
     base = tiny_base(train={"steps": 300, "log_every": 5}, curriculum={"stage_steps": 60}, eval={"every": 25})
     spec = write_spec(tmp_path / "crash.yaml", "crash", base)
     run_dir = tmp_path / "runs"
-    proc = subprocess.Popen([PACERAY, "train", str(spec), "--run-dir", str(run_dir)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    proc = start_paceray("train", spec, "--run-dir", run_dir, log=tmp_path / "train.log")
     try:
-        deadline = time.monotonic() + 600
-        # A checkpoint Ray Train registered: the restart resumes from it.
-        while registered_checkpoint_step(run_dir) is None and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            time.sleep(0.2)
+        wait_for_checkpoint(run_dir, proc)  # a checkpoint Ray Train registered: the restart resumes from it
         at_kill = registered_checkpoint_step(run_dir)
         # The training worker of *this* run: a descendant of our `paceray train` named so by Ray.
         import psutil
@@ -61,14 +49,14 @@ def test_killed_worker_restarts_from_its_last_checkpoint(tmp_path, storage):
                    if "RayTrainWorker" in " ".join(p.cmdline())]
         assert workers, "no RayTrainWorker process found"
         workers[0].kill()
-        out, _ = proc.communicate(timeout=900)
+        out = proc.finish()
     finally:
         if proc.poll() is None:
             kill_session(proc.pid)
     assert proc.returncode == 0, out[-5000:]
     assert at_kill is not None and at_kill < 300, at_kill
     assert f"resumed from the checkpoint at step" in out, out[-5000:]
-    client, runs = runs_of(run_dir, "crash")
+    client, runs = experiment_runs(run_dir, "crash")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     rid = runs[0].info.run_id
     for key in ("train/loss", "curriculum/stage", "curriculum/t_min"):
@@ -90,7 +78,7 @@ def test_nan_loss_fails_its_trial_and_the_search_goes_on(tmp_path, storage):
     path = tmp_path / "nan.yaml"
     path.write_text(yaml.safe_dump(spec))
     run_paceray("tune", path, "--run-dir", tmp_path / "runs")
-    client, runs = runs_of(tmp_path / "runs", "nan")
+    client, runs = experiment_runs(tmp_path / "runs", "nan")
     trials = {r.data.params["train.lr"]: r for r in runs if r.data.tags.get("paceray.kind") == "trial"}
     assert trials["0.002"].info.status == "FINISHED"
     bad = trials["1000.0"]
@@ -105,7 +93,7 @@ def test_nan_loss_in_a_single_trial_is_one_line(tmp_path, storage):
                       tiny_base(train={"steps": 60, "lr": 1000.0, "grad_clip": 0, "log_every": 5}))
     r = run_paceray("train", spec, "--run-dir", tmp_path / "runs", check=False)
     assert_one_line_error(r, "non-finite loss")
-    _, runs = runs_of(tmp_path / "runs", "nan1")
+    _, runs = experiment_runs(tmp_path / "runs", "nan1")
     assert runs[0].info.status == "FAILED"
 
 
@@ -151,7 +139,7 @@ def test_resume_without_an_earlier_run_is_one_line(tmp_path, storage):
 
 def test_debug_shows_the_traceback(tmp_path):
     spec = write_spec(tmp_path / "d.yaml", "d", tiny_base(curriculum={"num_clusters": 0}))
-    r = subprocess.run([PACERAY, "--debug", "train", str(spec)], capture_output=True, text=True, timeout=120)
+    r = run_paceray("--debug", "train", spec, check=False, timeout=120)
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
@@ -166,7 +154,7 @@ def test_checkpoints_stay_bounded(tmp_path, storage):
     kept = sorted((tmp_path / "runs" / "ray").glob("*/checkpoint_step*"))
     assert 2 <= len(kept) <= 3, kept
     assert kept[-1].name == "checkpoint_step00000060"  # the latest is always kept
-    client, runs = runs_of(tmp_path / "runs", "disk")
+    client, runs = experiment_runs(tmp_path / "runs", "disk")
     fids = dict(history(client, runs[0].info.run_id, "eval/fid"))
     best_two = sorted(fids, key=fids.get)[:2]
     kept_steps = {int(p.name.removeprefix("checkpoint_step")) for p in kept}
@@ -176,60 +164,27 @@ def test_checkpoints_stay_bounded(tmp_path, storage):
 # ----------------------------------------------------------------- MLflow outage
 
 
-class MlflowServer:
-    """A real `mlflow server` on loopback, in its own process group, that the test stops and restarts."""
+class MlflowServer(LocalServer):
+    """A real `mlflow server` on loopback (the embedded store's own), that the test stops and
+    restarts on the same port and store."""
 
     def __init__(self, root: Path):
-        from paceray.tracking import free_port
-
-        self.root, self.port, self.proc = root, free_port(), None
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "MlflowServer":
-        import sys
-        import urllib.request
-
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--no-serve-artifacts",
-             "--default-artifact-root", str(self.root / "artifacts")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(self.uri + "/health", timeout=2).read()
-                return self
-            except OSError:
-                time.sleep(0.3)
-        raise AssertionError("mlflow server did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the whole group: uvicorn workers too
-            self.proc.wait(timeout=30)
+        root.mkdir(parents=True, exist_ok=True)
+        super().__init__(root)
 
     def client(self):
-        from mlflow.tracking import MlflowClient
-
-        return MlflowClient(tracking_uri=f"sqlite:///{self.root / 'mlflow.db'}")
+        return mlflow_client(self.run_dir)
 
 
-def _start_train(spec: Path, run_dir: Path, uri: str) -> subprocess.Popen:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PACERAY_TRACKING_FLUSH_TIMEOUT": "8"}
-    return subprocess.Popen([PACERAY, "train", str(spec), "--run-dir", str(run_dir), "--tracking-uri", uri],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env=env)
+def _start_train(spec: Path, run_dir: Path, uri: str) -> Started:
+    return start_paceray("train", spec, "--run-dir", run_dir, "--tracking-uri", uri,
+                         log=run_dir.parent / "train.log", env={"PACERAY_TRACKING_FLUSH_TIMEOUT": "8"})
 
 
 def _wait_for_metrics(server: MlflowServer, experiment: str, proc, at_least: int = 2):
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert proc.poll() is None, proc.output()[-3000:]
         try:
             exp = server.client().get_experiment_by_name(experiment)
             runs = server.client().search_runs([exp.experiment_id]) if exp else []
@@ -253,7 +208,7 @@ def test_mlflow_outage_mid_run_loses_nothing(tmp_path, storage):
         time.sleep(8)
         assert proc.poll() is None
         server.start()  # back on the same port and store
-        out, _ = proc.communicate(timeout=900)
+        out = proc.finish()
     finally:
         if proc.poll() is None:
             kill_session(proc.pid)
@@ -279,7 +234,7 @@ def test_mlflow_gone_for_good_leaves_the_queue_and_a_replay_command(tmp_path, st
     try:
         run_id = _wait_for_metrics(server, "gone", proc)
         server.stop()
-        out, _ = proc.communicate(timeout=900)
+        out = proc.finish()
     finally:
         if proc.poll() is None:
             kill_session(proc.pid)

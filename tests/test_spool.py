@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from paceray import spool
 
@@ -38,9 +39,17 @@ def test_a_server_that_never_returns_leaves_the_queue_and_replay_delivers_it(tmp
     assert not s.close(timeout=0.5)
     assert time.monotonic() - started < 10
     assert s.pending() == 5 and (tmp_path / "q" / "entries.jsonl").exists()
-    later = FlakyServer(down=0)
-    assert spool.deliver_pending(tmp_path / "q", later)
-    assert later.got == list(range(5))
+    for n in range(5):  # the spool holds its own copies: the trial's files may be gone by now
+        (tmp_path / f"a{n}.txt").unlink()
+    later, contents = FlakyServer(down=0), []
+
+    def deliver(entry):
+        contents.append(Path(entry["files"]["a.txt"]).read_text())
+        later(entry)
+
+    assert spool.drain(tmp_path / "q", deliver)
+    assert later.got == list(range(5)) and contents == [str(n) for n in range(5)]
+    assert not (tmp_path / "q").exists()
 
 
 def test_partial_delivery_resumes_where_it_stopped(tmp_path):

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import (PACERAY, history, kill_session, mlflow_client, registered_checkpoint_step, run_paceray, tiny_base,
-                      write_spec)
+from conftest import (experiment_runs, history, kill_session, registered_checkpoint_step, run_paceray, start_paceray,
+                      tiny_base, wait_for_checkpoint, write_spec)
 
 pytestmark = pytest.mark.slow
 
@@ -21,9 +19,7 @@ STEPS, STAGE, EVERY = 60, 10, 30
 
 
 def only_run(run_dir: Path, experiment: str):
-    client = mlflow_client(run_dir)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id])
+    client, runs = experiment_runs(run_dir, experiment)
     assert len(runs) == 1, [r.info.run_name for r in runs]
     return client, runs[0]
 
@@ -120,16 +116,11 @@ def test_resume_after_a_kill_continues_the_same_run(tmp_path, storage):
     base = tiny_base(train={"steps": 120, "log_every": 5}, curriculum={"stage_steps": 25}, eval={"every": 20})
     spec = write_spec(tmp_path / "resume.yaml", "resume", base)
     run_dir = tmp_path / "runs"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen([PACERAY, "train", str(spec), "--run-dir", str(run_dir)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
+    proc = start_paceray("train", spec, "--run-dir", run_dir, log=tmp_path / "train.log")
     try:
-        deadline = time.monotonic() + 600
         # A checkpoint Ray Train registered (a folder on disk may still be being written; Ray
         # resumes only from registered ones).
-        while registered_checkpoint_step(run_dir) is None and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert registered_checkpoint_step(run_dir) is not None, "no checkpoint was registered"
+        wait_for_checkpoint(run_dir, proc)
         time.sleep(0.5)  # a few steps past the checkpoint: they are lost and re-trained
     finally:
         kill_session(proc.pid)  # the whole `paceray train`: driver, Ray and its workers

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PACERAY, REPO, history, kill_session, mlflow_client, run_paceray
+from conftest import PACERAY, REPO, experiment_runs, history, kill_session, run_paceray
 from paceray.tracking import free_port
 
 pytestmark = pytest.mark.slow
@@ -26,15 +26,13 @@ SHORT = ["--set", "train.steps=30", "--set", "eval.every=15", "--set", "curricul
 
 
 def search_runs(run_dir: Path, experiment: str = "quick"):
-    client = mlflow_client(run_dir)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id]) if exp else []
+    client, runs = experiment_runs(run_dir, experiment)
     parents = [r for r in runs if r.data.tags.get("paceray.kind") == "search"]
     children = [r for r in runs if r.data.tags.get("paceray.kind") == "trial"]
     return client, parents, children
 
 
-def artifact_dir(run_dir: Path, run) -> Path:
+def artifact_dir(run) -> Path:
     return Path(run.info.artifact_uri.removeprefix("file://"))
 
 
@@ -60,7 +58,7 @@ def test_search_makes_one_parent_and_a_child_per_order(quick_search):
         assert [s for s, _ in history(client, child.info.run_id, "eval/fid")] == [15, 30]
     assert parent.data.params["search.curriculum.order"].startswith("grid")
     # the parent holds the spec, the trial table, the plots, the best config and the best model
-    art = artifact_dir(run_dir, parent)
+    art = artifact_dir(parent)
     for rel in ("spec/spec.yaml", "spec/resolved.yaml", "report/trials.csv", "report/fid_by_order.png",
                 "report/fid_by_clusters.png", "best/config.json", "best/pipeline/model_index.json"):
         assert (art / rel).is_file(), rel
@@ -75,7 +73,7 @@ def test_best_model_loads_as_a_diffusers_pipeline(quick_search):
 
     run_dir, _ = quick_search
     _, parents, _ = search_runs(run_dir)
-    pipe = DDPMPipeline.from_pretrained(artifact_dir(run_dir, parents[0]) / "best/pipeline")
+    pipe = DDPMPipeline.from_pretrained(artifact_dir(parents[0]) / "best/pipeline")
     images = pipe(batch_size=2, num_inference_steps=3, output_type="np").images
     assert images.shape == (2, 8, 8, 1)
 

@@ -11,7 +11,6 @@ no overall best trial.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Optional
 import pandas as pd
 
 from paceray import tracking
+from paceray.atomic import write_atomic
 from paceray.errors import PacerayError, one_line
 
 FID_METRIC = "eval/fid"
@@ -327,29 +327,18 @@ def render(rep: Report) -> str:
 
 # ---------------------------------------------------------------- files and the parent run
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_outputs(rep: Report, out_dir) -> list:
     """trials.csv, summary.csv, fid_by_order.png, fid_by_clusters.png in `out_dir`, each written atomically."""
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f for f in FILES]
-    _atomic(paths[0], lambda p: rep.table.to_csv(p, index=False))
-    _atomic(paths[1], lambda p: rep.summary.to_csv(p, index=False))
+    write_atomic(paths[0], lambda p: rep.table.to_csv(p, index=False))
+    write_atomic(paths[1], lambda p: rep.summary.to_csv(p, index=False))
     from paceray.report_plots import plot_fid
 
     for path, by in ((paths[2], "order"), (paths[3], "N")):
         fig = plot_fid(rep, by)
-        _atomic(path, lambda p: fig.savefig(p, format="png"))
+        write_atomic(path, lambda p: fig.savefig(p, format="png"))
     return paths
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from paceray.atomic import write_atomic
 from paceray.errors import PacerayError, one_line
 from trainables.denoiser.data import load_split, read_manifest, to_unit_range
 
@@ -212,12 +211,5 @@ def load_fid_net(path: str | Path, dataset_dir: str | Path | None = None) -> Cla
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save under a temporary name, then rename: readers never see a half-written file,
-    and concurrent writers of the same content race harmlessly."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """torch.save under a temporary name, then rename (paceray.atomic)."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))

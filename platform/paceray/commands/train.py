@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from paceray import raycluster, tracking
+from paceray.atomic import write_text_atomic
 from paceray.errors import PacerayError
 from paceray.paths import storage_root
 from paceray.spec import flatten, load, load_trainable, parse_overrides
@@ -82,9 +83,8 @@ def run_train(spec_path: str, overrides, address: Optional[str], tracking_uri: O
                 run_id = tracking.create_run(uri, spec.experiment, trial_id,
                                              {tracking.TRIAL_TAG: trial_id, tracking.KIND_TAG: "trial"},
                                              flatten(config))
-                pointer.parent.mkdir(parents=True, exist_ok=True)
-                pointer.write_text(json.dumps({"trial_id": trial_id, "run_id": run_id,
-                                               "experiment": spec.experiment}))
+                write_text_atomic(pointer, json.dumps({"trial_id": trial_id, "run_id": run_id,
+                                                       "experiment": spec.experiment}))
             result = _fit(trainable, config, spec, rd, storage, uri, trial_id, run_id)
     finally:
         raycluster.shutdown()

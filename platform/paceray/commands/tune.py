@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Optional
 import yaml
 
 from paceray import raycluster, tracking, tuning
+from paceray.atomic import write_text_atomic
 from paceray.commands.train import prepare_assets
 from paceray.errors import PacerayError
 from paceray.paths import storage_root
@@ -20,14 +20,6 @@ from paceray.spec import load, load_trainable, parse_overrides
 
 def _state_file(run_dir: Path, name: str) -> Path:
     return run_dir / "searches" / name / "search.json"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Optional[str], resume: bool,
@@ -70,7 +62,7 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
                                              {tracking.KIND_TAG: "search", "paceray.spec": spec.path or ""},
                                              _search_params(loaded))
                 _log_spec(uri, parent, loaded)
-                _write_atomic(state_path, json.dumps({"parent_run_id": parent, "experiment": spec.experiment,
+                write_text_atomic(state_path, json.dumps({"parent_run_id": parent, "experiment": spec.experiment,
                                                       "spec": spec.path}))
             context = tuning.search_context(loaded, uri, parent, str(storage), rd,
                                             tracking.client_env(embedded=external is None))
