@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from paceray.atomic import write_atomic
 from paceray.errors import PacerayError, one_line
 
 # Debian's `dataset-fashion-mnist` installs the four gzip'd IDX files here.
@@ -300,28 +301,39 @@ def read_image_folder(source: Path) -> RawDataset:
 
 # --- downloads ------------------------------------------------------------------------------
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
+def file_digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm, usedforsecurity=False)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def fetch(url: str, dest: Path, md5: str | None, what: str, holding: str) -> Path:
-    """Download `url` to `dest` (atomically: a partial file never has the final name)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(f".{dest.name}.part-{os.getpid()}")
-    try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(part, "wb") as out:
+DOWNLOAD_ERRORS = (OSError, ValueError, http.client.HTTPException)  # URLError, timeouts: OSError
+
+
+def download(url: str, dest: Path, timeout: float, check=None) -> None:
+    """`url` to `dest`, atomically (a partial file never has the final name); `check(tmp)` may
+    refuse the downloaded file before it gets that name. Raises one of DOWNLOAD_ERRORS."""
+    def write(tmp: str) -> None:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
             shutil.copyfileobj(response, out, 1 << 20)
-    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts: OSError
-        part.unlink(missing_ok=True)
+        if check is not None:
+            check(Path(tmp))
+
+    write_atomic(dest, write)
+
+
+def fetch(url: str, dest: Path, md5: str | None, what: str, holding: str) -> Path:
+    """Download a dataset file `url` to `dest`, checked against its md5."""
+    def check(tmp: Path) -> None:
+        if md5 is not None and (got := file_digest(tmp, "md5")) != md5:
+            raise PacerayError(f"download of {what} from {url} has md5 {got}, expected {md5}: retry, "
+                               f"or pass source=DIR (--source DIR) holding {holding}")
+
+    try:
+        download(url, dest, DOWNLOAD_TIMEOUT_S, check)
+    except DOWNLOAD_ERRORS as e:
         raise PacerayError(one_line(f"could not download {what} from {url} (no network?): "
                                     f"pass source=DIR (--source DIR) holding {holding} [{e}]")) from None
-    if md5 is not None and (got := _md5(part)) != md5:
-        part.unlink(missing_ok=True)
-        raise PacerayError(f"download of {what} from {url} has md5 {got}, expected {md5}: retry, "
-                           f"or pass source=DIR (--source DIR) holding {holding}")
-    os.replace(part, dest)
     return dest

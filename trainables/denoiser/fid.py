@@ -24,8 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import urllib.request
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from paceray.errors import PacerayError, one_line
 from trainables.denoiser.data import load_split, read_manifest, resize_images, to_unit_range
+from trainables.denoiser.datasets_sources import DOWNLOAD_ERRORS, download, file_digest
 from trainables.denoiser.fid_net import atomic_torch_save, load_fid_net
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -76,20 +75,13 @@ class InceptionFeatures(nn.Module):
 
 
 def _download(url: str, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
     try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(part, "wb") as out:
-            while block := response.read(1 << 20):
-                out.write(block)
-        os.replace(part, dest)
-    except (OSError, ValueError) as e:  # URLError, timeouts and refused connections are OSErrors
+        download(url, dest, DOWNLOAD_TIMEOUT_S)
+    except DOWNLOAD_ERRORS as e:
         raise PacerayError(one_line(
             f"cannot download the Inception-v3 weights from {url} ({e}): fetch {INCEPTION_FILE} from that "
             f"URL elsewhere and pass eval.inception_weights=PATH or set {INCEPTION_ENV}=PATH, "
             f"or use eval.features=classifier (no download)")) from None
-    finally:
-        part.unlink(missing_ok=True)
 
 
 def load_inception(weights: str | Path | None = None, *, url: str = INCEPTION_URL,
@@ -112,7 +104,7 @@ def load_inception(weights: str | Path | None = None, *, url: str = INCEPTION_UR
     except Exception as e:  # not a TorchScript archive: a torch-fidelity .pth, a truncated download, ...
         raise PacerayError(one_line(f"{path} is not the TorchScript Inception-v3 ({type(e).__name__}: {e}); "
                                     f"use {INCEPTION_FILE} from {INCEPTION_URL}")) from None
-    return InceptionFeatures(scripted, _file_digest(path))
+    return InceptionFeatures(scripted, file_digest(path, "sha256")[:16])
 
 
 def load_extractor(kind: str, *, dataset_dir: str | Path | None = None, fid_net_path: str | Path | None = None,
@@ -131,12 +123,7 @@ def load_extractor(kind: str, *, dataset_dir: str | Path | None = None, fid_net_
     raise PacerayError(f"unknown FID features {kind!r}: use one of {', '.join(EXTRACTORS)}")
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+
 
 
 # --- reference statistics ---------------------------------------------------------------------
