@@ -232,6 +232,24 @@ def finish_run(uri: str, run_id: str, status: str, run_dir: Path) -> Optional[st
     return runlog.replay_command(folder, uri)
 
 
+def record_failure(uri: str, run_id: str, error: BaseException) -> None:
+    """Tag a trial's run with why it failed: the last line of the error (Ray wraps the worker's
+    own error in its traceback text). If the server is away, the error itself is what matters."""
+    text = str(error).strip()
+    try:
+        client(uri).set_tag(run_id, ERROR_TAG, text.splitlines()[-1][:4000] if text else repr(error))
+    except Exception:
+        pass
+
+
+def end_trial_run(uri: str, run_id: str, status: str, run_dir: Path) -> None:
+    """End a trial's run; say so if its last writes must wait on disk for the server."""
+    left = finish_run(uri, run_id, status, run_dir)
+    if left:
+        print(f"warning: MLflow at {uri} is unreachable; run {run_id}'s last writes wait on disk: {left}",
+              file=sys.stderr, flush=True)
+
+
 def deliver_leftovers(uri: str, run_id: str, run_dir: Path) -> bool:
     """Deliver what a trial's process queued for its run and did not send before it died (a
     worker killed by a crash or by a scheduler's stop). True when nothing is left queued."""

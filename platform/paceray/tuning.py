@@ -120,23 +120,15 @@ def run_trial(config: dict, search: dict) -> None:
             # Tune stopped this trial (a scheduler's decision) and its Train controller died with
             # it: not a failure. The search driver marks the run KILLED from Tune's own result.
             raise
-        text = str(e).strip()
-        try:
-            tracking.client(uri).set_tag(run_id, tracking.ERROR_TAG,
-                                         text.splitlines()[-1][:4000] if text else repr(e))
-        except Exception:  # the server is away: the trial's own error is what matters here
-            pass
-        tracking.finish_run(uri, run_id, "FAILED", run_dir)
+        tracking.record_failure(uri, run_id, e)
+        tracking.end_trial_run(uri, run_id, "FAILED", run_dir)
         raise
     reason = tracking.trial_error(uri, run_id)
     if reason:  # the trainable ended its trial as failed (e.g. a NaN loss): Tune sees an error
-        tracking.finish_run(uri, run_id, "FAILED", run_dir)
+        tracking.end_trial_run(uri, run_id, "FAILED", run_dir)
         raise TrialFailed(reason)
-    if already_finished:
-        return
-    left = tracking.finish_run(uri, run_id, "FINISHED", run_dir)
-    if left:
-        print(f"warning: MLflow at {uri} is unreachable; trial {trial_id}'s last writes wait on disk: {left}")
+    if not already_finished:
+        tracking.end_trial_run(uri, run_id, "FINISHED", run_dir)
 
 
 def _tune_stop_flag():
@@ -171,7 +163,7 @@ def search_context(loaded: LoadedSpec, uri: str, parent_run_id: str, storage: st
     }
 
 
-def build_tuner(loaded: LoadedSpec, context: dict, cluster: dict[str, float], tuner_path: Optional[Path]):
+def build_tuner(loaded: LoadedSpec, context: dict, concurrent: int, tuner_path: Optional[Path]):
     """A fresh Tuner, or the restored one when `tuner_path` holds an interrupted search."""
     from ray import tune
 
@@ -189,7 +181,7 @@ def build_tuner(loaded: LoadedSpec, context: dict, cluster: dict[str, float], tu
         param_space=param_space(loaded, t.algorithm),
         tune_config=tune.TuneConfig(
             metric=t.metric, mode=t.mode, num_samples=t.num_samples, search_alg=search_alg(loaded),
-            scheduler=scheduler(loaded), max_concurrent_trials=max_concurrent(loaded, cluster),
+            scheduler=scheduler(loaded), max_concurrent_trials=concurrent,
         ),
         run_config=tune.RunConfig(
             name=loaded.spec.name, storage_path=str(trial_storage(Path(context["run_dir"]))),

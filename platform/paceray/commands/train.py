@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -114,12 +113,9 @@ def _fit(trainable, config, spec, rd: Path, storage: Path, uri: str, trial_id: s
     except PacerayError:
         raise
     except Exception as e:  # Ray wraps the worker's error; the run must not stay RUNNING
-        tracking.client(uri).set_tag(run_id, tracking.ERROR_TAG, str(e)[:4000])
+        tracking.record_failure(uri, run_id, e)
         raise PacerayError(f"trial {trial_id} failed: {str(e).splitlines()[0][:300]} "
                            f"(details: {trial_storage(rd) / trial_id}; resume with --resume)") from e
     finally:
-        left = tracking.finish_run(uri, run_id, status, rd)
-        if left:
-            print(f"warning: MLflow at {uri} is unreachable; this trial's last writes wait on disk: {left}",
-                  file=sys.stderr, flush=True)
+        tracking.end_trial_run(uri, run_id, status, rd)
 

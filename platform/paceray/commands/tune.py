@@ -43,16 +43,12 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
     if external:
         tracking.check_reachable(external)
     where = raycluster.connect(address)
-    cluster = raycluster.cluster_resources()
     try:
-        tuning.max_concurrent(loaded, cluster)  # a trial that cannot fit the cluster fails here
-    except PacerayError:
-        raycluster.shutdown()
-        raise
-    if not previous and tuner_dir.exists():
-        # A new search must not silently mix with the old one's trials and checkpoints.
-        tuner_dir.rename(tuner_dir.with_name(f"{spec.name}.{time.strftime('%Y%m%d-%H%M%S')}"))
-    try:
+        # A trial that cannot fit the cluster fails here, before anything is written.
+        concurrent = tuning.max_concurrent(loaded, raycluster.cluster_resources())
+        if not previous and tuner_dir.exists():
+            # A new search must not silently mix with the old one's trials and checkpoints.
+            tuner_dir.rename(tuner_dir.with_name(f"{spec.name}.{time.strftime('%Y%m%d-%H%M%S')}"))
         with tracking.tracking_session(rd, external) as uri:
             if previous:
                 parent = previous["parent_run_id"]
@@ -63,10 +59,10 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
                                              _search_params(loaded))
                 _log_spec(uri, parent, loaded)
                 write_text_atomic(state_path, json.dumps({"parent_run_id": parent, "experiment": spec.experiment,
-                                                      "spec": spec.path}))
+                                                             "spec": spec.path}))
             context = tuning.search_context(loaded, uri, parent, str(storage), rd,
                                             tracking.client_env(embedded=external is None))
-            tuner = tuning.build_tuner(loaded, context, cluster, tuner_dir if previous else None)
+            tuner = tuning.build_tuner(loaded, context, concurrent, tuner_dir if previous else None)
             print(f"paceray tune {spec.name}: {where}; MLflow at {uri}; results in {tuner_dir}", flush=True)
             status = "FAILED"
             try:
