@@ -16,6 +16,8 @@ from conftest import (experiment_runs, history, kill_session, registered_checkpo
 pytestmark = pytest.mark.slow
 
 STEPS, STAGE, EVERY = 60, 10, 30
+TWO_WORKER_BASE = tiny_base(train={"steps": STEPS, "log_every": 5}, curriculum={"stage_steps": STAGE},
+                            eval={"every": EVERY})
 
 
 def only_run(run_dir: Path, experiment: str):
@@ -27,9 +29,7 @@ def only_run(run_dir: Path, experiment: str):
 @pytest.fixture(scope="module")
 def two_worker_trial(tmp_path_factory, storage):
     tmp = tmp_path_factory.mktemp("train2")
-    base = tiny_base(train={"steps": STEPS, "log_every": 5}, curriculum={"stage_steps": STAGE},
-                     eval={"every": EVERY})
-    spec = write_spec(tmp / "two.yaml", "two-workers", base, resources={"workers": 2, "cpus_per_worker": 1})
+    spec = write_spec(tmp / "two.yaml", "two-workers", TWO_WORKER_BASE, resources={"workers": 2, "cpus_per_worker": 1})
     result = run_paceray("train", spec, "--run-dir", tmp / "runs")
     return tmp / "runs", result
 
@@ -85,20 +85,16 @@ def test_fid_in_the_loop_with_two_workers_equals_one_process(two_worker_trial, s
     from trainables.denoiser.config import Config
     from trainables.denoiser.diffusion import GaussianDiffusion
     from trainables.denoiser.export import load_checkpoint_model
-    from trainables.denoiser.features import dataset_path, reference, extractor
-    from trainables.denoiser.fid import FIDEvaluator
+    from trainables.denoiser.features import dataset_path, fid_evaluator
     from trainables.denoiser.train import generate_share
 
     run_dir, _ = two_worker_trial
     client, run = only_run(run_dir, "two-workers")
     ckpt = sorted((run_dir / "ray").glob("*/checkpoint_step*"))[-1]
     assert ckpt.name == f"checkpoint_step{STEPS:08d}"
-    config = tiny_base(train={"steps": STEPS, "log_every": 5}, curriculum={"stage_steps": STAGE}, eval={"every": EVERY})
-    model, cfg, _ = load_checkpoint_model(ckpt, Config.model_validate(config).model_dump())
+    model, cfg = load_checkpoint_model(ckpt, Config.model_validate(TWO_WORKER_BASE).model_dump())
     diffusion = GaussianDiffusion(cfg.diffusion.timesteps, cfg.diffusion.schedule)
-    data_dir = dataset_path(cfg.data, storage)
-    ext = extractor(cfg, storage, data_dir)
-    evaluator = FIDEvaluator(ext, reference(cfg, storage, data_dir, ext), "cpu")
+    evaluator = fid_evaluator(cfg, storage, dataset_path(cfg.data, storage), "cpu")  # the loop's own, one process
     for rank in (0, 1):
         for x in generate_share(cfg, diffusion, model, rank, 2, torch.device("cpu"), None):
             evaluator.update(x)

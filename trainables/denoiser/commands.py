@@ -85,10 +85,10 @@ def fid_net() -> None:
 def train_fid_net_command(dataset, source, storage, epochs, seed):
     """Train the small classifier whose penultimate features give the `classifier` FID."""
     from paceray.paths import storage_root
-    from trainables.denoiser.features import ensure_fid_net
+    from trainables.denoiser.features import train_dataset_fid_net
 
     root = Path(storage).resolve() if storage else storage_root()
-    path, info = ensure_fid_net(dataset, root, source=source, epochs=epochs, seed=seed, retrain=True)
+    path, info = train_dataset_fid_net(dataset, root, source=source, epochs=epochs, seed=seed)
     click.echo(f"{dataset}: fid-net test accuracy {info['accuracy']:.4f} → {path}")
 
 

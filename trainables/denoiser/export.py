@@ -14,7 +14,7 @@ from trainables.denoiser.model import EMA, build_model
 from trainables.denoiser.train import CHECKPOINT_FILE
 
 
-def load_checkpoint_model(checkpoint_dir: str | Path, config: dict, ema_weights: bool = True):
+def load_checkpoint_model(checkpoint_dir: str | Path, config: dict):
     """The UNet of a paceray checkpoint, with its EMA weights (what the FID evals sampled with)."""
     cfg = Config.model_validate({k: v for k, v in config.items() if k != "paceray"})
     state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
@@ -23,15 +23,14 @@ def load_checkpoint_model(checkpoint_dir: str | Path, config: dict, ema_weights:
     num_classes = None if num_class_embeds is None else num_class_embeds.shape[0] - 1
     model = build_model(cfg.model.preset, cfg.data.image_size, weight.shape[1], num_classes)
     model.load_state_dict(state["model"])
-    if ema_weights:
-        ema = EMA(model, decay=cfg.train.ema_decay)
-        ema.load_state_dict(state["ema"])
-        ema.copy_to(model)
-    return model.eval(), cfg, state
+    ema = EMA(model, decay=cfg.train.ema_decay)
+    ema.load_state_dict(state["ema"])
+    ema.copy_to(model)
+    return model.eval(), cfg
 
 
 def export(checkpoint_dir: str, config: dict, out_dir: str) -> str:
-    model, cfg, _ = load_checkpoint_model(checkpoint_dir, config)
+    model, cfg = load_checkpoint_model(checkpoint_dir, config)
     scheduler = GaussianDiffusion(cfg.diffusion.timesteps, cfg.diffusion.schedule).scheduler
     DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(out_dir)
     return out_dir

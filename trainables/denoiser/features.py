@@ -28,19 +28,15 @@ def fid_net_path(dataset: str, storage: Path) -> Path:
     return storage / "fid-nets" / f"{dataset}.pt"
 
 
-def ensure_fid_net(dataset: str, storage: Path, source: Optional[str] = None, epochs: Optional[int] = None,
-                   seed: int = 0, retrain: bool = False) -> tuple[Path, dict[str, Any]]:
-    """The classifier FID network of `dataset`, trained (on CPU or the local GPU) if missing."""
+def train_dataset_fid_net(dataset: str, storage: Path, source: Optional[str] = None, epochs: Optional[int] = None,
+                          seed: int = 0) -> tuple[Path, dict[str, Any]]:
+    """Train the classifier FID network of `dataset` (on CPU or the local GPU) into the storage root."""
     import torch
 
     from trainables.denoiser.fid_net import train_fid_net
 
     data_dir = dataset_path(DataConfig(dataset=dataset, source=source), storage)
     out = fid_net_path(dataset, storage)
-    if out.exists() and not retrain:
-        saved = torch.load(out, map_location="cpu", weights_only=False)
-        return out, {"accuracy": saved.get("accuracy"), "path": str(out)}
-    out.parent.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"training the {dataset} FID network once (saved to {out}) …", flush=True)
     info = train_fid_net(data_dir, out, epochs=epochs, seed=seed, device=device)
@@ -53,7 +49,7 @@ def extractor(cfg: Config, storage: Path, data_dir: Path):
     if cfg.eval.features == "classifier":
         path = fid_net_path(cfg.data.dataset, storage)
         if not path.exists():
-            ensure_fid_net(cfg.data.dataset, storage, cfg.data.source)
+            train_dataset_fid_net(cfg.data.dataset, storage, cfg.data.source)
         return load_extractor("classifier", dataset_dir=data_dir, fid_net_path=path)
     return load_extractor("inception", inception_weights=cfg.eval.inception_weights,
                           inception_cache_dir=storage / "inception")
@@ -84,11 +80,7 @@ def prepare(config: dict, storage: str) -> None:
     cfg = Config.model_validate(config)
     root = Path(storage)
     data_dir = dataset_path(cfg.data, root)
-    from trainables.denoiser.data import read_manifest
-    from trainables.denoiser.model import build_model
+    from trainables.denoiser.model import check_image_size
 
-    channels = read_manifest(data_dir)["image_shape"][0]
-    build_model(cfg.model.preset, cfg.data.image_size, channels)  # a bad preset/size fails here, not on a worker
-    if cfg.eval.fid_samples < 2:
-        raise PacerayError("eval.fid_samples must be at least 2")
+    check_image_size(cfg.model.preset, cfg.data.image_size)  # a bad preset/size fails here, not on a worker
     reference(cfg, root, data_dir)

@@ -72,18 +72,24 @@ def num_downsamples(preset: str) -> int:
     return len(_preset_kwargs(preset)["block_out_channels"]) - 1
 
 
+def check_image_size(preset: str, image_size: int) -> dict:
+    """The preset's UNet arguments, once `image_size` is known to fit its downsampling."""
+    kwargs, halvings = _preset_kwargs(preset), num_downsamples(preset)
+    factor = 2 ** halvings
+    if image_size < factor or image_size % factor:
+        raise PacerayError(
+            f"model.preset={preset!r} halves the resolution {halvings} times, so "
+            f"data.image_size must be a multiple of {factor}, got {image_size}; "
+            "pick another preset or image size"
+        )
+    return kwargs
+
+
 def build_model(
     preset: str, image_size: int, channels: int, num_classes: int | None = None
 ) -> UNet2DModel:
     """A UNet2DModel predicting ε; class-conditional (with a null label) when num_classes is set."""
-    kwargs = _preset_kwargs(preset)
-    factor = 2 ** num_downsamples(preset)
-    if image_size < factor or image_size % factor:
-        raise PacerayError(
-            f"model.preset={preset!r} halves the resolution {num_downsamples(preset)} times, so "
-            f"data.image_size must be a multiple of {factor}, got {image_size}; "
-            "pick another preset or image size"
-        )
+    kwargs = check_image_size(preset, image_size)
     if num_classes is not None and num_classes < 1:
         raise PacerayError(f"num_classes must be >= 1 or None (unconditional), got {num_classes}")
     return UNet2DModel(
