@@ -103,6 +103,15 @@ def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Every checkpoint folder of the trials under `run_dir`, oldest step first."""
+    return sorted((run_dir / "ray").glob("*/checkpoint_step*"))
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name.removeprefix("checkpoint_step"))
+
+
 def registered_checkpoint_step(run_dir: Path) -> int | None:
     """The step of the latest checkpoint Ray Train registered for a `paceray train` run (what a
     restart resumes from), or None. A checkpoint folder on disk is not enough: the controller
@@ -113,7 +122,7 @@ def registered_checkpoint_step(run_dir: Path) -> int | None:
     for trial_dir in (run_dir / "ray").glob("*"):
         ckpt = latest_checkpoint(trial_dir)
         if ckpt is not None:
-            steps.append(int(ckpt.name.removeprefix("checkpoint_step")))
+            steps.append(checkpoint_step(ckpt))
     return max(steps) if steps else None
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import (REPO, Started, experiment_runs, history, kill_session, mlflow_client, registered_checkpoint_step,
-                      run_paceray, start_paceray, tiny_base, wait_for_checkpoint, write_spec)
+from conftest import (REPO, Started, checkpoint_dirs, checkpoint_step, experiment_runs, history, kill_session,
+                      mlflow_client, registered_checkpoint_step, run_paceray, start_paceray, tiny_base,
+                      wait_for_checkpoint, write_spec)
 from paceray.tracking import LocalServer
 
 pytestmark = pytest.mark.slow
@@ -123,7 +124,7 @@ def test_corrupted_checkpoint_on_resume_is_one_line(tmp_path, storage):
     spec = write_spec(tmp_path / "c.yaml", "corrupt", tiny_base(train={"steps": 10}, eval={"every": 10}))
     run_dir = tmp_path / "runs"
     run_paceray("train", spec, "--run-dir", run_dir)
-    ckpt = sorted((run_dir / "ray").glob("*/checkpoint_step*"))[-1] / "state.pt"
+    ckpt = checkpoint_dirs(run_dir)[-1] / "state.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated, as by a full disk
     r = run_paceray("train", spec, "--run-dir", run_dir, "--resume", check=False)
     assert_one_line_error(r, str(ckpt), "corrupted checkpoint")
@@ -151,13 +152,13 @@ def test_checkpoints_stay_bounded(tmp_path, storage):
     base = tiny_base(train={"steps": 60, "checkpoint_keep": 2, "log_every": 5}, eval={"every": 5})
     spec = write_spec(tmp_path / "disk.yaml", "disk", base)
     run_paceray("train", spec, "--run-dir", tmp_path / "runs")
-    kept = sorted((tmp_path / "runs" / "ray").glob("*/checkpoint_step*"))
+    kept = checkpoint_dirs(tmp_path / "runs")
     assert 2 <= len(kept) <= 3, kept
     assert kept[-1].name == "checkpoint_step00000060"  # the latest is always kept
     client, runs = experiment_runs(tmp_path / "runs", "disk")
     fids = dict(history(client, runs[0].info.run_id, "eval/fid"))
     best_two = sorted(fids, key=fids.get)[:2]
-    kept_steps = {int(p.name.removeprefix("checkpoint_step")) for p in kept}
+    kept_steps = {checkpoint_step(p) for p in kept}
     assert set(best_two) <= kept_steps
 
 

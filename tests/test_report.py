@@ -4,18 +4,17 @@ MLflow store laid out the way `paceray tune` writes it."""
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from conftest import PACERAY
 from paceray import report
 from paceray.commands.report import run_report
 from paceray.errors import PacerayError
 
-PACERAY = str(Path(sys.executable).parent / "paceray")
 FEATURES = "classifier:digits@8px(d=128); 256 samples vs 1438 reference images"
 INCEPTION = "inception:pool3(d=2048); 1000 samples vs 10000 reference images"
 STEPS = [100, 200, 300, 400]

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (experiment_runs, history, kill_session, registered_checkpoint_step, run_paceray, start_paceray,
-                      tiny_base, wait_for_checkpoint, write_spec)
+from conftest import (checkpoint_dirs, checkpoint_step, experiment_runs, history, kill_session,
+                      registered_checkpoint_step, run_paceray, start_paceray, tiny_base, wait_for_checkpoint,
+                      write_spec)
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +91,7 @@ def test_fid_in_the_loop_with_two_workers_equals_one_process(two_worker_trial, s
 
     run_dir, _ = two_worker_trial
     client, run = only_run(run_dir, "two-workers")
-    ckpt = sorted((run_dir / "ray").glob("*/checkpoint_step*"))[-1]
+    ckpt = checkpoint_dirs(run_dir)[-1]
     assert ckpt.name == f"checkpoint_step{STEPS:08d}"
     model, cfg = load_checkpoint_model(ckpt, Config.model_validate(TWO_WORKER_BASE).model_dump())
     diffusion = GaussianDiffusion(cfg.diffusion.timesteps, cfg.diffusion.schedule)
@@ -102,10 +103,6 @@ def test_fid_in_the_loop_with_two_workers_equals_one_process(two_worker_trial, s
     logged = dict(history(client, run.info.run_id, "eval/fid"))[STEPS]
     assert one_process["num_fake"] == cfg.eval.fid_samples
     assert one_process["fid"] == pytest.approx(logged, rel=1e-6, abs=1e-6)
-
-
-def _checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "ray").glob("*/checkpoint_step*"))
 
 
 def test_resume_after_a_kill_continues_the_same_run(tmp_path, storage):
@@ -122,7 +119,7 @@ def test_resume_after_a_kill_continues_the_same_run(tmp_path, storage):
         kill_session(proc.pid)  # the whole `paceray train`: driver, Ray and its workers
         proc.wait(timeout=60)
     registered = registered_checkpoint_step(run_dir)
-    assert max(int(p.name.removeprefix("checkpoint_step")) for p in _checkpoints(run_dir)) < 120
+    assert max(checkpoint_step(p) for p in checkpoint_dirs(run_dir)) < 120
 
     # Resumed on two workers where one wrote the checkpoint (a user who got a bigger node): the
     # data is resharded, everything else continues.
