@@ -14,14 +14,15 @@ import kubernetes_validate
 
 from k8s_crd_schema import CRDRegistry
 from k8s_pods import (
-    command_options, describe, env_by_name, is_secret_ref, objects_of_kind, pod_templates,
+    command_options, describe, env_by_name, is_secret_ref, mlflow_server, objects_of_kind, pod_templates,
     ray_cluster_specs, ray_node_templates, selector_matches,
 )
 from k8s_render import OLDEST_KUBERNETES, Bundle, dockerfile_args, kuberay_crd_dir
 from k8s_security_checks import (
-    check_dockerfile_runs_as_ray, check_network_policies, check_no_external_exposure,
-    check_no_literal_secrets, check_non_root_security_context, check_ray_token_auth,
-    check_resources_on_every_container,
+    check_dockerfile_runs_as_ray, check_egress_bounded, check_egress_default_deny, check_egress_no_metadata_endpoint,
+    check_egress_reaches_dependencies, check_network_policies, check_no_external_exposure, check_no_literal_secrets,
+    check_non_root_security_context, check_ray_mlflow_user_not_admin, check_ray_token_auth,
+    check_resources_on_every_container, check_service_account_tokens_off,
 )
 
 GPU = "nvidia.com/gpu"
@@ -154,10 +155,11 @@ def check_selectors_match_pod_labels(bundle: Bundle) -> list[str]:
         elif kind == "NetworkPolicy":
             if not matched(namespace, obj["spec"].get("podSelector")):
                 problems.append(f"{describe(obj)}: podSelector matches no pod")
-            for rule in obj["spec"].get("ingress") or []:
-                for peer in rule.get("from") or []:
-                    if "podSelector" in peer and "namespaceSelector" not in peer and not matched(namespace, peer["podSelector"]):
-                        problems.append(f"{describe(obj)}: ingress from podSelector {peer['podSelector']} matches no pod")
+            for direction, peers_key in (("ingress", "from"), ("egress", "to")):
+                for rule in obj["spec"].get(direction) or []:
+                    for peer in rule.get(peers_key) or []:
+                        if "podSelector" in peer and "namespaceSelector" not in peer and not matched(namespace, peer["podSelector"]):
+                            problems.append(f"{describe(obj)}: {direction} {peers_key} podSelector {peer['podSelector']} matches no pod")
         elif kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
             labels = (obj["spec"].get("template", {}).get("metadata") or {}).get("labels", {})
             if obj["spec"].get("selector") and not selector_matches(obj["spec"]["selector"], labels):
@@ -196,13 +198,8 @@ def check_ray_versions_agree(bundle: Bundle) -> list[str]:
 
 
 def _mlflow_service_and_container(bundle: Bundle) -> tuple[dict | None, dict | None]:
-    for deployment in objects_of_kind(bundle.objects, "Deployment"):
-        for container in deployment["spec"]["template"]["spec"].get("containers", []):
-            if (container.get("command") or [None])[0] == "mlflow":
-                labels = deployment["spec"]["template"]["metadata"].get("labels", {})
-                services = [s for s in objects_of_kind(bundle.objects, "Service") if s["spec"].get("selector") and selector_matches({"matchLabels": s["spec"]["selector"]}, labels)]
-                return (services[0] if services else None), container
-    return None, None
+    _, container, service = mlflow_server(bundle.objects)
+    return service, container
 
 
 def mlflow_service_hosts(service: dict) -> list[str]:
@@ -322,4 +319,10 @@ CHECKS: dict[str, Callable[[Bundle], list[str]]] = {
     "non_root_security_context": check_non_root_security_context,
     "dockerfile_runs_as_ray": check_dockerfile_runs_as_ray,
     "network_policies": check_network_policies,
+    "egress_default_deny": check_egress_default_deny,
+    "egress_bounded": check_egress_bounded,
+    "egress_no_metadata_endpoint": check_egress_no_metadata_endpoint,
+    "egress_reaches_dependencies": check_egress_reaches_dependencies,
+    "service_account_tokens_off": check_service_account_tokens_off,
+    "ray_mlflow_user_not_admin": check_ray_mlflow_user_not_admin,
 }

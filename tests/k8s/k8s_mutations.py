@@ -62,6 +62,26 @@ def _add_ingress_peer(peer: dict) -> Callable[[Bundle], None]:
     return mutate
 
 
+def _egress(bundle: Bundle, policy: str) -> list[dict]:
+    return find(bundle, "NetworkPolicy", policy)["spec"]["egress"]
+
+
+def _add_egress_rule(policy: str, rule: dict) -> Callable[[Bundle], None]:
+    return lambda b: _egress(b, policy).append(rule)
+
+
+def _job_head(bundle: Bundle) -> dict:
+    return _job_cluster(bundle)["headGroupSpec"]["template"]["spec"]
+
+
+def _user_job_container(bundle: Bundle) -> dict:
+    return find(bundle, "Job", "paceray-mlflow-user")["spec"]["template"]["spec"]["containers"][0]
+
+
+def _secret_env(secret: str, key: str) -> dict:
+    return {"valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
 MUTATIONS = [
     # schemas
     Mutation("deployment-unknown-field", "builtin_schemas",
@@ -99,6 +119,8 @@ MUTATIONS = [
     # wiring
     Mutation("service-selector-typo", "selectors_match_pod_labels",
              lambda b: find(b, "Service", "mlflow")["spec"]["selector"].__setitem__("app.kubernetes.io/name", "mlfow")),
+    Mutation("egress-peer-selects-nothing", "selectors_match_pod_labels",
+             lambda b: _egress(b, "mlflow-egress")[0]["to"][0]["podSelector"]["matchLabels"].__setitem__("app.kubernetes.io/name", "postgresql")),
     Mutation("networkpolicy-selects-nothing", "selectors_match_pod_labels",
              lambda b: find(b, "NetworkPolicy", "ray-from-namespace")["spec"]["podSelector"]["matchLabels"].__setitem__("app.kubernetes.io/component", "rays")),
     Mutation("statefulset-selector-off-template", "selectors_match_pod_labels",
@@ -180,4 +202,61 @@ MUTATIONS = [
              lambda b: b.objects.remove(find(b, "NetworkPolicy", "ray-from-namespace"))),
     Mutation("mlflow-open-to-any-ip", "network_policies", _add_ingress_peer({"ipBlock": {"cidr": "0.0.0.0/0"}})),
     Mutation("mlflow-open-to-all-namespaces", "network_policies", _add_ingress_peer({"namespaceSelector": {}})),
+    # egress
+    Mutation("no-default-deny-egress", "egress_default_deny",
+             lambda b: b.objects.remove(find(b, "NetworkPolicy", "default-deny-egress"))),
+    Mutation("default-deny-egress-for-ray-pods-only", "egress_default_deny",
+             lambda b: find(b, "NetworkPolicy", "default-deny-egress")["spec"].__setitem__(
+                 "podSelector", {"matchLabels": {"app.kubernetes.io/component": "ray"}})),
+    Mutation("default-deny-egress-allows-all", "egress_default_deny",
+             lambda b: find(b, "NetworkPolicy", "default-deny-egress")["spec"].__setitem__("egress", [{}])),
+    Mutation("ray-egress-rule-without-to", "egress_bounded", _add_egress_rule("ray-egress", {"ports": [{"protocol": "TCP", "port": 443}]})),
+    Mutation("mlflow-egress-to-any-ip", "egress_bounded",
+             _add_egress_rule("mlflow-egress", {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}]})),
+    Mutation("ray-egress-to-half-the-internet", "egress_bounded",
+             _add_egress_rule("ray-egress", {"to": [{"ipBlock": {"cidr": "0.0.0.0/1"}}, {"ipBlock": {"cidr": "128.0.0.0/1"}}]})),
+    Mutation("ray-egress-to-all-namespaces", "egress_bounded", _add_egress_rule("ray-egress", {"to": [{"namespaceSelector": {}}]})),
+    Mutation("dns-egress-to-kube-system-any-port", "egress_bounded",
+             lambda b: _egress(b, "dns-egress")[0].pop("ports")),
+    Mutation("ray-egress-to-link-local", "egress_no_metadata_endpoint",
+             _add_egress_rule("ray-egress", {"to": [{"ipBlock": {"cidr": "169.254.0.0/16", "except": ["169.254.20.10/32"]}}]})),
+    Mutation("submitter-egress-to-metadata", "egress_no_metadata_endpoint",
+             _add_egress_rule("ray-submitter-egress", {"to": [{"ipBlock": {"cidr": "169.254.169.254/32"}}], "ports": [{"port": 80}]})),
+    Mutation("mlflow-egress-anywhere", "egress_no_metadata_endpoint", _add_egress_rule("mlflow-egress", {})),
+    Mutation("no-dns-egress", "egress_reaches_dependencies", lambda b: b.objects.remove(find(b, "NetworkPolicy", "dns-egress"))),
+    Mutation("dns-egress-udp-only", "egress_reaches_dependencies", lambda b: _egress(b, "dns-egress")[0]["ports"].pop(1)),
+    Mutation("ray-pods-reach-gcs-only", "egress_reaches_dependencies",
+             lambda b: _egress(b, "ray-egress")[0].__setitem__("ports", [{"protocol": "TCP", "port": 6379}])),
+    Mutation("ray-pods-cannot-reach-mlflow", "egress_reaches_dependencies", lambda b: _egress(b, "ray-egress").pop(1)),
+    Mutation("ray-egress-to-wrong-mlflow-port", "egress_reaches_dependencies",
+             lambda b: _egress(b, "ray-egress")[1]["ports"][0].__setitem__("port", 5001)),
+    Mutation("mlflow-cannot-reach-postgres", "egress_reaches_dependencies",
+             lambda b: b.objects.remove(find(b, "NetworkPolicy", "mlflow-egress"))),
+    Mutation("user-job-cannot-reach-mlflow", "egress_reaches_dependencies",
+             lambda b: b.objects.remove(find(b, "NetworkPolicy", "mlflow-user-setup-egress"))),
+    Mutation("submitter-cannot-reach-dashboard", "egress_reaches_dependencies",
+             lambda b: _egress(b, "ray-submitter-egress")[0]["ports"][0].__setitem__("port", 10001)),
+    # the Kubernetes API and MLflow credentials
+    Mutation("job-head-mounts-token", "service_account_tokens_off",
+             lambda b: _job_head(b).pop("automountServiceAccountToken")),
+    Mutation("worker-mounts-token", "service_account_tokens_off",
+             lambda b: find(b, "RayCluster")["spec"]["workerGroupSpecs"][0]["template"]["spec"].__setitem__("automountServiceAccountToken", True)),
+    Mutation("submitter-mounts-token", "service_account_tokens_off",
+             lambda b: _submitter(b).pop("automountServiceAccountToken")),
+    Mutation("user-job-mounts-token", "service_account_tokens_off",
+             lambda b: find(b, "Job", "paceray-mlflow-user")["spec"]["template"]["spec"].pop("automountServiceAccountToken")),
+    Mutation("autoscaler-on", "service_account_tokens_off",
+             lambda b: _job_cluster(b).__setitem__("enableInTreeAutoscaling", True)),
+    Mutation("ray-pods-log-in-as-admin", "ray_mlflow_user_not_admin",
+             lambda b: [_set_env(c, name, _secret_env("paceray-mlflow-auth", key)) for c in (_job_worker_container(b), _job_head(b)["containers"][0])
+                        for name, key in (("MLFLOW_TRACKING_USERNAME", "username"), ("MLFLOW_TRACKING_PASSWORD", "password"))]),
+    Mutation("worker-password-from-admin-secret", "ray_mlflow_user_not_admin",
+             lambda b: _set_env(_job_worker_container(b), "MLFLOW_TRACKING_PASSWORD", _secret_env("paceray-mlflow-auth", "password"))),
+    Mutation("head-env-from-admin-secret", "ray_mlflow_user_not_admin",
+             lambda b: _job_head(b)["containers"][0].__setitem__("envFrom", [{"secretRef": {"name": "paceray-mlflow-auth"}}])),
+    Mutation("submitter-mounts-admin-secret", "ray_mlflow_user_not_admin",
+             lambda b: _submitter(b).__setitem__("volumes", [{"name": "auth", "secret": {"secretName": "paceray-mlflow-auth"}}])),
+    Mutation("user-job-creates-another-user", "ray_mlflow_user_not_admin",
+             lambda b: _set_env(_user_job_container(b), "MLFLOW_TRACKING_USERNAME", _secret_env("paceray-mlflow-other", "username"))),
+    Mutation("no-user-job", "ray_mlflow_user_not_admin", lambda b: b.objects.remove(find(b, "Job", "paceray-mlflow-user"))),
 ]

@@ -39,6 +39,7 @@ class PodTemplate:
     namespace: str | None
     template: dict
     implied_labels: dict  # labels a controller adds to the pods (KubeRay's ray.io/*)
+    cluster: str | None = None  # the Ray cluster's owner ("Kind/name") of a Ray head, worker or submitter
 
     @property
     def where(self) -> str:
@@ -83,20 +84,37 @@ def pod_templates(objects: list[dict]) -> Iterator[PodTemplate]:
         head = _dig(spec, ("headGroupSpec", "template"))
         if head is not None:
             implied = {**cluster, "ray.io/node-type": "head", "ray.io/group": "headgroup", "ray.io/is-ray-node": "yes"}
-            yield PodTemplate(describe(owner), "ray-head", namespace, head, implied)
+            yield PodTemplate(describe(owner), "ray-head", namespace, head, implied, describe(owner))
         for group in spec.get("workerGroupSpecs") or []:
             template = group.get("template")
             if isinstance(template, dict):
                 implied = {**cluster, "ray.io/node-type": "worker", "ray.io/group": group.get("groupName", ""), "ray.io/is-ray-node": "yes"}
-                yield PodTemplate(f"{describe(owner)} group {group.get('groupName')}", "ray-worker", namespace, template, implied)
+                yield PodTemplate(f"{describe(owner)} group {group.get('groupName')}", "ray-worker", namespace, template,
+                                  implied, describe(owner))
     for obj in objects:
         if obj.get("kind") == "RayJob" and isinstance(_dig(obj, ("spec", "submitterPodTemplate")), dict):
             template = obj["spec"]["submitterPodTemplate"]
-            yield PodTemplate(describe(obj), "ray-submitter", obj.get("metadata", {}).get("namespace"), template, {})
+            yield PodTemplate(describe(obj), "ray-submitter", obj.get("metadata", {}).get("namespace"), template, {},
+                              describe(obj))
 
 
 def ray_node_templates(objects: list[dict]) -> Iterator[PodTemplate]:
     return (t for t in pod_templates(objects) if t.role in ("ray-head", "ray-worker"))
+
+
+def mlflow_server(objects: list[dict]) -> tuple[PodTemplate | None, dict | None, dict | None]:
+    """The MLflow tracking server: its pod template, its container (command: mlflow) and the
+    Service in front of it; (None, None, None) when there is none."""
+    for template in pod_templates(objects):
+        if not template.owner.startswith("Deployment/"):
+            continue
+        for container in template.containers(include_init=False):
+            if (container.get("command") or [None])[0] == "mlflow":
+                services = [s for s in objects_of_kind(objects, "Service") if s["spec"].get("selector")
+                            and s["metadata"].get("namespace") == template.namespace
+                            and selector_matches({"matchLabels": s["spec"]["selector"]}, template.labels)]
+                return template, container, (services[0] if services else None)
+    return None, None, None
 
 
 def selector_matches(selector: dict | None, labels: dict) -> bool:

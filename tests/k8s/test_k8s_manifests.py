@@ -4,15 +4,19 @@ admits them), hold the rules no schema holds, and prove each check catches what 
 """
 
 import copy
+import dataclasses
 import importlib.metadata
 import json
+import os
 import subprocess
 
 import pytest
 
 from k8s_checks import CHECKS
 from k8s_mutations import MUTATIONS
-from k8s_render import KUSTOMIZATIONS, bundle, kubectl_binary, kuberay_crd_dir
+from k8s_render import K8S_DIR, KUSTOMIZATIONS, bundle, kubectl_binary, kuberay_crd_dir, render
+
+OBJECT_STORAGE_COMPONENT = K8S_DIR / "components" / "object-storage-egress"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +44,8 @@ def test_renders_the_expected_objects(bundles, name):
     kinds = _kinds(bundles[name])
     expected = {("Namespace", "paceray"), ("Deployment", "mlflow"), ("Service", "mlflow"),
                 ("StatefulSet", "paceray-postgres"), ("RayCluster", "paceray"),
-                ("PersistentVolumeClaim", "paceray-storage"), ("NetworkPolicy", "default-deny-ingress")}
+                ("PersistentVolumeClaim", "paceray-storage"), ("NetworkPolicy", "default-deny-ingress"),
+                ("NetworkPolicy", "default-deny-egress"), ("Job", "paceray-mlflow-user")}
     assert expected <= kinds
     assert (("RayJob", "paceray-search") in kinds) == (name != "base")
     assert all(o["metadata"].get("namespace") == "paceray" for o in bundles[name].objects if o["kind"] != "Namespace")
@@ -74,3 +79,30 @@ def test_check_catches_mutation(bundles, mutation):
     mutation.mutate(broken)
     assert broken != bundles[mutation.overlay], "the mutation changed nothing"
     assert CHECKS[mutation.check](broken), f"{mutation.check} missed {mutation.id}"
+
+
+def test_object_storage_component_as_docs_say(bundles, tmp_path):
+    """The opt-in object storage egress, added to the gpu overlay with the CIDR patch its
+    kustomization.yaml shows: the Ray pods reach that range on 443, and every check still holds."""
+    (tmp_path / "kustomization.yaml").write_text(f"""
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+namespace: paceray
+resources:
+  - {os.path.relpath(KUSTOMIZATIONS["gpu"], tmp_path)}
+components:
+  - {os.path.relpath(OBJECT_STORAGE_COMPONENT, tmp_path)}
+patches:
+  - target: {{kind: NetworkPolicy, name: ray-object-storage-egress}}
+    patch: |-
+      - op: replace
+        path: /spec/egress/0/to/0/ipBlock/cidr
+        value: 10.20.30.0/24
+""")
+    with_storage = dataclasses.replace(bundles["gpu"], objects=render(tmp_path))
+    policy = next(o for o in with_storage.objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "ray-object-storage-egress")
+    assert policy["metadata"]["namespace"] == "paceray"
+    assert policy["spec"]["egress"] == [{"to": [{"ipBlock": {"cidr": "10.20.30.0/24"}}], "ports": [{"protocol": "TCP", "port": 443}]}]
+    problems = {name: check(with_storage) for name, check in CHECKS.items()}
+    assert {name: found for name, found in problems.items() if found} == {}
+    assert "ray-object-storage-egress" not in json.dumps([o for o in bundles["gpu"].objects if o["kind"] == "NetworkPolicy"])

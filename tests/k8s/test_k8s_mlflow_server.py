@@ -1,11 +1,16 @@
 """A real `mlflow server`, started with the rendered Deployment's own command, arguments, environment
 and mounted ConfigMap, answers the Host headers in-cluster clients and kubectl port-forward send,
-refuses an unlisted one, and enforces basic auth.
+refuses an unlisted one, and enforces basic auth. Against it, the Job paceray-mlflow-user and the
+Ray head's init container wait-for-mlflow-user run with their own commands and environment: the
+Job makes the Ray pods' user (twice: a re-run keeps it), the init container waits for it, and that
+user logs runs, metrics and artifacts but cannot manage users or permissions.
 
 Only what cannot run here is substituted: SQLite for the PostgreSQL backend store, temporary
-folders for the volumes, loopback and a free port for 0.0.0.0:5000, and generated values for
-the Secret references. `--allowed-hosts`, `--app-name`, `--serve-artifacts`, `--workers` and the
-auth config stay as the manifest has them.
+folders for the volumes, loopback and a free port for 0.0.0.0:5000, the test's Python for
+`python`, and generated values for the Secret references. `--allowed-hosts`, `--app-name`,
+`--serve-artifacts`, `--workers`, the auth config and the clients' MLFLOW_TRACKING_URI stay as
+the manifests have them: the clients' connections to the Service's name are routed to the
+server, so they send the in-cluster Host header, as in the cluster.
 """
 
 import base64
@@ -16,7 +21,9 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -24,12 +31,18 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from paceray.tracking import free_port
 from k8s_pods import env_by_name
 from k8s_render import KUSTOMIZATIONS, render
 
 READY_TIMEOUT_S = 90
 UNLISTED_HOST = "attacker.example:5000"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (here, not from paceray: these tests stand alone)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _find(objects, kind, name):
@@ -40,6 +53,7 @@ class _Mounts:
     """The pod's mount paths laid under a temporary folder; rewrites paths that point into them."""
 
     def __init__(self, root: Path, pod_spec: dict, container: dict, objects: list[dict]):
+        self.root = root
         volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
         self.paths = {}
         for mount in container.get("volumeMounts", []):
@@ -70,8 +84,9 @@ def _server_command(container: dict, mounts: _Mounts, database: Path, port: int)
     return command
 
 
-def _server_env(container: dict, mounts: _Mounts, secret_values: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+def _container_env(container: dict, mounts: _Mounts, secret_values: dict) -> dict:
+    """The container's environment, Secret references filled from (and into) `secret_values`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and not k.lower().endswith("_proxy")}
     for name, entry in env_by_name(container).items():
         if "value" in entry:
             env[name] = mounts.rewrite(entry["value"])
@@ -79,6 +94,30 @@ def _server_env(container: dict, mounts: _Mounts, secret_values: dict) -> dict:
             ref = entry["valueFrom"]["secretKeyRef"]
             env[name] = secret_values.setdefault((ref["name"], ref["key"]), secrets.token_urlsafe(18))
     return env
+
+
+# Imported by the client's Python at start (sitecustomize): connections to the Service's name and
+# port go to the test's server instead, as the cluster DNS and the Service would send them.
+_ROUTE = """import socket
+_connect = socket.create_connection
+def _create_connection(address, *args, **kwargs):
+    return _connect({target!r} if tuple(address[:2]) == {service!r} else address, *args, **kwargs)
+socket.create_connection = _create_connection
+"""
+
+
+def _run_client(container: dict, mounts: _Mounts, secret_values: dict, port: int, **extra_env) -> subprocess.CompletedProcess:
+    """A client container's command (`python` is this Python) with its own environment; its
+    MLFLOW_TRACKING_URI is left alone and its host:port routed to the server on `port`."""
+    command = [sys.executable if token == "python" else mounts.rewrite(token)
+               for token in list(container["command"]) + list(container.get("args") or [])]
+    env = {**_container_env(container, mounts, secret_values), **extra_env}
+    service = urlsplit(env["MLFLOW_TRACKING_URI"])
+    route = mounts.root / "route"
+    route.mkdir(parents=True, exist_ok=True)
+    (route / "sitecustomize.py").write_text(_ROUTE.format(target=("127.0.0.1", port), service=(service.hostname, service.port)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(route), env.get("PYTHONPATH")]))
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
 
 def _request(port: int, method: str, path: str, host: str, credentials=None, body: bytes | None = None):
@@ -140,7 +179,7 @@ def test_mlflow_server_with_manifest_arguments(tmp_path):
 
     mounts = _Mounts(tmp_path / "pod", pod_spec, container, objects)
     secret_values = {("paceray-mlflow-auth", "username"): "paceray-admin"}
-    env = _server_env(container, mounts, secret_values)
+    env = _container_env(container, mounts, secret_values)
     credentials = (env["MLFLOW_AUTH_ADMIN_USERNAME"], env["MLFLOW_AUTH_ADMIN_PASSWORD"])
     port = free_port()
     command = _server_command(container, mounts, tmp_path / "mlflow.db", port)
@@ -160,8 +199,8 @@ def test_mlflow_server_with_manifest_arguments(tmp_path):
         assert _request(port, "GET", search, in_cluster_host)[0] == 401  # basic auth is on
 
         create = json.dumps({"name": "k8s-manifest-check"}).encode()
-        status, body = _request(port, "POST", "/api/2.0/mlflow/experiments/create", in_cluster_host, credentials, create)
-        assert status == 200, body[:300]
+        status, body_of_create = _request(port, "POST", "/api/2.0/mlflow/experiments/create", in_cluster_host, credentials, create)
+        assert status == 200, body_of_create[:300]
         upload = "/api/2.0/mlflow-artifacts/artifacts/k8s-check/hello.txt"
         status, body = _request(port, "PUT", upload, in_cluster_host, credentials, b"hello")
         assert status == 200, body[:300]
@@ -170,5 +209,66 @@ def test_mlflow_server_with_manifest_arguments(tmp_path):
         auth_config.read(env["MLFLOW_AUTH_CONFIG_PATH"])
         auth_database = auth_config["mlflow"]["database_uri"].removeprefix("sqlite:///")
         assert Path(auth_database).is_file(), "the basic_auth.ini from the ConfigMap was not used"
+        admin_experiment = json.loads(body_of_create)["experiment_id"]
+        _check_ray_user(objects, tmp_path, secret_values, port, in_cluster_host, credentials, admin_experiment)
     finally:
         _stop_group(process)
+
+
+def _check_ray_user(objects, tmp_path, secret_values, port, host, admin, admin_experiment):
+    job_spec = _find(objects, "Job", "paceray-mlflow-user")["spec"]["template"]["spec"]
+    job = job_spec["containers"][0]
+    head_spec = _find(objects, "RayCluster", "paceray")["spec"]["headGroupSpec"]["template"]["spec"]
+    wait = next(c for c in head_spec["initContainers"] if c["name"] == "wait-for-mlflow-user")
+    job_mounts = _Mounts(tmp_path / "job", job_spec, job, objects)
+    head_mounts = _Mounts(tmp_path / "head", head_spec, wait, objects)
+    secret_values.setdefault(("paceray-mlflow-ray", "username"), "paceray-ray")
+    ray = tuple(_container_env(wait, head_mounts, secret_values)[n] for n in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"))
+    assert ray[0] != admin[0]
+
+    early = _run_client(wait, head_mounts, secret_values, port, MLFLOW_WAIT_TIMEOUT_S="0")
+    assert early.returncode != 0 and f"does not let {ray[0]} in" in early.stderr and "401" in early.stderr, early.stderr[-2000:]
+    made = _run_client(job, job_mounts, secret_values, port)
+    assert made.returncode == 0 and "created" in made.stdout and "not an admin" in made.stdout, made.stdout + made.stderr
+    waited = _run_client(wait, head_mounts, secret_values, port)
+    assert waited.returncode == 0, waited.stderr[-2000:]
+
+    def call(method, path, payload=None, credentials=None):
+        body = payload if isinstance(payload, bytes) or payload is None else json.dumps(payload).encode()
+        return _request(port, method, path, host, credentials or ray, body)
+
+    status, body = call("GET", "/api/2.0/mlflow/users/current")
+    assert status == 200 and json.loads(body)["user"]["is_admin"] is False, body[:300]
+    # A rotation as docs/DEPLOY.md has it: a new password in the Secret, the Job run again.
+    secret_values[("paceray-mlflow-ray", "password")] = rotated = secrets.token_urlsafe(18)
+    made = _run_client(job, job_mounts, secret_values, port)
+    assert made.returncode == 0 and "exists" in made.stdout, made.stdout + made.stderr
+    assert call("GET", "/api/2.0/mlflow/users/current")[0] == 401  # the old password is gone
+    ray = (ray[0], rotated)
+    assert call("GET", "/api/2.0/mlflow/users/current")[0] == 200
+    # What a search does: its own experiment, runs in an experiment another user made, metrics, artifacts.
+    status, body = call("POST", "/api/2.0/mlflow/experiments/create", {"name": "ray-user-check"})
+    assert status == 200, body[:300]
+    for experiment in (json.loads(body)["experiment_id"], admin_experiment):
+        status, body = call("POST", "/api/2.0/mlflow/runs/create", {"experiment_id": experiment})
+        assert status == 200, body[:300]
+        run_id = json.loads(body)["run"]["info"]["run_id"]
+        metric = {"run_id": run_id, "key": "eval/fid", "value": 12.5, "timestamp": 0, "step": 1}
+        assert call("POST", "/api/2.0/mlflow/runs/log-metric", metric)[0] == 200
+        artifact = f"/api/2.0/mlflow-artifacts/artifacts/{experiment}/{run_id}/artifacts/samples.txt"
+        assert call("PUT", artifact, b"samples")[0] == 200
+        assert call("POST", "/api/2.0/mlflow/runs/update", {"run_id": run_id, "status": "FINISHED"})[0] == 200
+    # What only an admin does: users, admin rights, permissions; and deleting another's experiment.
+    refused = [
+        ("POST", "/api/2.0/mlflow/users/create", {"username": "eve", "password": "e" * 16}),
+        ("PATCH", "/api/2.0/mlflow/users/update-admin", {"username": ray[0], "is_admin": True}),
+        ("PATCH", "/api/2.0/mlflow/users/update-password", {"username": admin[0], "password": "p" * 16}),
+        ("DELETE", "/api/2.0/mlflow/users/delete", {"username": admin[0]}),
+        ("POST", "/api/3.0/mlflow/users/permissions/grant",
+         {"username": ray[0], "resource_type": "experiment", "resource_id": admin_experiment, "permission": "MANAGE"}),
+        ("POST", "/api/2.0/mlflow/experiments/delete", {"experiment_id": admin_experiment}),
+    ]
+    for method, path, payload in refused:
+        status, body = call(method, path, payload)
+        assert status == 403, f"{method} {path} as {ray[0]}: {status} {body[:300]!r}"
+    assert _request(port, "GET", "/api/2.0/mlflow/users/current", host, admin)[0] == 200  # the admin is intact
