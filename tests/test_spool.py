@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from paceray import spool
 
@@ -83,3 +93,287 @@ def _file(tmp_path, name, text):
     p = tmp_path / name
     p.write_text(text)
     return p
+
+
+# ---------------------------------------------------------------------- torn lines, dead letters
+
+
+def _lines(folder):
+    return (folder / "entries.jsonl").read_bytes().split(b"\n")
+
+
+def _dead(folder):
+    return [json.loads(line) for line in (folder / "dead-letter.jsonl").read_text().splitlines()]
+
+
+def _torn_queue(folder):
+    """Entries 0, 1, a line cut by a crash (entry 2, never acknowledged), then 3 and 4."""
+    for n in range(2):
+        spool.append(folder, {"n": n})
+    with open(folder / "entries.jsonl", "a") as f:
+        f.write('{"n": 2\n{"n": 3}\n{"n": 4}\n')
+
+
+@pytest.mark.parametrize("restart", ["spool", "drain"])
+def test_a_torn_line_in_the_middle_is_set_aside_and_the_rest_delivered_once_in_order(tmp_path, capsys, restart):
+    q = tmp_path / "q"
+    _torn_queue(q)
+    first, calls = FlakyServer(down=0), []
+
+    def two_then_away(entry):
+        if len(calls) == 2:
+            raise ConnectionError("server away")
+        calls.append(entry)
+        first(entry)
+
+    s = spool.Spool(q, two_then_away, retry_seconds=0.05)
+    assert not s.close(timeout=1)  # the server went away after 0 and 1 (the torn line set aside)
+    assert first.got == [0, 1] and s.set_aside == 1
+    later = FlakyServer(down=0)
+    if restart == "spool":  # the trial restarted: a new spool on the same folder
+        s = spool.Spool(q, later, retry_seconds=0.05)
+        s.put({"n": 5})
+        assert s.close(timeout=5)
+    else:
+        spool.append(q, {"n": 5})
+        assert spool.drain(q, later)
+    assert first.got + later.got == [0, 1, 3, 4, 5]
+    (dead,) = _dead(q)  # kept, with its reason and the line as it was, and reported
+    assert dead["line"] == '{"n": 2' and "not a whole entry" in dead["reason"]
+    assert "set aside" in capsys.readouterr().err
+    assert [p.name for p in q.iterdir()] == ["dead-letter.jsonl"]  # all else is removed
+
+
+def test_an_append_after_a_torn_tail_does_not_glue_onto_it(tmp_path):
+    q = tmp_path / "q"
+    spool.append(q, {"n": 0})
+    with open(q / "entries.jsonl", "a") as f:
+        f.write('{"n": 1, "metr')  # killed (or out of disk) mid-append
+    spool.append(q, {"n": 2})
+    assert _lines(q)[-2:] == [b'{"n": 2}', b""]
+    got = FlakyServer(down=0)
+    assert spool.deliver_pending(q, got)
+    assert got.got == [0, 2]
+    assert [d["line"] for d in _dead(q)] == ['{"n": 1, "metr']
+
+
+def test_a_live_spool_facing_a_torn_line_delivers_the_rest_and_does_not_spin(tmp_path):
+    q = tmp_path / "q"
+    _torn_queue(q)
+    got = FlakyServer(down=0)
+    s = spool.Spool(q, got, retry_seconds=0.05)
+    _wait_for(lambda: got.got == [0, 1, 3, 4])
+    with open(q / "entries.jsonl", "a") as f:
+        f.write('{"n": 5')  # a writer dies mid-line while this spool runs
+    cpu = _cpu()
+    time.sleep(1.0)
+    assert _cpu() - cpu < 0.3  # idle, not retrying in a loop
+    s.put({"n": 6})
+    assert s.close(timeout=5)
+    assert got.got == [0, 1, 3, 4, 6] and s.set_aside == 2
+
+
+def test_a_missing_copied_file_is_set_aside_and_the_rest_delivered(tmp_path):
+    q = tmp_path / "q"
+    for n in range(3):
+        spool.append(q, {"n": n}, files={"a.txt": _file(tmp_path, f"a{n}.txt", str(n))})
+    lost = json.loads(_lines(q)[1])["files"]["a.txt"]
+    Path(lost).unlink()  # the copy is gone (a cleaner, a broken disk)
+    got, contents = FlakyServer(down=0), []
+
+    def deliver(entry):
+        contents.append(Path(entry["files"]["a.txt"]).read_text())
+        got(entry)
+
+    assert spool.drain(q, deliver)
+    assert got.got == [0, 2] and contents == ["0", "2"]
+    (dead,) = _dead(q)
+    assert dead["entry"]["n"] == 1 and "missing" in dead["reason"]
+    assert not (q / "entries.jsonl").exists() and not (q / "delivered").exists()
+
+
+def test_a_moved_spool_still_finds_its_copied_files(tmp_path):
+    spool.append(tmp_path / "q", {"n": 0}, files={"a.txt": _file(tmp_path, "a.txt", "hi")})
+    (tmp_path / "q").rename(tmp_path / "moved")
+    contents = []
+    assert spool.drain(tmp_path / "moved", lambda e: contents.append(Path(e["files"]["a.txt"]).read_text()))
+    assert contents == ["hi"] and not (tmp_path / "moved").exists()
+
+
+@pytest.mark.parametrize("code, permanent", [("RESOURCE_DOES_NOT_EXIST", True), ("INVALID_PARAMETER_VALUE", True),
+                                             ("INVALID_STATE", True), ("TEMPORARILY_UNAVAILABLE", False),
+                                             ("INTERNAL_ERROR", False), ("PERMISSION_DENIED", False),
+                                             ("ENDPOINT_NOT_FOUND", False), ("REQUEST_LIMIT_EXCEEDED", False)])
+def test_mlflow_client_errors_are_set_aside_server_errors_retried(tmp_path, code, permanent):
+    from mlflow.exceptions import MlflowException, RestException
+
+    for n in range(3):
+        spool.append(tmp_path / "q", {"n": n})
+    got = FlakyServer(down=0)
+    errors = []
+
+    def deliver(entry):
+        if entry["n"] == 1:
+            raise RestException({"error_code": code, "message": "no"}) if permanent else \
+                MlflowException("no", error_code=code)
+        got(entry)
+
+    assert spool.deliver_pending(tmp_path / "q", deliver, errors.append) == permanent
+    assert got.got == ([0, 2] if permanent else [0])
+    assert (tmp_path / "q" / "dead-letter.jsonl").exists() == permanent
+
+
+def test_a_4xx_entry_against_a_real_store_is_set_aside_and_the_rest_delivered(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("spool", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    q = tmp_path / "q"
+
+    def metrics(run, step):
+        return {"kind": "metrics", "run_id": run, "step": step, "timestamp": spool.now_ms(),
+                "metrics": {"train/loss": 1.0 / (step + 1)}}
+
+    spool.append(q, metrics(run_id, 0))
+    spool.append(q, metrics("0" * 32, 1))  # a run that does not exist: RESOURCE_DOES_NOT_EXIST
+    spool.append(q, {"kind": "hologram", "run_id": run_id})  # an entry kind this version does not know
+    spool.append(q, metrics(run_id, 2))
+    spool.append(q, {"kind": "terminate", "run_id": run_id, "status": "FINISHED"})
+    result = spool.replay(q, uri)
+    assert (result.delivered, result.set_aside) == (3, 2)
+    assert "RESOURCE_DOES_NOT_EXIST" in result.reasons[0] and "hologram" in result.reasons[1]
+    assert result.dead_letter == q / "dead-letter.jsonl" and "set aside 2" in str(result)
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [0, 2]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [d["entry"].get("step") for d in _dead(q)] == [1, None]
+
+
+def test_a_transient_error_stops_replay_and_says_so(tmp_path, monkeypatch):
+    from paceray.errors import PacerayError
+    from paceray.runlog import FAST_FAIL_ENV
+
+    for k, v in FAST_FAIL_ENV.items():
+        monkeypatch.setenv(k, v)
+
+    spool.append(tmp_path / "q", {"kind": "tags", "run_id": "r", "tags": {"a": "b"}})
+    with pytest.raises(PacerayError, match="stopped at an error"):
+        spool.replay(tmp_path / "q", "http://127.0.0.1:9")  # nothing listens: connection refused
+    assert (tmp_path / "q" / "entries.jsonl").exists()
+
+
+def test_a_counter_from_before_offsets_resumes_where_it_was(tmp_path):
+    for n in range(4):
+        spool.append(tmp_path / "q", {"n": n})
+    (tmp_path / "q" / "delivered").write_text("2")  # the old format: a count of lines
+    got = FlakyServer(down=0)
+    assert spool.drain(tmp_path / "q", got)
+    assert got.got == [2, 3]
+
+
+# ---------------------------------------------------------------------- one deliverer per queue
+
+
+def test_two_deliverers_at_once_deliver_each_entry_once(tmp_path):
+    q = tmp_path / "q"
+    for n in range(40):
+        spool.append(q, {"n": n})
+    got, start = [], threading.Barrier(2)
+
+    def slow(entry):
+        time.sleep(0.002)
+        got.append(entry["n"])
+
+    def deliverer():
+        start.wait()
+        assert spool.drain(q, slow)
+
+    threads = [threading.Thread(target=deliverer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert got == list(range(40)) and not q.exists()
+
+
+def test_two_processes_at_once_deliver_each_entry_once(tmp_path):
+    q, out = tmp_path / "q", tmp_path / "got.txt"
+    for n in range(40):
+        spool.append(q, {"n": n})
+    script = textwrap.dedent(f"""
+        import os, time
+        from paceray import spool
+        def deliver(entry):
+            time.sleep(0.002)
+            with open({str(out)!r}, "a") as f:
+                f.write(f"{{entry['n']}} {{os.getpid()}}\\n")
+        while not os.path.exists({str(tmp_path / 'go')!r}):
+            time.sleep(0.001)
+        assert spool.drain({str(q)!r}, deliver)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script]) for _ in range(2)]
+    time.sleep(0.5)
+    (tmp_path / "go").touch()
+    assert [p.wait(60) for p in procs] == [0, 0]
+    assert [int(line.split()[0]) for line in out.read_text().splitlines()] == list(range(40))
+
+
+def _write_lock(q, **holder):
+    q.mkdir(parents=True, exist_ok=True)
+    (q / "deliver.lock").write_text(json.dumps({"host": socket.gethostname(), "token": "theirs", **holder}))
+
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.parametrize("holder", ["dead pid", "reused pid", "old, another host"])
+def test_a_stale_lock_is_taken_over(tmp_path, holder):
+    q = tmp_path / "q"
+    spool.append(q, {"n": 0})
+    if holder == "dead pid":
+        _write_lock(q, pid=_dead_pid())
+    elif holder == "reused pid":  # a live pid, but not the process that took the lock
+        _write_lock(q, pid=os.getpid(), started="1")
+    else:
+        _write_lock(q, host="elsewhere", pid=1)
+        old = time.time() - 15 * 60 - 60
+        os.utime(q / "deliver.lock", (old, old))
+    got = FlakyServer(down=0)
+    assert spool.deliver_pending(q, got)
+    assert got.got == [0] and not (q / "deliver.lock").exists()
+
+
+@pytest.mark.parametrize("holder", ["live pid", "another host"])
+def test_a_live_lock_is_respected(tmp_path, holder):
+    q = tmp_path / "q"
+    spool.append(q, {"n": 0})
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        if holder == "live pid":
+            _write_lock(q, pid=sleeper.pid, started=Path(f"/proc/{sleeper.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        else:  # its pid means nothing here; it is fresh
+            _write_lock(q, host="elsewhere", pid=_dead_pid())
+        got, errors = FlakyServer(down=0), []
+        assert not spool.deliver_pending(q, got, errors.append)
+        assert got.got == [] and isinstance(errors[0], spool.Busy)
+        assert json.loads((q / "deliver.lock").read_text())["token"] == "theirs"
+        assert not spool.drain(q, got, wait=0.2) and q.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def _wait_for(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
