@@ -199,7 +199,7 @@ def bare_images_per_s(config: dict, storage: Path, device: torch.device, warmup:
 
 # --------------------------------------------------------------------------- B: paceray's path
 
-def timed_train_loop(config: dict) -> dict:
+def timed_train_loop(config: dict, context) -> dict:
     """Runs in the Ray Train worker: the real train_loop under a StepTimer (see the module doc)."""
     import ray.train.torch
 
@@ -208,7 +208,7 @@ def timed_train_loop(config: dict) -> dict:
     first = config.pop(BENCH_KEY)["timed_from_step"]
     start = time.perf_counter()
     with StepTimer(first, config["train"]["steps"], ray.train.torch.get_device()) as timer:
-        train_loop(config)
+        train_loop(config, context)
     return {"worker_seconds": time.perf_counter() - start, "train_seconds": timer.seconds,
             "timed_from_step": first, "threads": torch.get_num_threads()}
 
@@ -237,11 +237,12 @@ class RayPath:
         self.count += 1
         name = f"bench-{self.count:03d}"
         ctx = TrialContext(trial_id="bench", run_id=None, tracking_uri=None, storage=str(self.storage),
-                           run_dir=str(self.run_dir), console_progress=False)
+                           run_dir=str(self.run_dir), metric="eval/fid", console_progress=False)
         config = {**config, BENCH_KEY: {"timed_from_step": timed_from_step}}
         # max_failures=0: a retried worker would resume from a checkpoint and skew the timing.
-        trainer = trainer_for(SimpleNamespace(train_loop=timed_train_loop), config, ctx, resources,
-                              trial_storage(self.run_dir), name=name, max_failures=0, keep_best=keep)
+        bench = SimpleNamespace(train_loop=timed_train_loop, checkpoints_to_keep=lambda _config: keep)
+        trainer = trainer_for(bench, config, ctx, resources, trial_storage(self.run_dir), name=name, mode="min",
+                              max_failures=0)
         start = time.perf_counter()
         result = trainer.fit()
         wall = time.perf_counter() - start
@@ -322,14 +323,13 @@ def trial_eval_share(spec_path: str, overrides: list[str], ray_path: RayPath, wa
     train` runs it but with tracking off: evaluation seconds against the trial's wall time
     (trainer.fit() on the driver, the trial's Ray start-up included)."""
     from paceray.spec import load, parse_overrides
-    from paceray.trial import Resources
 
     loaded = load(spec_path, parse_overrides(overrides))
     config, res = loaded.base, loaded.spec.resources
     steps, batch = config["train"]["steps"], config["train"]["batch_size"]
     first = min(warmup, steps - 1)
     evals = -(-steps // config["eval"]["every"])
-    fit = ray_path.fit(config, Resources(res.workers, res.cpus_per_worker, res.gpus_per_worker), first,
+    fit = ray_path.fit(config, res, first,
                        keep=evals + 1)  # keep every eval's report
     eval_s = sum(seconds for _, seconds in fit.evals)
     # Evals after step `first` and before the last step ran inside the timed window.
@@ -353,13 +353,15 @@ def trial_eval_share(spec_path: str, overrides: list[str], ray_path: RayPath, wa
 
 def prepare(args, storage: Path) -> None:
     """Dataset, FID net and reference statistics of every config this run trains, before timing."""
+    from paceray.protocol import PrepareContext
     from paceray.spec import load, parse_overrides
     from trainables.denoiser import prepare as prepare_assets
 
+    context = PrepareContext(storage=str(storage), tracking_uri=None)
     if args.parts & {"throughput", "data"} or args.prepare_only:
-        prepare_assets(bench_config(args, 1), str(storage))
+        prepare_assets(bench_config(args, 1), context)
     if "trial" in args.parts:
-        prepare_assets(load(args.trial, parse_overrides(args.trial_set)).base, str(storage))
+        prepare_assets(load(args.trial, parse_overrides(args.trial_set)).base, context)
 
 
 def main(argv=None) -> int:
@@ -396,7 +398,7 @@ def cpu_threads(args, device: torch.device) -> int:
 
 def run(args, storage: Path, run_dir: Path, device: torch.device) -> dict:
     from paceray import raycluster
-    from paceray.trial import Resources
+    from paceray.spec import ResourcesSection
 
     threads = cpu_threads(args, device)
     torch.set_num_threads(threads)
@@ -408,7 +410,8 @@ def run(args, storage: Path, run_dir: Path, device: torch.device) -> dict:
         if args.parts & {"throughput", "data"}:
             report["settings"] = settings(args)
         if "throughput" in args.parts:
-            resources = Resources(1, float(threads), 1.0 if device.type == "cuda" else 0.0)
+            resources = ResourcesSection(workers=1, cpus_per_worker=float(threads),
+                                         gpus_per_worker=1.0 if device.type == "cuda" else 0.0)
             report["throughput"] = throughput(args, storage, ray_path, resources, device, threads)
         if "data" in args.parts:
             report["data_path"] = data_part(args, storage, device, report.get("throughput"))

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from scipy.stats import chisquare
 
-from paceray.tracking import free_port
+from paceray.mlflow_server import free_port
 from trainables.denoiser.curriculum import (
     CurriculumSampler,
     cluster_edges,

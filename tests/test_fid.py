@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from paceray.errors import PacerayError
-from paceray.tracking import free_port
+from paceray.mlflow_server import free_port
 from trainables.denoiser.data import load_split, prepare, resize_images, to_unit_range
 from trainables.denoiser.fid import (INCEPTION_ENV, FIDEvaluator, ReferenceStats, load_extractor, load_inception,
                                      reference_statistics)

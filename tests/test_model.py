@@ -5,7 +5,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from paceray.errors import PacerayError
 from trainables.denoiser.model import (
     EMA,
     PRESETS,
@@ -72,13 +71,13 @@ def test_parameter_counts_grow_with_preset():
     "preset, size", [("ddpm-cifar10", 28), ("ddpm-cifar10", 4), ("small", 10), ("tiny", 9)]
 )
 def test_invalid_image_size_names_the_fields(preset, size):
-    with pytest.raises(PacerayError, match="model.preset") as err:
+    with pytest.raises(ValueError, match="model.preset") as err:
         build_model(preset, size, 1)
     assert "data.image_size" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_unknown_preset():
-    with pytest.raises(PacerayError, match="model.preset='huge'"):
+    with pytest.raises(ValueError, match="model.preset='huge'"):
         build_model("huge", 32, 3)
     assert set(PRESETS) == {"tiny", "small", "base", "ddpm-cifar10"}
 

@@ -14,12 +14,14 @@ from conftest import PACERAY
 from paceray import report
 from paceray.commands.report import run_report
 from paceray.errors import PacerayError
+from trainables.denoiser import study_report
 
 FEATURES = "classifier:digits@8px(d=128); 256 samples vs 1438 reference images"
 INCEPTION = "inception:pool3(d=2048); 1000 samples vs 10000 reference images"
 STEPS = [100, 200, 300, 400]
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB; " + "x" * 200
 
+SEARCH = {"paceray.kind": "search", "paceray.trainable": "denoiser", "paceray.metric": "eval/fid"}
 # trial -> (order, N, pacing, seed, status, FIDs at STEPS, error)
 TRIALS = {
     "base-s0": ("none", 1, "fixed", 0, "FINISHED", [80, 60, 50, 40], None),
@@ -34,7 +36,7 @@ TRIALS = {
 
 
 def add_trial(c, exp, parent, trial_id, order, n, pacing, seed, status, fids, error, features=FEATURES):
-    tags = {"paceray.kind": "trial", "paceray.trial_id": trial_id}
+    tags = {"paceray.kind": "trial", "paceray.trial_id": trial_id, "paceray.trainable": "denoiser"}
     if parent:
         tags["mlflow.parentRunId"] = parent
     if fids and features:
@@ -60,14 +62,14 @@ def store(tmp_path_factory):
     c = MlflowClient(uri)
     exp = c.create_experiment("quick", artifact_location=str(run_dir / "mlartifacts"))
     # An older search of the same experiment: the report must read the latest one.
-    old = c.create_run(exp, run_name="search-old", start_time=1, tags={"paceray.kind": "search"}).info.run_id
+    old = c.create_run(exp, run_name="search-old", start_time=1, tags=SEARCH).info.run_id
     add_trial(c, exp, old, "old-trial", "easy-to-hard", 4, "fixed", 0, "FINISHED", [1, 1, 1, 1], None)
-    parent = c.create_run(exp, run_name="search-quick", tags={"paceray.kind": "search"}).info.run_id
+    parent = c.create_run(exp, run_name="search-quick", tags=SEARCH).info.run_id
     for trial_id, spec in TRIALS.items():
         add_trial(c, exp, parent, trial_id, *spec)
 
     mixed = c.create_experiment("mixed", artifact_location=str(run_dir / "mlartifacts-mixed"))
-    mparent = c.create_run(mixed, run_name="search-mixed", tags={"paceray.kind": "search"}).info.run_id
+    mparent = c.create_run(mixed, run_name="search-mixed", tags=SEARCH).info.run_id
     add_trial(c, mixed, mparent, "cls-base", "none", 1, "fixed", 0, "FINISHED", [50, 40], None)
     add_trial(c, mixed, mparent, "cls-e2h", "easy-to-hard", 4, "fixed", 0, "FINISHED", [45, 30], None)
     add_trial(c, mixed, mparent, "inc-e2h", "easy-to-hard", 4, "fixed", 0, "FINISHED", [20, 10], None,
@@ -76,7 +78,7 @@ def store(tmp_path_factory):
     single = c.create_experiment("single", artifact_location=str(run_dir / "mlartifacts-single"))
     add_trial(c, single, None, "single-20260101", "easy-to-hard", 4, "fixed", 0, "FINISHED", [60, 50], None)
     empty = c.create_experiment("empty", artifact_location=str(run_dir / "mlartifacts-empty"))
-    c.create_run(empty, run_name="search-empty", tags={"paceray.kind": "search"})
+    c.create_run(empty, run_name="search-empty", tags=SEARCH)
     return {"uri": uri, "run_dir": run_dir, "parent": parent, "mixed_parent": mparent}
 
 
@@ -101,7 +103,7 @@ def test_reads_latest_search_sorted_by_best_fid_missing_last(quick, store):
 def test_steps_to_baseline_final_fid(quick):
     assert quick.baselines[FEATURES].fid == pytest.approx(42.0)  # mean of 40 and 44
     steps = quick.table.set_index("trial")["steps_to_baseline"]
-    got = {t: (None if s is None or s is report.pd.NA else int(s)) for t, s in steps.items()}
+    got = {t: (None if s is None or s is study_report.pd.NA else int(s)) for t, s in steps.items()}
     assert got == {"e2h-n4": 200, "rnd-n8": 300, "e2h-n8": 200, "base-s0": 400, "base-s1": None,
                    "h2e-n4": None, "e2h-n2": None, "fresh": None}
 
@@ -147,14 +149,14 @@ def test_search_without_trials_yet(store, tmp_path):
     rep = report.report_for_experiment(store["uri"], "empty")
     assert rep.table.empty and rep.best_trial is None
     assert "(no trials yet)" in rep.text and "none yet" in rep.text
-    assert [p.name for p in report.write_outputs(rep, tmp_path)] == list(report.FILES)
+    assert [p.name for p in report.write_outputs(rep, tmp_path)] == list(study_report.FILES)
 
 
 def test_out_writes_files(store, tmp_path, capsys):
     out = tmp_path / "out"
     run_report("quick", run_dir=str(store["run_dir"]), out=str(out))
-    assert sorted(p.name for p in out.iterdir()) == sorted(report.FILES)  # no temp files left
-    trials = report.pd.read_csv(out / "trials.csv")
+    assert sorted(p.name for p in out.iterdir()) == sorted(study_report.FILES)  # no temp files left
+    trials = study_report.pd.read_csv(out / "trials.csv")
     assert trials["trial"].iloc[0] == "e2h-n4" and "steps_to_baseline" in trials
     assert (out / "fid_by_order.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "fid_by_clusters.png").stat().st_size > 10_000
@@ -165,7 +167,7 @@ def test_log_to_parent(store):
     rep = report.log_to_parent(store["uri"], store["parent"])
     c = MlflowClient(store["uri"])
     names = {Path(a.path).name for a in c.list_artifacts(store["parent"], "report")}
-    assert set(report.FILES) <= names
+    assert set(study_report.FILES) <= names
     tags = c.get_run(store["parent"]).data.tags
     assert tags["paceray.best_trial"] == rep.best_trial == "e2h-n4"
     assert float(tags["paceray.best_fid"]) == 30.0

@@ -22,6 +22,7 @@ def write(tmp_path, text, name="spec.yaml"):
 
 GOOD = """
 name: t
+trainable: denoiser
 base:
   curriculum: {num_clusters: 4}
   train: {steps: 10}
@@ -49,24 +50,24 @@ def test_set_overrides_base_and_pins_searched_paths(tmp_path):
 @pytest.mark.parametrize(
     "text,needle",
     [
-        ("name: t\nbase: {curriculum: {num_clusters: 0}}\n", "base.curriculum.num_clusters"),
-        ("name: t\nbase: {curriculum: {num_clusters: 2000}}\n", "num_clusters (2000) must be at most diffusion.timesteps"),
-        ("name: t\nbase: {curriculum: {patience: -1}}\n", "base.curriculum.patience"),
-        ("name: t\nbase: {curriculum: {stage_steps: -5}}\n", "base.curriculum.stage_steps"),
-        ("name: t\nbase: {eval: {fid_samples: 1}}\n", "base.eval.fid_samples"),
-        ("name: t\nbase: {curriculum: {order: sideways}}\n", "base.curriculum.order"),
-        ("name: t\nbase: {curriculum: {clustering: kmeans}}\n", "base.curriculum.clustering"),
-        ("name: t\nbase: {data: {dataset: imagenet}}\n", "base.data.dataset"),
-        ("name: t\nbase: {model: {preset: huge}}\n", "base.model.preset"),
-        ("name: t\nbase: {train: {steps: many}}\n", "base.train.steps"),
-        ("name: t\nbase: {train: {stepz: 3}}\n", "base.train.stepz"),
-        ("name: t\nbogus: 1\n", "bogus"),
-        ("name: t\nsearch: {curriculum.num_clusters: {grid: [2, 5000]}}\n", "search point curriculum.num_clusters=5000"),
-        ("name: t\nsearch: {curriculum.nope: {grid: [1]}}\n", "search.curriculum.nope"),
-        ("name: t\nsearch: {train.lr: {loguniform: [0, 1]}}\n", "search.train.lr"),
-        ("name: t\nsearch: {train.lr: {grid: [0.1], choice: [0.2]}}\n", "exactly one"),
+        ("name: t\ntrainable: denoiser\nbase: {curriculum: {num_clusters: 0}}\n", "base.curriculum.num_clusters"),
+        ("name: t\ntrainable: denoiser\nbase: {curriculum: {num_clusters: 2000}}\n", "num_clusters (2000) must be at most diffusion.timesteps"),
+        ("name: t\ntrainable: denoiser\nbase: {curriculum: {patience: -1}}\n", "base.curriculum.patience"),
+        ("name: t\ntrainable: denoiser\nbase: {curriculum: {stage_steps: -5}}\n", "base.curriculum.stage_steps"),
+        ("name: t\ntrainable: denoiser\nbase: {eval: {fid_samples: 1}}\n", "base.eval.fid_samples"),
+        ("name: t\ntrainable: denoiser\nbase: {curriculum: {order: sideways}}\n", "base.curriculum.order"),
+        ("name: t\ntrainable: denoiser\nbase: {curriculum: {clustering: kmeans}}\n", "base.curriculum.clustering"),
+        ("name: t\ntrainable: denoiser\nbase: {data: {dataset: imagenet}}\n", "base.data.dataset"),
+        ("name: t\ntrainable: denoiser\nbase: {model: {preset: huge}}\n", "base.model.preset"),
+        ("name: t\ntrainable: denoiser\nbase: {train: {steps: many}}\n", "base.train.steps"),
+        ("name: t\ntrainable: denoiser\nbase: {train: {stepz: 3}}\n", "base.train.stepz"),
+        ("name: t\ntrainable: denoiser\nbogus: 1\n", "bogus"),
+        ("name: t\ntrainable: denoiser\nsearch: {curriculum.num_clusters: {grid: [2, 5000]}}\n", "search point curriculum.num_clusters=5000"),
+        ("name: t\ntrainable: denoiser\nsearch: {curriculum.nope: {grid: [1]}}\n", "search.curriculum.nope"),
+        ("name: t\ntrainable: denoiser\nsearch: {train.lr: {loguniform: [0, 1]}}\n", "search.train.lr"),
+        ("name: t\ntrainable: denoiser\nsearch: {train.lr: {grid: [0.1], choice: [0.2]}}\n", "exactly one"),
         ("name: t\ntrainable: nosuch\n", "no trainable named"),
-        ("name: t\nresources: {workers: 2, gpus_per_worker: 0.5}\n", "fractional"),
+        ("name: t\ntrainable: denoiser\nresources: {workers: 2, gpus_per_worker: 0.5}\n", "fractional"),
         ("name: [unclosed\n", "malformed YAML"),
         ("- just\n- a list\n", "YAML mapping"),
     ],
@@ -122,7 +123,7 @@ def test_help_imports_no_torch_ray_or_mlflow():
 
 
 def test_cli_bad_spec_is_one_line_non_zero_no_traceback(tmp_path):
-    p = write(tmp_path, "name: t\nbase: {curriculum: {num_clusters: 0}}\n")
+    p = write(tmp_path, "name: t\ntrainable: denoiser\nbase: {curriculum: {num_clusters: 0}}\n")
     r = run("train", str(p), check=False)
     assert r.returncode != 0
     assert r.stderr.count("\n") == 1 and "base.curriculum.num_clusters" in r.stderr and str(p) in r.stderr

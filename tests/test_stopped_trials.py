@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from paceray import runlog, spool, tracking
 from paceray.commands.tune import _close_orphans, _mark_stopped_trials
+from trainables.denoiser import TRAINABLE
 
 
 def _result(trial_id: str, step: int, steps: int = 300, error: Exception | None = None):
     from ray.tune import Result
 
     # Tune puts the trial's config into its reported metrics; Result.config reads it from there.
-    metrics = {"trial_id": trial_id, "step": step, "config": {"train": {"steps": steps}}}
+    metrics = {"trial_id": trial_id, "step": step, "config": {"train": {"steps": steps}, "eval": {"every": 30}}}
     return Result(metrics=metrics, checkpoint=None, error=error, path=f"/nowhere/run_trial_{trial_id}")
 
 
@@ -45,7 +46,7 @@ def test_stopped_trials_become_killed_whatever_status_the_stop_left(tmp_path):
         spool.append(queued, {"kind": "metrics", "run_id": left_running, "step": step,
                               "timestamp": spool.now_ms(), "metrics": {"train/loss": 0.5}})
 
-    _mark_stopped_trials(uri, "exp", parent, results, "asha", tmp_path)
+    _mark_stopped_trials(uri, "exp", parent, results, "asha", tmp_path, TRAINABLE.horizon)
 
     assert [m.step for m in c.get_metric_history(left_running, "train/loss")] == [65, 70]
     assert not queued.exists()

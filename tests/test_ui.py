@@ -10,7 +10,7 @@ import urllib.request
 import psutil
 
 from conftest import PACERAY
-from paceray.tracking import free_port
+from paceray.mlflow_server import free_port
 
 
 def _answers(url: str) -> bool:

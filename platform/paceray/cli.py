@@ -20,18 +20,19 @@ TRACKING = click.option("--tracking-uri", default=None,
 RESUME = click.option("--resume", is_flag=True, help="Continue from the latest checkpoints instead of starting afresh.")
 
 
-def user_errors(fn):
-    """One line and a non-zero exit for a problem the user can fix; a traceback only with --debug."""
+def user_errors(fn, mapped: tuple = (PacerayError,)):
+    """One line and a non-zero exit for a problem the user can fix; a traceback only with --debug.
+    A trainable's commands are the edge of its pure code, which raises ValueError: mapped too."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except PacerayError as e:
+        except mapped as e:
             if click.get_current_context().find_root().params.get("debug"):
                 raise
             click.echo(f"paceray: error: {one_line(str(e))}", err=True)
-            sys.exit(e.exit_code)
+            sys.exit(getattr(e, "exit_code", 2))
 
     return wrapper
 
@@ -40,7 +41,9 @@ def user_errors(fn):
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 @click.version_option(package_name="paceray")
 def main(debug: bool) -> None:
-    """Search diffusion-training timestep curricula with Ray Tune, Ray Train and MLflow."""
+    """Search diffusion-training timestep curricula with Ray Tune, Ray Train and MLflow.
+
+    Each registered trainable (paceray.trainables entry points) adds its own commands."""
 
 
 @main.command()
@@ -67,7 +70,7 @@ def train(spec, overrides, address, tracking_uri, resume, run_dir):
 @click.option("--run-dir", default=None, help="Where results, checkpoints and the embedded MLflow store go.")
 @user_errors
 def tune(spec, overrides, address, tracking_uri, resume, run_dir):
-    """Search the spec's curriculum space with Ray Tune: one MLflow child run per trial."""
+    """Search the spec's space with Ray Tune: one MLflow child run per trial."""
     from paceray.commands.tune import run_tune
 
     run_tune(spec, overrides, address=address, tracking_uri=tracking_uri, resume=resume, run_dir=run_dir)
@@ -77,10 +80,11 @@ def tune(spec, overrides, address, tracking_uri, resume, run_dir):
 @click.argument("experiment")
 @TRACKING
 @click.option("--run-dir", default=None, help="Run directory of the embedded store (default ./runs).")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Write the table (CSV) and plots (PNG) here.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Write the report's files (tables, plots) here.")
 @user_errors
 def report(experiment, tracking_uri, run_dir, out):
-    """The trial table sorted by best FID, and FID-vs-step plots, from MLflow (finished or running)."""
+    """The latest search's trials sorted by the search metric, from MLflow (finished or running); the
+    trainable's report hook adds its analysis and plots."""
     from paceray.commands.report import run_report
 
     run_report(experiment, tracking_uri=tracking_uri, run_dir=run_dir, out=out)
@@ -92,7 +96,7 @@ def report(experiment, tracking_uri, run_dir, out):
 @user_errors
 def ui(run_dir, port):
     """Open the MLflow UI on the embedded store (127.0.0.1 only)."""
-    from paceray.tracking import serve_ui
+    from paceray.mlflow_server import serve_ui
 
     serve_ui(run_dir, port)
 
@@ -105,23 +109,27 @@ def replay_tracking(spool_dir, tracking_uri):
     """Deliver MLflow writes a trial queued on disk while its tracking server was away."""
     from pathlib import Path
 
+    from paceray.mlflow_server import apply_client_env, client_env
     from paceray.spool import replay
 
-    n = replay(Path(spool_dir), tracking_uri)
-    click.echo(f"delivered {n} queued write(s) from {spool_dir}")
+    apply_client_env(client_env(embedded=False))  # a server still away fails in seconds, not minutes
+    click.echo(f"{spool_dir}: {replay(Path(spool_dir), tracking_uri)}")
 
 
 def _add_trainable_commands() -> None:
-    # The default trainable's own tools (curriculum preview, data prepare, fid-net train).
-    # They import only click at module level.
-    from trainables.denoiser.commands import COMMANDS
+    # Each registered trainable's own tools (the denoiser's curriculum preview, data prepare,
+    # fid-net train). Loading a trainable imports its Config and click, never torch.
+    from paceray.registry import all_trainables
 
-    for command in COMMANDS:
-        for sub in getattr(command, "commands", {}).values():
-            sub.callback = user_errors(sub.callback)
-        if command.callback is not None:
-            command.callback = user_errors(command.callback)
-        main.add_command(command)
+    for trainable in all_trainables():
+        for command in trainable.commands():
+            if command.name in main.commands:
+                continue  # the first trainable (by name) keeps a name two of them use
+            for sub in getattr(command, "commands", {}).values():
+                sub.callback = user_errors(sub.callback, (PacerayError, ValueError))
+            if command.callback is not None:
+                command.callback = user_errors(command.callback, (PacerayError, ValueError))
+            main.add_command(command)
 
 
 _add_trainable_commands()

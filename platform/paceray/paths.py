@@ -1,5 +1,5 @@
 """Where things live: the run directory (results, checkpoints, the embedded MLflow store) and
-the storage root (prepared datasets, FID networks, reference statistics).
+the storage root (what trainables prepare once and every trial reads: datasets, feature nets, …).
 
 Both are absolute from the start: under `ray job submit` the entrypoint's cwd is an ephemeral
 unpacked copy of the working dir, and Tune/Train workers chdir into trial folders.
@@ -23,7 +23,7 @@ def default_run_dir() -> Path:
 
 
 def storage_root() -> Path:
-    """Datasets, FID nets and reference statistics: written once, shared by every trial."""
+    """What trainables prepare once (datasets, feature nets, cached statistics), shared by every trial."""
     env = os.environ.get("PACERAY_STORAGE")
     root = Path(env).expanduser() if env else Path.home() / ".cache" / "paceray"
     return root.resolve()

@@ -76,11 +76,13 @@ class RunLogger:
     def already_logged(self, key: str, step: int) -> bool:
         return step <= self.floor.get(key, -1)
 
-    def log_image(self, image, key: str, step: int) -> None:
-        """A step-indexed image (the UI's image grid); `image` is an HxWxC uint8 array or PIL image."""
+    def log_image(self, image, key: str, step: int, belongs_to: Optional[str] = None) -> None:
+        """A step-indexed image (the UI's image grid); `image` is an HxWxC uint8 array or PIL image.
+        `belongs_to`: a metric logged with it; a restarted worker that had logged that metric at
+        `step` already logged the image too, and skips it."""
         from PIL import Image
 
-        if self.already_logged("eval/fid", step):  # the grid belongs to that step's eval
+        if belongs_to and self.already_logged(belongs_to, step):
             return
         img = Image.fromarray(image) if not isinstance(image, Image.Image) else image
         with tempfile.TemporaryDirectory() as tmp:

@@ -8,7 +8,6 @@ A spec names what to train (`trainable`, `base`), what to search (`search`: dott
 from __future__ import annotations
 
 import copy
-import importlib
 import itertools
 import os
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from paceray import registry
 from paceray.errors import PacerayError, one_line
 from paceray.paths import default_run_dir
 
@@ -79,8 +79,8 @@ class Distribution(_Strict):
 
 
 class TuneSection(_Strict):
-    metric: str = "eval/fid"
-    mode: Literal["min", "max"] = "min"
+    metric: Optional[str] = None  # default: the trainable's
+    mode: Optional[Literal["min", "max"]] = None  # default: the trainable's (with its own metric)
     num_samples: int = Field(1, ge=1)
     algorithm: Literal["grid", "random", "optuna"] = "grid"
     scheduler: Literal["fifo", "asha"] = "fifo"
@@ -111,7 +111,7 @@ class TrackingSection(_Strict):
 
 class Spec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    trainable: str = "denoiser"
+    trainable: str  # an entry point of paceray.trainables, or a dotted path module:OBJECT
     description: str = ""
     base: dict[str, Any] = {}
     search: dict[str, Distribution] = {}
@@ -169,16 +169,6 @@ def parse_overrides(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- loading
 
 
-def load_trainable(name: str, where: str = "spec"):
-    """The trainable package `trainables.<name>`: it exposes `Config` and `train_loop`."""
-    try:
-        return importlib.import_module(f"trainables.{name}")
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("trainables"):
-            raise PacerayError(f"{where}: trainable: no trainable named {name!r} (a package trainables/{name}/)") from None
-        raise
-
-
 def _pydantic_error(where: str, err: ValidationError, prefix: str = "") -> PacerayError:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"] if p != "__root__")
@@ -231,11 +221,16 @@ def load(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> "Loade
             continue
         set_path(base, key, value)
         search.pop(key, None)  # --set pins a searched path
-    trainable = load_trainable(spec.trainable, str(path))
-    config = check_config(trainable.Config, base, str(path), "base.")
-    check_search(trainable.Config, config, search, str(path))
+    trainable = registry.resolve(spec.trainable, str(path))
+    config = check_config(trainable.config, base, str(path), "base.")
+    check_search(trainable.config, config, search, str(path))
+    # The metric and its mode: the spec's, else the trainable's (a spec naming another metric
+    # says its mode too, or gets the trainable's).
+    metric = spec.tune.metric or trainable.metric
+    mode = spec.tune.mode or trainable.mode
     run_dir = Path(os.environ.get("PACERAY_RUN_DIR") or spec.run_dir or default_run_dir()).expanduser()
-    return LoadedSpec(spec=spec, base=config, search=search, run_dir=run_dir.resolve(), overrides=overrides or {})
+    return LoadedSpec(spec=spec, base=config, search=search, run_dir=run_dir.resolve(), overrides=overrides or {},
+                      trainable=trainable, metric=metric, mode=mode)
 
 
 def check_config(config_cls, values: dict, where: str, prefix: str) -> dict:
@@ -284,6 +279,9 @@ class LoadedSpec(BaseModel):
     search: dict[str, Distribution]
     run_dir: Path
     overrides: dict[str, Any] = {}
+    trainable: Any = None  # paceray.protocol.Trainable
+    metric: str = ""
+    mode: str = "min"
 
     @property
     def name(self) -> str:

@@ -8,13 +8,18 @@ trial id before one is created, so a restarted trial or a resumed search never m
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from paceray import tracking
+from paceray import registry, tracking
 from paceray.errors import PacerayError
-from paceray.spec import LoadedSpec, flatten, load_trainable, set_path
-from paceray.trial import Resources, TrialContext, trainer_for, trial_storage
+from paceray.mlflow_server import apply_client_env
+from paceray.protocol import STEP_KEY, TrialContext, failure_of
+from paceray.ray_internals import tune_stop_flag
+from paceray.runs import Run
+from paceray.spec import LoadedSpec, ResourcesSection, flatten, set_path
+from paceray.trial import trainer_for, trial_storage
 
 def param_space(loaded: LoadedSpec, algorithm: str) -> dict:
     """The trial config with Tune distributions at the searched paths (nested like the config)."""
@@ -69,101 +74,90 @@ def scheduler(loaded: LoadedSpec):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    every = loaded.base["eval"]["every"]
-    # Scheduled on our own `step` (not training_iteration, which restarts at 1 after a restore).
-    # max_t one past the last step: ASHA stops a trial that reaches max_t, and a trial stopped
-    # at its final report would lose its end (the schedule plot, its run's FINISHED status).
-    return ASHAScheduler(time_attr="step", max_t=loaded.base["train"]["steps"] + 1,
-                         grace_period=t.grace_evals * every, reduction_factor=t.reduction_factor)
+    horizon = loaded.trainable.horizon(loaded.base)
+    # Scheduled on the trial's own `step` (not training_iteration, which restarts at 1 after a
+    # restore). max_t one past the last step: ASHA stops a trial that reaches max_t, and a trial
+    # stopped at its final report would lose its end (its run's FINISHED status, end-of-trial plots).
+    return ASHAScheduler(time_attr=STEP_KEY, max_t=horizon.steps + 1,
+                         grace_period=t.grace_evals * horizon.report_every, reduction_factor=t.reduction_factor)
 
 
-def run_trial(config: dict, search: dict) -> None:
-    """The Tune function trainable: one MLflow child run, one TorchTrainer fit.
+@dataclass(frozen=True)
+class SearchContext:
+    """What every Tune trial of one search is told, beside its config (through
+    `tune.with_parameters`, so a restored search gives it afresh: the embedded MLflow server of
+    the new process listens on a new port)."""
 
-    `search` (tracking URI, parent run, storage) comes through `tune.with_parameters`, not the
-    trial config: it is given afresh when a search is restored (the embedded MLflow server of
-    the new process listens on a new port).
-    """
+    trainable: str  # the spec's reference, resolved again in each trial's process
+    name: str
+    experiment: str
+    tracking_uri: str
+    parent_run_id: str
+    storage: str
+    run_dir: str
+    resources: dict  # ResourcesSection, as a dict
+    metric: str
+    mode: str
+    client_env: dict
+    console_progress: bool = True
+
+
+def search_context(loaded: LoadedSpec, uri: str, parent_run_id: str, storage: str, run_dir: Path,
+                   client_env: dict[str, str]) -> SearchContext:
+    return SearchContext(trainable=loaded.spec.trainable, name=loaded.spec.name, experiment=loaded.spec.experiment,
+                         tracking_uri=uri, parent_run_id=parent_run_id, storage=storage, run_dir=str(run_dir),
+                         resources=loaded.spec.resources.model_dump(), metric=loaded.metric, mode=loaded.mode,
+                         client_env=client_env)
+
+
+def run_trial(config: dict, search: SearchContext) -> None:
+    """The Tune function trainable: one MLflow child run, one TorchTrainer fit."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
-    uri, parent = search["tracking_uri"], search["parent_run_id"]
-    tracking.apply_client_env(search["client_env"])  # this process was started before the command set it
-    run_id = tracking.find_run(uri, search["experiment"], {tracking.TRIAL_TAG: trial_id,
-                                                          tracking.PARENT_TAG: parent})
-    already_finished = False
-    if run_id is None:
-        name = f"{config['curriculum']['order']}-N{config['curriculum']['num_clusters']}-{trial_id}"
-        run_id = tracking.create_run(uri, search["experiment"], name,
-                                     {tracking.TRIAL_TAG: trial_id, tracking.PARENT_TAG: parent,
-                                      tracking.KIND_TAG: "trial"}, flatten(config))
-    else:
-        # A trial whose run finished just before the search was killed (Tune had not recorded it
-        # yet) is re-run by the restore: its TorchTrainer only re-reports the final result, and its
-        # run stays as it was.
-        already_finished = tracking.client(uri).get_run(run_id).info.status == "FINISHED"
-        if not already_finished:
-            tracking.client(uri).update_run(run_id, status="RUNNING")
-    trainable = load_trainable(search["trainable"])
-    ctx = TrialContext(trial_id=trial_id, run_id=run_id, tracking_uri=uri, storage=search["storage"],
-                       run_dir=search["run_dir"], console_progress=search.get("console_progress", True))
-    run_dir = Path(search["run_dir"])
-    trainer = trainer_for(trainable, config, ctx, Resources(**search["resources"]),
-                          trial_storage(run_dir) / search["name"] / "trials", name=f"trial-{trial_id}",
-                          keep_best=config["train"]["checkpoint_keep"], callbacks=[TuneReportCallback()])
-    stop_flag = _tune_stop_flag()
+    apply_client_env(search.client_env)  # this process was started before the command set it
+    trainable = registry.resolve(search.trainable)
+    run_dir = Path(search.run_dir)
+    identity = {tracking.TRIAL_TAG: trial_id, tracking.PARENT_TAG: search.parent_run_id}
+    run = Run.find(search.tracking_uri, search.experiment, identity, run_dir)
+    # A trial whose run finished just before the search was killed (Tune had not recorded it yet)
+    # is re-run by the restore: its TorchTrainer only re-reports the final result, and its run
+    # stays as it was.
+    already_finished = run.resume() if run is not None else False
+    if run is None:
+        run = Run.create(search.tracking_uri, search.experiment, trainable.run_name(config, trial_id),
+                         {**identity, tracking.KIND_TAG: "trial", tracking.TRAINABLE_TAG: search.trainable},
+                         run_dir, flatten(config))
+    context = TrialContext(trial_id=trial_id, run_id=run.run_id, tracking_uri=search.tracking_uri,
+                           storage=search.storage, run_dir=search.run_dir, metric=search.metric,
+                           console_progress=search.console_progress)
+    trainer = trainer_for(trainable, config, context, ResourcesSection(**search.resources),
+                          trial_storage(run_dir) / search.name / "trials", name=f"trial-{trial_id}",
+                          mode=search.mode, callbacks=[TuneReportCallback()])
+    stop_flag = tune_stop_flag()
     try:
-        trainer.fit()
+        result = trainer.fit()
     except Exception as e:
         if stop_flag is not None and stop_flag.is_set():
             # Tune stopped this trial (a scheduler's decision) and its Train controller died with
             # it: not a failure. The search driver marks the run KILLED from Tune's own result.
             raise
-        tracking.record_failure(uri, run_id, e)
-        tracking.end_trial_run(uri, run_id, "FAILED", run_dir)
+        run.end_and_say("FAILED", str(e))
         raise
-    reason = tracking.trial_error(uri, run_id)
-    if reason:  # the trainable ended its trial as failed (e.g. a NaN loss): Tune sees an error
-        tracking.end_trial_run(uri, run_id, "FAILED", run_dir)
+    reason = failure_of(result)
+    if reason:  # the trainable ended its trial as failed, in-band (e.g. a NaN loss): Tune sees an error
+        run.end_and_say("FAILED", reason)
         raise TrialFailed(reason)
     if not already_finished:
-        tracking.end_trial_run(uri, run_id, "FINISHED", run_dir)
-
-
-def _tune_stop_flag():
-    """The event Tune sets when it stops this trial, or None where this Ray keeps it elsewhere."""
-    try:
-        from ray.train._internal.session import get_session
-
-        return getattr(get_session(), "stop_event", None)
-    except ImportError:
-        return None
+        run.end_and_say("FINISHED")
 
 
 class TrialFailed(RuntimeError):
-    """The trainable failed its trial and said why (the reason is in the run's paceray.error tag)."""
+    """The trainable failed its trial and said why, in its final report."""
 
 
-def search_context(loaded: LoadedSpec, uri: str, parent_run_id: str, storage: str, run_dir: Path,
-                   client_env: dict[str, str]) -> dict[str, Any]:
-    r = loaded.spec.resources
-    return {
-        "client_env": client_env,
-        "tracking_uri": uri,
-        "parent_run_id": parent_run_id,
-        "experiment": loaded.spec.experiment,
-        "trainable": loaded.spec.trainable,
-        "storage": storage,
-        "run_dir": str(run_dir),
-        "name": loaded.spec.name,
-        "resources": {"workers": r.workers, "cpus_per_worker": r.cpus_per_worker,
-                      "gpus_per_worker": r.gpus_per_worker},
-        "console_progress": True,
-    }
-
-
-def build_tuner(loaded: LoadedSpec, context: dict, concurrent: int, tuner_path: Optional[Path]):
+def build_tuner(loaded: LoadedSpec, context: SearchContext, concurrent: int, tuner_path: Optional[Path]):
     """A fresh Tuner, or the restored one when `tuner_path` holds an interrupted search."""
     from ray import tune
 
@@ -180,11 +174,11 @@ def build_tuner(loaded: LoadedSpec, context: dict, concurrent: int, tuner_path: 
         trainable,
         param_space=param_space(loaded, t.algorithm),
         tune_config=tune.TuneConfig(
-            metric=t.metric, mode=t.mode, num_samples=t.num_samples, search_alg=search_alg(loaded),
+            metric=loaded.metric, mode=loaded.mode, num_samples=t.num_samples, search_alg=search_alg(loaded),
             scheduler=scheduler(loaded), max_concurrent_trials=concurrent,
         ),
         run_config=tune.RunConfig(
-            name=loaded.spec.name, storage_path=str(trial_storage(Path(context["run_dir"]))),
+            name=loaded.spec.name, storage_path=str(trial_storage(Path(context.run_dir))),
             failure_config=tune.FailureConfig(max_failures=0),
             verbose=1,
         ),

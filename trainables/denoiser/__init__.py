@@ -1,26 +1,27 @@
 """The denoiser trainable: a diffusers UNet trained with a timestep curriculum.
 
-Exposes what the platform relies on: `Config` and `train_loop`, and the optional hooks
-`prepare` (shared assets, once, before any trial) and `export` (the best checkpoint as a
-diffusers pipeline). Importing this package imports no torch: the hooks load their code when
-called.
+`TRAINABLE` declares everything the platform may ask of it (paceray.protocol.Trainable),
+registered as the entry point `denoiser` of the group `paceray.trainables`. Importing this
+package imports no torch: each hook loads its code when called.
 """
 
+from paceray.protocol import Horizon, PrepareContext, Trainable, TrialContext
 from trainables.denoiser.config import Config
 
 
-def train_loop(config: dict) -> None:
+def train_loop(config: dict, context: TrialContext) -> None:
     """Ray Train per-worker function (trainables/denoiser/train.py)."""
     from trainables.denoiser.train import train_loop as _train_loop
 
-    _train_loop(config)
+    _train_loop(config, context)
 
 
-def prepare(config: dict, storage: str) -> None:
-    """Dataset, FID network and reference statistics in the storage root (features.py)."""
+def prepare(config: dict, context: PrepareContext) -> dict:
+    """Dataset, FID network and reference statistics in the storage root (features.py); a
+    measured order's difficulty reference resolved to a file there."""
     from trainables.denoiser.features import prepare as _prepare
 
-    _prepare(config, storage)
+    return _prepare(config, context)
 
 
 def export(checkpoint_dir: str, config: dict, out_dir: str) -> str:
@@ -37,4 +38,38 @@ def check_checkpoint(checkpoint_dir: str) -> None:
     _check(checkpoint_dir)
 
 
-__all__ = ["Config", "train_loop", "prepare", "export", "check_checkpoint"]
+def run_name(config: dict, trial_id: str) -> str:
+    c = config["curriculum"]
+    return f"{c['order']}-N{c['num_clusters']}-{trial_id}"
+
+
+def commands():
+    from trainables.denoiser.commands import COMMANDS
+
+    return COMMANDS
+
+
+def report():
+    from trainables.denoiser.study_report import StudyReportHook
+
+    return StudyReportHook()
+
+
+TRAINABLE = Trainable(
+    name="denoiser",
+    description="a diffusers UNet trained with a timestep curriculum; FID tracked over training",
+    config=Config,
+    train_loop=train_loop,
+    metric="eval/fid",
+    mode="min",
+    horizon=lambda config: Horizon(steps=config["train"]["steps"], report_every=config["eval"]["every"]),
+    run_name=run_name,
+    checkpoints_to_keep=lambda config: config["train"]["checkpoint_keep"],
+    prepare=prepare,
+    export=export,
+    check_checkpoint=check_checkpoint,
+    commands=commands,
+    report=report,
+)
+
+__all__ = ["TRAINABLE", "Config"]

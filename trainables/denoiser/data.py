@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from paceray.errors import PacerayError, one_line
+from paceray.protocol import PacerayError, one_line
 from trainables.denoiser.datasets_sources import RawDataset, read_raw
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")

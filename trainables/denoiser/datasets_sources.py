@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from paceray.atomic import write_atomic
-from paceray.errors import PacerayError, one_line
+from paceray.protocol import write_atomic
+from paceray.protocol import PacerayError, one_line
 
 # Debian's `dataset-fashion-mnist` installs the four gzip'd IDX files here.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -15,7 +15,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from paceray.errors import PacerayError
+
 from trainables.denoiser.model import null_label
 
 SCHEDULES = ("linear", "cosine")
@@ -31,7 +31,7 @@ def ddpm_scheduler(timesteps: int, schedule: str) -> DDPMScheduler:
     if schedule == "linear":
         scale = DDPM_T / timesteps
         if DDPM_BETA_END * scale >= 1:
-            raise PacerayError(
+            raise ValueError(
                 f"diffusion.timesteps={timesteps} is too few for the linear schedule "
                 f"(β_T = 20/T must stay below 1); use at least 21 or diffusion.schedule=cosine"
             )
@@ -44,7 +44,7 @@ def ddpm_scheduler(timesteps: int, schedule: str) -> DDPMScheduler:
     if schedule == "cosine":
         # Nichol & Dhariwal 2021: ᾱ(t) ∝ cos²((t/T + s)/(1 + s) · π/2), s = 0.008, β ≤ 0.999.
         return DDPMScheduler(num_train_timesteps=timesteps, beta_schedule="squaredcos_cap_v2")
-    raise PacerayError(f"diffusion.schedule={schedule!r} is unknown; choose one of {list(SCHEDULES)}")
+    raise ValueError(f"diffusion.schedule={schedule!r} is unknown; choose one of {list(SCHEDULES)}")
 
 
 def min_snr_weight(snr: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
@@ -63,7 +63,7 @@ def weight_from_snr(
     if weighting == "uniform":
         return torch.ones_like(snr)
     if weighting not in WEIGHTINGS:
-        raise PacerayError(f"loss.weighting={weighting!r} is unknown; choose one of {list(WEIGHTINGS)}")
+        raise ValueError(f"loss.weighting={weighting!r} is unknown; choose one of {list(WEIGHTINGS)}")
     gamma = DEFAULT_GAMMA[weighting] if gamma is None else gamma
     if weighting == "min-snr":
         return min_snr_weight(snr, gamma)
@@ -101,7 +101,7 @@ class GaussianDiffusion:
 
     def __init__(self, timesteps: int = 1000, schedule: str = "linear"):
         if timesteps < 2:
-            raise PacerayError(f"diffusion.timesteps must be at least 2, got {timesteps}")
+            raise ValueError(f"diffusion.timesteps must be at least 2, got {timesteps}")
         self.timesteps = timesteps
         self.schedule = schedule
         self.scheduler = ddpm_scheduler(timesteps, schedule)
@@ -150,7 +150,7 @@ class GaussianDiffusion:
 
     def ddim_scheduler(self, steps: int) -> DDIMScheduler:
         if not 1 <= steps <= self.timesteps:
-            raise PacerayError(
+            raise ValueError(
                 f"eval.sampler_steps={steps} must be between 1 and diffusion.timesteps={self.timesteps}"
             )
         scheduler = DDIMScheduler(
@@ -188,7 +188,7 @@ class GaussianDiffusion:
         null = null_label(model)
         guided = labels is not None and guidance_scale != 1.0
         if guided and null is None:
-            raise PacerayError(
+            raise ValueError(
                 f"eval.guidance_scale={guidance_scale} needs a class-conditional model "
                 "(data.class_conditional: true); use 1.0 for an unconditional one"
             )

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMPipeline
 
-from paceray.errors import PacerayError, one_line
+from paceray.protocol import PacerayError, one_line
 from trainables.denoiser.config import Config
 from trainables.denoiser.diffusion import GaussianDiffusion
 from trainables.denoiser.model import EMA, build_model
@@ -16,7 +16,7 @@ from trainables.denoiser.train import CHECKPOINT_FILE
 
 def load_checkpoint_model(checkpoint_dir: str | Path, config: dict):
     """The UNet of a paceray checkpoint, with its EMA weights (what the FID evals sampled with)."""
-    cfg = Config.model_validate({k: v for k, v in config.items() if k != "paceray"})
+    cfg = Config.model_validate(config)
     state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     weight = state["model"]["conv_in.weight"]
     num_class_embeds = state["model"].get("class_embedding.weight")

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from paceray.errors import PacerayError, one_line
+from paceray.protocol import PacerayError, one_line
 from trainables.denoiser.data import load_split, read_manifest, resize_images, to_unit_range
 from trainables.denoiser.datasets_sources import DOWNLOAD_ERRORS, download, file_digest
 from trainables.denoiser.fid_net import atomic_torch_save, load_fid_net

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from paceray.atomic import write_atomic
-from paceray.errors import PacerayError, one_line
+from paceray.protocol import write_atomic
+from paceray.protocol import PacerayError, one_line
 from trainables.denoiser.data import load_split, read_manifest, to_unit_range
 
 FORMAT_VERSION = 1

@@ -16,7 +16,7 @@ from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from torch import nn
 
-from paceray.errors import PacerayError
+
 
 # Each preset is UNet2DModel kwargs without the data-dependent ones (size, channels, classes).
 # Down/up block lists mirror each other: diffusers walks the up path in reverse.
@@ -77,7 +77,7 @@ def check_image_size(preset: str, image_size: int) -> dict:
     kwargs, halvings = _preset_kwargs(preset), num_downsamples(preset)
     factor = 2 ** halvings
     if image_size < factor or image_size % factor:
-        raise PacerayError(
+        raise ValueError(
             f"model.preset={preset!r} halves the resolution {halvings} times, so "
             f"data.image_size must be a multiple of {factor}, got {image_size}; "
             "pick another preset or image size"
@@ -91,7 +91,7 @@ def build_model(
     """A UNet2DModel predicting ε; class-conditional (with a null label) when num_classes is set."""
     kwargs = check_image_size(preset, image_size)
     if num_classes is not None and num_classes < 1:
-        raise PacerayError(f"num_classes must be >= 1 or None (unconditional), got {num_classes}")
+        raise ValueError(f"num_classes must be >= 1 or None (unconditional), got {num_classes}")
     return UNet2DModel(
         sample_size=image_size,
         in_channels=channels,
@@ -103,7 +103,7 @@ def build_model(
 
 def _preset_kwargs(preset: str) -> dict:
     if preset not in PRESETS:
-        raise PacerayError(f"model.preset={preset!r} is unknown; choose one of {sorted(PRESETS)}")
+        raise ValueError(f"model.preset={preset!r} is unknown; choose one of {sorted(PRESETS)}")
     return dict(PRESETS[preset])
 
 

@@ -8,8 +8,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from paceray.runlog import RunLogger
-from paceray.tracking import ERROR_TAG
+from paceray.protocol import TrialContext
 from trainables.denoiser.data import from_unit_range
 
 
@@ -29,13 +28,11 @@ def sample_grid(images: torch.Tensor) -> np.ndarray:
 
 
 class TrialLog:
-    def __init__(self, ctx: dict, cfg, sampler, rank: int):
+    def __init__(self, context: TrialContext, cfg, sampler):
         self.cfg, self.sampler = cfg, sampler
-        self.trial = ctx.get("trial_id", "trial")
-        self.console = ctx.get("console_progress", True)
-        self.run: Optional[RunLogger] = None
-        if ctx.get("run_id"):
-            self.run = RunLogger(ctx["run_id"], ctx.get("tracking_uri"), ctx.get("run_dir") or ".")
+        self.trial = context.trial_id
+        self.console = context.console_progress
+        self.run = context.run_logger()
         self.fid_features: Optional[str] = None
         self.logged: dict[str, dict[int, float]] = {}  # what this process logged, for the end plot
 
@@ -67,14 +64,13 @@ class TrialLog:
         if self.run:
             self.run.log_metrics({"eval/fid": fid["fid"], "eval/seconds": seconds}, step)
             if grid is not None:
-                self.run.log_image(grid, key="samples", step=step)
+                self.run.log_image(grid, key="samples", step=step, belongs_to="eval/fid")
             self.run.set_tags({"paceray.fid_features": self.fid_features})
         self._say(f"eval at step {step}: FID {fid['fid']:.3f} ({self.fid_features}) in {seconds:.1f}s")
 
     def fail(self, reason: str) -> None:
-        """The trial cannot go on: the reason goes to its run (the platform marks it FAILED)."""
-        if self.run:
-            self.run.set_tags({ERROR_TAG: reason})
+        """The trial cannot go on: say so and deliver what is queued. The reason travels in the
+        trial's final report (TrialContext.failure); the platform marks the run FAILED with it."""
         self._say(f"FAILED: {reason}")
         self.close()
 

@@ -1,4 +1,4 @@
-"""FID-vs-step plots of a curriculum comparison (`paceray.report.Report`): one line per trial,
+"""FID-vs-step plots of a curriculum comparison (`study_report.Report`): one line per trial,
 coloured by curriculum order or by cluster count, the baseline's final FID as a reference line,
 the feature extractor in the title (in red when trials used different ones)."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from paceray.report import ENDED_BADLY, ORDERS, Report, _finite
+from trainables.denoiser.study_report import ENDED_BADLY, ORDERS, Report, _finite
 
 ORDER_COLORS = {"none": "#4d4d4d", "easy-to-hard": "#1f77b4", "hard-to-easy": "#d62728", "random": "#2ca02c"}
 

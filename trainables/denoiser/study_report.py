@@ -1,6 +1,7 @@
-"""The curriculum comparison read back from MLflow: the trial table sorted by best FID, the
-per-arm summary (order -> final FID over seeds) and FID-vs-step plots. `paceray report` prints
-it any time; `paceray tune` logs it to the search's parent run when the search ends.
+"""The denoiser's report hook: the curriculum comparison read back from MLflow — the trial table
+sorted by best FID, the per-arm summary (order -> final FID over seeds), steps-to-baseline and
+FID-vs-step plots. The platform's `paceray report` (and the end of `paceray tune`) calls it
+through `Trainable.report` with the search's runs (paceray.report.SearchRuns).
 
 FIDs measured with different feature extractors or sample counts are different quantities.
 Trials are grouped by their `paceray.fid_features` tag; when there is more than one group the
@@ -11,20 +12,15 @@ no overall best trial.
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import pandas as pd
 
-from paceray import tracking
-from paceray.atomic import write_atomic
-from paceray.errors import PacerayError, one_line
+from paceray.protocol import BEST_TRIAL_TAG, ERROR_TAG, TRIAL_TAG, one_line
 
 FID_METRIC = "eval/fid"
 FEATURES_TAG = "paceray.fid_features"
-ERROR_TAG = tracking.ERROR_TAG
 UNKNOWN_FEATURES = "unknown (trial has FIDs but no paceray.fid_features tag)"
 ORDERS = ("none", "easy-to-hard", "hard-to-easy", "random")
 ENDED_BADLY = ("FAILED", "KILLED")
@@ -66,61 +62,11 @@ class Report:
     def text(self) -> str:
         return render(self)
 
+    def files(self) -> dict:
+        return files(self)
 
-# ---------------------------------------------------------------- reading MLflow
-
-def _search_all(client, experiment_id: str, filter_string: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
-                                  order_by=["attributes.start_time ASC"], page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def _fid_history(client, run_id: str) -> pd.Series:
-    # A restarted trial may log a step twice: the later value wins.
-    points = sorted(client.get_metric_history(run_id, FID_METRIC), key=lambda m: (m.step, m.timestamp))
-    by_step = {m.step: m.value for m in points}
-    return pd.Series(list(by_step.values()), index=list(by_step.keys()), dtype=float, name=FID_METRIC)
-
-
-def _experiment(client, name: str):
-    exp = client.get_experiment_by_name(name)
-    if exp is None or exp.lifecycle_stage == "deleted":
-        names = sorted(e.name for e in client.search_experiments())
-        raise PacerayError(f"MLflow experiment {name!r} not found (experiments there: {', '.join(names) or 'none'}); "
-                           f"pass the spec's name, and --tracking-uri/--run-dir of the store the search wrote to")
-    return exp
-
-
-def report_for_experiment(uri: str, experiment: str) -> Report:
-    """The latest search of `experiment`; without any search, its `paceray train` runs."""
-    client = tracking.client(uri)
-    exp = _experiment(client, experiment)
-    searches = _search_all(client, exp.experiment_id, f"tags.`{tracking.KIND_TAG}` = 'search'")
-    if searches:
-        return report_for_parent(uri, searches[-1].info.run_id)
-    trials = [r for r in _search_all(client, exp.experiment_id, f"tags.`{tracking.KIND_TAG}` = 'trial'")
-              if tracking.PARENT_TAG not in r.data.tags]
-    if not trials:
-        raise PacerayError(f"MLflow experiment {experiment!r} has no paceray search or trial runs yet")
-    return build(client, experiment, "runs of `paceray train` (no search)", None, trials)
-
-
-def report_for_parent(uri: str, parent_run_id: str) -> Report:
-    """The trials (child runs) of one search, finished or still running."""
-    client = tracking.client(uri)
-    try:
-        parent = client.get_run(parent_run_id)
-    except Exception as e:  # MlflowException: unknown id
-        raise PacerayError(f"MLflow run {parent_run_id!r} not found at {uri}: {one_line(e)[:200]}") from None
-    experiment = client.get_experiment(parent.info.experiment_id).name
-    children = _search_all(client, parent.info.experiment_id, f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}'")
-    source = f"search run {parent_run_id} ({parent.info.run_name}, {parent.info.status})"
-    return build(client, experiment, source, parent_run_id, children)
+    def parent_tags(self) -> dict:
+        return parent_tags(self)
 
 
 # ---------------------------------------------------------------- the table
@@ -149,7 +95,7 @@ def _row(run, history: pd.Series) -> dict:
     pacing = p.get("curriculum.pacing")
     stage = {"fixed": p.get("curriculum.stage_steps"), "patience": f"τ={p.get('curriculum.patience')}"}.get(pacing)
     return {
-        "trial": tags.get(tracking.TRIAL_TAG) or run.info.run_name or run.info.run_id,
+        "trial": tags.get(TRIAL_TAG) or run.info.run_name or run.info.run_id,
         "status": run.info.status,
         "order": p.get("curriculum.order"),
         "N": _int(p.get("curriculum.num_clusters")),
@@ -199,10 +145,12 @@ def _summary(table: pd.DataFrame, by_features: bool) -> pd.DataFrame:
     return summary.sort_values(keys[:-1] + ["_rank", "order"]).drop(columns="_rank").reset_index(drop=True)
 
 
-def build(client, experiment: str, source: str, parent_run_id: Optional[str], runs: list) -> Report:
+def build(search) -> Report:
+    """The report of `search` (paceray.report.SearchRuns): its runs' FID histories and params."""
+    experiment, source, parent_run_id = search.experiment, search.source, search.parent_run_id
     histories, rows = {}, []
-    for run in runs:
-        history = _fid_history(client, run.info.run_id)
+    for run in search.runs:
+        history = search.history(run.info.run_id, FID_METRIC)
         row = _row(run, history)
         histories[run.info.run_id] = history
         rows.append(row)
@@ -327,34 +275,31 @@ def render(rep: Report) -> str:
 
 # ---------------------------------------------------------------- files and the parent run
 
-def write_outputs(rep: Report, out_dir) -> list:
-    """trials.csv, summary.csv, fid_by_order.png, fid_by_clusters.png in `out_dir`, each written atomically."""
-    out = Path(out_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f for f in FILES]
-    write_atomic(paths[0], lambda p: rep.table.to_csv(p, index=False))
-    write_atomic(paths[1], lambda p: rep.summary.to_csv(p, index=False))
-    from paceray.report_plots import plot_fid
+def files(rep: Report) -> dict:
+    """trials.csv, summary.csv, fid_by_order.png, fid_by_clusters.png: file name -> writer(path)."""
+    from trainables.denoiser.study_plots import plot_fid
 
-    for path, by in ((paths[2], "order"), (paths[3], "N")):
-        fig = plot_fid(rep, by)
-        write_atomic(path, lambda p: fig.savefig(p, format="png"))
-    return paths
+    return {
+        FILES[0]: lambda p: rep.table.to_csv(p, index=False),
+        FILES[1]: lambda p: rep.summary.to_csv(p, index=False),
+        FILES[2]: lambda p: plot_fid(rep, "order").savefig(p, format="png"),
+        FILES[3]: lambda p: plot_fid(rep, "N").savefig(p, format="png"),
+    }
 
 
-def log_to_parent(uri: str, parent_run_id: str) -> Report:
-    """Compute the report of one search and log it to its parent run: artifacts under `report/`,
-    tags `paceray.best_trial` / `paceray.best_fid` (or a warning tag when FIDs are not comparable)."""
-    rep = report_for_parent(uri, parent_run_id)
-    client = tracking.client(uri)
-    with tempfile.TemporaryDirectory(prefix="paceray-report-") as tmp:
-        write_outputs(rep, tmp)
-        Path(tmp, "report.txt").write_text(rep.text + "\n")
-        client.log_artifacts(parent_run_id, tmp, "report")
+def parent_tags(rep: Report) -> dict:
+    """The best trial and its FID, or a warning when FIDs are not comparable."""
+    tags = {}
     if rep.best_trial is not None:
-        client.set_tag(parent_run_id, "paceray.best_trial", rep.best_trial)
-        client.set_tag(parent_run_id, "paceray.best_fid", f"{rep.best_fid:.6g}")
+        tags.update({BEST_TRIAL_TAG: rep.best_trial, "paceray.best_fid": f"{rep.best_fid:.6g}"})
     if not rep.comparable:
-        client.set_tag(parent_run_id, "paceray.report_warning",
-                       f"trials used {len(rep.feature_groups)} different FID feature extractors: not comparable")
-    return rep
+        tags["paceray.report_warning"] = (f"trials used {len(rep.feature_groups)} different FID feature extractors: "
+                                          f"not comparable")
+    return tags
+
+
+class StudyReportHook:
+    """`Trainable.report` of the denoiser."""
+
+    def build(self, search) -> Report:
+        return build(search)

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from paceray.protocol import TrialContext
 from trainables.denoiser import curriculum as curriculum_lib
-from paceray.paths import storage_root
 from trainables.denoiser.config import Config
 from trainables.denoiser.data import ImageBatches, load_split, read_manifest
 from trainables.denoiser.diffusion import GaussianDiffusion
@@ -39,11 +39,10 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def train_loop(config: dict) -> None:
+def train_loop(config: dict, context: TrialContext) -> None:
     import ray.train
     import ray.train.torch
 
-    ctx = dict(config.pop("paceray", {}) or {})
     cfg = Config.model_validate(config)
     rank, world = _world()
     device = ray.train.torch.get_device()
@@ -55,7 +54,7 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(cfg.train.seed * 1000 + rank)
 
     # ---------------------------------------------------------------- data, model, curriculum
-    storage = Path(ctx["storage"]) if ctx.get("storage") else storage_root()
+    storage = Path(context.storage)
     data_dir = dataset_path(cfg.data, storage)
     manifest = read_manifest(data_dir)
     channels = manifest["image_shape"][0]
@@ -93,7 +92,7 @@ def train_loop(config: dict) -> None:
     train_model = torch.compile(ddp_model) if cfg.train.compile else ddp_model
 
     evaluator = fid_evaluator(cfg, storage, data_dir, device)
-    log = TrialLog(ctx, cfg, sampler, rank) if rank == 0 else None
+    log = TrialLog(context, cfg, sampler) if rank == 0 else None
     if log and checkpoint is not None:
         log.note_resume(start_step)
         if saved_world != world:
@@ -149,11 +148,13 @@ def train_loop(config: dict) -> None:
             mean_loss = float(loss_by_cluster.sum() / count_by_cluster.sum())
             if not math.isfinite(mean_loss):
                 # Every rank sees the same all-reduced value, so all stop together. Retrying from
-                # the last checkpoint would meet the same NaN: end the trial as failed, with why.
+                # the last checkpoint would meet the same NaN: a final report ends the trial as
+                # failed, with why (every rank reports: it is a barrier), and no exception retries it.
                 reason = (f"non-finite loss: train/loss is {mean_loss} at step {step} (stage {stage_before}); "
                           f"lower train.lr or check the data")
                 if log:
                     log.fail(reason)
+                context.fail(reason, step=step)
                 return
             elapsed = time.perf_counter() - interval_start
             per_cluster = loss_by_cluster / count_by_cluster.clamp(min=1)

@@ -1,11 +1,11 @@
-"""`paceray report EXPERIMENT`: the trial table and FID plots of the latest search, from MLflow."""
+"""`paceray report EXPERIMENT`: the latest search's report (the trainable's, through its hook), from MLflow."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
-from paceray import tracking
+from paceray import mlflow_server
 from paceray.errors import PacerayError
 from paceray.paths import default_run_dir
 
@@ -16,9 +16,9 @@ def resolve_tracking_uri(tracking_uri: Optional[str], run_dir: Optional[str]) ->
     Reading the SQLite file directly is safe here (report only reads), so no server is started;
     the file must exist, or MLflow would quietly create an empty store.
     """
-    uri = tracking.external_uri(tracking_uri)
+    uri = mlflow_server.external_uri(tracking_uri)
     if uri:
-        tracking.check_reachable(uri)
+        mlflow_server.check_reachable(uri)
         return uri
     rd = Path(run_dir).expanduser().resolve() if run_dir else default_run_dir()
     db = rd / "mlflow.db"

@@ -1,8 +1,9 @@
-"""`paceray tune SPEC`: a curriculum search. One MLflow parent run per search, a child per trial."""
+"""`paceray tune SPEC`: a search. One MLflow parent run per search, a child per trial."""
 
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -10,12 +11,14 @@ from typing import Optional
 
 import yaml
 
-from paceray import raycluster, tracking, tuning
+from paceray import mlflow_server, raycluster, tracking, tuning
 from paceray.atomic import write_text_atomic
-from paceray.commands.train import prepare_assets
+from paceray.commands.common import prepare_assets, readable_store
 from paceray.errors import PacerayError
 from paceray.paths import storage_root
-from paceray.spec import load, load_trainable, parse_overrides
+from paceray.protocol import STEP_KEY
+from paceray.runs import Run
+from paceray.spec import load, parse_overrides
 
 
 def _state_file(run_dir: Path, name: str) -> Path:
@@ -35,13 +38,12 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
         if not state_path.exists() or not tuner_dir.exists():
             raise PacerayError(f"--resume: no interrupted search {spec.name!r} under {rd} ({state_path} is missing)")
         previous = json.loads(state_path.read_text())
-    trainable = load_trainable(spec.trainable, str(spec.path))
     storage = storage_root()
     # Everything that can fail on bad input fails before an MLflow run or a results folder exists.
-    prepare_assets(trainable, loaded.base, storage, str(spec.path))
-    external = tracking.external_uri(tracking_uri)
+    external = mlflow_server.external_uri(tracking_uri)
     if external:
-        tracking.check_reachable(external)
+        mlflow_server.check_reachable(external)
+    prepare_assets(loaded, storage, readable_store(external, rd))
     where = raycluster.connect(address)
     try:
         # A trial that cannot fit the cluster fails here, before anything is written.
@@ -49,34 +51,60 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
         if not previous and tuner_dir.exists():
             # A new search must not silently mix with the old one's trials and checkpoints.
             tuner_dir.rename(tuner_dir.with_name(f"{spec.name}.{time.strftime('%Y%m%d-%H%M%S')}"))
-        with tracking.tracking_session(rd, external) as uri:
+        with mlflow_server.tracking_session(rd, external) as uri:
             if previous:
-                parent = previous["parent_run_id"]
-                tracking.client(uri).update_run(parent, status="RUNNING")
+                parent = Run(uri, previous["parent_run_id"], rd)
+                parent.resume()
             else:
-                parent = tracking.create_run(uri, spec.experiment, f"search-{spec.name}",
-                                             {tracking.KIND_TAG: "search", "paceray.spec": spec.path or ""},
-                                             _search_params(loaded))
-                _log_spec(uri, parent, loaded)
-                write_text_atomic(state_path, json.dumps({"parent_run_id": parent, "experiment": spec.experiment,
-                                                             "spec": spec.path}))
-            context = tuning.search_context(loaded, uri, parent, str(storage), rd,
-                                            tracking.client_env(embedded=external is None))
+                parent = Run.create(uri, spec.experiment, f"search-{spec.name}",
+                                    {tracking.KIND_TAG: "search", "paceray.spec": spec.path or "",
+                                     tracking.TRAINABLE_TAG: spec.trainable, tracking.METRIC_TAG: loaded.metric,
+                                     tracking.MODE_TAG: loaded.mode}, rd, _search_params(loaded))
+                _log_spec(uri, parent.run_id, loaded)
+                write_text_atomic(state_path, json.dumps({"parent_run_id": parent.run_id,
+                                                             "experiment": spec.experiment, "spec": spec.path}))
+            context = tuning.search_context(loaded, uri, parent.run_id, str(storage), rd,
+                                            mlflow_server.client_env(embedded=external is None))
             tuner = tuning.build_tuner(loaded, context, concurrent, tuner_dir if previous else None)
             print(f"paceray tune {spec.name}: {where}; MLflow at {uri}; results in {tuner_dir}", flush=True)
             status = "FAILED"
             try:
                 results = tuner.fit()
                 status = "FINISHED"  # failed trials are marked on their own runs
-                _mark_stopped_trials(uri, spec.experiment, parent, results, spec.tune.scheduler, rd)
+                _unless_away(uri, "marking the trials a scheduler stopped", _mark_stopped_trials, uri,
+                             spec.experiment, parent.run_id, results, spec.tune.scheduler, rd, loaded.trainable.horizon)
             finally:
-                _close_orphans(uri, spec.experiment, parent, rd)
-                tracking.end_run(uri, parent, status)
-            _finish(uri, parent, loaded, rd, results, trainable)
+                _unless_away(uri, "closing unfinished trials' runs", _close_orphans, uri, spec.experiment,
+                             parent.run_id, rd)
+                parent.end_and_say(status)
+            if not _unless_away(uri, "the report", _finish, uri, parent.run_id, loaded, results):
+                print(f"the search's report waits for MLflow: `paceray report {spec.experiment}` writes it later "
+                      f"(the trials' queued writes first: the replay commands above)", flush=True)
     finally:
         raycluster.shutdown()
     if external is None:
-        print(f"MLflow UI: {tracking.ui_command(rd)}")
+        print(f"MLflow UI: {mlflow_server.ui_command(rd)}")
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        # The search went on past them, and its report is written; the exit code still says so.
+        raise PacerayError(f"{len(failed)} of {len(results)} trial(s) failed (see the report above for why)")
+
+
+def _unless_away(uri: str, what: str, fn, *args) -> bool:
+    """Run one of the driver's MLflow steps at the end of a search; if the server went away
+    meanwhile, say what waits and go on (the trials' own writes and every run's end are queued on
+    disk). True if it ran. Any other error is raised."""
+    try:
+        fn(*args)
+        return True
+    except Exception as e:
+        try:
+            mlflow_server.check_reachable(uri, timeout=3)
+        except PacerayError:
+            print(f"warning: MLflow at {uri} is unreachable; skipped {what} ({type(e).__name__})", file=sys.stderr,
+                  flush=True)
+            return False
+        raise
 
 
 def _search_params(loaded) -> dict:
@@ -96,39 +124,25 @@ def _log_spec(uri: str, parent: str, loaded) -> None:
     c.log_text(parent, yaml.safe_dump(resolved, sort_keys=False), "spec/resolved.yaml")
 
 
-def _trial_id(result) -> Optional[str]:
-    tid = (result.metrics or {}).get("trial_id")
-    if tid:
-        return tid
-    name = Path(result.path).name if result.path else ""  # run_trial_<id>_<params>_<date>
-    parts = name.split("_")
-    return "_".join(parts[2:4]) if len(parts) >= 4 else None
-
-
-def _mark_stopped_trials(uri: str, experiment: str, parent: str, results, scheduler: str, run_dir: Path) -> None:
+def _mark_stopped_trials(uri: str, experiment: str, parent: str, results, scheduler: str, run_dir: Path,
+                         horizon) -> None:
     """A trial Tune ended without error before its last step was stopped by the scheduler: its run
-    becomes KILLED, tagged with who stopped it, so no one reads it as a crash or a finished
-    curriculum. Tune's result decides, not the run's status: depending on how fast the trial's
-    process went down, the stop left the run RUNNING or (its Train controller dying first) FAILED."""
-    c = tracking.client(uri)
+    becomes KILLED, tagged with who stopped it, so no one reads it as a crash or a finished trial.
+    Tune's result decides, not the run's status: depending on how fast the trial's process went
+    down, the stop left the run RUNNING or (its Train controller dying first) FAILED."""
     for result in results:
-        tid = _trial_id(result)
+        tid = (result.metrics or {}).get("trial_id")  # Tune adds it to every result a trial reports
         if tid is None or result.error is not None:
             continue
-        run_id = tracking.find_run(uri, experiment, {tracking.TRIAL_TAG: tid, tracking.PARENT_TAG: parent})
-        if run_id is None:
+        run = Run.find(uri, experiment, {tracking.TRIAL_TAG: tid, tracking.PARENT_TAG: parent}, run_dir)
+        if run is None:
             continue
-        tracking.deliver_leftovers(uri, run_id, run_dir)  # what the stopped process had queued
-        run = c.get_run(run_id)
-        steps = (result.config or {}).get("train", {}).get("steps")
-        if steps is None or (result.metrics or {}).get("step", -1) >= steps:
-            if run.info.status == "RUNNING":
-                tracking.finish_run(uri, run_id, "FINISHED", run_dir)  # stopped only after its last report
+        run.deliver_leftovers()  # what the stopped process had queued
+        if result.config is None or (result.metrics or {}).get(STEP_KEY, -1) >= horizon(result.config).steps:
+            if run.status == "RUNNING":
+                run.end_and_say("FINISHED")  # stopped only after its last report
             continue
-        if tracking.ERROR_TAG in run.data.tags:
-            c.delete_tag(run_id, tracking.ERROR_TAG)
-        c.set_tag(run_id, "paceray.stopped_early", scheduler)
-        tracking.finish_run(uri, run_id, "KILLED", run_dir)
+        run.kill(scheduler)
 
 
 def _close_orphans(uri: str, experiment: str, parent: str, run_dir: Path) -> None:
@@ -138,28 +152,27 @@ def _close_orphans(uri: str, experiment: str, parent: str, run_dir: Path) -> Non
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         return
-    for run in c.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent}' "
-                                                                 f"and attributes.status = 'RUNNING'"):
-        tracking.deliver_leftovers(uri, run.info.run_id, run_dir)
-        c.set_tag(run.info.run_id, tracking.ERROR_TAG, "the trial did not finish (search interrupted or killed)")
-        tracking.finish_run(uri, run.info.run_id, "FAILED", run_dir)
+    for found in c.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent}' "
+                                                                   f"and attributes.status = 'RUNNING'"):
+        Run(uri, found.info.run_id, run_dir).end_and_say(
+            "FAILED", "the trial did not finish (search interrupted or killed)")
 
 
-def _finish(uri: str, parent: str, loaded, run_dir: Path, results, trainable) -> None:
-    """The parent run gets the trial table and plots, the best trial's config and its model."""
+def _finish(uri: str, parent: str, loaded, results) -> None:
+    """The parent run gets the report (the trainable's, through its hook), the best trial's config
+    and its exported model."""
     from paceray import report
 
     summary = report.log_to_parent(uri, parent)
-    t = loaded.spec.tune
     try:
-        best = results.get_best_result(metric=t.metric, mode=t.mode, scope="all", filter_nan_and_inf=True)
+        best = results.get_best_result(metric=loaded.metric, mode=loaded.mode, scope="all", filter_nan_and_inf=True)
     except RuntimeError:  # no trial reported the metric
         best = None
     if best is not None and best.config is not None:
         c = tracking.client(uri)
         c.log_dict(parent, best.config, "best/config.json")
-        export = getattr(trainable, "export", None)
-        ckpt = _best_checkpoint(best, t.metric, t.mode)
+        export = loaded.trainable.export
+        ckpt = _best_checkpoint(best, loaded.metric, loaded.mode)
         if export is not None and ckpt is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 export(ckpt, best.config, str(Path(tmp) / "pipeline"))
@@ -171,7 +184,7 @@ def _finish(uri: str, parent: str, loaded, run_dir: Path, results, trainable) ->
 
 def _best_checkpoint(result, metric: str, mode: str) -> Optional[str]:
     """The checkpoint of the trial's best report: TuneReportCallback forwards each checkpoint's
-    path as the `checkpoint_path` metric, and Ray keeps the best K by eval/fid."""
+    path as the `checkpoint_path` metric, and Ray keeps the best K by the metric."""
     df = result.metrics_dataframe
     if df is None or metric not in df or "checkpoint_path" not in df:
         return None

@@ -1,0 +1,46 @@
+"""What `paceray train` and `paceray tune` share before anything is written: the trainable's
+one-off preparation, and the check that a checkpoint can be resumed from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from paceray.errors import PacerayError
+from paceray.protocol import PrepareContext
+from paceray.spec import LoadedSpec
+from paceray.trial import latest_checkpoint
+
+
+def readable_store(external: Optional[str], run_dir: Path) -> Optional[str]:
+    """The tracking store `prepare` may read before the command's own session starts: the server
+    the user named, else the embedded SQLite file if one exists (reading it directly is safe)."""
+    if external:
+        return external
+    db = run_dir / "mlflow.db"
+    return f"sqlite:///{db}" if db.is_file() else None
+
+
+def prepare_assets(loaded: LoadedSpec, storage: Path, tracking_uri: Optional[str]) -> None:
+    """The trainable's one-off preparation (datasets, feature nets, references), before any run
+    exists; the config it returns (references resolved) is what every trial gets."""
+    prepare = loaded.trainable.prepare
+    if prepare is None:
+        return
+    where = str(loaded.spec.path)
+    try:
+        config = prepare(loaded.base, PrepareContext(storage=str(storage), tracking_uri=tracking_uri))
+    except PacerayError as e:
+        raise PacerayError(f"{where}: {e}") from None
+    except ValueError as e:  # a trainable's own check, raised as ValueError from its pure code
+        raise PacerayError(f"{where}: {e}") from None
+    if config is not None:
+        loaded.base = config
+
+
+def check_resumable(loaded: LoadedSpec, trial_dir: Path) -> None:
+    """A corrupted checkpoint is one line here, not a crash loop on the workers."""
+    check = loaded.trainable.check_checkpoint
+    ckpt = latest_checkpoint(trial_dir)
+    if ckpt is not None and check is not None:
+        check(str(ckpt))

@@ -1,0 +1,169 @@
+"""The MLflow server of a command: the embedded store (a SQLite file and an artifact folder under
+the run directory) served by one local `mlflow server` on loopback, or a server the user named.
+
+Many processes writing one SQLite file meet "database is locked", so the embedded store is always
+served by one local `mlflow server` for the length of the command, and every process (driver,
+Tune trials, Ray workers) talks HTTP to it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
+
+from paceray.errors import PacerayError, one_line
+
+
+def embedded_store(run_dir: Path) -> tuple[str, Path]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{run_dir / 'mlflow.db'}", run_dir / "mlartifacts"
+
+
+# No job runner: its eight huey consumers serve GenAI jobs we never submit, and cost seconds.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def server_argv(run_dir: Path, port: int, *options: str) -> list[str]:
+    """`mlflow server` on 127.0.0.1 over the embedded store, run through `paceray.supervise`: the
+    server leaves children behind after SIGTERM, the supervisor ends its whole process group
+    when told to stop or when its parent dies, even by SIGKILL."""
+    backend, artifacts = embedded_store(run_dir)
+    # Artifacts as plain files under the run directory: every process of a local run shares that
+    # disk, and `paceray report` / tests can read them without a server.
+    return [sys.executable, "-m", "paceray.supervise", sys.executable, "-m", "mlflow", "server",
+            "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", backend,
+            "--no-serve-artifacts", "--default-artifact-root", str(artifacts), *options]
+
+
+def ui_command(run_dir: Path) -> str:
+    return f"paceray ui --run-dir {run_dir}"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """One line before any training starts if an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):  # auth or Host-header check: the server is there
+            return
+        raise PacerayError(f"MLflow tracking server {uri} answered HTTP {e.code} on /health") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise PacerayError(one_line(f"MLflow tracking server {uri} is unreachable ({reason}): start it, or drop "
+                                    f"--tracking-uri / MLFLOW_TRACKING_URI to use the embedded store")) from None
+
+
+class LocalServer:
+    """`mlflow server` on 127.0.0.1 in front of the embedded SQLite store, run by `paceray.supervise`
+    (see server_argv), which owns ending the server's whole process group."""
+
+    def __init__(self, run_dir: Path, port: Optional[int] = None):
+        self.run_dir = run_dir
+        self.port = port or free_port()
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90.0) -> "LocalServer":
+        backend, _ = embedded_store(self.run_dir)
+        log = open(self.run_dir / "mlflow-server.log", "ab")
+        self.proc = subprocess.Popen(server_argv(self.run_dir, self.port, "--workers", "2"), stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True, cwd=self.run_dir,
+                                     env={**os.environ, **SERVER_ENV})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise PacerayError(f"mlflow server for {backend} exited at start; see {self.run_dir / 'mlflow-server.log'}")
+            try:
+                urllib.request.urlopen(self.uri + "/health", timeout=2).read()
+                return self
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.3)
+        self.stop()
+        raise PacerayError(f"mlflow server for {backend} did not answer within {timeout:.0f}s; see "
+                           f"{self.run_dir / 'mlflow-server.log'}")
+
+    def stop(self) -> None:
+        """Ask the supervisor to end the server: it stops the server's whole process group (after
+        a grace period, by SIGKILL) and then exits."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # last resort: the supervisor gives the server 10 s, then SIGKILL
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def client_env(embedded: bool) -> dict[str, str]:
+    """The MLflow client settings of every process of a command that talks to the tracking server
+    itself (the driver, each Tune trial's process; the trainable's writes go through the spool).
+    MLflow's default of 7 retries with exponential backoff per request would freeze a command
+    for minutes on a server that went away. MLflow prints a "View run at http://…" link as each
+    run ends; the embedded server's port dies with the command, so those links would be dead:
+    the command prints `paceray ui …` instead. A user's own setting of any of these wins."""
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+    if embedded:
+        env["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    return env
+
+
+def apply_client_env(env: Mapping[str, str]) -> None:
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+
+
+def external_uri(tracking_uri: Optional[str]) -> Optional[str]:
+    """The tracking server a command was pointed at (`--tracking-uri`, else MLFLOW_TRACKING_URI),
+    or None for the embedded store."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+
+
+@contextmanager
+def tracking_session(run_dir: Path, external: Optional[str]) -> Iterator[str]:
+    """Yield the tracking URI every process of this command uses: `external` (from external_uri,
+    checked reachable by the command before it wrote anything), else the embedded store, served
+    meanwhile."""
+    apply_client_env(client_env(embedded=external is None))
+    if external:
+        yield external
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    server = LocalServer(run_dir).start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()
+
+
+def serve_ui(run_dir: Optional[str], port: int) -> None:
+    from paceray.paths import default_run_dir
+
+    rd = Path(run_dir).expanduser().resolve() if run_dir else default_run_dir()
+    if not (rd / "mlflow.db").exists():
+        raise PacerayError(f"{rd / 'mlflow.db'}: no embedded MLflow store here; pass --run-dir of a paceray run")
+    print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
+    # The same server as the embedded one, supervised: on SIGTERM its whole group goes at once
+    # (a bare `mlflow server` leaves its workers winding down for seconds).
+    argv = server_argv(rd, port)
+    os.execvpe(argv[0], argv, {**os.environ, **SERVER_ENV})

@@ -1,0 +1,139 @@
+"""The trainable protocol: everything the platform may ask of a trainable, in one declared object.
+
+A trainable is a folder under `trainables/` (or any importable module) that declares one
+`Trainable` — like torchtitan's `TrainSpec`, a named bundle of builders — and registers it as an
+entry point of the group `paceray.trainables` (pyproject.toml). A spec names it by that entry
+point's name, or by a dotted import path `package.module:ATTRIBUTE`.
+
+This module is also the whole surface a trainable may import from the platform: its
+`TrialContext` (with the run logger), the in-band failure report, the one user error type and
+the storage helpers. Importing it imports no torch, Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+
+from paceray.atomic import write_atomic, write_text_atomic  # noqa: F401  (public surface)
+from paceray.errors import PacerayError, one_line  # noqa: F401  (public surface)
+from paceray.paths import storage_root  # noqa: F401  (public surface)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from paceray.report import ReportHook
+    from paceray.runlog import RunLogger
+
+ENTRY_POINT_GROUP = "paceray.trainables"
+# Every report a trial makes carries its progress under this key (the scheduler's time axis).
+STEP_KEY = "step"
+# A final report carrying this key ends the trial as failed, with its value as the reason.
+FAILURE_KEY = "paceray.failure"
+# Tags the platform puts on every trial's run, which a report hook may read.
+TRIAL_TAG = "paceray.trial_id"
+ERROR_TAG = "paceray.error"  # why a trial failed
+BEST_TRIAL_TAG = "paceray.best_trial"  # on a search's parent run, set from the report
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """How long a trial runs, for the scheduler: its last `step`, and the steps between the
+    reports that carry the search metric (early stopping decides only at those)."""
+
+    steps: int
+    report_every: int
+
+
+@dataclass(frozen=True)
+class PrepareContext:
+    """What `prepare` may use: the storage root and the tracking store the command reads from
+    (an HTTP server, or the embedded SQLite file, read-only at that point)."""
+
+    storage: str
+    tracking_uri: Optional[str]
+
+
+@dataclass
+class TrialContext:
+    """What the platform tells a trainable's `train_loop` beyond its config, on every worker."""
+
+    trial_id: str
+    run_id: Optional[str]  # the MLflow run rank 0 logs into
+    tracking_uri: Optional[str]
+    storage: str  # storage root: datasets, feature nets, cached statistics
+    run_dir: str
+    metric: str  # the search metric, which the failure report must carry
+    console_progress: bool = True
+    failed: Optional[str] = None  # set by fail(); what the worker function returns to the platform
+
+    def run_logger(self) -> Optional["RunLogger"]:
+        """The trial's run logger (every write queued on disk; see paceray.runlog), or None
+        when the trial has no run."""
+        if not self.run_id:
+            return None
+        from paceray.runlog import RunLogger
+
+        return RunLogger(self.run_id, self.tracking_uri, self.run_dir)
+
+    def fail(self, reason: str, **metrics: Any) -> None:
+        """End the trial as failed, in-band: call it on every rank (it reports, and a report is a
+        barrier), then return from `train_loop`. The final report carries the reason (Tune sees
+        it); the platform marks the trial FAILED with it in Tune, in the command's exit code and in
+        MLflow. No exception reaches Ray Train, so it does not retry what would fail again."""
+        import ray.train
+
+        self.failed = one_line(reason)
+        ray.train.report({**metrics, self.metric: math.nan, FAILURE_KEY: self.failed})
+
+
+def failure_of(result: Any) -> Optional[str]:
+    """The reason a trial failed in-band (from a Ray Train `Result` or a report's metrics), or None."""
+    for found in (getattr(result, "return_value", None), getattr(result, "metrics", None), result):
+        if isinstance(found, Mapping) and found.get(FAILURE_KEY):
+            return str(found[FAILURE_KEY])
+    return None
+
+
+def default_run_name(config: dict, trial_id: str) -> str:
+    return trial_id
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """One trainable, declared. The platform asks it, and nothing else, for what is trainable-specific.
+
+    config               pydantic model of a trial's config (its module imports no torch)
+    train_loop           `train_loop(config, context)`: the Ray Train per-worker function; it
+                         reports with `ray.train.report({..., "step": s}, checkpoint=...)`
+    metric, mode         the default search metric and its direction (a spec's `tune` overrides)
+    horizon              `horizon(config) -> Horizon`: step budget and report interval
+    run_name             `run_name(config, trial_id) -> str`: the trial's MLflow run name
+    checkpoints_to_keep  `checkpoints_to_keep(config) -> int`: best K by the metric (plus the latest)
+    prepare              `prepare(config, PrepareContext) -> config | None`: one-off assets before
+                         any run exists (datasets, feature nets); may return the config with
+                         references resolved (e.g. a run id replaced by a file in the storage root)
+    export               `export(checkpoint_dir, config, out_dir)`: the best model as a folder
+    check_checkpoint     `check_checkpoint(checkpoint_dir)`: raise PacerayError if not resumable
+    commands             `commands() -> [click.Command]`: CLI tools mounted under `paceray`
+                         (the module they come from imports only click)
+    report               `report() -> ReportHook`: the domain part of `paceray report`
+    """
+
+    name: str
+    config: type
+    train_loop: Callable[[dict, TrialContext], None]
+    metric: str
+    horizon: Callable[[dict], Horizon]
+    mode: str = "min"
+    run_name: Callable[[dict, str], str] = default_run_name
+    checkpoints_to_keep: Callable[[dict], int] = lambda config: 2
+    prepare: Optional[Callable[[dict, PrepareContext], Optional[dict]]] = None
+    export: Optional[Callable[[str, dict, str], Any]] = None
+    check_checkpoint: Optional[Callable[[str], None]] = None
+    commands: Callable[[], Sequence[Any]] = lambda: ()
+    report: Optional[Callable[[], "ReportHook"]] = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"trainable {self.name!r}: mode must be 'min' or 'max', got {self.mode!r}")

@@ -1,0 +1,117 @@
+"""The trainable protocol: the platform is domain-free (checked mechanically), trainables reach
+the platform only through paceray.protocol, discovery works by entry point and by dotted path,
+and the one Ray internal paceray reads is still where it was."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from paceray import registry
+from paceray.errors import PacerayError
+from paceray.protocol import Trainable
+from paceray.spec import flatten
+
+REPO = Path(__file__).resolve().parents[1]
+PLATFORM = REPO / "platform" / "paceray"
+DENOISER = REPO / "trainables" / "denoiser"
+
+
+def _strings(path: Path) -> list[tuple[str, int]]:
+    """Every string constant of a module (docstrings and f-string text included), with its line."""
+    return [(node.value, node.lineno) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+
+
+def _subscript_keys(path: Path) -> list[tuple[str, int]]:
+    """Keys read as `x["key"]` or `x.get("key")`: how code reaches into someone's config."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+            out.append((node.slice.value, node.lineno))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            out.append((node.args[0].value, node.lineno))
+    return out
+
+
+def denoiser_names() -> dict[str, set[str]]:
+    """The denoiser's config paths and section/field names, the metrics it logs, the tags it sets."""
+    from paceray import protocol, tracking
+    from trainables.denoiser.config import Config
+
+    paths = set(flatten(Config().model_dump(mode="json")))
+    keys = {part for p in paths for part in p.split(".")}
+    strings = {s for f in DENOISER.glob("*.py") for s, _ in _strings(f)}
+    metrics = {s for s in strings if re.fullmatch(r"(train|eval|curriculum|perf)/[a-z_{}0-9]+", s)}
+    platform_tags = {v for m in (protocol, tracking) for v in vars(m).values() if isinstance(v, str)}
+    tags = {s for s in strings if re.fullmatch(r"paceray\.[a-z_]+", s)} - platform_tags
+    assert {"curriculum.order", "train.steps", "eval.every"} <= paths  # the check looks at real names
+    assert {"eval/fid", "train/loss", "curriculum/stage"} <= metrics and "paceray.fid_features" in tags
+    return {"paths": paths, "keys": keys, "metrics": metrics, "tags": tags}
+
+
+def test_the_platform_names_no_denoiser_config_path_metric_or_tag():
+    names = denoiser_names()
+    found = []
+    for f in sorted(PLATFORM.rglob("*.py")):
+        for s, line in _strings(f):
+            for kind in ("paths", "metrics", "tags"):
+                if s in names[kind]:
+                    found.append(f"{f.relative_to(REPO)}:{line}: {kind[:-1]} {s!r}")
+        for key, line in _subscript_keys(f):
+            if key in names["keys"]:
+                found.append(f"{f.relative_to(REPO)}:{line}: reads config key {key!r}")
+    assert not found, "the platform names the denoiser's:\n" + "\n".join(found)
+
+
+def test_the_check_catches_a_platform_that_reads_the_denoiser(tmp_path):
+    """The same scan on a module written the old way finds each kind of name."""
+    bad = tmp_path / "bad.py"
+    bad.write_text('def f(c):\n    return c["curriculum"]["order"], "eval/fid", "paceray.fid_features", "train.steps"\n')
+    names = denoiser_names()
+    assert {k for k, _ in _subscript_keys(bad)} & names["keys"] == {"curriculum", "order"}
+    assert {s for s, _ in _strings(bad)} & (names["metrics"] | names["tags"] | names["paths"]) == {
+        "eval/fid", "paceray.fid_features", "train.steps"}
+
+
+def test_trainables_import_only_the_protocol_from_the_platform():
+    found = []
+    for f in sorted((REPO / "trainables").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                if name.split(".")[0] == "paceray" and name != "paceray.protocol":
+                    found.append(f"{f.relative_to(REPO)}:{node.lineno}: {name}")
+    assert not found, "\n".join(found)
+
+
+def test_entry_points_and_dotted_paths_resolve():
+    assert {"denoiser", "difficulty-probe"} <= set(registry.registered())
+    denoiser = registry.resolve("denoiser")
+    assert isinstance(denoiser, Trainable) and denoiser.metric == "eval/fid"
+    assert registry.resolve("trainables.denoiser:TRAINABLE") is denoiser
+    assert registry.resolve("trainables.denoiser.TRAINABLE") is denoiser
+    for ref, needle in [("nosuch", "no trainable named 'nosuch'"), ("nosuch_module:X", "no module"),
+                        ("trainables.denoiser:NOPE", "has no 'NOPE'"), ("trainables.denoiser:Config", "not a")]:
+        with pytest.raises(PacerayError, match=needle):
+            registry.resolve(ref, "spec.yaml")
+
+
+def test_the_ray_internal_paceray_reads_is_still_there():
+    """ray_internals.tune_stop_flag reads Tune's session `stop_event`: if Ray renames it, this fails
+    (and the trial function would mistake a scheduler's stop for a crash)."""
+    import inspect
+
+    from ray.train._internal import session
+
+    from paceray.ray_internals import tune_stop_flag
+
+    source = inspect.getsource(session)
+    assert callable(session.get_session) and "def get_session() -> Optional[_TrainSession]" in source
+    assert "self.stop_event = threading.Event()" in source
+    assert tune_stop_flag() is None  # outside a trial
