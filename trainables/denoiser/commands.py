@@ -32,18 +32,35 @@ def curriculum() -> None:
 @click.option("--patience", type=click.IntRange(1), default=200, show_default=True, help="Patience pacing: τ.")
 @click.option("--cumulative/--no-cumulative", default=True, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Permutation seed of the random order.")
+@click.option("--difficulty", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Order measured: a difficulty probe's difficulty.json (its search's report/ artifact).")
+@click.option("--measure", type=click.Choice(["convergence_steps", "kl"]), default="convergence_steps",
+              show_default=True, help="Order measured: the probe's measure, clusters easiest (smallest) first.")
 @click.option("--sample", "draws", type=click.IntRange(1), default=None, help="Draw M timesteps per stage with the real sampler.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
 def preview(timesteps, clusters, order, clustering, schedule, pacing, stage_steps, patience, cumulative,
-            seed, draws, as_json):
+            seed, difficulty, measure, draws, as_json):
     """Show the clusters (C1 = lowest noise, hardest) and the stages a curriculum will run."""
-    from paceray.errors import PacerayError
+    from paceray.protocol import PacerayError
     from trainables.denoiser.preview import build_sampler, preview as make_preview, render_table
 
     if clusters > timesteps:
         raise PacerayError(f"--clusters: {clusters} clusters cannot split {timesteps} timesteps")
+    ranking = None
+    if order == "measured":
+        if difficulty is None:
+            raise PacerayError("--order measured needs --difficulty PATH (a probe search's difficulty.json)")
+        from trainables.difficulty_probe.difficulty import check_setting, load_difficulty, ranking as rank_clusters
+
+        try:
+            data = load_difficulty(difficulty)
+            check_setting(data, f"--difficulty {difficulty}", timesteps=timesteps, num_clusters=clusters,
+                          clustering=clustering, schedule=schedule)
+            ranking = rank_clusters(data, measure, clusters)
+        except ValueError as e:
+            raise PacerayError(str(e)) from None
     sampler = build_sampler(timesteps, clusters, order, clustering, schedule, pacing, stage_steps, patience,
-                            cumulative, seed)
+                            cumulative, seed, ranking)
     result = make_preview(sampler, schedule, clustering, draws)
     click.echo(json.dumps(result, indent=2) if as_json else render_table(result))
 
@@ -61,7 +78,7 @@ def data() -> None:
               help="Storage root (default: PACERAY_STORAGE, else ~/.cache/paceray).")
 def prepare(dataset, source, storage):
     """Write DATASET once as Parquet shards plus a manifest; a second call is a no-op."""
-    from paceray.paths import storage_root
+    from paceray.protocol import storage_root
     from trainables.denoiser.data import prepare as prepare_dataset, read_manifest
 
     root = Path(storage).resolve() if storage else storage_root()
@@ -84,7 +101,7 @@ def fid_net() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 def train_fid_net_command(dataset, source, storage, epochs, seed):
     """Train the small classifier whose penultimate features give the `classifier` FID."""
-    from paceray.paths import storage_root
+    from paceray.protocol import storage_root
     from trainables.denoiser.features import train_dataset_fid_net
 
     root = Path(storage).resolve() if storage else storage_root()

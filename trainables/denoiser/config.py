@@ -10,7 +10,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Order = Literal["none", "easy-to-hard", "hard-to-easy", "random"]
+Order = Literal["none", "easy-to-hard", "hard-to-easy", "random", "measured"]
+DifficultyMeasure = Literal["convergence_steps", "kl"]
 Clustering = Literal["uniform", "log-snr", "quantile"]
 Pacing = Literal["fixed", "patience"]
 Weighting = Literal["uniform", "min-snr", "p2"]
@@ -51,6 +52,11 @@ class CurriculumConfig(_Section):
     min_delta: float = Field(0.0, ge=0.0)  # relative improvement that counts as one
     cumulative: bool = True
     seed: int = 0  # the permutation of `random`
+    # order `measured`: clusters easiest first by a difficulty probe's measure. `difficulty` is a
+    # difficulty.json or a probe search's parent run id; `prepare` resolves it to a file in the
+    # storage root (checking that the probe measured this T, N, clustering and schedule).
+    difficulty: Optional[str] = None
+    difficulty_measure: DifficultyMeasure = "convergence_steps"
 
 
 class LossConfig(_Section):
@@ -102,6 +108,9 @@ class Config(_Section):
                 f"curriculum.num_clusters ({self.curriculum.num_clusters}) must be at most "
                 f"diffusion.timesteps ({self.diffusion.timesteps})"
             )
+        if self.curriculum.order == "measured" and not self.curriculum.difficulty:
+            raise ValueError("curriculum.order=measured needs curriculum.difficulty: a difficulty.json or the "
+                             "run id of a difficulty-probe search")
         if self.diffusion.schedule == "linear" and self.diffusion.timesteps < 21:
             # DDPM's β_T = 0.02 rescaled by 1000/T must stay below 1.
             raise ValueError(f"diffusion.timesteps ({self.diffusion.timesteps}) must be at least 21 for the "

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-ORDERS = ("none", "easy-to-hard", "hard-to-easy", "random")
+ORDERS = ("none", "easy-to-hard", "hard-to-easy", "random", "measured")
 CLUSTERINGS = ("uniform", "log-snr", "quantile")
 PACINGS = ("fixed", "patience")
 
@@ -94,9 +94,14 @@ def sigma_quantile_log_edges(num_clusters: int, p_mean: float = EDM_P_MEAN, p_st
 # --------------------------------------------------------------------------- order
 
 
-def stage_order(order: str, num_clusters: int, seed: int = 0) -> list[int]:
-    """0-based cluster indices in the order the stages introduce them (index 0 = C1, hardest)."""
+def stage_order(order: str, num_clusters: int, seed: int = 0, ranking: Optional[Sequence[int]] = None) -> list[int]:
+    """0-based cluster indices in the order the stages introduce them (index 0 = C1, hardest).
+    `measured` takes `ranking`: a difficulty probe's clusters, easiest first."""
     n = num_clusters
+    if order == "measured":
+        if ranking is None or sorted(ranking) != list(range(n)):
+            raise ValueError(f"order 'measured' needs a ranking of all {n} clusters, got {ranking}")
+        return list(ranking)
     if order == "easy-to-hard":
         return list(range(n - 1, -1, -1))
     if order == "hard-to-easy":
@@ -155,6 +160,7 @@ class CurriculumSampler:
         rank: int = 0,
         log_snr: Optional[torch.Tensor] = None,
         sync_every: int = 10,
+        ranking: Optional[Sequence[int]] = None,
     ):
         if pacing not in PACINGS:
             raise ValueError(f"unknown pacing {pacing!r}; choose one of {', '.join(PACINGS)}")
@@ -164,7 +170,7 @@ class CurriculumSampler:
         self.edges = cluster_edges(timesteps, num_clusters, clustering, log_snr)
         self.num_clusters = num_clusters
         self.order_name = order
-        self.order = stage_order(order, num_clusters, seed)
+        self.order = stage_order(order, num_clusters, seed, ranking)
         self.pacing, self.stage_steps, self.patience = pacing, stage_steps, patience
         self.cumulative, self.smoothing, self.min_delta = cumulative, smoothing, min_delta
         self.seed, self.rank, self.sync_every = seed, rank, max(1, sync_every)
@@ -335,8 +341,18 @@ class CurriculumSampler:
         self._refresh()
 
 
+def measured_ranking(path: str, measure: str, num_clusters: int) -> list[int]:
+    """The clusters of a difficulty probe's file, easiest first by `measure` (0-based)."""
+    from trainables.difficulty_probe.difficulty import load_difficulty, ranking
+
+    return ranking(load_difficulty(path), measure, num_clusters)
+
+
 def from_config(curriculum, diffusion_timesteps: int, log_snr=None, rank: int = 0) -> CurriculumSampler:
     """Build the sampler from a `CurriculumConfig` (pydantic) section."""
+    ranking = None
+    if curriculum.order == "measured":
+        ranking = measured_ranking(curriculum.difficulty, curriculum.difficulty_measure, curriculum.num_clusters)
     return CurriculumSampler(
         timesteps=diffusion_timesteps,
         num_clusters=curriculum.num_clusters,
@@ -351,4 +367,5 @@ def from_config(curriculum, diffusion_timesteps: int, log_snr=None, rank: int = 
         seed=curriculum.seed,
         rank=rank,
         log_snr=log_snr,
+        ranking=ranking,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from paceray.errors import PacerayError
+from paceray.protocol import PacerayError
 from trainables.denoiser.config import Config, DataConfig
 from trainables.denoiser.data import dataset_dir, prepare as prepare_dataset
 
@@ -75,12 +75,19 @@ def fid_evaluator(cfg: Config, storage: Path, data_dir: Path, device):
     return FIDEvaluator(ext, ref, device)
 
 
-def prepare(config: dict, storage: str) -> None:
-    """The platform's hook: dataset, FID network and reference statistics, before any trial."""
+def prepare(config: dict, context) -> dict:
+    """The platform's hook (context: paceray.protocol.PrepareContext): dataset, FID network and
+    reference statistics, before any trial. Returns the config every trial gets."""
     cfg = Config.model_validate(config)
-    root = Path(storage)
+    root = Path(context.storage)
     data_dir = dataset_path(cfg.data, root)
     from trainables.denoiser.model import check_image_size
 
-    check_image_size(cfg.model.preset, cfg.data.image_size)  # a bad preset/size fails here, not on a worker
+    try:
+        check_image_size(cfg.model.preset, cfg.data.image_size)  # a bad preset/size fails here, not on a worker
+    except ValueError as e:
+        raise PacerayError(str(e)) from None
     reference(cfg, root, data_dir)
+    from trainables.denoiser.measured import resolve
+
+    return resolve(config, root, context.tracking_uri)

@@ -24,6 +24,7 @@ def build_sampler(
     patience: int = 200,
     cumulative: bool = True,
     seed: int = 0,
+    ranking=None,
 ) -> CurriculumSampler:
     log_snr = None
     if clustering != "uniform":
@@ -41,6 +42,7 @@ def build_sampler(
         cumulative=cumulative,
         seed=seed,
         log_snr=log_snr,
+        ranking=ranking,
     )
 
 
@@ -82,6 +84,7 @@ def preview(sampler: CurriculumSampler, schedule: str, clustering: str, sample: 
         "stage_steps": sampler.stage_steps if sampler.pacing == "fixed" else None,
         "patience": sampler.patience if sampler.pacing == "patience" else None,
         "cumulative": sampler.cumulative,
+        "introduction_order": [k + 1 for k in sampler.order],  # 1-based clusters, first introduced first
         "clusters": [list(c) for c in sampler.clusters],
         "stages": stages,
     }
@@ -100,7 +103,8 @@ def render_table(p: dict) -> str:
     pace = f"fixed, {p['stage_steps']} steps/stage" if p["pacing"] == "fixed" else f"patience τ={p['patience']}"
     lines = [
         f"{n} clusters over t ∈ [0, {p['timesteps']}) · {p['clustering']} clustering · {p['schedule']} schedule",
-        f"order {p['order']} · {'cumulative' if p['cumulative'] else 'exclusive'} · {pace}",
+        f"order {p['order']} · {'cumulative' if p['cumulative'] else 'exclusive'} · {pace}"
+        + (f" · clusters introduced {' '.join(f'C{k}' for k in p['introduction_order'])}" if p["introduction_order"] else ""),
         "",
         "cluster  timesteps",
     ]
