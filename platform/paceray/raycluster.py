@@ -24,8 +24,14 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> st
             raise PacerayError(f"--address {address}: give the GCS address (host:6379) or 'auto'; "
                                f"{address} is the Jobs API address used by `ray job submit`")
         _check_gcs_port(address)
+        from paceray.paths import inside_ray_job
+
+        # Workers on a running cluster inherit the environment of the node that started them, not
+        # this command's: the job carries the command's PACERAY_* and MLFLOW_* settings to them
+        # (under `ray job submit`, the job's own runtime env does: --runtime-env-json).
+        runtime_env = None if inside_ray_job() else {"env_vars": forwarded_env()}
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise PacerayError(one_line(f"--address {address}: cannot connect to a Ray cluster ({e})")) from None
         return f"Ray cluster at {address}"
@@ -38,6 +44,14 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> st
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
              log_to_driver=True, configure_logging=True, logging_level="warning")
     return "a local Ray instance"
+
+
+FORWARDED_PREFIXES = ("PACERAY_", "MLFLOW_")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The settings of this command that its trials' processes on a cluster must see too."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
 
 
 def _check_gcs_port(address: str, timeout: float = 5.0) -> None:
