@@ -21,23 +21,23 @@ TWO_WORKER_BASE = tiny_base(train={"steps": STEPS, "log_every": 5}, curriculum={
                             eval={"every": EVERY})
 
 
-def only_run(run_dir: Path, experiment: str):
-    client, runs = experiment_runs(run_dir, experiment)
+def only_run(where, experiment: str):
+    client, runs = experiment_runs(where, experiment)
     assert len(runs) == 1, [r.info.run_name for r in runs]
     return client, runs[0]
 
 
 @pytest.fixture(scope="module")
-def two_worker_trial(tmp_path_factory, storage):
+def two_worker_trial(tmp_path_factory, shared):
     tmp = tmp_path_factory.mktemp("train2")
     spec = write_spec(tmp / "two.yaml", "two-workers", TWO_WORKER_BASE, resources={"workers": 2, "cpus_per_worker": 1})
-    result = run_paceray("train", spec, "--run-dir", tmp / "runs")
-    return tmp / "runs", result
+    result = shared.paceray("train", spec, "--run-dir", tmp / "runs")
+    return tmp / "runs", result, shared
 
 
 def test_two_worker_trial_logs_every_metric(two_worker_trial):
-    run_dir, result = two_worker_trial
-    client, run = only_run(run_dir, "two-workers")
+    run_dir, result, shared = two_worker_trial
+    client, run = only_run(shared, "two-workers")
     assert run.info.status == "FINISHED"
     keys = set(run.data.metrics)
     for key in ("train/loss", "curriculum/stage", "curriculum/t_min", "curriculum/t_max", "perf/img_per_s",
@@ -56,12 +56,11 @@ def test_two_worker_trial_logs_every_metric(two_worker_trial):
     assert {"curriculum/schedule.png", "curriculum/schedule.json"} <= artifacts
     # progress on the console: step, stage, loss, img/s, and the last FID
     assert "step 40/60 · stage" in result.stdout and "img/s · FID" in result.stdout
-    assert "paceray ui --run-dir" in result.stdout and "View run" not in result.stdout + result.stderr
 
 
 def test_t_min_steps_down_exactly_as_the_preview_says(two_worker_trial):
-    run_dir, _ = two_worker_trial
-    client, run = only_run(run_dir, "two-workers")
+    run_dir, _, shared = two_worker_trial
+    client, run = only_run(shared, "two-workers")
     preview = json.loads(run_paceray("curriculum", "preview", "-T", 1000, "-N", 4, "--order", "easy-to-hard",
                                      "--stage-steps", STAGE, "--json").stdout)
 
@@ -87,17 +86,17 @@ def test_fid_in_the_loop_with_two_workers_equals_one_process(two_worker_trial, s
     from trainables.denoiser.diffusion import GaussianDiffusion
     from trainables.denoiser.export import load_checkpoint_model
     from trainables.denoiser.features import dataset_path, fid_evaluator
-    from trainables.denoiser.train import generate_share
+    from trainables.denoiser.train import Sampling, generate_share
 
-    run_dir, _ = two_worker_trial
-    client, run = only_run(run_dir, "two-workers")
+    run_dir, _, shared = two_worker_trial
+    client, run = only_run(shared, "two-workers")
     ckpt = checkpoint_dirs(run_dir)[-1]
     assert ckpt.name == f"checkpoint_step{STEPS:08d}"
     model, cfg = load_checkpoint_model(ckpt, Config.model_validate(TWO_WORKER_BASE).model_dump())
     diffusion = GaussianDiffusion(cfg.diffusion.timesteps, cfg.diffusion.schedule)
     evaluator = fid_evaluator(cfg, storage, dataset_path(cfg.data, storage), "cpu")  # the loop's own, one process
     for rank in (0, 1):
-        for x in generate_share(cfg, diffusion, model, rank, 2, torch.device("cpu"), None):
+        for x in generate_share(Sampling(cfg, diffusion, rank, 2, torch.device("cpu")), model):
             evaluator.update(x)
     one_process = evaluator.compute()
     logged = dict(history(client, run.info.run_id, "eval/fid"))[STEPS]
@@ -138,19 +137,21 @@ def test_resume_after_a_kill_continues_the_same_run(tmp_path, storage):
     # the stage carried over: the schedule is the fixed one across the kill, step by step
     assert all(stage[s] == min(5, (s - 1) // 25 + 1) for s in stage), stage
     assert max(stage) == 120 and [s for s, _ in history(client, run.info.run_id, "train/loss")] == list(range(5, 121, 5))
+    # The default local start (no --address, the embedded store): no dead "View run" links.
+    assert "paceray ui --run-dir" in result.stdout and "View run" not in result.stdout + result.stderr
 
 
-def test_fashion_mnist_spec_runs_a_few_steps(tmp_path, storage, fashion_mnist):
+def test_fashion_mnist_spec_runs_a_few_steps(tmp_path, shared, fashion_mnist):
     # One epoch of the Fashion-MNIST FID network (~30 s on one CPU core; the default 6 take ~3 min):
     # this test checks the path, not the net's accuracy (tests/test_fid.py and the note measure that).
     net = run_paceray("fid-net", "train", "fashion-mnist", "--epochs", 1, env={"OMP_NUM_THREADS": "1"})
     assert "fid-net test accuracy" in net.stdout
-    result = run_paceray("train", "search_spaces/fashion-mnist.yaml", "--run-dir", tmp_path / "runs",
+    result = shared.paceray("train", "search_spaces/fashion-mnist.yaml", "--run-dir", tmp_path / "runs",
                          "--set", "resources.gpus_per_worker=0", "--set", "resources.cpus_per_worker=1",
                          "--set", "model.preset=tiny", "--set", "train.steps=4", "--set", "train.batch_size=16",
                          "--set", "train.log_every=2", "--set", "eval.every=4", "--set", "eval.fid_samples=16",
                          "--set", "eval.sampler_steps=2", cwd=Path(__file__).resolve().parents[1])
-    client, run = only_run(tmp_path / "runs", "fashion-mnist")
+    client, run = only_run(shared, "fashion-mnist")
     assert run.info.status == "FINISHED"
     assert "classifier:fashion-mnist" in run.data.tags["paceray.fid_features"]
     assert [s for s, _ in history(client, run.info.run_id, "eval/fid")] == [4]

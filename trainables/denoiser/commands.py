@@ -59,8 +59,9 @@ def preview(timesteps, clusters, order, clustering, schedule, pacing, stage_step
             ranking = rank_clusters(data, measure, clusters)
         except ValueError as e:
             raise PacerayError(str(e)) from None
-    sampler = build_sampler(timesteps, clusters, order, clustering, schedule, pacing, stage_steps, patience,
-                            cumulative, seed, ranking)
+    sampler = build_sampler(timesteps, clusters, order, clustering=clustering, schedule=schedule, pacing=pacing,
+                            stage_steps=stage_steps, patience=patience, cumulative=cumulative, seed=seed,
+                            ranking=ranking)
     result = make_preview(sampler, schedule, clustering, draws)
     click.echo(json.dumps(result, indent=2) if as_json else render_table(result))
 

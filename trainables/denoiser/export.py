@@ -17,7 +17,7 @@ from trainables.denoiser.train import CHECKPOINT_FILE
 def load_checkpoint_model(checkpoint_dir: str | Path, config: dict):
     """The UNet of a paceray checkpoint, with its EMA weights (what the FID evals sampled with)."""
     cfg = Config.model_validate(config)
-    state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     weight = state["model"]["conv_in.weight"]
     num_class_embeds = state["model"].get("class_embedding.weight")
     num_classes = None if num_class_embeds is None else num_class_embeds.shape[0] - 1
@@ -43,7 +43,7 @@ def check_checkpoint(checkpoint_dir: str | Path) -> None:
     """Readable, and holding everything a resume restores; else one line naming the file."""
     path = Path(checkpoint_dir) / CHECKPOINT_FILE
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise PacerayError(f"{path}: checkpoint file missing; delete {checkpoint_dir} to resume from the one before") from None
     except Exception as e:  # truncated or overwritten: torch raises many kinds

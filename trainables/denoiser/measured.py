@@ -31,8 +31,11 @@ def _fetch(ref: str, tracking_uri: Optional[str]) -> bytes:
     if tracking_uri is None:
         raise PacerayError(f"curriculum.difficulty: run {ref} needs the tracking store the probe search logged to "
                            f"(--tracking-uri, or the --run-dir of its embedded store)")
+    import os
+
     import mlflow.artifacts
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no bar
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = mlflow.artifacts.download_artifacts(run_id=ref, artifact_path=ARTIFACT, tracking_uri=tracking_uri,

@@ -17,6 +17,7 @@ def build_sampler(
     timesteps: int,
     clusters: int,
     order: str,
+    *,
     clustering: str = "uniform",
     schedule: str = "linear",
     pacing: str = "fixed",

@@ -35,8 +35,10 @@ class TrialLog:
         self.run = context.run_logger()
         self.fid_features: Optional[str] = None
         self.logged: dict[str, dict[int, float]] = {}  # what this process logged, for the end plot
+        self.resumed = False  # only then does the run hold steps this process did not log
 
     def note_resume(self, step: int) -> None:
+        self.resumed = True
         self._say(f"resumed from the checkpoint at step {step} (stage {self.sampler.stage})")
 
     def note(self, text: str) -> None:
@@ -77,7 +79,7 @@ class TrialLog:
     def history(self, key: str) -> list[tuple[int, float]]:
         """The run's full history of `key`: what the server has (steps before a resume) and what
         this process logged (perhaps still queued)."""
-        merged = dict(self.run.metric_history(key)) if self.run else {}
+        merged = dict(self.run.metric_history(key)) if self.run and self.resumed else {}
         merged.update(self.logged.get(key, {}))
         return sorted(merged.items())
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -79,7 +81,8 @@ def train_loop(config: dict, context: TrialContext) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+            # weights_only: a checkpoint on a volume every pod can write runs no pickled code on load.
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -92,6 +95,8 @@ def train_loop(config: dict, context: TrialContext) -> None:
     train_model = torch.compile(ddp_model) if cfg.train.compile else ddp_model
 
     evaluator = fid_evaluator(cfg, storage, data_dir, device)
+    sampling = Sampling(cfg, diffusion, rank, world, device, num_classes, bf16)
+    resumable = Resumable(model, ema, optimizer, sampler)
     log = TrialLog(context, cfg, sampler) if rank == 0 else None
     if log and checkpoint is not None:
         log.note_resume(start_step)
@@ -175,7 +180,7 @@ def train_loop(config: dict, context: TrialContext) -> None:
 
         if step % cfg.eval.every == 0 or step == cfg.train.steps:
             eval_start = time.perf_counter()
-            fid, grid = evaluate(cfg, diffusion, model, ema, evaluator, rank, world, device, num_classes, bf16)
+            fid, grid = evaluate(sampling, model, ema, evaluator)
             last_fid = fid["fid"]
             eval_seconds = time.perf_counter() - eval_start
             metrics = {"eval/fid": last_fid, "eval/seconds": eval_seconds, "step": step,
@@ -183,47 +188,72 @@ def train_loop(config: dict, context: TrialContext) -> None:
                        "fid_samples": fid["num_fake"]}
             if log:
                 log.eval(fid, grid, step, eval_seconds)
-            report_with_checkpoint(metrics, step, model, ema, optimizer, sampler, rank, world)
+            report_with_checkpoint(resumable, metrics, step, rank, world)
             interval_start = time.perf_counter()  # eval time is not training throughput
 
     if log:
         log.finish()
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """What drawing the FID images needs: the trial's config and diffusion, and where this rank
+    runs (its rank, the world size, the device, the class count, the precision)."""
+
+    cfg: Config
+    diffusion: GaussianDiffusion
+    rank: int
+    world: int
+    device: torch.device
+    num_classes: Optional[int] = None
+    bf16: bool = False
+
+
 @torch.no_grad()
-def generate_share(cfg, diffusion, ema_model, rank, world, device, num_classes, bf16: bool = False):
+def generate_share(s: Sampling, ema_model):
     """This rank's share of the `eval.fid_samples` images, batch by batch; the same noise at every
     eval (seeded by rank), so FIDs over training compare like with like. Sampling runs in the
     trial's own precision (`bf16`), as its training did."""
-    share = cfg.eval.fid_samples // world + (1 if rank < cfg.eval.fid_samples % world else 0)
-    gen = torch.Generator(device=device).manual_seed(10_000 + rank)
+    cfg = s.cfg
+    share = cfg.eval.fid_samples // s.world + (1 if s.rank < cfg.eval.fid_samples % s.world else 0)
+    gen = torch.Generator(device=s.device).manual_seed(10_000 + s.rank)
     shape = (ema_model.config.in_channels, cfg.data.image_size, cfg.data.image_size)
     done = 0
     while done < share:
         n = min(cfg.eval.batch_size, share - done)
-        y = torch.randint(num_classes, (n,), generator=gen, device=device) if num_classes else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            x = diffusion.sample(ema_model, n, shape, cfg.eval.sampler_steps, labels=y,
-                                 guidance_scale=cfg.eval.guidance_scale, generator=gen, device=device)
+        y = torch.randint(s.num_classes, (n,), generator=gen, device=s.device) if s.num_classes else None
+        with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.bf16):
+            x = s.diffusion.sample(ema_model, n, shape, cfg.eval.sampler_steps, labels=y,
+                                   guidance_scale=cfg.eval.guidance_scale, generator=gen, device=s.device)
         yield x.float()
         done += n
 
 
 @torch.no_grad()
-def evaluate(cfg, diffusion, model, ema, evaluator, rank, world, device, num_classes, bf16):
+def evaluate(s: Sampling, model, ema, evaluator):
     """Every rank samples its share with the EMA weights; the FID statistics are reduced across ranks."""
     evaluator.reset()
     first = None
     with ema.applied_to(model) as ema_model:
-        for x in generate_share(cfg, diffusion, ema_model, rank, world, device, num_classes, bf16):
+        for x in generate_share(s, ema_model):
             evaluator.update(x)
-            if first is None and rank == 0:  # the sample grid is rank 0's to log
-                first = x[: cfg.eval.sample_grid].cpu()
+            if first is None and s.rank == 0:  # the sample grid is rank 0's to log
+                first = x[: s.cfg.eval.sample_grid].cpu()
     result = evaluator.compute()
-    return result, (sample_grid(first) if rank == 0 and cfg.eval.sample_grid and first is not None else None)
+    return result, (sample_grid(first) if s.rank == 0 and s.cfg.eval.sample_grid and first is not None else None)
 
 
-def report_with_checkpoint(metrics, step, model, ema, optimizer, sampler, rank, world):
+@dataclass(frozen=True)
+class Resumable:
+    """Everything a checkpoint holds besides the step: model, EMA, optimizer, curriculum."""
+
+    model: torch.nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    sampler: curriculum_lib.CurriculumSampler
+
+
+def report_with_checkpoint(state: Resumable, metrics: dict, step: int, rank: int, world: int) -> None:
     """Every rank reports (it is a barrier); rank 0 writes the checkpoint: model, EMA, optimizer,
     curriculum, step and the worker count (the data stream needs nothing more: see ImageBatches)."""
     import ray.train
@@ -232,15 +262,15 @@ def report_with_checkpoint(metrics, step, model, ema, optimizer, sampler, rank, 
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        state = {
+        saved = {
             "step": step,
-            "model": unwrap(model).state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "curriculum": sampler.state_dict(),
+            "model": unwrap(state.model).state_dict(),
+            "ema": state.ema.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "curriculum": state.sampler.state_dict(),
             "world": world,
             "metrics": metrics,  # re-reported by a resume that finds nothing left to train
         }
-        torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+        torch.save(saved, Path(tmp) / CHECKPOINT_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_step{step:08d}")
