@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,9 +93,10 @@ def mlflow_client(run_dir: Path):
     return MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
 
 
-def experiment_runs(run_dir: Path, experiment: str):
-    """(client, every run of `experiment`) in the embedded store of `run_dir`."""
-    client = mlflow_client(run_dir)
+def experiment_runs(where, experiment: str):
+    """(client, every run of `experiment`) in the embedded store of the run directory `where`, or
+    in the shared MLflow server's store when `where` is the SharedCluster."""
+    client = where.client() if isinstance(where, SharedCluster) else mlflow_client(where)
     exp = client.get_experiment_by_name(experiment)
     return client, (client.search_runs([exp.experiment_id]) if exp else [])
 
@@ -116,7 +118,7 @@ def registered_checkpoint_step(run_dir: Path) -> int | None:
     """The step of the latest checkpoint Ray Train registered for a `paceray train` run (what a
     restart resumes from), or None. A checkpoint folder on disk is not enough: the controller
     registers it a moment after the worker wrote it, later still on a loaded machine."""
-    from paceray.commands.train import latest_checkpoint
+    from paceray.trial import latest_checkpoint
 
     steps = []
     for trial_dir in (run_dir / "ray").glob("*"):
@@ -177,3 +179,120 @@ def wait_for_checkpoint(run_dir: Path, proc: Started, timeout: float = 600) -> i
         time.sleep(0.2)
     return step
 
+
+
+# ----------------------------------------------------------------- one Ray cluster and one MLflow server
+# Most end-to-end tests only need *a* Ray cluster and *an* MLflow server: starting both costs each
+# `paceray` command ~15-20 s. They share one of each, isolated by experiment name and run
+# directory. Tests that crash Ray on purpose, or start their own head, keep their own local Ray;
+# two Ray instances on one host break Train's placement-group cleaner, so the shared cluster runs
+# first (the items using it are ordered first) and is stopped before any other Ray test runs.
+
+
+class SharedCluster:
+    """A real `ray start --head` (its own session, token authentication on, the dashboard on
+    loopback) and a real `mlflow server` (SQLite) for the tests that can share them."""
+
+    instance: "SharedCluster | None" = None
+
+    def __init__(self):
+        import secrets
+
+        from paceray.mlflow_server import LocalServer, free_port
+
+        self.temp = Path(tempfile.mkdtemp(prefix="rsh", dir="/tmp"))  # Ray's socket paths stay short
+        self.gcs = free_port()
+        self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                    "RAY_ADDRESS": f"127.0.0.1:{self.gcs}"}
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        # The workers import what the driver does: the test trainable lives in tests/.
+        env = {**os.environ, **self.env, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}
+        env.pop("RAY_ADDRESS")
+        self.head = subprocess.Popen(
+            [ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port()), "--include-dashboard", "true",
+             "--num-cpus", "2", "--temp-dir", str(self.temp)],
+            stdout=open(self.temp / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        root = self.temp / "mlflow"
+        root.mkdir()
+        self.mlflow = LocalServer(root).start()
+        self.uri = self.mlflow.uri
+        self._wait_for_head(ray_bin, env)
+
+    def _wait_for_head(self, ray_bin: str, env: dict, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            r = subprocess.run([ray_bin, "status", "--address", self.env["RAY_ADDRESS"]], capture_output=True,
+                               text=True, env={**env, **self.env})
+            if r.returncode == 0 and "2.0 CPU" in r.stdout:
+                return
+            assert self.head.poll() is None, (self.temp / "head.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, r.stdout[-2000:] + r.stderr[-2000:]
+            time.sleep(1)
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=f"sqlite:///{self.mlflow.run_dir / 'mlflow.db'}")
+
+    def _extra(self, command: str, tracking: bool) -> list[str]:
+        ray = ["--address", self.env["RAY_ADDRESS"]] if command in ("train", "tune") else []
+        store = ["--tracking-uri", self.uri] if tracking and command in ("train", "tune", "report") else []
+        return ray + store
+
+    def paceray(self, command: str, *args, env=None, tracking: bool = True, **kwargs) -> subprocess.CompletedProcess:
+        """`paceray COMMAND ARGS` against the shared cluster (train, tune) and, unless `tracking` is
+        False (the test brings its own server), the shared store (train, tune, report)."""
+        return run_paceray(command, *args, *self._extra(command, tracking), env={**self.env, **(env or {})},
+                           **kwargs)
+
+    def start(self, command: str, *args, log: Path, env=None, tracking: bool = True) -> "Started":
+        """The same, in the background (see start_paceray)."""
+        return start_paceray(command, *args, *self._extra(command, tracking), log=log,
+                             env={**self.env, **(env or {})})
+
+    def stop(self) -> None:
+        import shutil
+
+        self.mlflow.stop()
+        # A throwaway cluster: every process of the head's session at once (Ray's workers sit in
+        # process groups of their own, so a group signal would miss them).
+        kill_session(self.head.pid)
+        self.head.wait(timeout=30)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+    @classmethod
+    def get(cls) -> "SharedCluster":
+        if cls.instance is None:
+            cls.instance = cls()
+        return cls.instance
+
+    @classmethod
+    def shut(cls) -> None:
+        if cls.instance is not None:
+            cls.instance.stop()
+            cls.instance = None
+
+
+@pytest.fixture(scope="session")
+def shared(storage) -> SharedCluster:
+    """The shared Ray cluster and MLflow server (started on first use; the tests using it run first)."""
+    return SharedCluster.get()
+
+
+def _uses_shared(item) -> bool:
+    return "shared" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(session, config, items):
+    # The shared cluster's tests first (stable order otherwise), so it runs once and alone.
+    items.sort(key=lambda item: 0 if _uses_shared(item) else 1)
+
+
+def pytest_runtest_setup(item):
+    if not _uses_shared(item) and item.get_closest_marker("slow") is not None:
+        SharedCluster.shut()  # this test starts a Ray of its own: never two at once
+
+
+def pytest_sessionfinish(session, exitstatus):
+    SharedCluster.shut()

@@ -12,7 +12,7 @@ import yaml
 from conftest import (REPO, Started, checkpoint_dirs, checkpoint_step, experiment_runs, history, kill_session,
                       mlflow_client, registered_checkpoint_step, run_paceray, start_paceray, tiny_base,
                       wait_for_checkpoint, write_spec)
-from paceray.tracking import LocalServer
+from paceray.mlflow_server import LocalServer
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,12 @@ def test_killed_worker_restarts_from_its_last_checkpoint(tmp_path, storage):
 # ----------------------------------------------------------------- NaN
 
 
-def test_nan_loss_fails_its_trial_and_the_search_goes_on(tmp_path, storage):
+def test_nan_trial_fails_in_band_while_mlflow_is_away(tmp_path, shared):
+    """The failure travels in the trial's final Ray report, not through MLflow: with the server
+    stopped before the NaN, the trial is FAILED in Tune and in the exit code, and not retried;
+    the good trial and the search still finish; after the server returns and the queues are
+    replayed, the run is FAILED with the reason."""
+    server = MlflowServer(tmp_path / "mlflow").start()
     spec = yaml.safe_load((REPO / "search_spaces/quick.yaml").read_text())
     spec["name"] = "nan"
     spec["base"]["train"].update({"steps": 30, "log_every": 5, "grad_clip": 0})
@@ -78,23 +83,59 @@ def test_nan_loss_fails_its_trial_and_the_search_goes_on(tmp_path, storage):
     spec["search"] = {"train.lr": {"grid": [0.002, 1000.0]}}
     path = tmp_path / "nan.yaml"
     path.write_text(yaml.safe_dump(spec))
-    run_paceray("tune", path, "--run-dir", tmp_path / "runs")
-    client, runs = experiment_runs(tmp_path / "runs", "nan")
-    trials = {r.data.params["train.lr"]: r for r in runs if r.data.tags.get("paceray.kind") == "trial"}
-    assert trials["0.002"].info.status == "FINISHED"
-    bad = trials["1000.0"]
-    assert bad.info.status == "FAILED"
-    assert "non-finite loss" in bad.data.tags["paceray.error"]
-    report = run_paceray("report", "nan", "--run-dir", tmp_path / "runs")
-    assert "FAILED" in report.stdout and "non-finite loss" in report.stdout
+    run_dir = tmp_path / "runs"
+    proc = shared.start("tune", path, "--run-dir", run_dir, "--tracking-uri", server.uri, log=tmp_path / "tune.log",
+                        env={"PACERAY_TRACKING_FLUSH_TIMEOUT": "3"}, tracking=False)
+    try:
+        deadline = time.monotonic() + 300
+        # Both trials have their runs (and params): the server goes before either trains a step.
+        while sum("train.lr" in r.data.params for r in _trial_runs(server, "nan")) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.output()[-3000:]
+            time.sleep(0.1)
+        server.stop()
+        out = proc.finish(timeout=600)
+    finally:
+        if proc.poll() is None:
+            kill_session(proc.pid)
+    assert proc.returncode != 0, out[-3000:]
+    assert "paceray: error: 1 of 2 trial(s) failed" in out
+    assert out.count("FAILED: non-finite loss") == 1  # one attempt: Ray Train did not retry it
+    assert "unreachable" in out and "the search's report waits for MLflow" in out
+    server.start()
+    try:
+        for queue in sorted((run_dir / "mlflow-spool").iterdir()):
+            if queue.is_dir():
+                run_paceray("replay-tracking", queue, "--tracking-uri", server.uri)
+        trials = {r.data.params["train.lr"]: r for r in _trial_runs(server, "nan")}
+        assert trials["0.002"].info.status == "FINISHED"
+        assert [m.step for m in history_of(server, trials["0.002"], "train/loss")] == [5, 10, 15, 20, 25, 30]
+        bad = trials["1000.0"]
+        assert bad.info.status == "FAILED" and "non-finite loss" in bad.data.tags["paceray.error"]
+        report = run_paceray("report", "nan", "--tracking-uri", server.uri)
+        assert "FAILED" in report.stdout and "non-finite loss" in report.stdout
+    finally:
+        server.stop()
 
 
-def test_nan_loss_in_a_single_trial_is_one_line(tmp_path, storage):
+def _trial_runs(server, experiment: str) -> list:
+    try:
+        exp = server.client().get_experiment_by_name(experiment)
+        runs = server.client().search_runs([exp.experiment_id]) if exp else []
+    except Exception:
+        return []
+    return [r for r in runs if r.data.tags.get("paceray.kind") == "trial"]
+
+
+def history_of(server, run, key: str) -> list:
+    return sorted(server.client().get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+
+
+def test_nan_loss_in_a_single_trial_is_one_line(tmp_path, shared):
     spec = write_spec(tmp_path / "nan1.yaml", "nan1",
                       tiny_base(train={"steps": 60, "lr": 1000.0, "grad_clip": 0, "log_every": 5}))
-    r = run_paceray("train", spec, "--run-dir", tmp_path / "runs", check=False)
+    r = shared.paceray("train", spec, "--run-dir", tmp_path / "runs", check=False)
     assert_one_line_error(r, "non-finite loss")
-    _, runs = experiment_runs(tmp_path / "runs", "nan1")
+    _, runs = experiment_runs(shared, "nan1")
     assert runs[0].info.status == "FAILED"
 
 
@@ -120,13 +161,13 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, storage, args, needl
     assert not run_dir.exists(), list(run_dir.rglob("*"))[:10]
 
 
-def test_corrupted_checkpoint_on_resume_is_one_line(tmp_path, storage):
+def test_corrupted_checkpoint_on_resume_is_one_line(tmp_path, shared):
     spec = write_spec(tmp_path / "c.yaml", "corrupt", tiny_base(train={"steps": 10}, eval={"every": 10}))
     run_dir = tmp_path / "runs"
-    run_paceray("train", spec, "--run-dir", run_dir)
+    shared.paceray("train", spec, "--run-dir", run_dir)
     ckpt = checkpoint_dirs(run_dir)[-1] / "state.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated, as by a full disk
-    r = run_paceray("train", spec, "--run-dir", run_dir, "--resume", check=False)
+    r = shared.paceray("train", spec, "--run-dir", run_dir, "--resume", check=False)
     assert_one_line_error(r, str(ckpt), "corrupted checkpoint")
 
 
@@ -147,15 +188,15 @@ def test_debug_shows_the_traceback(tmp_path):
 # ----------------------------------------------------------------- disk
 
 
-def test_checkpoints_stay_bounded(tmp_path, storage):
+def test_checkpoints_stay_bounded(tmp_path, shared):
     """Twelve evals, checkpoint_keep 2: on disk only the best 2 by eval/fid plus the latest."""
     base = tiny_base(train={"steps": 60, "checkpoint_keep": 2, "log_every": 5}, eval={"every": 5})
     spec = write_spec(tmp_path / "disk.yaml", "disk", base)
-    run_paceray("train", spec, "--run-dir", tmp_path / "runs")
+    shared.paceray("train", spec, "--run-dir", tmp_path / "runs")
     kept = checkpoint_dirs(tmp_path / "runs")
     assert 2 <= len(kept) <= 3, kept
     assert kept[-1].name == "checkpoint_step00000060"  # the latest is always kept
-    client, runs = experiment_runs(tmp_path / "runs", "disk")
+    client, runs = experiment_runs(shared, "disk")
     fids = dict(history(client, runs[0].info.run_id, "eval/fid"))
     best_two = sorted(fids, key=fids.get)[:2]
     kept_steps = {checkpoint_step(p) for p in kept}
@@ -177,9 +218,9 @@ class MlflowServer(LocalServer):
         return mlflow_client(self.run_dir)
 
 
-def _start_train(spec: Path, run_dir: Path, uri: str) -> Started:
-    return start_paceray("train", spec, "--run-dir", run_dir, "--tracking-uri", uri,
-                         log=run_dir.parent / "train.log", env={"PACERAY_TRACKING_FLUSH_TIMEOUT": "8"})
+def _start_train(shared, spec: Path, run_dir: Path, uri: str) -> Started:
+    return shared.start("train", spec, "--run-dir", run_dir, "--tracking-uri", uri, log=run_dir.parent / "train.log",
+                        env={"PACERAY_TRACKING_FLUSH_TIMEOUT": "8"}, tracking=False)
 
 
 def _wait_for_metrics(server: MlflowServer, experiment: str, proc, at_least: int = 2):
@@ -197,12 +238,12 @@ def _wait_for_metrics(server: MlflowServer, experiment: str, proc, at_least: int
     raise AssertionError("no metrics arrived")
 
 
-def test_mlflow_outage_mid_run_loses_nothing(tmp_path, storage):
+def test_mlflow_outage_mid_run_loses_nothing(tmp_path, shared):
     server = MlflowServer(tmp_path / "mlflow").start()
     spec = write_spec(tmp_path / "o.yaml", "outage",
                       tiny_base(train={"steps": 200, "log_every": 5}, curriculum={"stage_steps": 40},
                                 eval={"every": 50}))
-    proc = _start_train(spec, tmp_path / "runs", server.uri)
+    proc = _start_train(shared, spec, tmp_path / "runs", server.uri)
     try:
         run_id = _wait_for_metrics(server, "outage", proc)
         server.stop()  # gone mid-run: training must go on
@@ -226,12 +267,12 @@ def test_mlflow_outage_mid_run_loses_nothing(tmp_path, storage):
     assert not (tmp_path / "runs" / "mlflow-spool" / run_id).exists()  # all delivered
 
 
-def test_mlflow_gone_for_good_leaves_the_queue_and_a_replay_command(tmp_path, storage):
+def test_mlflow_gone_for_good_leaves_the_queue_and_a_replay_command(tmp_path, shared):
     server = MlflowServer(tmp_path / "mlflow").start()
     # 200 steps (~10 s): the server must go while there is still training left to log.
     spec = write_spec(tmp_path / "g.yaml", "gone",
                       tiny_base(train={"steps": 200, "log_every": 5}, eval={"every": 100}))
-    proc = _start_train(spec, tmp_path / "runs", server.uri)
+    proc = _start_train(shared, spec, tmp_path / "runs", server.uri)
     try:
         run_id = _wait_for_metrics(server, "gone", proc)
         server.stop()
