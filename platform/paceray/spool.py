@@ -17,7 +17,6 @@ is not an entry (torn by a kill or a full disk) is set aside too, and never stop
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import threading

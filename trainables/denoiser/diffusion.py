@@ -15,7 +15,6 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-
 from trainables.denoiser.model import null_label
 
 SCHEDULES = ("linear", "cosine")

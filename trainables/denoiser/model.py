@@ -16,8 +16,6 @@ from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from torch import nn
 
-
-
 # Each preset is UNet2DModel kwargs without the data-dependent ones (size, channels, classes).
 # Down/up block lists mirror each other: diffusers walks the up path in reverse.
 PRESETS: dict[str, dict] = {

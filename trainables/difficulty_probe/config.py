@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainables.denoiser.config import Clustering, DataConfig, DiffusionConfig, ModelConfig
