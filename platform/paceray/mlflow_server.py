@@ -54,6 +54,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def answers(uri: str, timeout: float = 3.0) -> bool:
+    """Whether the tracking server answers at all right now (any HTTP status counts; a store
+    that is not a server always does): one cheap probe before a command's own MLflow calls,
+    each of which would otherwise wait out MLflow's retries on a server that went away."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError):
+        return False
+    return True
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """One line before any training starts if an HTTP tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):

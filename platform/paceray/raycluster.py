@@ -17,8 +17,8 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> st
     if ray.is_initialized():
         return "ray (already connected)"
     address = address or os.environ.get("RAY_ADDRESS")
-    # Keep Train V2 (the default) and stop Ray from rewriting our metrics' names in the console.
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    for key, value in RAY_DEFAULTS.items():  # a user's own setting wins
+        os.environ.setdefault(key, value)
     if address and address != "local":
         if address.startswith("http"):  # a dashboard address is for `ray job submit`, not for ray.init
             raise PacerayError(f"--address {address}: give the GCS address (host:6379) or 'auto'; "
@@ -46,12 +46,19 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> st
     return "a local Ray instance"
 
 
+# Train V2 (the default, kept explicit). The Train controller polls its workers every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s), so a trial that has ended is noticed up to
+# that late, and a report waits for the next poll: 0.5 s cuts ~1 s off every trial (measured on the
+# tests' tiny trials: the last report to the run's end 2.6 s -> 1.4 s) for one more cheap RPC a
+# second. Ray propagates both from the process that calls fit() to the controller and its workers.
+RAY_DEFAULTS = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 FORWARDED_PREFIXES = ("PACERAY_", "MLFLOW_")
 
 
 def forwarded_env() -> dict[str, str]:
-    """The settings of this command that its trials' processes on a cluster must see too."""
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
+    """The settings of this command that its trials' processes on a cluster must see too (Tune
+    trials call fit() on the cluster's workers: they need the Ray Train settings as well)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES) or k in RAY_DEFAULTS}
 
 
 def _check_gcs_port(address: str, timeout: float = 5.0) -> None:

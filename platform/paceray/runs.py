@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from paceray import runlog, spool, tracking
+from paceray import mlflow_server, runlog, spool, tracking
 from paceray.errors import one_line
 from paceray.protocol import ERROR_TAG
 
@@ -84,7 +84,7 @@ class Run:
 
     def kill(self, stopped_by: str) -> Optional[str]:
         """KILLED by a scheduler before its last step: not a crash, so a stale error tag goes."""
-        if self.deliver_leftovers():
+        if mlflow_server.answers(self.uri) and self.deliver_leftovers():
             try:
                 if ERROR_TAG in self.info().data.tags:
                     tracking.client(self.uri).delete_tag(self.run_id, ERROR_TAG)
@@ -95,7 +95,7 @@ class Run:
     def end(self, status: str, tags: Optional[Mapping[str, str]] = None) -> Optional[str]:
         """Set `tags` and end the run; if the server is away, queue both behind the run's other
         writes and return the command that replays them."""
-        if self.deliver_leftovers():
+        if mlflow_server.answers(self.uri) and self.deliver_leftovers():
             try:
                 c = tracking.client(self.uri)
                 for k, v in (tags or {}).items():

@@ -21,6 +21,7 @@ FID from N ranks equals the one-process FID on the same images.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -31,7 +32,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from paceray.protocol import PacerayError, one_line
 from trainables.denoiser.data import load_split, read_manifest, resize_images, to_unit_range
@@ -144,24 +144,31 @@ class ReferenceStats:
         return mean, cov
 
 
-class _FID(FrechetInceptionDistance):
-    """torchmetrics' FID whose compute also returns the (synced) sample counts, in float64."""
+@functools.cache
+def _fid_class():
+    """torchmetrics' FID whose compute also returns the (synced) sample counts, in float64.
+    Defined on first use: importing torchmetrics costs ~2 s, and a command whose reference
+    statistics are cached (every one after the first) never computes a FID on the driver."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
-    def update(self, imgs: torch.Tensor, real: bool) -> None:
-        super().update(imgs, real)
-        self.orig_dtype = torch.float64  # keep full precision; the caller rounds if it wants
+    class _FID(FrechetInceptionDistance):
+        def update(self, imgs: torch.Tensor, real: bool) -> None:
+            super().update(imgs, real)
+            self.orig_dtype = torch.float64  # keep full precision; the caller rounds if it wants
 
-    def compute(self) -> dict[str, Any]:
-        # Runs inside torchmetrics' sync context: the states here are the sums over all ranks.
-        num_real, num_fake = int(self.real_features_num_samples), int(self.fake_features_num_samples)
-        fid = super().compute() if min(num_real, num_fake) >= 2 else torch.tensor(float("nan"))
-        return {"fid": fid, "num_real": num_real, "num_fake": num_fake}
+        def compute(self) -> dict[str, Any]:
+            # Runs inside torchmetrics' sync context: the states here are the sums over all ranks.
+            num_real, num_fake = int(self.real_features_num_samples), int(self.fake_features_num_samples)
+            fid = super().compute() if min(num_real, num_fake) >= 2 else torch.tensor(float("nan"))
+            return {"fid": fid, "num_real": num_real, "num_fake": num_fake}
+
+    return _FID
 
 
-def _metric(extractor: nn.Module) -> _FID:
+def _metric(extractor: nn.Module):
     # normalize=False: our extractors take [-1, 1] floats themselves; reset_real_features=False:
     # reset() between evaluations keeps the reference side.
-    metric = _FID(feature=extractor, normalize=False, reset_real_features=False)
+    metric = _fid_class()(feature=extractor, normalize=False, reset_real_features=False)
     metric.orig_dtype = torch.float64  # for a rank that saw no fake image
     return metric
 

@@ -11,10 +11,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import UNet2DModel
-from diffusers.training_utils import EMAModel
 from torch import nn
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DModel
+
+# diffusers is imported where a network is built, not at module import: the driver imports this
+# module for the preset check alone (prepare), and importing diffusers costs it ~3 s per command.
 
 # Each preset is UNet2DModel kwargs without the data-dependent ones (size, channels, classes).
 # Down/up block lists mirror each other: diffusers walks the up path in reverse.
@@ -85,8 +91,10 @@ def check_image_size(preset: str, image_size: int) -> dict:
 
 def build_model(
     preset: str, image_size: int, channels: int, num_classes: int | None = None
-) -> UNet2DModel:
+) -> "UNet2DModel":
     """A UNet2DModel predicting ε; class-conditional (with a null label) when num_classes is set."""
+    from diffusers import UNet2DModel
+
     kwargs = check_image_size(preset, image_size)
     if num_classes is not None and num_classes < 1:
         raise ValueError(f"num_classes must be >= 1 or None (unconditional), got {num_classes}")
@@ -145,6 +153,8 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999):
+        from diffusers.training_utils import EMAModel
+
         parameters = list(unwrap(model).parameters())
         self.device = parameters[0].device
         self.averaged = EMAModel(parameters, decay=decay, min_decay=0.0, foreach=True)
