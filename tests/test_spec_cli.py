@@ -64,6 +64,9 @@ def test_set_overrides_base_and_pins_searched_paths(tmp_path):
         ("name: t\ntrainable: denoiser\nbogus: 1\n", "bogus"),
         ("name: t\ntrainable: denoiser\nsearch: {curriculum.num_clusters: {grid: [2, 5000]}}\n", "search point curriculum.num_clusters=5000"),
         ("name: t\ntrainable: denoiser\nsearch: {curriculum.nope: {grid: [1]}}\n", "search.curriculum.nope"),
+        # Both ends are valid integers; almost every draw in between is not.
+        ("name: t\ntrainable: denoiser\nsearch: {curriculum.num_clusters: {uniform: [2, 8]}}\n",
+         "search.curriculum.num_clusters: uniform [2.0, 8.0] draws values like 4.22, which the field rejects"),
         ("name: t\ntrainable: denoiser\nsearch: {train.lr: {loguniform: [0, 1]}}\n", "search.train.lr"),
         ("name: t\ntrainable: denoiser\nsearch: {train.lr: {grid: [0.1], choice: [0.2]}}\n", "exactly one"),
         ("name: t\ntrainable: nosuch\n", "no trainable named"),
@@ -128,6 +131,21 @@ def test_cli_bad_spec_is_one_line_non_zero_no_traceback(tmp_path):
     assert r.returncode != 0
     assert r.stderr.count("\n") == 1 and "base.curriculum.num_clusters" in r.stderr and str(p) in r.stderr
     assert "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("text,args,needle", [
+    # A search over an integer field that only its ends pass: it once failed on every trial's workers.
+    ("name: t\ntrainable: denoiser\nsearch: {curriculum.num_clusters: {uniform: [2, 8]}}\n", [],
+     "use randint for an integer field"),
+    # A tracking URI without a scheme: it once reached MLflow's store registry and its traceback.
+    ("name: t\ntrainable: denoiser\n", ["--tracking-uri", "localhost:5000"], "tracking URI 'localhost:5000'"),
+    ("name: t\ntrainable: denoiser\ntracking: {uri: 'localhost:5000'}\n", [], "tracking URI 'localhost:5000'"),
+])
+def test_cli_bad_search_or_uri_is_one_line_before_anything_starts(tmp_path, text, args, needle):
+    p = write(tmp_path, text)
+    r = run("tune", str(p), "--run-dir", str(tmp_path / "runs"), *args, check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
 
 

@@ -69,8 +69,24 @@ def answers(uri: str, timeout: float = 3.0) -> bool:
     return True
 
 
+# What MLflow's tracking client accepts (and a plain path); anything else (`localhost:5000`) would
+# reach MLflow's store registry and end in its traceback.
+STORE_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_scheme(uri: str) -> None:
+    import urllib.parse
+
+    scheme = urllib.parse.urlparse(uri).scheme.split("+")[0]  # postgresql+psycopg2://
+    if scheme and scheme not in STORE_SCHEMES:  # no scheme: a local path, MLflow's file store
+        raise PacerayError(f"tracking URI {uri!r}: expected http(s)://HOST:PORT of an MLflow server or a store URI "
+                           f"({', '.join(s + '://' for s in STORE_SCHEMES)}), not scheme {scheme!r}")
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """One line before any training starts if an HTTP tracking server does not answer."""
+    """One line before any training starts if the URI names no MLflow store or an HTTP tracking
+    server does not answer."""
+    check_scheme(uri)
     if not uri.startswith(("http://", "https://")):
         return
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -66,6 +67,16 @@ class Distribution(_Strict):
             return list(self.args)
         low, high = self.args
         return [low, high - 1] if self.kind == "randint" else [low, high]
+
+    def interior_value(self) -> Optional[float]:
+        """A value a continuous range draws that its ends do not show: a fractional one (the ends
+        of `uniform: [2, 8]` are integers; almost every draw is not)."""
+        if self.kind not in ("uniform", "loguniform"):
+            return None
+        low, high = (float(v) for v in self.args)
+        if self.kind == "loguniform":
+            return math.exp(math.log(low) + 0.37 * (math.log(high) - math.log(low)))
+        return low + 0.37 * (high - low)
 
     def to_tune(self):
         from ray import tune  # only when a search really starts
@@ -246,6 +257,8 @@ def check_search(config_cls, base: dict, search: dict[str, "Distribution"], wher
     for key in search:
         if key not in known:
             raise PacerayError(f"{where}: search.{key}: no such config field in trainable's Config")
+    for key, d in search.items():
+        _check_interior(config_cls, base, key, d, where)
     probes = [[(k, v) for v in d.probe_values()] for k, d in search.items()]
     # Each value alone, and (for small spaces) every combination: cross-field checks
     # (e.g. num_clusters ≤ timesteps) only show in combinations.
@@ -260,6 +273,23 @@ def check_search(config_cls, base: dict, search: dict[str, "Distribution"], wher
             point = ", ".join(f"{k}={v!r}" for k, v in combo)
             err = _pydantic_error(where, e, "search: ")
             raise PacerayError(f"{err} (search point {point})") from None
+
+
+def _check_interior(config_cls, base: dict, key: str, d: "Distribution", where: str) -> None:
+    """A continuous range over a field that takes only some of its values (an integer field) fails
+    here, not on every trial's workers."""
+    value = d.interior_value()
+    if value is None:
+        return
+    trial = copy.deepcopy(base)
+    set_path(trial, key, value)
+    try:
+        config_cls.model_validate(trial)
+    except ValidationError as e:
+        msg = e.errors()[0]["msg"].removeprefix("Value error, ")
+        hint = "; use randint for an integer field" if "integer" in msg else ""
+        raise PacerayError(one_line(f"{where}: search.{key}: {d.kind} {list(d.args)} draws values like {value:.4g}, "
+                                    f"which the field rejects ({msg}){hint}")) from None
 
 
 def _product_size(probes) -> int:
