@@ -205,12 +205,16 @@ class SharedCluster:
         self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                     "RAY_ADDRESS": f"127.0.0.1:{self.gcs}"}
         ray_bin = str(Path(sys.executable).parent / "ray")
+        dashboard = free_port()
+        self.jobs_address = f"http://127.0.0.1:{dashboard}"  # the Jobs API of `ray job submit`
         # The workers import what the driver does: the test trainable lives in tests/.
-        env = {**os.environ, **self.env, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}
+        # A job's entrypoint (`ray job submit -- paceray …`) runs on the head, on the head's PATH.
+        env = {**os.environ, **self.env, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1",
+               "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         env.pop("RAY_ADDRESS")
         self.head = subprocess.Popen(
             [ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs),
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port()), "--include-dashboard", "true",
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
              "--num-cpus", "2", "--temp-dir", str(self.temp)],
             stdout=open(self.temp / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
         root = self.temp / "mlflow"

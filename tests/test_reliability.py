@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -33,31 +35,40 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None
 # ----------------------------------------------------------------- worker crash
 
 
-def test_killed_worker_restarts_from_its_last_checkpoint(tmp_path, storage):
-    # 300 steps (~15 s here): the kill must land mid-run even when a loaded machine registers the
-    # first checkpoint late.
-    base = tiny_base(train={"steps": 300, "log_every": 5}, curriculum={"stage_steps": 60}, eval={"every": 25})
-    spec = write_spec(tmp_path / "crash.yaml", "crash", base)
-    run_dir = tmp_path / "runs"
-    proc = start_paceray("train", spec, "--run-dir", run_dir, log=tmp_path / "train.log")
+@pytest.fixture(scope="module")
+def crashed_trial(tmp_path_factory, shared):
+    """A `paceray train` on the shared cluster whose training worker is SIGKILLed mid-run; Ray
+    Train restarts it from its last registered checkpoint. 300 steps (~15 s here): the kill must
+    land mid-run even when a loaded machine registers the first checkpoint late. Twelve evals
+    with checkpoint_keep 2, for test_checkpoints_stay_bounded."""
+    import re
+
+    tmp = tmp_path_factory.mktemp("crash")
+    base = tiny_base(train={"steps": 300, "log_every": 5, "checkpoint_keep": 2}, curriculum={"stage_steps": 60},
+                     eval={"every": 25})
+    spec = write_spec(tmp / "crash.yaml", "crash", base)
+    run_dir = tmp / "runs"
+    proc = shared.start("train", spec, "--run-dir", run_dir, log=tmp / "train.log")
     try:
         wait_for_checkpoint(run_dir, proc)  # a checkpoint Ray Train registered: the restart resumes from it
         at_kill = registered_checkpoint_step(run_dir)
-        # The training worker of *this* run: a descendant of our `paceray train` named so by Ray.
-        import psutil
-
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if "RayTrainWorker" in " ".join(p.cmdline())]
-        assert workers, "no RayTrainWorker process found"
-        workers[0].kill()
+        # The training worker of *this* run, by the pid Ray prints for it (the cluster is shared).
+        pids = {int(p) for p in re.findall(r"\(RayTrainWorker pid=(\d+)\)", proc.output())}
+        assert len(pids) == 1, pids
+        os.kill(pids.pop(), signal.SIGKILL)
         out = proc.finish()
     finally:
         if proc.poll() is None:
             kill_session(proc.pid)
-    assert proc.returncode == 0, out[-5000:]
+    return {"proc": proc, "out": out, "at_kill": at_kill, "run_dir": run_dir, "spec": spec}
+
+
+def test_killed_worker_restarts_from_its_last_checkpoint(crashed_trial, shared):
+    out, at_kill = crashed_trial["out"], crashed_trial["at_kill"]
+    assert crashed_trial["proc"].returncode == 0, out[-5000:]
     assert at_kill is not None and at_kill < 300, at_kill
     assert f"resumed from the checkpoint at step" in out, out[-5000:]
-    client, runs = experiment_runs(run_dir, "crash")
+    client, runs = experiment_runs(shared, "crash")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     rid = runs[0].info.run_id
     for key in ("train/loss", "curriculum/stage", "curriculum/t_min"):
@@ -65,6 +76,18 @@ def test_killed_worker_restarts_from_its_last_checkpoint(tmp_path, storage):
         assert steps == list(range(5, 301, 5)), (key, steps)  # no step twice, no gap
     stage = dict(history(client, rid, "curriculum/stage"))
     assert all(stage[s] == min(5, (s - 1) // 60 + 1) for s in stage)
+
+
+def test_checkpoints_stay_bounded(crashed_trial, shared):
+    """Twelve evals, checkpoint_keep 2, a restart between: on disk only the best 2 by eval/fid
+    plus the latest."""
+    kept = checkpoint_dirs(crashed_trial["run_dir"])
+    assert 2 <= len(kept) <= 3, kept
+    assert kept[-1].name == "checkpoint_step00000300"  # the latest is always kept
+    client, runs = experiment_runs(shared, "crash")
+    fids = dict(history(client, runs[0].info.run_id, "eval/fid"))
+    best_two = sorted(fids, key=fids.get)[:2]
+    assert set(best_two) <= {checkpoint_step(p) for p in kept}
 
 
 # ----------------------------------------------------------------- NaN
@@ -161,13 +184,16 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, storage, args, needl
     assert not run_dir.exists(), list(run_dir.rglob("*"))[:10]
 
 
-def test_corrupted_checkpoint_on_resume_is_one_line(tmp_path, shared):
-    spec = write_spec(tmp_path / "c.yaml", "corrupt", tiny_base(train={"steps": 10}, eval={"every": 10}))
+def test_corrupted_checkpoint_on_resume_is_one_line(tmp_path, crashed_trial, shared):
+    """A copy of the crashed trial's finished run directory (Ray's run snapshot names its
+    checkpoints relative to it), its latest checkpoint truncated as by a full disk."""
+    import shutil
+
     run_dir = tmp_path / "runs"
-    shared.paceray("train", spec, "--run-dir", run_dir)
+    shutil.copytree(crashed_trial["run_dir"], run_dir)
     ckpt = checkpoint_dirs(run_dir)[-1] / "state.pt"
-    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated, as by a full disk
-    r = shared.paceray("train", spec, "--run-dir", run_dir, "--resume", check=False)
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    r = shared.paceray("train", crashed_trial["spec"], "--run-dir", run_dir, "--resume", check=False)
     assert_one_line_error(r, str(ckpt), "corrupted checkpoint")
 
 
@@ -185,24 +211,6 @@ def test_debug_shows_the_traceback(tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
-# ----------------------------------------------------------------- disk
-
-
-def test_checkpoints_stay_bounded(tmp_path, shared):
-    """Twelve evals, checkpoint_keep 2: on disk only the best 2 by eval/fid plus the latest."""
-    base = tiny_base(train={"steps": 60, "checkpoint_keep": 2, "log_every": 5}, eval={"every": 5})
-    spec = write_spec(tmp_path / "disk.yaml", "disk", base)
-    shared.paceray("train", spec, "--run-dir", tmp_path / "runs")
-    kept = checkpoint_dirs(tmp_path / "runs")
-    assert 2 <= len(kept) <= 3, kept
-    assert kept[-1].name == "checkpoint_step00000060"  # the latest is always kept
-    client, runs = experiment_runs(shared, "disk")
-    fids = dict(history(client, runs[0].info.run_id, "eval/fid"))
-    best_two = sorted(fids, key=fids.get)[:2]
-    kept_steps = {checkpoint_step(p) for p in kept}
-    assert set(best_two) <= kept_steps
-
-
 # ----------------------------------------------------------------- MLflow outage
 
 
@@ -218,9 +226,9 @@ class MlflowServer(LocalServer):
         return mlflow_client(self.run_dir)
 
 
-def _start_train(shared, spec: Path, run_dir: Path, uri: str) -> Started:
+def _start_train(shared, spec: Path, run_dir: Path, uri: str, flush_timeout: float = 8) -> Started:
     return shared.start("train", spec, "--run-dir", run_dir, "--tracking-uri", uri, log=run_dir.parent / "train.log",
-                        env={"PACERAY_TRACKING_FLUSH_TIMEOUT": "8"}, tracking=False)
+                        env={"PACERAY_TRACKING_FLUSH_TIMEOUT": str(flush_timeout)}, tracking=False)
 
 
 def _wait_for_metrics(server: MlflowServer, experiment: str, proc, at_least: int = 2):
@@ -272,7 +280,7 @@ def test_mlflow_gone_for_good_leaves_the_queue_and_a_replay_command(tmp_path, sh
     # 200 steps (~10 s): the server must go while there is still training left to log.
     spec = write_spec(tmp_path / "g.yaml", "gone",
                       tiny_base(train={"steps": 200, "log_every": 5}, eval={"every": 100}))
-    proc = _start_train(shared, spec, tmp_path / "runs", server.uri)
+    proc = _start_train(shared, spec, tmp_path / "runs", server.uri, flush_timeout=3)  # the server never returns
     try:
         run_id = _wait_for_metrics(server, "gone", proc)
         server.stop()
