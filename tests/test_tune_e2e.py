@@ -119,11 +119,19 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, stora
                             env=env)
     try:
         deadline = time.monotonic() + 600
+        while not (run_dir / "searches" / "quick" / "search.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        # A second command on the live search: one line, before it starts Ray or touches anything.
+        second = run_paceray("tune", path, "--run-dir", run_dir, *SHORT, check=False)
+        assert second.returncode == 2 and "the search 'quick'" in second.stderr and "is already running" in \
+            second.stderr and second.stderr.count("\n") == 1, second.stderr[-2000:]
         while _finished_children(run_dir) < 1 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(1)
     finally:
         kill_session(proc.pid)
         proc.wait(timeout=60)
+    assert [p.name for p in (run_dir / "ray").iterdir()] == ["quick"]  # the live search's folder kept its name
     client, _, before = search_runs(run_dir)
     finished_before = {c.data.tags["paceray.trial_id"]: c.info.end_time for c in before if c.info.status == "FINISHED"}
     assert len(finished_before) == 1

@@ -20,10 +20,7 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> st
     for key, value in RAY_DEFAULTS.items():  # a user's own setting wins
         os.environ.setdefault(key, value)
     if address and address != "local":
-        if address.startswith("http"):  # a dashboard address is for `ray job submit`, not for ray.init
-            raise PacerayError(f"--address {address}: give the GCS address (host:6379) or 'auto'; "
-                               f"{address} is the Jobs API address used by `ray job submit`")
-        _check_gcs_port(address)
+        check_address(address)
         from paceray.paths import inside_ray_job
 
         # Workers on a running cluster inherit the environment of the node that started them, not
@@ -53,6 +50,18 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> st
 # second. Ray propagates both from the process that calls fit() to the controller and its workers.
 RAY_DEFAULTS = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 FORWARDED_PREFIXES = ("PACERAY_", "MLFLOW_")
+
+
+def check_address(address: Optional[str] = None) -> None:
+    """One line, in seconds, for an --address / RAY_ADDRESS that names no Ray cluster (before a
+    command writes anything or takes its lock)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address == "local":
+        return
+    if address.startswith("http"):  # a dashboard address is for `ray job submit`, not for ray.init
+        raise PacerayError(f"--address {address}: give the GCS address (host:6379) or 'auto'; "
+                           f"{address} is the Jobs API address used by `ray job submit`")
+    _check_gcs_port(address)
 
 
 def forwarded_env() -> dict[str, str]:

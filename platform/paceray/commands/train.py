@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from paceray import mlflow_server, raycluster, tracking
+from paceray import command_lock, mlflow_server, raycluster, tracking
 from paceray.atomic import write_text_atomic
 from paceray.commands.common import check_resumable, prepare_assets, readable_store
 from paceray.errors import PacerayError
@@ -42,6 +42,18 @@ def run_train(spec_path: str, overrides, address: Optional[str], tracking_uri: O
     if external:
         mlflow_server.check_reachable(external)
     prepare_assets(loaded, storage, readable_store(external, rd))
+    raycluster.check_address(address)
+    # One command per run, before it starts Ray: a second `--resume` would train the same run twice.
+    with command_lock.held(pointer.parent, f"`paceray train` of {spec.name!r} under {rd}"):
+        result, trial_id = _locked(loaded, rd, storage, external, previous, pointer, address)
+    _say_best(loaded, result, rd, trial_id)
+    if external is None:
+        print(f"MLflow UI: {mlflow_server.ui_command(rd)}")
+
+
+def _locked(loaded, rd: Path, storage: Path, external: Optional[str], previous: Optional[dict], pointer: Path,
+            address: Optional[str]):
+    spec = loaded.spec
     where = raycluster.connect(address)
     try:
         with mlflow_server.tracking_session(rd, external) as uri:
@@ -61,9 +73,7 @@ def run_train(spec_path: str, overrides, address: Optional[str], tracking_uri: O
             result = _fit(loaded, rd, storage, run, trial_id)
     finally:
         raycluster.shutdown()
-    _say_best(loaded, result, rd, trial_id)
-    if external is None:
-        print(f"MLflow UI: {mlflow_server.ui_command(rd)}")
+    return result, trial_id
 
 
 def _fit(loaded, rd: Path, storage: Path, run: Run, trial_id: str):

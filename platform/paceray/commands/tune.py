@@ -6,12 +6,13 @@ import json
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
-from paceray import mlflow_server, raycluster, tracking, tuning
+from paceray import command_lock, mlflow_server, raycluster, tracking, tuning
 from paceray.atomic import write_text_atomic
 from paceray.commands.common import prepare_assets, readable_store
 from paceray.errors import PacerayError
@@ -44,8 +45,13 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
     if external:
         mlflow_server.check_reachable(external)
     prepare_assets(loaded, storage, readable_store(external, rd))
-    where = raycluster.connect(address)
+    raycluster.check_address(address)
+    # One command per search, before it starts Ray: a second one would rename this one's tuner
+    # folder under it and mix their trials.
+    lock = ExitStack()
+    lock.enter_context(command_lock.held(state_path.parent, f"the search {spec.name!r} under {rd}"))
     try:
+        where = raycluster.connect(address)
         # A trial that cannot fit the cluster fails here, before anything is written.
         concurrent = tuning.max_concurrent(loaded, raycluster.cluster_resources())
         if not previous and tuner_dir.exists():
@@ -81,6 +87,7 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
                 print(f"the search's report waits for MLflow: `paceray report {spec.experiment}` writes it later "
                       f"(the trials' queued writes first: the replay commands above)", flush=True)
     finally:
+        lock.close()
         raycluster.shutdown()
     if external is None:
         print(f"MLflow UI: {mlflow_server.ui_command(rd)}")
