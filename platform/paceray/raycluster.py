@@ -32,6 +32,9 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> st
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise PacerayError(one_line(f"--address {address}: cannot connect to a Ray cluster ({e})")) from None
         return f"Ray cluster at {address}"
+    # One machine is never drained or preempted: Train's preemption watcher (an actor, so one more
+    # Python process per trial) has nothing to watch on the local instance. Clusters keep it.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # The dashboard serves the State API that Train's placement-group cleaner polls; without it
     # every trial logs "Failed to query Ray Train Controller actor state" every few seconds.
     import importlib.util
