@@ -98,20 +98,23 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
 
 
 def _unless_away(uri: str, what: str, fn, *args) -> bool:
-    """Run one of the driver's MLflow steps at the end of a search; if the server went away
-    meanwhile, say what waits and go on (the trials' own writes and every run's end are queued on
-    disk). True if it ran. Any other error is raised."""
+    """Run one of the driver's MLflow steps at the end of a search; if the server is away, say
+    what waits and go on (the trials' own writes and every run's end are queued on disk). True
+    if it ran. Any other error is raised. One probe first: each MLflow call on a server that is
+    gone waits out MLflow's retries (seconds each) before it fails."""
+    def skipped(e: str) -> bool:
+        print(f"warning: MLflow at {uri} is unreachable; skipped {what} ({e})", file=sys.stderr, flush=True)
+        return False
+
+    if not mlflow_server.answers(uri):
+        return skipped("no answer")
     try:
         fn(*args)
         return True
     except Exception as e:
-        try:
-            mlflow_server.check_reachable(uri, timeout=3)
-        except PacerayError:
-            print(f"warning: MLflow at {uri} is unreachable; skipped {what} ({type(e).__name__})", file=sys.stderr,
-                  flush=True)
-            return False
-        raise
+        if mlflow_server.answers(uri):
+            raise
+        return skipped(type(e).__name__)
 
 
 def _search_params(loaded) -> dict:
