@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""How much of a whole search's wall time is training: a spec's `paceray tune` (quick.yaml by
+default) against the time its images would take at the bare loop's rate on the cores it can use.
+
+    python benchmarks/search_efficiency.py                       # quick.yaml, CPU: ~5 minutes
+    python benchmarks/search_efficiency.py --spec search_spaces/quick.yaml --set train.steps=400
+
+    ideal      = images ÷ bare img/s ÷ usable cores
+    efficiency = ideal ÷ the search's measured wall time
+
+images: every trial's `train.steps × train.batch_size`; bare img/s: the hand-written loop of
+benchmarks/throughput.py (same model, optimizer, EMA and loss; no Ray, no curriculum, no
+logging) on one torch thread, as a trial's worker gets on CPU (median of `--bare-repeats`);
+usable cores: the trials that can run at once (the CPUs over `cpus_per_worker`, the trial count,
+`tune.max_concurrent`). The wall time is the whole command, as a user waits for it: start-up,
+the embedded MLflow server, every trial's Ray Train start, evals, the report and the export.
+The search runs `--repeats` times on the embedded default (a local Ray, tracking under a
+scratch run directory); the median is reported, with each run's figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from throughput import bare_images_per_s  # benchmarks/, beside this script
+
+REPO = Path(__file__).resolve().parent.parent
+GOAL = 0.50
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--spec", default=str(REPO / "search_spaces" / "quick.yaml"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="as `paceray tune --set` (repeatable)")
+    p.add_argument("--repeats", type=int, default=1, help="searches to time (each takes minutes)")
+    p.add_argument("--bare-repeats", type=int, default=3)
+    p.add_argument("--bare-steps", type=int, default=200)
+    p.add_argument("--storage", help="storage root (datasets, FID nets, statistics); default: a temp dir")
+    p.add_argument("--json", dest="json_out", help="write every figure to this JSON file")
+    return p.parse_args(argv)
+
+
+def search_shape(loaded) -> dict:
+    """Trials, images and the cores the search can use, from the spec alone."""
+    searched = set(loaded.search)
+    if searched & {"train.steps", "train.batch_size"}:
+        raise SystemExit("search_efficiency: the spec searches train.steps or train.batch_size; "
+                         "images per trial would differ (pin them with --set)")
+    trials = loaded.trial_configs_preview()
+    train, res = loaded.base["train"], loaded.spec.resources
+    cpus = os.cpu_count() or 1
+    at_once = min(trials, max(1, int(cpus // (res.cpus_per_worker * res.workers))))
+    if loaded.spec.tune.max_concurrent:
+        at_once = min(at_once, loaded.spec.tune.max_concurrent)
+    return {"trials": trials, "steps": train["steps"], "batch": train["batch_size"],
+            "images": trials * train["steps"] * train["batch_size"], "usable_cores": at_once * res.workers,
+            "cpus": cpus}
+
+
+def timed_search(spec: str, overrides: list[str], storage: Path, scratch: Path, i: int) -> float:
+    paceray = str(Path(sys.executable).parent / "paceray")
+    cmd = [paceray, "tune", spec, "--run-dir", str(scratch / f"runs-{i}")]
+    for o in overrides:
+        cmd += ["--set", o]
+    start = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PACERAY_STORAGE": str(storage)})
+    wall = time.perf_counter() - start
+    if r.returncode != 0:
+        raise SystemExit(f"search {i + 1} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return wall
+
+
+def main(argv=None) -> int:
+    from paceray.protocol import PrepareContext
+    from paceray.spec import load, parse_overrides
+
+    args = parse_args(argv)
+    scratch = Path(tempfile.mkdtemp(prefix="paceray-efficiency-"))
+    storage = Path(args.storage).expanduser().resolve() if args.storage else scratch / "storage"
+    try:
+        loaded = load(args.spec, parse_overrides(args.overrides))
+        shape = search_shape(loaded)
+        loaded.trainable.prepare(loaded.base, PrepareContext(storage=str(storage), tracking_uri=None))
+        torch.set_num_threads(1)
+        bare = [bare_images_per_s(loaded.base, storage, torch.device("cpu"), 10, args.bare_steps)
+                for _ in range(args.bare_repeats)]
+        bare_rate = statistics.median(bare)
+        ideal = shape["images"] / bare_rate / shape["usable_cores"]
+        print(f"search_efficiency {Path(args.spec).name}{''.join(' --set ' + o for o in args.overrides)}: "
+              f"{shape['trials']} trials × {shape['steps']} steps × batch {shape['batch']} = {shape['images']:,} images; "
+              f"bare {bare_rate:,.0f} img/s (median of {len(bare)}, 1 torch thread); {shape['usable_cores']} usable "
+              f"core(s) of {shape['cpus']}: ideal {ideal:.1f} s", flush=True)
+        walls = []
+        for i in range(args.repeats):
+            walls.append(timed_search(args.spec, args.overrides, storage, scratch, i))
+            print(f"search {i + 1}: wall {walls[-1]:.1f} s, efficiency {ideal / walls[-1]:.1%}", flush=True)
+        wall = statistics.median(walls)
+        eff = ideal / wall
+        print(f"efficiency {eff:.1%} (median wall {wall:.1f} s over {len(walls)} search(es); goal >= {GOAL:.0%}: "
+              f"{'met' if eff >= GOAL else 'NOT met'}); load average {os.getloadavg()[0]:.2f}")
+        report = {**shape, "bare_img_per_s": bare, "bare_median": bare_rate, "ideal_seconds": ideal,
+                  "wall_seconds": walls, "efficiency": eff, "goal": GOAL, "spec": args.spec,
+                  "overrides": args.overrides}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
