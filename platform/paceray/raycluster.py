@@ -49,7 +49,7 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> st
 # Train V2 (the default, kept explicit). The Train controller polls its workers every
 # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s), so a trial that has ended is noticed up to
 # that late, and a report waits for the next poll: 0.5 s cuts ~1 s off every trial (measured on the
-# tests' tiny trials: the last report to the run's end 2.6 s -> 1.4 s) for one more cheap RPC a
+# tests' tiny trials: the last report to the run's end 2.6 s -> 1.4-1.8 s) for one more cheap RPC a
 # second. Ray propagates both from the process that calls fit() to the controller and its workers.
 RAY_DEFAULTS = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 FORWARDED_PREFIXES = ("PACERAY_", "MLFLOW_")
