@@ -377,3 +377,32 @@ def _wait_for(condition, timeout=10.0):
 def _cpu():
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+@pytest.mark.parametrize("marker", ["missing", "torn"])
+def test_a_restarted_logger_does_not_relog_a_step_only_the_spool_holds(tmp_path, marker):
+    # A kill between queueing a metrics row and updating the queued-steps marker (or halfway
+    # through a marker write by an older version) leaves the row in the spool only. The
+    # restarted worker re-trains that step: it must not log it a second time.
+    from mlflow.tracking import MlflowClient
+
+    from paceray.runlog import RunLogger, spool_dir
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("relog", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    first = RunLogger(run_id, uri, tmp_path)
+    assert first.log_metrics({"train/loss": 0.5}, step=25)
+    assert first.close(timeout=30) is None  # step 25 is in the run
+    folder = spool_dir(tmp_path, run_id)
+    spool.append(folder, {"kind": "metrics", "run_id": run_id, "step": 30, "timestamp": spool.now_ms(),
+                          "metrics": {"train/loss": 0.4}})  # queued, then the kill
+    if marker == "torn":
+        folder.with_suffix(".queued.json").write_text('{"train/lo')
+    restarted = RunLogger(run_id, uri, tmp_path)
+    assert not restarted.log_metrics({"train/loss": 0.41}, step=30)
+    assert restarted.log_metrics({"train/loss": 0.3}, step=35)
+    assert restarted.close(timeout=30) is None
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [
+        (25, 0.5), (30, 0.4), (35, 0.3)]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from paceray import spool
+from paceray.atomic import write_text_atomic
 
 # A write must fail fast when the server is away (the spool retries it), not block training
 # through MLflow's default of 7 retries with exponential backoff.
@@ -56,10 +57,18 @@ class RunLogger:
             return {}
 
     def _queued_steps(self) -> dict[str, int]:
+        """Per metric, the last step queued by this run's processes: the marker, and the spool's
+        undelivered entries themselves (a kill between queueing a row and updating the marker
+        leaves the row in the spool only; re-logging its step would log it twice)."""
         try:
-            return {k: int(v) for k, v in json.loads(self._marker.read_text()).items()}
-        except (FileNotFoundError, ValueError):
-            return {}
+            steps = {k: int(v) for k, v in json.loads(self._marker.read_text()).items()}
+        except (FileNotFoundError, ValueError, TypeError, AttributeError):
+            steps = {}
+        for entry in spool.waiting(self.folder):
+            if entry.get("kind") == "metrics" and isinstance(entry.get("step"), int):
+                for key in entry.get("metrics") or {}:
+                    steps[key] = max(entry["step"], steps.get(key, -1))
+        return steps
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> bool:
         """Queue the metrics at `step` the run does not have yet; False if it had them all."""
@@ -70,7 +79,7 @@ class RunLogger:
                         "metrics": fresh})
         self.queued.update({k: step for k in fresh})
         self._marker.parent.mkdir(parents=True, exist_ok=True)
-        self._marker.write_text(json.dumps(self.queued))
+        write_text_atomic(self._marker, json.dumps(self.queued))  # never a torn marker
         return True
 
     def already_logged(self, key: str, step: int) -> bool:

@@ -180,6 +180,19 @@ def _queued(folder: Path) -> int:
     return done + sum(1 for line in _read_from(folder, offset).split(b"\n") if line.strip())
 
 
+def waiting(folder: Path) -> list[dict]:
+    """The entries not delivered yet, in order (lines that are not whole entries left out): what
+    a process that died before delivering them had queued."""
+    done, offset = _progress(Path(folder))
+    out = []
+    for line in _read_from(Path(folder), offset).split(b"\n"):
+        try:
+            out.append(_parse(line))
+        except PermanentError:
+            continue
+    return out
+
+
 @dataclass
 class _Pass:
     delivered: int = 0
