@@ -202,8 +202,10 @@ class SharedCluster:
 
         self.temp = Path(tempfile.mkdtemp(prefix="rsh", dir="/tmp"))  # Ray's socket paths stay short
         self.gcs = free_port()
+        # No node of this cluster is ever preempted: Train's preemption watcher (one more process
+        # per trial, on by default on clusters) is off for the commands run against it.
         self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-                    "RAY_ADDRESS": f"127.0.0.1:{self.gcs}"}
+                    "RAY_ADDRESS": f"127.0.0.1:{self.gcs}", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
         ray_bin = str(Path(sys.executable).parent / "ray")
         dashboard = free_port()
         self.jobs_address = f"http://127.0.0.1:{dashboard}"  # the Jobs API of `ray job submit`

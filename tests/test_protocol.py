@@ -115,3 +115,21 @@ def test_the_ray_internal_paceray_reads_is_still_there():
     assert callable(session.get_session) and "def get_session() -> Optional[_TrainSession]" in source
     assert "self.stop_event = threading.Event()" in source
     assert tune_stop_flag() is None  # outside a trial
+
+
+def test_a_trainer_without_datasets_starts_no_dataset_manager():
+    """ray_internals.torch_trainer_class drops Train's DatasetsCallback (which starts a DatasetManager
+    actor per worker group, datasets or not) and keeps every other default callback."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    from paceray.ray_internals import torch_trainer_class
+
+    kwargs = dict(train_loop_per_worker=lambda: None, scaling_config=ScalingConfig(num_workers=1),
+                  run_config=RunConfig(name="no-datasets", storage_path="/tmp"))
+    ours, theirs = torch_trainer_class()(**kwargs), TorchTrainer(**kwargs)
+    default = theirs._create_default_callbacks()
+    assert any(isinstance(c, DatasetsCallback) for c in default)  # else the override has nothing to drop
+    kept = ours._create_default_callbacks()
+    assert [type(c) for c in kept] == [type(c) for c in default if not isinstance(c, DatasetsCallback)]

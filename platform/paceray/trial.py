@@ -19,7 +19,9 @@ def trainer_for(trainable: Trainable, config: dict, context: TrialContext, resou
     """A TorchTrainer for one trial; `fit()` it to run (or resume) the trial. The config goes to
     the workers as the trial's config alone; the context travels beside it, as its own argument."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    from paceray.ray_internals import torch_trainer_class
 
     loop = trainable.train_loop  # a module-level function: pickled by reference, imported on the worker
 
@@ -33,7 +35,7 @@ def trainer_for(trainable: Trainable, config: dict, context: TrialContext, resou
     per_worker = {"CPU": resources.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
-    return TorchTrainer(
+    return torch_trainer_class()(
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
