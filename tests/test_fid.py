@@ -225,3 +225,23 @@ def test_inception_errors_are_one_line_and_say_how_to_provide_the_file(tmp_path,
         load_extractor("classifier", fid_net_path=tmp_path / "no-net.pt")
     with pytest.raises(PacerayError, match="unknown FID features"):
         load_extractor("vgg")
+
+
+def test_two_commands_preparing_one_storage_root_train_its_fid_net_once(tmp_path):
+    """Two searches started together on a fresh storage root: one trains the FID network and
+    computes the reference statistics, the other waits for it and then finds them made."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from trainables.denoiser.features import prepare; from paceray.protocol import PrepareContext; "
+            "from trainables.denoiser.config import Config; "
+            "config = Config.model_validate({'data': {'dataset': 'digits', 'image_size': 8}, 'model': {'preset': 'tiny'}}); "
+            "prepare(config.model_dump(), PrepareContext(storage=sys.argv[1], tracking_uri=None))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    joined = "\n".join(outputs)
+    assert joined.count("training the digits FID network once") == 1, joined
+    assert "waiting for preparing digits" in joined, joined
+    assert (tmp_path / "fid-nets" / "digits.pt").is_file() and not list(tmp_path.rglob("command.lock"))

@@ -10,6 +10,7 @@ another host by the lock's age, so the holder touches it every HEARTBEAT_S while
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -22,15 +23,34 @@ MAX_AGE_S = 10 * HEARTBEAT_S  # a lock from another host untouched this long: it
 LOCK_NAME = "command.lock"
 
 
+def _lock(path: Path, wait: float):
+    """atomic.lock, its folder made again whenever the holder we waited on removed it on leaving."""
+    deadline = time.monotonic() + wait
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            token = atomic.lock(path, wait=min(0.5, max(0.0, deadline - time.monotonic())), max_age=MAX_AGE_S)
+        except FileNotFoundError:
+            token = None
+        if token is not None or time.monotonic() >= deadline:
+            return token
+
+
 @contextmanager
-def held(folder: Path, what: str) -> Iterator[None]:
+def held(folder: Path, what: str, wait: float = 0.0) -> Iterator[None]:
     """Hold the lock of `folder` for the body, or fail in one line naming its holder. Folders made
     for the lock alone go again if the body left them empty (a command refused later, e.g. by a
-    cluster too small for one trial, leaves nothing behind)."""
+    cluster too small for one trial, leaves nothing behind). `wait`: seconds to wait for a live
+    holder first (saying so once), for work a second command must not do twice but may wait on."""
     made = [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    token = atomic.lock(path, max_age=MAX_AGE_S)
+    token = _lock(path, 0.0)
+    if token is None and wait > 0:
+        holder = atomic.lock_holder(path) or {}
+        print(f"waiting for {what} of pid {holder.get('pid', '?')} on {holder.get('host', '?')} (lock {path}) …",
+              flush=True)
+        token = _lock(path, wait)
     if token is None:
         holder = atomic.lock_holder(path) or {}
         raise PacerayError(f"{what} is already running (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "

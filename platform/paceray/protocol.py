@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 from paceray.atomic import write_atomic, write_text_atomic  # noqa: F401  (public surface)
+from paceray.command_lock import held as storage_lock  # noqa: F401  (public surface)
 from paceray.errors import PacerayError, one_line  # noqa: F401  (public surface)
 from paceray.paths import storage_root  # noqa: F401  (public surface)
 

@@ -81,9 +81,11 @@ def prepare(dataset, source, storage):
     """Write DATASET once as Parquet shards plus a manifest; a second call is a no-op."""
     from paceray.protocol import storage_root
     from trainables.denoiser.data import prepare as prepare_dataset, read_manifest
+    from trainables.denoiser.features import preparing
 
     root = Path(storage).resolve() if storage else storage_root()
-    path = prepare_dataset(dataset, root, source=source)
+    with preparing(dataset, root):
+        path = prepare_dataset(dataset, root, source=source)
     m = read_manifest(path)
     counts = ", ".join(f"{k}: {v['count'] if isinstance(v, dict) else v}" for k, v in m["splits"].items())
     click.echo(f"{dataset}: {counts} images of shape {tuple(m['image_shape'])} in {path}")
@@ -103,10 +105,11 @@ def fid_net() -> None:
 def train_fid_net_command(dataset, source, storage, epochs, seed):
     """Train the small classifier whose penultimate features give the `classifier` FID."""
     from paceray.protocol import storage_root
-    from trainables.denoiser.features import train_dataset_fid_net
+    from trainables.denoiser.features import preparing, train_dataset_fid_net
 
     root = Path(storage).resolve() if storage else storage_root()
-    path, info = train_dataset_fid_net(dataset, root, source=source, epochs=epochs, seed=seed)
+    with preparing(dataset, root):
+        path, info = train_dataset_fid_net(dataset, root, source=source, epochs=epochs, seed=seed)
     click.echo(f"{dataset}: fid-net test accuracy {info['accuracy']:.4f} → {path}")
 
 

@@ -2,19 +2,33 @@
 feature network, and the reference statistics (per dataset, split, extractor and image size).
 
 `prepare` runs on the driver before any trial starts, so trials only read; the same calls are
-idempotent and atomic, so a trial that finds something missing makes it without harm.
+idempotent and atomic, so a trial that finds something missing makes it without harm. Commands
+that make them hold the storage root's lock of the dataset (`preparing`): two searches started
+together on a fresh root would otherwise both train the same FID network.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-from paceray.protocol import PacerayError
+from paceray.protocol import PacerayError, storage_lock
 from trainables.denoiser.config import Config, DataConfig
 from trainables.denoiser.data import dataset_dir, prepare as prepare_dataset
 
 REFERENCE_SPLIT = "train"  # FID against the training distribution, as for CIFAR-10 in the literature
+PREPARE_WAIT_S = 4 * 3600.0  # an FID network on a large dataset trains for a while on a CPU
+
+
+@contextmanager
+def preparing(dataset: str, storage: Path) -> Iterator[None]:
+    """One command at a time makes a dataset's shared files in a storage root (shards, FID
+    network, reference statistics); another waits for it, then finds them made. Not re-entrant:
+    only the commands' entry points take it."""
+    with storage_lock(Path(storage) / "locks" / f"prepare-{dataset}", f"preparing {dataset}",
+                      wait=PREPARE_WAIT_S):
+        yield
 
 
 def dataset_path(data: DataConfig, storage: Path, make: bool = True) -> Path:
@@ -80,14 +94,14 @@ def prepare(config: dict, context) -> dict:
     reference statistics, before any trial. Returns the config every trial gets."""
     cfg = Config.model_validate(config)
     root = Path(context.storage)
-    data_dir = dataset_path(cfg.data, root)
     from trainables.denoiser.model import check_image_size
 
     try:
         check_image_size(cfg.model.preset, cfg.data.image_size)  # a bad preset/size fails here, not on a worker
     except ValueError as e:
         raise PacerayError(str(e)) from None
-    reference(cfg, root, data_dir)
+    with preparing(cfg.data.dataset, root):
+        reference(cfg, root, dataset_path(cfg.data, root))
     from trainables.denoiser.measured import resolve
 
     return resolve(config, root, context.tracking_uri)
