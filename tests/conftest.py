@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 from pathlib import Path
 
 import pytest
@@ -118,11 +121,15 @@ def registered_checkpoint_step(run_dir: Path) -> int | None:
     """The step of the latest checkpoint Ray Train registered for a `paceray train` run (what a
     restart resumes from), or None. A checkpoint folder on disk is not enough: the controller
     registers it a moment after the worker wrote it, later still on a loaded machine."""
+    from paceray.errors import PacerayError
     from paceray.trial import latest_checkpoint
 
     steps = []
     for trial_dir in (run_dir / "ray").glob("*"):
-        ckpt = latest_checkpoint(trial_dir)
+        try:
+            ckpt = latest_checkpoint(trial_dir)
+        except PacerayError:  # Ray's snapshot caught mid-write (it rewrites it in place): not yet
+            continue
         if ckpt is not None:
             steps.append(checkpoint_step(ckpt))
     return max(steps) if steps else None
@@ -201,6 +208,11 @@ class SharedCluster:
         from paceray.mlflow_server import LocalServer, free_port
 
         self.temp = Path(tempfile.mkdtemp(prefix="rsh", dir="/tmp"))  # Ray's socket paths stay short
+        # The environment of the commands run against it, as it is now: a prelaunched command
+        # must not inherit what a unit test running meanwhile monkeypatched.
+        self.base_env = dict(os.environ)
+        self._live: set[subprocess.Popen] = set()  # commands still running (paceray())
+        self._live_lock = threading.Lock()
         self.gcs = free_port()
         # No node of this cluster is ever preempted: Train's preemption watcher (one more process
         # per trial, on by default on clusters) is off for the commands run against it.
@@ -246,20 +258,72 @@ class SharedCluster:
         store = ["--tracking-uri", self.uri] if tracking and command in ("train", "tune", "report") else []
         return ray + store
 
-    def paceray(self, command: str, *args, env=None, tracking: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    def paceray(self, command: str, *args, env=None, tracking: bool = True, check: bool = True, timeout: float = 900,
+                cwd=None) -> subprocess.CompletedProcess:
         """`paceray COMMAND ARGS` against the shared cluster (train, tune) and, unless `tracking` is
-        False (the test brings its own server), the shared store (train, tune, report)."""
-        return run_paceray(command, *args, *self._extra(command, tracking), env={**self.env, **(env or {})},
-                           **kwargs)
+        False (the test brings its own server), the shared store (train, tune, report). In a
+        session of its own, its output in files: safe from a prelaunch thread, and stop() kills
+        whatever of it is still running."""
+        argv = [PACERAY, command, *map(str, args), *self._extra(command, tracking)]
+        folder = Path(tempfile.mkdtemp(prefix="cmd", dir=self.temp))
+        with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
+            proc = subprocess.Popen(argv, stdout=out, stderr=err, cwd=cwd, start_new_session=True,
+                                    env={**self.base_env, "RAY_AUTH_MODE": "disabled", **self.env, **(env or {})})
+        with self._live_lock:
+            self._live.add(proc)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_session(proc.pid)
+            proc.wait()
+        finally:
+            with self._live_lock:
+                self._live.discard(proc)
+        r = subprocess.CompletedProcess(argv, proc.returncode, (folder / "stdout").read_text(errors="replace"),
+                                        (folder / "stderr").read_text(errors="replace"))
+        if check and r.returncode != 0:
+            raise AssertionError(f"paceray {' '.join(map(str, argv[1:]))} exited {r.returncode}\n"
+                                 f"--- stdout ---\n{r.stdout[-6000:]}\n--- stderr ---\n{r.stderr[-6000:]}")
+        return r
 
     def start(self, command: str, *args, log: Path, env=None, tracking: bool = True) -> "Started":
         """The same, in the background (see start_paceray)."""
         return start_paceray(command, *args, *self._extra(command, tracking), log=log,
                              env={**self.env, **(env or {})})
 
+    def ray_state(self, what: str, *filters: str) -> list[dict]:
+        """`ray list WHAT --filter F …` on this cluster, as JSON (Ray's state API)."""
+        import json
+
+        argv = [str(Path(sys.executable).parent / "ray"), "list", what, "--address", self.jobs_address,
+                "--format", "json", "--limit", "10000"]
+        for f in filters:
+            argv += ["--filter", f]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**self.base_env, **self.env})
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        return json.loads(r.stdout)
+
+    def wait_until_job_gone(self, driver_pid: int, timeout: float = 180) -> None:
+        """After the driver with `driver_pid` was killed: until no actor of its job is alive. Ray
+        ends them once it sees the driver gone, but a trial's worker outlives its driver by
+        seconds, long enough to train on and register another checkpoint."""
+        jobs = [j["job_id"] for j in self.ray_state("jobs") if (j.get("driver_info") or {}).get("pid") == str(driver_pid)]
+        assert len(jobs) == 1, jobs
+        deadline = time.monotonic() + timeout
+        # Ray's cluster-wide singleton, made by the first job that needs it, lives on by design.
+        singletons = {"_AutoscalingCoordinatorActor"}
+        while alive := [a for a in self.ray_state("actors", f"job_id={jobs[0]}", "state=ALIVE")
+                        if a.get("class_name") not in singletons]:
+            assert time.monotonic() < deadline, [(a.get("class_name"), a.get("pid")) for a in alive]
+            time.sleep(1)
+
     def stop(self) -> None:
         import shutil
 
+        with self._live_lock:
+            live = list(self._live)
+        for proc in live:  # a prelaunched command its test never waited for (a failure before it)
+            kill_session(proc.pid)
         self.mlflow.stop()
         # A throwaway cluster: every process of the head's session at once (Ray's workers sit in
         # process groups of their own, so a group signal would miss them).
@@ -286,19 +350,88 @@ def shared(storage) -> SharedCluster:
     return SharedCluster.get()
 
 
+# ----------------------------------------------------------------- prelaunched commands
+# One command alone leaves a core idle most of the time: its processes start one after another
+# (driver, Train controller, worker), each importing torch and Ray in a single thread. The
+# shared cluster's commands whose tests only read what they left are started together when the
+# session starts, PRELAUNCH_AT_ONCE at a time, while the tests that drive a command step by step
+# (kill it, stop its server) and the unit tests run; their tests come after those and wait for
+# whatever is still running. Ray queues what the cluster's 2 CPUs cannot take yet.
+
+PRELAUNCH_AT_ONCE = 2
+
+
+class Prelaunch:
+    launchers: dict[str, Callable] = {}  # name -> launcher(shared, folder), registered by @prelaunched
+    instance: "Prelaunch | None" = None
+
+    def __init__(self, names: list[str], tmp_path_factory):
+        shared = SharedCluster.get()
+        self.pool = ThreadPoolExecutor(PRELAUNCH_AT_ONCE, thread_name_prefix="prelaunch")
+        self.futures: dict[str, Future] = {
+            name: self.pool.submit(self.launchers[name], shared, tmp_path_factory.mktemp(name)) for name in names}
+
+    def result(self, name: str):
+        return self.futures[name].result()
+
+    @classmethod
+    def cancel(cls) -> None:
+        """Start nothing more (what runs is killed with the cluster)."""
+        if cls.instance is not None:
+            cls.instance.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def prelaunched(launcher: Callable):
+    """`@prelaunched` on `def name(shared, folder)`: that command, started when the session starts
+    (see above); the session fixture `name` is what it returned (or raises what it raised)."""
+    name = launcher.__name__
+    Prelaunch.launchers[name] = launcher
+
+    @pytest.fixture(scope="session", name=name)
+    def fixture(prelaunch):
+        return prelaunch.result(name)
+
+    return fixture
+
+
+def _prelaunched_names(item) -> list[str]:
+    return [n for n in getattr(item, "fixturenames", ()) if n in Prelaunch.launchers]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prelaunch(request, tmp_path_factory) -> "Prelaunch | None":
+    names = list(dict.fromkeys(n for item in request.session.items for n in _prelaunched_names(item)))
+    if names and Prelaunch.instance is None:
+        request.getfixturevalue("storage")  # exported before any command starts
+        Prelaunch.instance = Prelaunch(names, tmp_path_factory)
+    return Prelaunch.instance
+
+
 def _uses_shared(item) -> bool:
-    return "shared" in getattr(item, "fixturenames", ())
+    return "shared" in getattr(item, "fixturenames", ()) or bool(_prelaunched_names(item))
+
+
+def _order(item) -> int:
+    if item.get_closest_marker("own_ray") is not None:
+        return 3  # last, the shared cluster stopped: never two Ray instances at once
+    if _prelaunched_names(item):
+        return 2  # by then their commands have had the longest to run
+    return 0 if _uses_shared(item) else 1  # the step-by-step ones first, then the unit tests
 
 
 def pytest_collection_modifyitems(session, config, items):
-    # The shared cluster's tests first (stable order otherwise), so it runs once and alone.
-    items.sort(key=lambda item: 0 if _uses_shared(item) else 1)
+    items.sort(key=_order)  # stable: the order within each kind stays as collected
 
 
 def pytest_runtest_setup(item):
-    if not _uses_shared(item) and item.get_closest_marker("slow") is not None:
-        SharedCluster.shut()  # this test starts a Ray of its own: never two at once
+    if item.get_closest_marker("own_ray") is not None:
+        shut_shared()  # this test starts a Ray of its own: never two at once
+
+
+def shut_shared() -> None:
+    Prelaunch.cancel()
+    SharedCluster.shut()
 
 
 def pytest_sessionfinish(session, exitstatus):
-    SharedCluster.shut()
+    shut_shared()

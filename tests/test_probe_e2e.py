@@ -9,16 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import experiment_runs, run_paceray
+from conftest import experiment_runs, prelaunched, run_paceray
 from paceray.errors import PacerayError
 
 pytestmark = pytest.mark.slow
 N = 2
 
 
-@pytest.fixture(scope="module")
-def probe_search(tmp_path_factory, shared):
-    tmp = tmp_path_factory.mktemp("probe")
+@prelaunched
+def probe_search(shared, tmp):
     spec = {"name": "probe-test", "trainable": "difficulty-probe",
             "base": {"data": {"dataset": "digits", "image_size": 8}, "model": {"preset": "tiny"},
                      "diffusion": {"timesteps": 1000, "schedule": "linear"},

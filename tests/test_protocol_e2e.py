@@ -10,19 +10,26 @@ import math
 import pytest
 import yaml
 
-from conftest import REPO, experiment_runs
+from conftest import REPO, experiment_runs, prelaunched
 
 pytestmark = pytest.mark.slow
 
 
-def test_a_trainable_in_a_test_module_runs_through_paceray_tune(tmp_path, shared):
+ENV = {"PYTHONPATH": str(REPO / "tests")}  # the driver, Tune's trials and Ray's workers import it
+
+
+@prelaunched
+def toy_search(shared, tmp_path):
     spec = {"name": "toy", "trainable": "example_trainable:TRAINABLE", "base": {"length": 6, "rate": 1.0},
             "search": {"fail_at": {"grid": [0, 3]}},
             "tune": {"algorithm": "grid", "scheduler": "fifo"}, "resources": {"workers": 1, "cpus_per_worker": 1}}
     path = tmp_path / "toy.yaml"
     path.write_text(yaml.safe_dump(spec))
-    env = {"PYTHONPATH": str(REPO / "tests")}  # the driver, Tune's trials and Ray's workers import it
-    r = shared.paceray("tune", path, "--run-dir", tmp_path / "runs", env=env, check=False)
+    return shared.paceray("tune", path, "--run-dir", tmp_path / "runs", env=ENV, check=False)
+
+
+def test_a_trainable_in_a_test_module_runs_through_paceray_tune(toy_search, shared):
+    r = toy_search
     assert r.returncode != 0, r.stdout[-3000:]
     assert r.stderr.strip().splitlines()[-1] == "paceray: error: 1 of 2 trial(s) failed (see the report above for why)"
     client, runs = experiment_runs(shared, "toy")
@@ -42,5 +49,5 @@ def test_a_trainable_in_a_test_module_runs_through_paceray_tune(tmp_path, shared
     assert "FINISHED" in lines[header + 1] and f"{math.exp(-6):.4g}" in lines[header + 1]
     assert "FAILED" in lines[header + 2] and "toy failure at step 3" in lines[header + 2]
     assert "metric: toy/error (lower is better)" in r.stdout
-    report = shared.paceray("report", "toy", env=env)
+    report = shared.paceray("report", "toy", env=ENV)
     assert "best toy/error" in report.stdout and "* best trial:" in report.stdout

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import (REPO, Started, checkpoint_dirs, checkpoint_step, experiment_runs, history, kill_session,
-                      mlflow_client, registered_checkpoint_step, run_paceray, start_paceray, tiny_base,
+                      mlflow_client, prelaunched, registered_checkpoint_step, run_paceray, start_paceray, tiny_base,
                       wait_for_checkpoint, write_spec)
 from paceray.mlflow_server import LocalServer
 
@@ -153,10 +153,15 @@ def history_of(server, run, key: str) -> list:
     return sorted(server.client().get_metric_history(run.info.run_id, key), key=lambda m: m.step)
 
 
-def test_nan_loss_in_a_single_trial_is_one_line(tmp_path, shared):
+@prelaunched
+def nan_trial(shared, tmp_path):
     spec = write_spec(tmp_path / "nan1.yaml", "nan1",
                       tiny_base(train={"steps": 60, "lr": 1000.0, "grad_clip": 0, "log_every": 5}))
-    r = shared.paceray("train", spec, "--run-dir", tmp_path / "runs", check=False)
+    return shared.paceray("train", spec, "--run-dir", tmp_path / "runs", check=False)
+
+
+def test_nan_loss_in_a_single_trial_is_one_line(nan_trial, shared):
+    r = nan_trial
     assert_one_line_error(r, "non-finite loss")
     _, runs = experiment_runs(shared, "nan1")
     assert runs[0].info.status == "FAILED"
@@ -195,6 +200,19 @@ def test_corrupted_checkpoint_on_resume_is_one_line(tmp_path, crashed_trial, sha
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     r = shared.paceray("train", crashed_trial["spec"], "--run-dir", run_dir, "--resume", check=False)
     assert_one_line_error(r, str(ckpt), "corrupted checkpoint")
+
+
+def test_a_torn_ray_checkpoint_snapshot_on_resume_is_one_line(tmp_path, crashed_trial, shared):
+    """Ray Train rewrites its list of registered checkpoints in place: a kill mid-write leaves it
+    empty, and Ray cannot resume from it. One line naming the file, not a traceback."""
+    import shutil
+
+    run_dir = tmp_path / "runs"
+    shutil.copytree(crashed_trial["run_dir"], run_dir)
+    (snapshot,) = (run_dir / "ray").glob("*/checkpoint_manager_snapshot.json")
+    snapshot.write_text("")
+    r = shared.paceray("train", crashed_trial["spec"], "--run-dir", run_dir, "--resume", check=False)
+    assert_one_line_error(r, str(snapshot), "unreadable", "a write cut short")
 
 
 def test_resume_without_an_earlier_run_is_one_line(tmp_path, storage):

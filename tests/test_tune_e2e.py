@@ -4,7 +4,6 @@ ASHA, and `ray job submit` to a real local Ray head."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PACERAY, REPO, experiment_runs, history, kill_session, run_paceray
+from conftest import REPO, experiment_runs, history, kill_session, prelaunched
 
 pytestmark = pytest.mark.slow
 
@@ -33,9 +32,9 @@ def artifact_dir(run) -> Path:
     return Path(run.info.artifact_uri.removeprefix("file://"))
 
 
-@pytest.fixture(scope="module")
-def quick_search(tmp_path_factory, shared):
-    run_dir = tmp_path_factory.mktemp("tune") / "runs"
+@prelaunched
+def quick_search(shared, tmp):
+    run_dir = tmp / "runs"
     result = shared.paceray("tune", REPO / "search_spaces/quick.yaml", "--run-dir", run_dir, *SHORT)
     return run_dir, result, shared
 
@@ -86,61 +85,47 @@ def test_report_lists_the_trials(quick_search):
 # ----------------------------------------------------------------- resume after a killed driver
 
 
-def _finished_children(run_dir: Path) -> int:
-    """Read-only SQL on the store the server owns: an MlflowClient here would run MLflow's schema
-    migrations concurrently with the server's own and corrupt it."""
-    import sqlite3
-
-    db = run_dir / "mlflow.db"
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            return con.execute("SELECT count(*) FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-                               "WHERE t.key = 'paceray.kind' AND t.value = 'trial' AND r.status = 'FINISHED'"
-                               ).fetchone()[0]
-    except sqlite3.Error:  # tables not created yet
-        return 0
+def _finished_children(shared, experiment: str) -> int:
+    _, _, children = search_runs(shared, experiment)
+    return sum(c.info.status == "FINISHED" for c in children)
 
 
-def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, storage):
-    """Two trials one at a time (quick.yaml's `none` and `easy-to-hard`); the driver killed after
-    the first finished, so the resume must skip it and run the second."""
+def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, shared):
+    """Two trials one at a time (quick.yaml's `none` and `easy-to-hard`) on the shared cluster; the
+    driver SIGKILLed after the first finished (a lost laptop, a killed job), so the resume must
+    skip it and run the second."""
     import yaml
 
     spec = yaml.safe_load((REPO / "search_spaces/quick.yaml").read_text())
+    spec["name"] = "killed"
     spec["search"]["curriculum.order"] = {"grid": ["none", "easy-to-hard"]}
-    path = tmp_path / "quick.yaml"
+    path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(spec))
     run_dir = tmp_path / "runs"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    cmd = [PACERAY, "tune", str(path), "--run-dir", str(run_dir), *SHORT, "--set", "tune.max_concurrent=1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=env)
+    args = ["--run-dir", run_dir, *SHORT, "--set", "tune.max_concurrent=1"]
+    proc = shared.start("tune", path, *args, log=tmp_path / "tune.log")
     try:
         deadline = time.monotonic() + 600
-        while not (run_dir / "searches" / "quick" / "search.json").exists():
-            assert proc.poll() is None and time.monotonic() < deadline
+        while not (run_dir / "searches" / "killed" / "search.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.output()[-3000:]
             time.sleep(0.2)
         # A second command on the live search: one line, before it starts Ray or touches anything.
-        second = run_paceray("tune", path, "--run-dir", run_dir, *SHORT, check=False)
-        assert second.returncode == 2 and "the search 'quick'" in second.stderr and "is already running" in \
+        second = shared.paceray("tune", path, *args, check=False)
+        assert second.returncode == 2 and "the search 'killed'" in second.stderr and "is already running" in \
             second.stderr and second.stderr.count("\n") == 1, second.stderr[-2000:]
-        while _finished_children(run_dir) < 1 and time.monotonic() < deadline and proc.poll() is None:
+        while not _finished_children(shared, "killed") and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(1)
     finally:
-        kill_session(proc.pid)
+        kill_session(proc.pid)  # the driver: Ray ends its trials' actors when it sees it gone
         proc.wait(timeout=60)
-    assert [p.name for p in (run_dir / "ray").iterdir()] == ["quick"]  # the live search's folder kept its name
-    client, _, before = search_runs(run_dir)
+    shared.wait_until_job_gone(proc.pid)
+    assert [p.name for p in (run_dir / "ray").iterdir()] == ["killed"]  # the live search's folder kept its name
+    client, _, before = search_runs(shared, "killed")
     finished_before = {c.data.tags["paceray.trial_id"]: c.info.end_time for c in before if c.info.status == "FINISHED"}
     assert len(finished_before) == 1
 
-    resumed = run_paceray("tune", path, "--run-dir", run_dir, *SHORT, "--set", "tune.max_concurrent=1", "--resume")
-    # The default local start (no --address, the embedded store): the UI command, and no
-    # "View run at http://127.0.0.1:PORT" links (the embedded server's port dies with the command).
-    assert "paceray ui --run-dir" in resumed.stdout and "View run" not in resumed.stdout + resumed.stderr
-    client, parents, children = search_runs(run_dir)
+    shared.paceray("tune", path, *args, "--resume")
+    client, parents, children = search_runs(shared, "killed")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     ids = [c.data.tags["paceray.trial_id"] for c in children]
     assert len(ids) == 2 == len(set(ids)), ids  # exactly one child run per trial
@@ -156,7 +141,8 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, stora
 # ----------------------------------------------------------------- ASHA
 
 
-def test_asha_stops_the_weak_trials(tmp_path, shared):
+@prelaunched
+def asha_search(shared, tmp_path):
     """One trial learns (lr 2e-3); one barely moves (lr 1e-7) and keeps FIDs far above it.
     Trials run one at a time, the strong one first (grid order), so when the weak trial reaches
     the first rung (2 evals = step 60; by then lr 2e-3 has clearly learned) ASHA compares it with
@@ -174,6 +160,9 @@ def test_asha_stops_the_weak_trials(tmp_path, shared):
     run_dir = tmp_path / "runs"
     # 300 steps: long enough after the first rung for Tune's stop to reach a weak trial mid-run.
     shared.paceray("tune", path, "--run-dir", run_dir, *SHORT, "--set", "train.steps=300", "--set", "eval.every=30")
+
+
+def test_asha_stops_the_weak_trials(asha_search, shared):
     client, parents, children = search_runs(shared, "asha")
     assert len(children) == 2
     last_step: dict[str, list[int]] = {}
@@ -194,12 +183,13 @@ def test_asha_stops_the_weak_trials(tmp_path, shared):
 # ----------------------------------------------------------------- ray job submit
 
 
-def test_ray_job_submit_to_a_local_head(tmp_path, shared, storage):
+@prelaunched
+def job_search(shared, tmp_path):
     """`ray job submit` to the shared head: a real `ray start --head` with token authentication on,
     as README's commands and the cluster run it (the token comes from the environment, so the test
     writes nothing under ~/.ray)."""
     ray_bin = str(Path(sys.executable).parent / "ray")
-    env = {**os.environ, **shared.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**shared.base_env, **shared.env, "PATH": f"{Path(sys.executable).parent}:{shared.base_env['PATH']}"}
     env.pop("RAY_ADDRESS")
     address = shared.jobs_address
     run_dir = tmp_path / "runs"
@@ -207,11 +197,9 @@ def test_ray_job_submit_to_a_local_head(tmp_path, shared, storage):
     while (r := subprocess.run([ray_bin, "job", "list", "--address", address], capture_output=True, text=True,
                                env=env)).returncode != 0 and time.monotonic() < deadline:
         time.sleep(2)
-    assert r.returncode == 0, r.stderr[-3000:]
     wrong = subprocess.run([ray_bin, "job", "list", "--address", address], capture_output=True, text=True,
                            env={**env, "RAY_AUTH_TOKEN": secrets.token_hex(32)})
-    assert wrong.returncode != 0  # the Jobs API refuses another token
-    runtime_env = {"env_vars": {"PACERAY_STORAGE": str(storage)}}
+    runtime_env = {"env_vars": {"PACERAY_STORAGE": shared.base_env["PACERAY_STORAGE"]}}
     submit = subprocess.run(
         [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO),
          "--runtime-env-json", json.dumps(runtime_env), "--",
@@ -220,6 +208,13 @@ def test_ray_job_submit_to_a_local_head(tmp_path, shared, storage):
          # four-trial search is test_search_makes_one_parent_and_a_child_per_order's.
          "--set", "curriculum.order=easy-to-hard"],
         capture_output=True, text=True, timeout=900, env=env)
+    return r, wrong, submit, run_dir
+
+
+def test_ray_job_submit_to_a_local_head(job_search, shared):
+    r, wrong, submit, run_dir = job_search
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert wrong.returncode != 0  # the Jobs API refuses another token
     assert submit.returncode == 0, submit.stdout[-5000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout.lower()
     _, parents, children = search_runs(run_dir)  # the job's own embedded store, under --run-dir
