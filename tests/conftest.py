@@ -301,6 +301,8 @@ class SharedCluster:
             argv += ["--filter", f]
         r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**self.base_env, **self.env})
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        if r.stdout.strip() == "No resource in the cluster":  # what it prints for an empty list
+            return []
         return json.loads(r.stdout)
 
     def wait_until_job_gone(self, driver_pid: int, timeout: float = 180) -> None:

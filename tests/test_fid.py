@@ -245,3 +245,11 @@ def test_two_commands_preparing_one_storage_root_train_its_fid_net_once(tmp_path
     assert joined.count("training the digits FID network once") == 1, joined
     assert "waiting for preparing digits" in joined, joined
     assert (tmp_path / "fid-nets" / "digits.pt").is_file() and not list(tmp_path.rglob("command.lock"))
+
+
+def test_a_fraction_of_an_epoch_trains_that_share_of_the_batches(digits, tmp_path):
+    info = train_fid_net(digits["dataset_dir"], tmp_path / "quick.pt", epochs=0.5, seed=0)
+    assert info["epochs"] == 0.5 and 0.0 < info["accuracy"] <= 1.0
+    assert torch.load(tmp_path / "quick.pt", weights_only=True)["epochs"] == 0.5
+    with pytest.raises(ValueError, match="epochs must be > 0"):
+        train_fid_net(digits["dataset_dir"], tmp_path / "none.pt", epochs=0)

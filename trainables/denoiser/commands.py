@@ -100,7 +100,8 @@ def fid_net() -> None:
 @click.argument("dataset", type=_choices(Dataset))
 @click.option("--source", type=click.Path(file_okay=False), default=None)
 @click.option("--storage", type=click.Path(file_okay=False), default=None)
-@click.option("--epochs", type=click.IntRange(1), default=None, help="Default: enough for the accuracy target.")
+@click.option("--epochs", type=click.FloatRange(0, min_open=True), default=None,
+              help="Default: enough for the accuracy target. A fraction (0.2) trains on that share of one epoch.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def train_fid_net_command(dataset, source, storage, epochs, seed):
     """Train the small classifier whose penultimate features give the `classifier` FID."""

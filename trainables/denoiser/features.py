@@ -42,7 +42,7 @@ def fid_net_path(dataset: str, storage: Path) -> Path:
     return storage / "fid-nets" / f"{dataset}.pt"
 
 
-def train_dataset_fid_net(dataset: str, storage: Path, source: Optional[str] = None, epochs: Optional[int] = None,
+def train_dataset_fid_net(dataset: str, storage: Path, source: Optional[str] = None, epochs: Optional[float] = None,
                           seed: int = 0) -> tuple[Path, dict[str, Any]]:
     """Train the classifier FID network of `dataset` (on CPU or the local GPU) into the storage root."""
     import torch

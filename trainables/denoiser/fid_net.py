@@ -126,12 +126,13 @@ def accuracy(net: FIDNet, images: torch.Tensor, labels: torch.Tensor, batch_size
     return correct / len(images)
 
 
-def train_fid_net(dataset_dir: str | Path, out_path: str | Path, epochs: int | None = None, seed: int = 0,
+def train_fid_net(dataset_dir: str | Path, out_path: str | Path, epochs: float | None = None, seed: int = 0,
                   batch_size: int = 128, lr: float = 3e-3, width: int = 16, feature_dim: int = 128,
                   device: str | torch.device = "cpu") -> dict[str, Any]:
     """Train on the train split, measure on the test split, save to `out_path` atomically.
 
     Returns accuracy (test), epochs, seconds, train/test image counts, the dataset and the path.
+    `epochs` may be a fraction (0.25: a quarter of the train split's batches), for a quick net.
     """
     start = time.perf_counter()
     dataset_dir = Path(dataset_dir)
@@ -145,8 +146,8 @@ def train_fid_net(dataset_dir: str | Path, out_path: str | Path, epochs: int | N
     if height != width_px:
         raise PacerayError(f"{dataset_dir}: images are {height}x{width_px}; the FID network wants square images")
     epochs = default_epochs(len(train_x)) if epochs is None else epochs
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not epochs > 0:
+        raise ValueError(f"epochs must be > 0, got {epochs}")
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -154,12 +155,17 @@ def train_fid_net(dataset_dir: str | Path, out_path: str | Path, epochs: int | N
     net = FIDNet(channels, height, manifest["num_classes"], width, feature_dim).to(device)
     steps_per_epoch = math.ceil(len(train_x) / batch_size)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    total_steps = max(1, round(epochs * steps_per_epoch))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps)
     max_shift = max(1, height // 8)
-    for _ in range(epochs):
+    step = 0
+    for _ in range(math.ceil(epochs)):
         net.train()
         order = torch.randperm(len(train_x), generator=generator)
         for first in range(0, len(order), batch_size):
+            if step == total_steps:  # a fractional last epoch
+                break
+            step += 1
             index = order[first:first + batch_size]
             x = _shifted(to_unit_range(train_x[index]), generator, max_shift).to(device)
             loss = F.cross_entropy(net(x), train_y[index].to(device), label_smoothing=0.1)
