@@ -37,10 +37,16 @@ def storage(tmp_path_factory) -> Path:
 def run_paceray(*args, cwd=None, timeout=900, check=True, env=None) -> subprocess.CompletedProcess:
     r = subprocess.run([PACERAY, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd,
                        env={**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})})
-    if check and r.returncode != 0:
-        raise AssertionError(f"paceray {' '.join(map(str, args))} exited {r.returncode}\n"
-                             f"--- stdout ---\n{r.stdout[-6000:]}\n--- stderr ---\n{r.stderr[-6000:]}")
+    if check:
+        check_exit(r)
     return r
+
+
+def check_exit(r: subprocess.CompletedProcess) -> None:
+    """AssertionError with both outputs' tails if the `paceray` command `r` failed."""
+    if r.returncode != 0:
+        raise AssertionError(f"paceray {' '.join(map(str, r.args[1:]))} exited {r.returncode}\n"
+                             f"--- stdout ---\n{r.stdout[-6000:]}\n--- stderr ---\n{r.stderr[-6000:]}")
 
 
 class Started(subprocess.Popen):
@@ -281,9 +287,8 @@ class SharedCluster:
                 self._live.discard(proc)
         r = subprocess.CompletedProcess(argv, proc.returncode, (folder / "stdout").read_text(errors="replace"),
                                         (folder / "stderr").read_text(errors="replace"))
-        if check and r.returncode != 0:
-            raise AssertionError(f"paceray {' '.join(map(str, argv[1:]))} exited {r.returncode}\n"
-                                 f"--- stdout ---\n{r.stdout[-6000:]}\n--- stderr ---\n{r.stderr[-6000:]}")
+        if check:
+            check_exit(r)
         return r
 
     def start(self, command: str, *args, log: Path, env=None, tracking: bool = True) -> "Started":
@@ -409,16 +414,13 @@ def prelaunch(request, tmp_path_factory) -> "Prelaunch | None":
     return Prelaunch.instance
 
 
-def _uses_shared(item) -> bool:
-    return "shared" in getattr(item, "fixturenames", ()) or bool(_prelaunched_names(item))
-
-
 def _order(item) -> int:
     if item.get_closest_marker("own_ray") is not None:
         return 3  # last, the shared cluster stopped: never two Ray instances at once
     if _prelaunched_names(item):
         return 2  # by then their commands have had the longest to run
-    return 0 if _uses_shared(item) else 1  # the step-by-step ones first, then the unit tests
+    # the shared cluster's step-by-step tests first, then the unit tests
+    return 0 if "shared" in getattr(item, "fixturenames", ()) else 1
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -133,3 +133,12 @@ def test_a_trainer_without_datasets_starts_no_dataset_manager():
     assert any(isinstance(c, DatasetsCallback) for c in default)  # else the override has nothing to drop
     kept = ours._create_default_callbacks()
     assert [type(c) for c in kept] == [type(c) for c in default if not isinstance(c, DatasetsCallback)]
+
+
+def test_the_checkpoint_snapshot_names_paceray_reads_are_still_there():
+    from ray.train.v2._internal import constants
+
+    from paceray.ray_internals import CHECKPOINT_SNAPSHOT, unreadable_snapshot_error
+
+    assert constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME == CHECKPOINT_SNAPSHOT
+    assert issubclass(unreadable_snapshot_error(), Exception)

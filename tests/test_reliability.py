@@ -246,7 +246,7 @@ class MlflowServer(LocalServer):
 
 def _start_train(shared, spec: Path, run_dir: Path, uri: str, flush_timeout: float = 300) -> Started:
     # The trial's end waits up to `flush_timeout` for the server to take its queue: a restarted
-    # server on a loaded machine can answer only after the last step (its start took 45 s once).
+    # server on a loaded machine can answer only after the last step (its start took ~40 s once).
     return shared.start("train", spec, "--run-dir", run_dir, "--tracking-uri", uri, log=run_dir.parent / "train.log",
                         env={"PACERAY_TRACKING_FLUSH_TIMEOUT": str(flush_timeout)}, tracking=False)
 

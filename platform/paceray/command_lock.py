@@ -43,9 +43,8 @@ def held(folder: Path, what: str, wait: float = 0.0) -> Iterator[None]:
     cluster too small for one trial, leaves nothing behind). `wait`: seconds to wait for a live
     holder first (saying so once), for work a second command must not do twice but may wait on."""
     made = [p for p in (folder, *folder.parents) if not p.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    token = _lock(path, 0.0)
+    token = _lock(path, 0.0)  # makes the folder
     if token is None and wait > 0:
         holder = atomic.lock_holder(path) or {}
         print(f"waiting for {what} of pid {holder.get('pid', '?')} on {holder.get('host', '?')} (lock {path}) …",

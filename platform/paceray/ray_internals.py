@@ -8,14 +8,19 @@
   trainer has no datasets (paceray's trainables read their own shards), one more Python process
   per trial that imports Ray Data and pandas (~2 s of CPU each time, measured on this machine).
   The trainer's `_create_default_callbacks` is the only hook.
+- How Ray Train says its checkpoint snapshot (the list of checkpoints it registered, which it
+  rewrites in place) cannot be read: `CheckpointManagerInitializationError`, and the file's name.
 
 tests/test_protocol.py fails loudly when Ray moves either.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Optional
+
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 
 def tune_stop_flag() -> Optional[threading.Event]:
@@ -26,6 +31,14 @@ def tune_stop_flag() -> Optional[threading.Event]:
     return None if session is None else session.stop_event
 
 
+def unreadable_snapshot_error() -> type:
+    """The error `ray.train.Result.from_path` raises for a checkpoint snapshot it cannot parse."""
+    from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
+
+    return CheckpointManagerInitializationError
+
+
+@functools.cache
 def torch_trainer_class():
     """TorchTrainer, less the idle DatasetManager actor when it is given no datasets."""
     from ray.train.torch import TorchTrainer

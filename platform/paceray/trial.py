@@ -58,21 +58,19 @@ def trial_storage(run_dir: Path) -> Path:
     return run_dir / "ray"
 
 
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it registered
-
-
 def latest_checkpoint(trial_dir: Path) -> Optional[Path]:
     """The checkpoint Ray Train will resume from: the latest one it registered (a folder on disk
     may be one a crash cut short while it was being written, which Ray ignores). Ray rewrites its
     snapshot in place, so a kill mid-write leaves it empty or cut: that is one line naming it
     (Ray itself could not resume from it either)."""
     from ray.train import Result
-    from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
+
+    from paceray.ray_internals import CHECKPOINT_SNAPSHOT, unreadable_snapshot_error
 
     try:
         checkpoint = Result.from_path(str(trial_dir)).checkpoint
-    except CheckpointManagerInitializationError as e:
-        raise PacerayError(one_line(f"{Path(trial_dir) / SNAPSHOT}: unreadable ({e}), a write cut short by a crash; "
+    except unreadable_snapshot_error() as e:
+        raise PacerayError(one_line(f"{Path(trial_dir) / CHECKPOINT_SNAPSHOT}: unreadable ({e}), a write cut short by a crash; "
                                     f"remove {trial_dir} to start this trial over")) from None
     except (RuntimeError, ValueError, OSError):  # no such run folder, or Ray registered nothing there yet
         return None
