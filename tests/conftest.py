@@ -64,9 +64,11 @@ class Started(subprocess.Popen):
         return self.output()
 
 
-def start_paceray(*args, log: Path, env=None) -> Started:
+def start_paceray(*args, log: Path, env=None, base_env=None) -> Started:
+    """`paceray ARGS` in the background, in the environment `base_env` (default: os.environ now)."""
     proc = Started([PACERAY, *map(str, args)], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                   start_new_session=True, env={**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})})
+                   start_new_session=True,
+                   env={**(os.environ if base_env is None else base_env), "RAY_AUTH_MODE": "disabled", **(env or {})})
     proc.log = log
     return proc
 
@@ -222,8 +224,10 @@ class SharedCluster:
         self.gcs = free_port()
         # No node of this cluster is ever preempted: Train's preemption watcher (one more process
         # per trial, on by default on clusters) is off for the commands run against it.
+        # Nor does any test read Train's Prometheus metrics (two more callbacks per trial).
         self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-                    "RAY_ADDRESS": f"127.0.0.1:{self.gcs}", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+                    "RAY_ADDRESS": f"127.0.0.1:{self.gcs}", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                    "RAY_TRAIN_METRICS_ENABLED": "0"}
         ray_bin = str(Path(sys.executable).parent / "ray")
         dashboard = free_port()
         self.jobs_address = f"http://127.0.0.1:{dashboard}"  # the Jobs API of `ray job submit`
@@ -293,8 +297,11 @@ class SharedCluster:
 
     def start(self, command: str, *args, log: Path, env=None, tracking: bool = True) -> "Started":
         """The same, in the background (see start_paceray)."""
-        return start_paceray(command, *args, *self._extra(command, tracking), log=log,
-                             env={**self.env, **(env or {})})
+        proc = start_paceray(command, *args, *self._extra(command, tracking), log=log,
+                             env={**self.env, **(env or {})}, base_env=self.base_env)
+        with self._live_lock:
+            self._live.add(proc)  # killed at stop() if its test never ended it
+        return proc
 
     def ray_state(self, what: str, *filters: str) -> list[dict]:
         """`ray list WHAT --filter F …` on this cluster, as JSON (Ray's state API)."""
@@ -361,22 +368,28 @@ def shared(storage) -> SharedCluster:
 # One command alone leaves a core idle most of the time: its processes start one after another
 # (driver, Train controller, worker), each importing torch and Ray in a single thread. The
 # shared cluster's commands whose tests only read what they left are started together when the
-# session starts, PRELAUNCH_AT_ONCE at a time, while the tests that drive a command step by step
-# (kill it, stop its server) and the unit tests run; their tests come after those and wait for
-# whatever is still running. Ray queues what the cluster's 2 CPUs cannot take yet.
+# session starts, PRELAUNCH_AT_ONCE at a time, while the unit tests run; their tests come after
+# those and wait for whatever is still running. A test that drives a command step by step (kill a
+# worker, stop its MLflow server) is a launcher too: the steps run in the launcher, which returns
+# what they left, and the test asserts on that.
 
+# Two at once, beside the main thread's unit tests. Three were tried (stop 19): the suite took
+# longer (30 min vs 27) and the unit tests' own subprocesses ran into their timeouts; the suite is
+# CPU-bound, so more at once only adds contention.
 PRELAUNCH_AT_ONCE = 2
 
 
 class Prelaunch:
     launchers: dict[str, Callable] = {}  # name -> launcher(shared, folder), registered by @prelaunched
+    long: set[str] = set()  # the launchers started before the others (the longest: fewer idle slots at the end)
     instance: "Prelaunch | None" = None
 
     def __init__(self, names: list[str], tmp_path_factory):
         shared = SharedCluster.get()
         self.pool = ThreadPoolExecutor(PRELAUNCH_AT_ONCE, thread_name_prefix="prelaunch")
         self.futures: dict[str, Future] = {
-            name: self.pool.submit(self.launchers[name], shared, tmp_path_factory.mktemp(name)) for name in names}
+            name: self.pool.submit(self.launchers[name], shared, tmp_path_factory.mktemp(name))
+            for name in sorted(names, key=lambda n: n not in self.long)}
 
     def result(self, name: str):
         return self.futures[name].result()
@@ -388,11 +401,17 @@ class Prelaunch:
             cls.instance.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def prelaunched(launcher: Callable):
-    """`@prelaunched` on `def name(shared, folder)`: that command, started when the session starts
-    (see above); the session fixture `name` is what it returned (or raises what it raised)."""
+def prelaunched(launcher: Callable | None = None, *, long: bool = False):
+    """`@prelaunched` on `def name(shared, folder)`: that command (or that sequence of steps: start
+    it, kill it, stop its server...), started when the session starts (see above); the session
+    fixture `name` is what it returned (or raises what it raised). `@prelaunched(long=True)`:
+    one of the longest, started first."""
+    if launcher is None:
+        return lambda f: prelaunched(f, long=long)
     name = launcher.__name__
     Prelaunch.launchers[name] = launcher
+    if long:
+        Prelaunch.long.add(name)
 
     @pytest.fixture(scope="session", name=name)
     def fixture(prelaunch):

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import (REPO, Started, checkpoint_dirs, checkpoint_step, experiment_runs, history, kill_session,
-                      mlflow_client, prelaunched, registered_checkpoint_step, run_paceray, start_paceray, tiny_base,
+                      mlflow_client, prelaunched, registered_checkpoint_step, run_paceray, tiny_base,
                       wait_for_checkpoint, write_spec)
 from paceray.mlflow_server import LocalServer
 
@@ -35,15 +35,14 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None
 # ----------------------------------------------------------------- worker crash
 
 
-@pytest.fixture(scope="module")
-def crashed_trial(tmp_path_factory, shared):
+@prelaunched(long=True)
+def crashed_trial(shared, tmp):
     """A `paceray train` on the shared cluster whose training worker is SIGKILLed mid-run; Ray
     Train restarts it from its last registered checkpoint. 300 steps (~15 s here): the kill must
     land mid-run even when a loaded machine registers the first checkpoint late. Twelve evals
     with checkpoint_keep 2, for test_checkpoints_stay_bounded."""
     import re
 
-    tmp = tmp_path_factory.mktemp("crash")
     base = tiny_base(train={"steps": 300, "log_every": 5, "checkpoint_keep": 2}, curriculum={"stage_steps": 60},
                      eval={"every": 25})
     spec = write_spec(tmp / "crash.yaml", "crash", base)
@@ -93,11 +92,10 @@ def test_checkpoints_stay_bounded(crashed_trial, shared):
 # ----------------------------------------------------------------- NaN
 
 
-def test_nan_trial_fails_in_band_while_mlflow_is_away(tmp_path, shared):
-    """The failure travels in the trial's final Ray report, not through MLflow: with the server
-    stopped before the NaN, the trial is FAILED in Tune and in the exit code, and not retried;
-    the good trial and the search still finish; after the server returns and the queues are
-    replayed, the run is FAILED with the reason."""
+@prelaunched(long=True)
+def nan_search_while_mlflow_away(shared, tmp_path):
+    """A two-trial search (one trial's loss goes NaN) against a server stopped before either
+    trains a step; then the server returns and the queues are replayed."""
     server = MlflowServer(tmp_path / "mlflow").start()
     spec = yaml.safe_load((REPO / "search_spaces/quick.yaml").read_text())
     spec["name"] = "nan"
@@ -110,7 +108,7 @@ def test_nan_trial_fails_in_band_while_mlflow_is_away(tmp_path, shared):
     proc = shared.start("tune", path, "--run-dir", run_dir, "--tracking-uri", server.uri, log=tmp_path / "tune.log",
                         env={"PACERAY_TRACKING_FLUSH_TIMEOUT": "3"}, tracking=False)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         # Both trials have their runs (and params): the server goes before either trains a step.
         while sum("train.lr" in r.data.params for r in _trial_runs(server, "nan")) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, proc.output()[-3000:]
@@ -120,24 +118,37 @@ def test_nan_trial_fails_in_band_while_mlflow_is_away(tmp_path, shared):
     finally:
         if proc.poll() is None:
             kill_session(proc.pid)
-    assert proc.returncode != 0, out[-3000:]
-    assert "paceray: error: 1 of 2 trial(s) failed" in out
-    assert out.count("FAILED: non-finite loss") == 1  # one attempt: Ray Train did not retry it
-    assert "unreachable" in out and "the search's report waits for MLflow" in out
     server.start()
     try:
         for queue in sorted((run_dir / "mlflow-spool").iterdir()):
             if queue.is_dir():
-                run_paceray("replay-tracking", queue, "--tracking-uri", server.uri)
+                run_paceray("replay-tracking", queue, "--tracking-uri", server.uri, env=shared.base_env)
         trials = {r.data.params["train.lr"]: r for r in _trial_runs(server, "nan")}
-        assert trials["0.002"].info.status == "FINISHED"
-        assert [m.step for m in history_of(server, trials["0.002"], "train/loss")] == [5, 10, 15, 20, 25, 30]
-        bad = trials["1000.0"]
-        assert bad.info.status == "FAILED" and "non-finite loss" in bad.data.tags["paceray.error"]
-        report = run_paceray("report", "nan", "--tracking-uri", server.uri)
-        assert "FAILED" in report.stdout and "non-finite loss" in report.stdout
+        good_steps = [m.step for m in history_of(server, trials["0.002"], "train/loss")]
+        report = run_paceray("report", "nan", "--tracking-uri", server.uri, env=shared.base_env)
     finally:
         server.stop()
+    return {"returncode": proc.returncode, "out": out, "trials": trials, "good_steps": good_steps,
+            "report": report.stdout}
+
+
+def test_nan_trial_fails_in_band_while_mlflow_is_away(nan_search_while_mlflow_away):
+    """The failure travels in the trial's final Ray report, not through MLflow: with the server
+    stopped before the NaN, the trial is FAILED in Tune and in the exit code, and not retried;
+    the good trial and the search still finish; after the server returns and the queues are
+    replayed, the run is FAILED with the reason."""
+    got = nan_search_while_mlflow_away
+    out = got["out"]
+    assert got["returncode"] != 0, out[-3000:]
+    assert "paceray: error: 1 of 2 trial(s) failed" in out
+    assert out.count("FAILED: non-finite loss") == 1  # one attempt: Ray Train did not retry it
+    assert "unreachable" in out and "the search's report waits for MLflow" in out
+    trials = got["trials"]
+    assert trials["0.002"].info.status == "FINISHED"
+    assert got["good_steps"] == [5, 10, 15, 20, 25, 30]
+    bad = trials["1000.0"]
+    assert bad.info.status == "FAILED" and "non-finite loss" in bad.data.tags["paceray.error"]
+    assert "FAILED" in got["report"] and "non-finite loss" in got["report"]
 
 
 def _trial_runs(server, experiment: str) -> list:
@@ -266,7 +277,17 @@ def _wait_for_metrics(server: MlflowServer, experiment: str, proc, at_least: int
     raise AssertionError("no metrics arrived")
 
 
-def test_mlflow_outage_mid_run_loses_nothing(tmp_path, shared):
+def _delivered(server: MlflowServer, run_id: str) -> dict:
+    """What the store holds of run `run_id` (read from its SQLite file: the server may be stopped)."""
+    client = server.client()
+    run = client.get_run(run_id)
+    steps = {key: sorted(m.step for m in client.get_metric_history(run_id, key)) for key in ("train/loss", "eval/fid")}
+    return {"status": run.info.status, "steps": steps, "artifacts": Path(run.info.artifact_uri)}
+
+
+@prelaunched(long=True)
+def outage_trial(shared, tmp_path):
+    """A trial whose server goes away mid-run for a while, then returns on the same port and store."""
     server = MlflowServer(tmp_path / "mlflow").start()
     spec = write_spec(tmp_path / "o.yaml", "outage",
                       tiny_base(train={"steps": 200, "log_every": 5}, curriculum={"stage_steps": 40},
@@ -276,26 +297,32 @@ def test_mlflow_outage_mid_run_loses_nothing(tmp_path, shared):
         run_id = _wait_for_metrics(server, "outage", proc)
         server.stop()  # gone mid-run: training must go on
         time.sleep(8)
-        assert proc.poll() is None
+        assert proc.poll() is None, proc.output()[-3000:]
         server.start()  # back on the same port and store
         out = proc.finish()
     finally:
         if proc.poll() is None:
             kill_session(proc.pid)
         server.stop()
-    assert proc.returncode == 0, out[-4000:]
-    client = server.client()
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"
-    assert [m.step for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)] == \
-        list(range(5, 201, 5))
-    assert [m.step for m in sorted(client.get_metric_history(run_id, "eval/fid"), key=lambda m: m.step)] == \
-        [50, 100, 150, 200]
-    assert (Path(run.info.artifact_uri) / "curriculum" / "schedule.png").is_file()
-    assert not (tmp_path / "runs" / "mlflow-spool" / run_id).exists()  # all delivered
+    return {"returncode": proc.returncode, "out": out, "run": _delivered(server, run_id),
+            "queue": tmp_path / "runs" / "mlflow-spool" / run_id}
 
 
-def test_mlflow_gone_for_good_leaves_the_queue_and_a_replay_command(tmp_path, shared):
+def test_mlflow_outage_mid_run_loses_nothing(outage_trial):
+    got = outage_trial
+    assert got["returncode"] == 0, got["out"][-4000:]
+    run = got["run"]
+    assert run["status"] == "FINISHED"
+    assert run["steps"]["train/loss"] == list(range(5, 201, 5))
+    assert run["steps"]["eval/fid"] == [50, 100, 150, 200]
+    assert (run["artifacts"] / "curriculum" / "schedule.png").is_file()
+    assert not got["queue"].exists()  # all delivered
+
+
+@prelaunched
+def gone_for_good_trial(shared, tmp_path):
+    """A trial whose server goes for good mid-run; afterwards a server on its store and
+    `paceray replay-tracking` of the queue it left."""
     server = MlflowServer(tmp_path / "mlflow").start()
     # 200 steps (~10 s): the server must go while there is still training left to log.
     spec = write_spec(tmp_path / "g.yaml", "gone",
@@ -308,21 +335,26 @@ def test_mlflow_gone_for_good_leaves_the_queue_and_a_replay_command(tmp_path, sh
     finally:
         if proc.poll() is None:
             kill_session(proc.pid)
-    assert proc.returncode == 0, out[-4000:]
     queue = tmp_path / "runs" / "mlflow-spool" / run_id
-    assert (queue / "entries.jsonl").is_file()
-    assert f"paceray replay-tracking {queue}" in out
+    left = (queue / "entries.jsonl").is_file()
     server.start()
     try:
-        r = run_paceray("replay-tracking", queue, "--tracking-uri", server.uri)
-        assert "delivered" in r.stdout
+        replay = run_paceray("replay-tracking", queue, "--tracking-uri", server.uri, env=shared.base_env)
     finally:
         server.stop()
-    client = server.client()
-    assert client.get_run(run_id).info.status == "FINISHED"
-    assert [m.step for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)] == \
-        list(range(5, 201, 5))
-    assert not queue.exists()
+    return {"returncode": proc.returncode, "out": out, "queue": queue, "left": left, "replay": replay.stdout,
+            "run": _delivered(server, run_id)}
+
+
+def test_mlflow_gone_for_good_leaves_the_queue_and_a_replay_command(gone_for_good_trial):
+    got = gone_for_good_trial
+    assert got["returncode"] == 0, got["out"][-4000:]
+    assert got["left"]
+    assert f"paceray replay-tracking {got['queue']}" in got["out"]
+    assert "delivered" in got["replay"]
+    assert got["run"]["status"] == "FINISHED"
+    assert got["run"]["steps"]["train/loss"] == list(range(5, 201, 5))
+    assert not got["queue"].exists()
 
 
 def test_unreachable_tracking_server_at_start_is_one_line_before_training(tmp_path, storage):

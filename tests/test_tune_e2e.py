@@ -90,10 +90,11 @@ def _finished_children(shared, experiment: str) -> int:
     return sum(c.info.status == "FINISHED" for c in children)
 
 
-def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, shared):
-    """Two trials one at a time (quick.yaml's `none` and `easy-to-hard`) on the shared cluster; the
-    driver SIGKILLed after the first finished (a lost laptop, a killed job), so the resume must
-    skip it and run the second."""
+@prelaunched(long=True)
+def killed_search(shared, tmp_path):
+    """Two trials one at a time (quick.yaml's `none` and `easy-to-hard`) on the shared cluster; a
+    second command started on the live search; the driver SIGKILLed after the first trial
+    finished (a lost laptop, a killed job); then `--resume`."""
     import yaml
 
     spec = yaml.safe_load((REPO / "search_spaces/quick.yaml").read_text())
@@ -111,20 +112,25 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, share
             time.sleep(0.2)
         # A second command on the live search: one line, before it starts Ray or touches anything.
         second = shared.paceray("tune", path, *args, check=False)
-        assert second.returncode == 2 and "the search 'killed'" in second.stderr and "is already running" in \
-            second.stderr and second.stderr.count("\n") == 1, second.stderr[-2000:]
         while not _finished_children(shared, "killed") and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(1)
     finally:
         kill_session(proc.pid)  # the driver: Ray ends its trials' actors when it sees it gone
         proc.wait(timeout=60)
     shared.wait_until_job_gone(proc.pid)
-    assert [p.name for p in (run_dir / "ray").iterdir()] == ["killed"]  # the live search's folder kept its name
-    client, _, before = search_runs(shared, "killed")
+    folders = [p.name for p in (run_dir / "ray").iterdir()]
+    _, _, before = search_runs(shared, "killed")
     finished_before = {c.data.tags["paceray.trial_id"]: c.info.end_time for c in before if c.info.status == "FINISHED"}
-    assert len(finished_before) == 1
-
     shared.paceray("tune", path, *args, "--resume")
+    return {"second": second, "folders": folders, "finished_before": finished_before}
+
+
+def test_killed_search_resumes_without_rerunning_finished_trials(killed_search, shared):
+    second, finished_before = killed_search["second"], killed_search["finished_before"]
+    assert second.returncode == 2 and "the search 'killed'" in second.stderr and "is already running" in \
+        second.stderr and second.stderr.count("\n") == 1, second.stderr[-2000:]
+    assert killed_search["folders"] == ["killed"]  # the live search's folder kept its name
+    assert len(finished_before) == 1
     client, parents, children = search_runs(shared, "killed")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     ids = [c.data.tags["paceray.trial_id"] for c in children]
