@@ -17,6 +17,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACERAY = str(Path(sys.executable).parent / "paceray")
+# Every process the tests start (commands, servers, `python -c` helpers) inherits one thread:
+# with the prelaunched commands beside the unit tests, two torch threads per process on 2 cores
+# slowed a FID-net training past its test's 300 s.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")

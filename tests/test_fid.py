@@ -239,7 +239,7 @@ def test_two_commands_preparing_one_storage_root_train_its_fid_net_once(tmp_path
             "prepare(config.model_dump(), PrepareContext(storage=sys.argv[1], tracking_uri=None))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     joined = "\n".join(outputs)
     assert joined.count("training the digits FID network once") == 1, joined

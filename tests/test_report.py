@@ -181,7 +181,7 @@ def test_missing_store_is_one_line(tmp_path, monkeypatch):
 
 def _cli(*args):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run([PACERAY, "report", *args], capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run([PACERAY, "report", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_cli_prints_table(store):
