@@ -26,13 +26,17 @@ def test_ui_serves_the_store_and_sigterm_stops_every_process(tmp_path):
     store = tmp_path / "mlflow.db"
     MlflowClient(tracking_uri=f"sqlite:///{store}").create_experiment("seen-in-the-ui")
     port = free_port()
-    proc = subprocess.Popen([PACERAY, "ui", "--run-dir", str(tmp_path), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # Its output to a file, not a pipe: reading the pipe of a server that is still running would
+    # block the failure message for ever.
+    log = tmp_path / "ui.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([PACERAY, "ui", "--run-dir", str(tmp_path), "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180  # its start under the suite's load, as LocalServer.start waits
         while not _answers(base + "/health"):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
         body = urllib.request.urlopen(base + "/api/2.0/mlflow/experiments/get-by-name"
                                       "?experiment_name=seen-in-the-ui", timeout=10).read()

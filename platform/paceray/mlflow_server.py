@@ -199,6 +199,8 @@ def serve_ui(run_dir: Optional[str], port: int) -> None:
         raise PacerayError(f"{rd / 'mlflow.db'}: no embedded MLflow store here; pass --run-dir of a paceray run")
     print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
     # The same server as the embedded one, supervised: on SIGTERM its whole group goes at once
-    # (a bare `mlflow server` leaves its workers winding down for seconds).
-    argv = server_argv(rd, port)
+    # (a bare `mlflow server` leaves its workers winding down for seconds). One worker, as the
+    # embedded one (LocalServer.start): a browser's requests run in its thread pool, a start costs
+    # a third of MLflow's default four, and one process writes the SQLite file.
+    argv = server_argv(rd, port, "--workers", "1")
     os.execvpe(argv[0], argv, {**os.environ, **SERVER_ENV})
