@@ -122,10 +122,10 @@ def nan_search_while_mlflow_away(shared, tmp_path):
     try:
         for queue in sorted((run_dir / "mlflow-spool").iterdir()):
             if queue.is_dir():
-                run_paceray("replay-tracking", queue, "--tracking-uri", server.uri, env=shared.base_env)
+                shared.paceray("replay-tracking", queue, "--tracking-uri", server.uri, tracking=False)
         trials = {r.data.params["train.lr"]: r for r in _trial_runs(server, "nan")}
         good_steps = [m.step for m in history_of(server, trials["0.002"], "train/loss")]
-        report = run_paceray("report", "nan", "--tracking-uri", server.uri, env=shared.base_env)
+        report = shared.paceray("report", "nan", "--tracking-uri", server.uri, tracking=False)
     finally:
         server.stop()
     return {"returncode": proc.returncode, "out": out, "trials": trials, "good_steps": good_steps,
@@ -339,7 +339,7 @@ def gone_for_good_trial(shared, tmp_path):
     left = (queue / "entries.jsonl").is_file()
     server.start()
     try:
-        replay = run_paceray("replay-tracking", queue, "--tracking-uri", server.uri, env=shared.base_env)
+        replay = shared.paceray("replay-tracking", queue, "--tracking-uri", server.uri, tracking=False)
     finally:
         server.stop()
     return {"returncode": proc.returncode, "out": out, "queue": queue, "left": left, "replay": replay.stdout,
