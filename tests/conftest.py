@@ -126,7 +126,7 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 
 def checkpoint_step(folder: Path) -> int:
-    return int(folder.name.removeprefix("checkpoint_step"))
+    return int(folder.name.removeprefix("checkpoint_step")[:8])  # past a fallback: "…-resumed"
 
 
 def registered_checkpoint_step(run_dir: Path) -> int | None:

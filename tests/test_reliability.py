@@ -200,17 +200,65 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, storage, args, needl
     assert not run_dir.exists(), list(run_dir.rglob("*"))[:10]
 
 
-def test_corrupted_checkpoint_on_resume_is_one_line(tmp_path, crashed_trial, shared):
+def _copy_of_crashed_run(tmp_path, crashed_trial, shared) -> Path:
     """A copy of the crashed trial's finished run directory (Ray's run snapshot names its
-    checkpoints relative to it), its latest checkpoint truncated as by a full disk."""
+    checkpoints relative to it). Its pointer is moved to a run of its own, so that what the copy
+    trains is not logged into the crashed trial's run, which other tests read."""
+    import json
     import shutil
+
+    from mlflow.tracking import MlflowClient
 
     run_dir = tmp_path / "runs"
     shutil.copytree(crashed_trial["run_dir"], run_dir)
-    ckpt = checkpoint_dirs(run_dir)[-1] / "state.pt"
-    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    (pointer,) = (run_dir / "train").glob("*/latest.json")
+    client = MlflowClient(tracking_uri=shared.uri)
+    exp = f"crash-copy-{tmp_path.name}"
+    run = client.create_run(client.create_experiment(exp))
+    pointer.write_text(json.dumps({**json.loads(pointer.read_text()), "run_id": run.info.run_id, "experiment": exp}))
+    return run_dir
+
+
+def _truncate(checkpoint: Path) -> Path:
+    """As a full disk leaves it."""
+    state = checkpoint / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    return state
+
+
+def test_a_corrupted_latest_checkpoint_resumes_from_the_newest_earlier_one(tmp_path, crashed_trial, shared):
+    """Ray's record of the run is left as it is; the trainable loads the earlier checkpoint
+    instead of the one Ray names, trains on from there to its end, and its new checkpoints do
+    not reuse the skipped one's folder (Ray still keeps that one and may delete it later)."""
+    from paceray.trial import latest_checkpoint
+    from trainables.denoiser.export import check_checkpoint
+
+    run_dir = _copy_of_crashed_run(tmp_path, crashed_trial, shared)
+    *earlier, latest = checkpoint_dirs(run_dir)
+    assert earlier and latest.name == "checkpoint_step00000300", (earlier, latest)
+    bad = _truncate(latest)
     r = shared.paceray("train", crashed_trial["spec"], "--run-dir", run_dir, "--resume", check=False)
-    assert_one_line_error(r, str(ckpt), "corrupted checkpoint")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:]
+    fallback = checkpoint_step(earlier[-1])
+    assert f"{bad}: corrupted checkpoint (" in out and f"resuming from {earlier[-1]} (step {fallback})" in out, out[-5000:]
+    assert f"resumed from the checkpoint at step {fallback}" in out, out[-5000:]
+    client, runs = experiment_runs(shared, f"crash-copy-{tmp_path.name}")
+    (run,) = runs
+    assert run.info.status == "FINISHED"
+    assert [s for s, _ in history(client, run.info.run_id, "train/loss")] == list(range(fallback + 5, 301, 5))
+    (snapshot,) = (run_dir / "ray").glob("*/checkpoint_manager_snapshot.json")
+    now = latest_checkpoint(snapshot.parent)
+    assert now.name == "checkpoint_step00000300-resumed", now
+    check_checkpoint(now)
+
+
+def test_resume_when_no_checkpoint_loads_is_one_line(tmp_path, crashed_trial, shared):
+    run_dir = _copy_of_crashed_run(tmp_path, crashed_trial, shared)
+    checkpoints = checkpoint_dirs(run_dir)
+    bad = [_truncate(c) for c in checkpoints]
+    r = shared.paceray("train", crashed_trial["spec"], "--run-dir", run_dir, "--resume", check=False)
+    assert_one_line_error(r, str(bad[-1]), "corrupted checkpoint", "no earlier checkpoint", "loads either")
 
 
 def test_a_torn_ray_checkpoint_snapshot_on_resume_is_one_line(tmp_path, crashed_trial, shared):

@@ -54,6 +54,27 @@ class PrepareContext:
     tracking_uri: Optional[str]
 
 
+CHECKPOINT_PREFIX = "checkpoint_step"
+
+
+@dataclass(frozen=True)
+class CheckpointFallback:
+    """The latest registered checkpoint does not load (`reason`); resume from `use` instead,
+    the newest earlier checkpoint that does (at `step`). `skipped`: the folder names of the
+    registered checkpoints newer than `use`, which Ray still keeps, so new ones must not reuse
+    them (Ray deleting a skipped one would delete the new one in its place)."""
+
+    corrupted: str
+    use: str
+    step: Optional[int]
+    reason: str
+    skipped: tuple[str, ...] = ()
+
+    def message(self) -> str:
+        at = f" (step {self.step})" if self.step is not None else ""
+        return one_line(f"{self.reason}; resuming from {self.use}{at}, the newest earlier checkpoint that loads")
+
+
 @dataclass
 class TrialContext:
     """What the platform tells a trainable's `train_loop` beyond its config, on every worker."""
@@ -66,6 +87,27 @@ class TrialContext:
     metric: str  # the search metric, which the failure report must carry
     console_progress: bool = True
     failed: Optional[str] = None  # set by fail(); what the worker function returns to the platform
+    # Set when the latest checkpoint Ray registered does not load: the newest earlier one that
+    # does, which `checkpoint()` gives in its place (see paceray.trial.resume_point).
+    fallback: Optional["CheckpointFallback"] = None
+
+    def checkpoint(self):
+        """The checkpoint to resume from: Ray Train's `get_checkpoint()`, unless that is the
+        corrupted one the platform found before this run started, then the one it chose instead.
+        Use it in place of `ray.train.get_checkpoint()`."""
+        import ray.train
+
+        found = ray.train.get_checkpoint()
+        fallback = self.fallback
+        if found is not None and fallback is not None and found.path.rstrip("/") == fallback.corrupted:
+            return type(found)(path=fallback.use, filesystem=found.filesystem)
+        return found
+
+    def checkpoint_dir_name(self, step: int) -> str:
+        """The folder name of the checkpoint reported at `step` (the name tells its step; past a
+        fallback, one the skipped checkpoints do not hold)."""
+        name = f"{CHECKPOINT_PREFIX}{step:08d}"
+        return f"{name}-resumed" if self.fallback is not None and name in self.fallback.skipped else name
 
     def run_logger(self) -> Optional["RunLogger"]:
         """The trial's run logger (every write queued on disk; see paceray.runlog), or None
@@ -114,7 +156,8 @@ class Trainable:
                          any run exists (datasets, feature nets); may return the config with
                          references resolved (e.g. a run id replaced by a file in the storage root)
     export               `export(checkpoint_dir, config, out_dir)`: the best model as a folder
-    check_checkpoint     `check_checkpoint(checkpoint_dir)`: raise PacerayError if not resumable
+    check_checkpoint     `check_checkpoint(checkpoint_dir)`: raise PacerayError saying why it does
+                         not load; a resume then starts from the newest earlier one that does
     commands             `commands() -> [click.Command]`: CLI tools mounted under `paceray`
                          (the module they come from imports only click)
     report               `report() -> ReportHook`: the domain part of `paceray report`

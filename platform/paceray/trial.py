@@ -7,11 +7,12 @@ restarted trial continues from its latest checkpoint instead of starting over.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from paceray.errors import PacerayError, one_line
-from paceray.protocol import FAILURE_KEY, Trainable, TrialContext
+from paceray.protocol import FAILURE_KEY, STEP_KEY, CheckpointFallback, Trainable, TrialContext
 from paceray.spec import ResourcesSection
 
 
@@ -58,20 +59,55 @@ def trial_storage(run_dir: Path) -> Path:
     return run_dir / "ray"
 
 
-def latest_checkpoint(trial_dir: Path) -> Optional[Path]:
-    """The checkpoint Ray Train will resume from: the latest one it registered (a folder on disk
-    may be one a crash cut short while it was being written, which Ray ignores). Ray rewrites its
-    snapshot in place, so a kill mid-write leaves it empty or cut: that is one line naming it
-    (Ray itself could not resume from it either)."""
+def _registered(trial_dir: Path):
+    """Ray Train's record of a trial's checkpoints (a `Result`), or None when it registered none.
+    Ray rewrites its snapshot in place, so a kill mid-write leaves it empty or cut: that is one
+    line naming it (Ray itself could not resume from it either)."""
     from ray.train import Result
 
     from paceray.ray_internals import CHECKPOINT_SNAPSHOT, unreadable_snapshot_error
 
     try:
-        checkpoint = Result.from_path(str(trial_dir)).checkpoint
+        return Result.from_path(str(trial_dir))
     except unreadable_snapshot_error() as e:
         raise PacerayError(one_line(f"{Path(trial_dir) / CHECKPOINT_SNAPSHOT}: unreadable ({e}), a write cut short by a crash; "
                                     f"remove {trial_dir} to start this trial over")) from None
     except (RuntimeError, ValueError, OSError):  # no such run folder, or Ray registered nothing there yet
         return None
+
+
+def latest_checkpoint(trial_dir: Path) -> Optional[Path]:
+    """The checkpoint Ray Train will resume from: the latest one it registered (a folder on disk
+    may be one a crash cut short while it was being written, which Ray ignores)."""
+    result = _registered(trial_dir)
+    checkpoint = result.checkpoint if result is not None else None
     return Path(checkpoint.path) if checkpoint is not None else None
+
+
+def resume_point(trial_dir: Path, check: Optional[Callable[[str], None]]) -> Optional[CheckpointFallback]:
+    """None when the trial resumes from its latest checkpoint as Ray Train would (or has none);
+    when that one does not load, the newest earlier registered checkpoint that does, for the
+    trainable to load instead (`TrialContext.checkpoint()`). Ray's own record stays as it is:
+    only its public `Result` is read, and nothing under the trial's folder is changed."""
+    result = _registered(trial_dir) if check is not None else None
+    if result is None or result.checkpoint is None:
+        return None
+    latest = result.checkpoint.path.rstrip("/")
+    try:
+        check(latest)
+        return None
+    except PacerayError as e:
+        reason = str(e)
+    steps = {c.path.rstrip("/"): m.get(STEP_KEY) for c, m in result.best_checkpoints}
+    steps.pop(latest, None)
+    # Newest first: by the step each checkpoint's report carried, the folder name where none did.
+    newest_first = sorted(steps, key=lambda p: (steps[p] if steps[p] is not None else -1, p), reverse=True)
+    for i, path in enumerate(newest_first):
+        try:
+            check(path)
+        except PacerayError:
+            continue
+        skipped = tuple(os.path.basename(p) for p in [latest, *newest_first[:i]])
+        return CheckpointFallback(corrupted=latest, use=path, step=steps[path], reason=reason, skipped=skipped)
+    raise PacerayError(one_line(f"{reason}; no earlier checkpoint of {trial_dir} loads either "
+                                f"({len(steps)} registered): remove {trial_dir} to start this trial over"))

@@ -19,7 +19,8 @@ from paceray.protocol import STEP_KEY, TrialContext, failure_of
 from paceray.ray_internals import tune_stop_flag
 from paceray.runs import Run
 from paceray.spec import LoadedSpec, ResourcesSection, flatten, set_path
-from paceray.trial import trainer_for, trial_storage
+from paceray.trial import resume_point, trainer_for, trial_storage
+
 
 def param_space(loaded: LoadedSpec, algorithm: str) -> dict:
     """The trial config with Tune distributions at the searched paths (nested like the config)."""
@@ -129,11 +130,18 @@ def run_trial(config: dict, search: SearchContext) -> None:
         run = Run.create(search.tracking_uri, search.experiment, trainable.run_name(config, trial_id),
                          {**identity, tracking.KIND_TAG: "trial", tracking.TRAINABLE_TAG: search.trainable},
                          run_dir, flatten(config))
+    trials_dir, name = trial_storage(run_dir) / search.name / "trials", f"trial-{trial_id}"
+    try:  # a resumed search's trial: the same check as `paceray train --resume`
+        fallback = resume_point(trials_dir / name, trainable.check_checkpoint)
+    except PacerayError as e:
+        run.end_and_say("FAILED", str(e))
+        raise TrialFailed(str(e)) from None
+    if fallback is not None:
+        print(f"paceray: trial {trial_id}: {fallback.message()}", flush=True)
     context = TrialContext(trial_id=trial_id, run_id=run.run_id, tracking_uri=search.tracking_uri,
                            storage=search.storage, run_dir=search.run_dir, metric=search.metric,
-                           console_progress=search.console_progress)
-    trainer = trainer_for(trainable, config, context, ResourcesSection(**search.resources),
-                          trial_storage(run_dir) / search.name / "trials", name=f"trial-{trial_id}",
+                           console_progress=search.console_progress, fallback=fallback)
+    trainer = trainer_for(trainable, config, context, ResourcesSection(**search.resources), trials_dir, name=name,
                           mode=search.mode, callbacks=[TuneReportCallback()])
     stop_flag = tune_stop_flag()
     try:

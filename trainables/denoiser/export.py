@@ -45,10 +45,9 @@ def check_checkpoint(checkpoint_dir: str | Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise PacerayError(f"{path}: checkpoint file missing; delete {checkpoint_dir} to resume from the one before") from None
+        raise PacerayError(f"{path}: checkpoint file missing") from None
     except Exception as e:  # truncated or overwritten: torch raises many kinds
-        raise PacerayError(one_line(f"{path}: corrupted checkpoint ({type(e).__name__}); delete {checkpoint_dir} "
-                                    f"to resume from the one before")) from None
+        raise PacerayError(one_line(f"{path}: corrupted checkpoint ({type(e).__name__})")) from None
     missing = [k for k in REQUIRED if k not in state] if isinstance(state, dict) else list(REQUIRED)
     if missing:
         raise PacerayError(f"{path}: not a paceray checkpoint (missing {', '.join(missing)})")

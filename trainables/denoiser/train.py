@@ -78,7 +78,7 @@ def train_loop(config: dict, context: TrialContext) -> None:
 
     # ---------------------------------------------------------------- resume
     start_step, last_report, saved_world = 0, None, world
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = context.checkpoint()  # Ray's latest, or the platform's fallback
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             # weights_only: a checkpoint on a volume every pod can write runs no pickled code on load.
@@ -188,7 +188,7 @@ def train_loop(config: dict, context: TrialContext) -> None:
                        "fid_samples": fid["num_fake"]}
             if log:
                 log.eval(fid, grid, step, eval_seconds)
-            report_with_checkpoint(resumable, metrics, step, rank, world)
+            report_with_checkpoint(resumable, metrics, step, rank, world, context.checkpoint_dir_name(step))
             interval_start = time.perf_counter()  # eval time is not training throughput
 
     if log:
@@ -253,7 +253,7 @@ class Resumable:
     sampler: curriculum_lib.CurriculumSampler
 
 
-def report_with_checkpoint(state: Resumable, metrics: dict, step: int, rank: int, world: int) -> None:
+def report_with_checkpoint(state: Resumable, metrics: dict, step: int, rank: int, world: int, name: str) -> None:
     """Every rank reports (it is a barrier); rank 0 writes the checkpoint: model, EMA, optimizer,
     curriculum, step and the worker count (the data stream needs nothing more: see ImageBatches)."""
     import ray.train
@@ -273,4 +273,4 @@ def report_with_checkpoint(state: Resumable, metrics: dict, step: int, rank: int
         }
         torch.save(saved, Path(tmp) / CHECKPOINT_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_step{step:08d}")
+                         checkpoint_dir_name=name)

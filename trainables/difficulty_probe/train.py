@@ -85,7 +85,7 @@ def train_loop(config: dict, context: TrialContext) -> None:
     model = build_model(cfg.model.preset, cfg.data.image_size, channels).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     start, history = 0, []  # history: (step, held-out loss)
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = context.checkpoint()  # Ray's latest, or the platform's fallback
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
@@ -151,4 +151,4 @@ def _report(metrics: dict, step: int, model, optimizer, history, rank: int) -> N
         torch.save({"step": step, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                     "history": torch.tensor(np.asarray(history, dtype=np.float64))}, Path(tmp) / CHECKPOINT_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_step{step:08d}")
+                         checkpoint_dir_name=context.checkpoint_dir_name(step))

@@ -1,5 +1,5 @@
 """What `paceray train` and `paceray tune` share before anything is written: the trainable's
-one-off preparation, and the check that a checkpoint can be resumed from."""
+one-off preparation, and the checkpoint a resume starts from."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Optional
 
 from paceray.errors import PacerayError
-from paceray.protocol import PrepareContext
+from paceray import trial
+from paceray.protocol import CheckpointFallback, PrepareContext
 from paceray.spec import LoadedSpec
-from paceray.trial import latest_checkpoint
 
 
 def readable_store(external: Optional[str], run_dir: Path) -> Optional[str]:
@@ -38,9 +38,10 @@ def prepare_assets(loaded: LoadedSpec, storage: Path, tracking_uri: Optional[str
         loaded.base = config
 
 
-def check_resumable(loaded: LoadedSpec, trial_dir: Path) -> None:
-    """A corrupted checkpoint is one line here, not a crash loop on the workers."""
-    check = loaded.trainable.check_checkpoint
-    ckpt = latest_checkpoint(trial_dir)
-    if ckpt is not None and check is not None:
-        check(str(ckpt))
+def resume_point(loaded: LoadedSpec, trial_dir: Path) -> Optional[CheckpointFallback]:
+    """Where a resume starts: None for Ray's latest checkpoint; when that one does not load, the
+    newest earlier one that does (said on the console); one line when none does."""
+    fallback = trial.resume_point(trial_dir, loaded.trainable.check_checkpoint)
+    if fallback is not None:
+        print(f"paceray: {fallback.message()}", flush=True)
+    return fallback

@@ -9,10 +9,10 @@ from typing import Optional
 
 from paceray import command_lock, mlflow_server, raycluster, tracking
 from paceray.atomic import write_text_atomic
-from paceray.commands.common import check_resumable, prepare_assets, readable_store
+from paceray.commands.common import prepare_assets, readable_store, resume_point
 from paceray.errors import PacerayError
 from paceray.paths import storage_root
-from paceray.protocol import TrialContext, failure_of
+from paceray.protocol import CheckpointFallback, TrialContext, failure_of
 from paceray.runs import Run
 from paceray.spec import flatten, load, parse_overrides
 from paceray.trial import trainer_for, trial_storage
@@ -31,12 +31,12 @@ def run_train(spec_path: str, overrides, address: Optional[str], tracking_uri: O
     rd = Path(run_dir).expanduser().resolve() if run_dir else loaded.run_dir
     tracking_uri = tracking_uri or spec.tracking.uri
     pointer = _pointer(rd, spec.name)
-    previous = None
+    previous, fallback = None, None
     if resume:
         if not pointer.exists():
             raise PacerayError(f"--resume: no earlier `paceray train` of {spec.name!r} under {rd} ({pointer} is missing)")
         previous = json.loads(pointer.read_text())
-        check_resumable(loaded, trial_storage(rd) / previous["trial_id"])
+        fallback = resume_point(loaded, trial_storage(rd) / previous["trial_id"])
     storage = storage_root()
     external = mlflow_server.external_uri(tracking_uri)
     if external:
@@ -45,14 +45,14 @@ def run_train(spec_path: str, overrides, address: Optional[str], tracking_uri: O
     raycluster.check_address(address)
     # One command per run, before it starts Ray: a second `--resume` would train the same run twice.
     with command_lock.held(pointer.parent, f"`paceray train` of {spec.name!r} under {rd}"):
-        result, trial_id = _locked(loaded, rd, storage, external, previous, pointer, address)
+        result, trial_id = _locked(loaded, rd, storage, external, previous, pointer, address, fallback)
     _say_best(loaded, result, rd, trial_id)
     if external is None:
         print(f"MLflow UI: {mlflow_server.ui_command(rd)}")
 
 
 def _locked(loaded, rd: Path, storage: Path, external: Optional[str], previous: Optional[dict], pointer: Path,
-            address: Optional[str]):
+            address: Optional[str], fallback: Optional[CheckpointFallback]):
     spec = loaded.spec
     where = raycluster.connect(address)
     try:
@@ -70,15 +70,15 @@ def _locked(loaded, rd: Path, storage: Path, external: Optional[str], previous: 
                                   tracking.MODE_TAG: loaded.mode}, rd, flatten(loaded.base))
                 write_text_atomic(pointer, json.dumps({"trial_id": trial_id, "run_id": run.run_id,
                                                        "experiment": spec.experiment}))
-            result = _fit(loaded, rd, storage, run, trial_id)
+            result = _fit(loaded, rd, storage, run, trial_id, fallback)
     finally:
         raycluster.shutdown()
     return result, trial_id
 
 
-def _fit(loaded, rd: Path, storage: Path, run: Run, trial_id: str):
+def _fit(loaded, rd: Path, storage: Path, run: Run, trial_id: str, fallback: Optional[CheckpointFallback]):
     context = TrialContext(trial_id=trial_id, run_id=run.run_id, tracking_uri=run.uri, storage=str(storage),
-                           run_dir=str(rd), metric=loaded.metric)
+                           run_dir=str(rd), metric=loaded.metric, fallback=fallback)
     trainer = trainer_for(loaded.trainable, loaded.base, context, loaded.spec.resources, trial_storage(rd),
                           name=trial_id, mode=loaded.mode)
     try:
