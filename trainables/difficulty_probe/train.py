@@ -120,7 +120,7 @@ def train_loop(config: dict, context: TrialContext) -> None:
                 metrics.update(final_metrics(cfg, history, data_dir, diffusion, edges) if rank == 0 else {})
                 if run:
                     run.log_metrics({k: v for k, v in metrics.items() if k.startswith("probe/")}, step)
-            _report(metrics, step, model, optimizer, history, rank)
+            _report(metrics, step, model, optimizer, history, rank, context.checkpoint_dir_name(step))
     if run:
         left = run.close()
         if left and context.console_progress:
@@ -140,7 +140,7 @@ def final_metrics(cfg: Config, history, data_dir: Path, diffusion, edges) -> dic
     }
 
 
-def _report(metrics: dict, step: int, model, optimizer, history, rank: int) -> None:
+def _report(metrics: dict, step: int, model, optimizer, history, rank: int, name: str) -> None:
     """Every rank reports (a barrier); rank 0 writes the checkpoint: weights, optimizer, history."""
     import ray.train
 
@@ -151,4 +151,4 @@ def _report(metrics: dict, step: int, model, optimizer, history, rank: int) -> N
         torch.save({"step": step, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                     "history": torch.tensor(np.asarray(history, dtype=np.float64))}, Path(tmp) / CHECKPOINT_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=context.checkpoint_dir_name(step))
+                         checkpoint_dir_name=name)
