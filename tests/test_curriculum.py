@@ -16,6 +16,7 @@ from trainables.denoiser.curriculum import (
     cluster_edges,
     merge_ranges,
     sigma_quantile_log_edges,
+    degenerate_warning,
     stage_order,
 )
 from trainables.denoiser.diffusion import GaussianDiffusion
@@ -104,10 +105,10 @@ def test_easy_to_hard_cumulative_fixed_pacing():
     assert seen[0] == (1, (4,), 750, 999)
     assert seen[10] == (2, (3, 4), 500, 999)
     assert seen[20] == (3, (2, 3, 4), 250, 999)
-    assert seen[30] == (4, (1, 2, 3, 4), 0, 999)
-    assert seen[40] == (5, (1, 2, 3, 4), 0, 999)  # the final all-timesteps phase
-    assert seen[59] == seen[40]
-    assert [x[0] for x in seen[:40]] == [1] * 10 + [2] * 10 + [3] * 10 + [4] * 10
+    assert seen[30] == (4, (1, 2, 3, 4), 0, 999)  # stage N already trains on every timestep: the final phase
+    assert s.in_final_phase and s.full_from_step == 31
+    assert seen[59] == seen[30]
+    assert [x[0] for x in seen] == [1] * 10 + [2] * 10 + [3] * 10 + [4] * 30
 
 
 def test_hard_to_easy_exclusive_fixed_pacing():
@@ -115,6 +116,8 @@ def test_hard_to_easy_exclusive_fixed_pacing():
     seen = run_fixed(s, 25)
     assert [x[1] for x in seen[::5]] == [(1,), (2,), (3,), (4,), (1, 2, 3, 4)]
     assert [(x[2], x[3]) for x in seen[::5]] == [(0, 24), (25, 49), (50, 74), (75, 99), (0, 99)]
+    assert [x[0] for x in seen[::5]] == [1, 2, 3, 4, 5]  # exclusive: the final phase is N+1
+    assert s.full_from_step == 21
 
 
 def test_random_order_stages_follow_the_seeded_permutation():
@@ -126,7 +129,8 @@ def test_random_order_stages_follow_the_seeded_permutation():
 
 def test_none_is_uniform_from_the_start():
     s = CurriculumSampler(1000, 4, "none", stage_steps=1)
-    assert s.in_final_phase and s.stage == 5 and s.active_ranges == [(0, 1000)]
+    assert s.in_final_phase and s.stage == 1 and s.active_ranges == [(0, 1000)]  # one stage, the final phase
+    assert s.full_from_step == 1 and len(s.stages()) == 1
     s.advance()
     assert s.active_ranges == [(0, 1000)]
 
@@ -176,7 +180,120 @@ def test_patience_advances_after_tau_steps_without_improvement():
         s.advance(1.0)  # flat: patience runs out
         steps_flat += 1
     assert 30 <= steps_flat <= 32
-    assert s.stage == 2 and s.since_best == 0 and s.best is None  # fresh patience per stage
+    assert s.stage == 2 and s.pacer.since_best == 0 and s.pacer.best is None  # fresh patience per stage
+
+
+def _reference_patience_changes(losses, tau, smoothing, min_delta=0.0):
+    """Stage changes (steps done) of patience pacing computed step by step, independently of the
+    sampler: a bias-corrected EMA, a best, and a count of steps since it improved."""
+    changes, raw, weight, best, since = [], 0.0, 0.0, None, 0
+    for step, loss in enumerate(losses, start=1):
+        raw, weight = smoothing * raw + (1 - smoothing) * loss, smoothing * weight + (1 - smoothing)
+        value = raw / weight
+        if best is None or value < best * (1 - min_delta):
+            best, since = value, 0
+        else:
+            since += 1
+        if since >= tau:
+            changes.append(step)
+            raw, weight, best, since = 0.0, 0.0, None, 0
+    return changes
+
+
+def _loss_trace(n=1500):
+    """Improves, plateaus, improves again; with small wiggles so that the EMA's best moves."""
+    g = torch.Generator().manual_seed(0)
+    base = [1.0 / (1 + 0.01 * (i % 400)) for i in range(n)]
+    return [b + 0.02 * float(torch.rand((), generator=g)) for b in base]
+
+
+@pytest.mark.parametrize("tau", [3, 25])
+def test_patience_decides_at_exactly_tau_steps_with_batched_reductions(tau):
+    losses = _loss_trace()
+    expected = _reference_patience_changes(losses, tau, smoothing=0.9)
+    s = CurriculumSampler(1000, 40, "easy-to-hard", pacing="patience", patience=tau, smoothing=0.9, sync_every=10)
+    changes = []
+    for loss in losses:
+        if s.in_final_phase:
+            break
+        if s.advance(loss):
+            changes.append(s.step)
+    assert len(changes) >= 3 and changes == expected[: len(changes)]
+    assert any(c % 10 for c in changes)  # decisions fall between the every-10-steps reductions
+
+
+def test_max_stage_steps_caps_a_patience_stage():
+    s = CurriculumSampler(1000, 4, "easy-to-hard", pacing="patience", patience=10_000, max_stage_steps=7)
+    for i in range(40):
+        s.advance(1.0 / (1 + i))  # always improving: only the cap ends a stage
+    assert s.realised_lengths() == [7, 7, 7] and s.full_from_step == 22
+    assert s.latest_full_from_step == 22
+
+
+def test_patience_full_from_step_is_unknown_until_reached_then_realised():
+    s = CurriculumSampler(1000, 3, "easy-to-hard", pacing="patience", patience=5, smoothing=0.0)
+    assert s.full_from_step is None and s.latest_full_from_step is None
+    while not s.in_final_phase:
+        s.advance(1.0)
+    # the first step sets the best; the stage ends after τ = 5 steps that do not improve on it
+    assert s.realised_lengths() == [6, 6] and s.full_from_step == 13
+
+
+# ----------------------------------------------------------------- shuffled: the allocation control
+
+
+def _analytic_allocation(n, cumulative, stage_steps, timesteps=1000):
+    """Cluster k's share of easy-to-hard's draws before every timestep is active, from uniform
+    clusters of equal width: stage s (1-based) of the curriculum holds the top s clusters
+    (cumulative) or only cluster N-s+1."""
+    stages = range(1, n) if cumulative else range(1, n + 1)
+    shares = [0.0] * n
+    for s in stages:
+        active = list(range(n - s, n)) if cumulative else [n - s]
+        for k in active:
+            shares[k] += 1 / len(active) / len(stages)
+    return shares
+
+
+@pytest.mark.parametrize("n", [3, 5])
+@pytest.mark.parametrize("cumulative", [True, False])
+def test_shuffled_draws_match_easy_to_hard_allocation(n, cumulative):
+    s = CurriculumSampler(1000, n, "shuffled", stage_steps=40, cumulative=cumulative)
+    twin = CurriculumSampler(1000, n, "easy-to-hard", stage_steps=40, cumulative=cumulative)
+    assert [st.number for st in s.stages()] == [1, 2] and s.stages()[-1].final
+    assert s.full_from_step == twin.full_from_step == 1 + 40 * (n - 1 if cumulative else n)
+    expected = _analytic_allocation(n, cumulative, 40)
+    draws = 100_000
+    counts = torch.bincount(s.cluster_of(s.sample(draws)), minlength=n).double()
+    drawn = [k for k in range(n) if expected[k] > 0]
+    assert all(counts[k] == 0 for k in range(n) if expected[k] == 0)  # cumulative: C1 waits for the end
+    assert chisquare(counts[drawn].numpy(), [draws * expected[k] for k in drawn]).pvalue > 1e-3
+    # the same counts, step by step, from the curriculum itself over the same span
+    while not twin.in_final_phase:
+        twin.advance()
+    for _ in range(twin.full_from_step - 1):
+        s.advance()
+    assert s.in_final_phase and s.active_ranges == [(0, 1000)]
+
+
+def test_shuffled_under_patience_needs_the_reference_lengths():
+    with pytest.raises(ValueError, match="curriculum.reference"):
+        CurriculumSampler(1000, 4, "shuffled", pacing="patience")
+    s = CurriculumSampler(1000, 4, "shuffled", pacing="patience", reference_lengths=[10, 30, 60])
+    assert s.full_from_step == 101
+    shares = s.stages()[0].shares  # stage lengths weight the allocation: C4 in all three, C2 only the last
+    assert shares[0] == 0 and shares[1] == pytest.approx(0.6 / 3)
+    assert shares[3] == pytest.approx(0.1 + 0.3 / 2 + 0.6 / 3)
+
+
+def test_degenerate_clusterings_are_named():
+    from trainables.denoiser.diffusion import GaussianDiffusion
+
+    cosine = GaussianDiffusion(1000, "cosine").log_snr()
+    narrow = CurriculumSampler(1000, 20, clustering="log-snr", log_snr=cosine)
+    warning = degenerate_warning(narrow, "cosine")
+    assert warning and "log-snr on the cosine schedule with N=20" in warning and "1 timestep(s)" in warning
+    assert degenerate_warning(CurriculumSampler(1000, 20), "linear") is None
 
 
 def test_fixed_pacing_ignores_loss():

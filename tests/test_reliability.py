@@ -74,7 +74,7 @@ def test_killed_worker_restarts_from_its_last_checkpoint(crashed_trial, shared):
         steps = [m.step for m in sorted(client.get_metric_history(rid, key), key=lambda m: m.timestamp)]
         assert steps == list(range(5, 301, 5)), (key, steps)  # no step twice, no gap
     stage = dict(history(client, rid, "curriculum/stage"))
-    assert all(stage[s] == min(5, (s - 1) // 60 + 1) for s in stage)
+    assert all(stage[s] == min(4, (s - 1) // 60 + 1) for s in stage)
 
 
 def test_checkpoints_stay_bounded(crashed_trial, shared):

@@ -155,10 +155,12 @@ def test_preview_json_matches_the_sampler():
     p = json.loads(r.stdout)
     assert p["clusters"] == [[0, 250], [250, 500], [500, 750], [750, 1000]]
     stages = p["stages"]
-    assert [s["clusters"] for s in stages] == [[4], [3, 4], [2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]]
+    # cumulative: stage N is already every timestep, and it is the final phase (no stage N+1)
+    assert [s["clusters"] for s in stages] == [[4], [3, 4], [2, 3, 4], [1, 2, 3, 4]]
     assert [s["ranges"] for s in stages[:2]] == [[[750, 1000]], [[500, 1000]]]
-    assert [(s["start_step"], s["end_step"]) for s in stages] == [(0, 50), (50, 100), (100, 150), (150, 200), (200, None)]
+    assert [(s["start_step"], s["end_step"]) for s in stages] == [(0, 50), (50, 100), (100, 150), (150, None)]
     assert stages[-1]["final"] and not stages[0]["final"]
+    assert p["full_from_step"] == 151 and p["warning"] is None
     first = stages[0]["sampled_counts"]
     assert first[:3] == [0, 0, 0] and first[3] == 4000
     assert all(c > 800 for c in stages[-1]["sampled_counts"])
@@ -169,6 +171,31 @@ def test_preview_table_patience_exclusive_cosine_log_snr():
             "--clustering", "log-snr", "--schedule", "cosine", "--pacing", "patience", "--patience", "50",
             "--no-cumulative")
     assert "patience τ=50" in r.stdout and "exclusive" in r.stdout and "C1" in r.stdout
+    assert "stages uncapped" in r.stdout
+
+
+def test_preview_patience_cap_gives_the_latest_full_from_step_and_warns_of_narrow_clusters():
+    r = run("curriculum", "preview", "-N", "20", "--clustering", "log-snr", "--schedule", "cosine",
+            "--pacing", "patience", "--max-stage-steps", "30", "--json")
+    p = json.loads(r.stdout)
+    assert p["full_from_step"] is None and p["latest_full_from_step"] == 19 * 30 + 1
+    assert "degenerate clustering: log-snr on the cosine schedule with N=20" in p["warning"]
+    table = run("curriculum", "preview", "-N", "5", "--clustering", "quantile")
+    assert "EDM's continuous training distribution" in table.stdout
+
+
+def test_preview_shuffled_shows_the_allocation_and_needs_a_reference_under_patience(tmp_path):
+    p = json.loads(run("curriculum", "preview", "-T", "900", "-N", "3", "--order", "shuffled", "--stage-steps", "10",
+                       "--json").stdout)
+    assert [s["stage"] for s in p["stages"]] == [1, 2] and p["full_from_step"] == 21
+    assert p["stages"][0]["shares"] == pytest.approx([0, 0.25, 0.75])
+    r = run("curriculum", "preview", "--order", "shuffled", "--pacing", "patience", check=False)
+    assert r.returncode != 0 and "--reference" in r.stderr and "Traceback" not in r.stderr
+    ref = tmp_path / "schedule.json"
+    ref.write_text(json.dumps({"realised_stage_lengths": [5, 15]}))
+    p = json.loads(run("curriculum", "preview", "-T", "900", "-N", "3", "--order", "shuffled", "--pacing", "patience",
+                       "--reference", str(ref), "--json").stdout)
+    assert p["full_from_step"] == 21 and p["stages"][0]["shares"] == pytest.approx([0, 0.375, 0.625])
 
 
 def test_preview_rejects_more_clusters_than_timesteps():

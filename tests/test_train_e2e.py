@@ -77,6 +77,10 @@ def test_t_min_steps_down_exactly_as_the_preview_says(two_worker_trial):
         assert value == st["ranges"][0][0], (step, value, st)
         assert stages[step] == st["stage"]
     assert [v for _, v in t_min][:8] == [750, 750, 500, 500, 250, 250, 0, 0]
+    # every timestep active from the step the preview names, logged once, at that step
+    full = preview["full_from_step"]
+    assert full == 3 * int(STAGE) + 1
+    assert history(client, run.info.run_id, "curriculum/full_from_step") == [(full, full)]
 
 
 def test_fid_in_the_loop_with_two_workers_equals_one_process(two_worker_trial, storage):
@@ -135,7 +139,7 @@ def test_resume_after_a_kill_continues_the_same_run(tmp_path, storage):
         assert steps == sorted(set(steps)), f"{key} logged a step twice or out of order: {steps}"
     stage = dict(history(client, run.info.run_id, "curriculum/stage"))
     # the stage carried over: the schedule is the fixed one across the kill, step by step
-    assert all(stage[s] == min(5, (s - 1) // 25 + 1) for s in stage), stage
+    assert all(stage[s] == min(4, (s - 1) // 25 + 1) for s in stage), stage
     assert max(stage) == 120 and [s for s, _ in history(client, run.info.run_id, "train/loss")] == list(range(5, 121, 5))
     # The default local start (no --address, the embedded store): no dead "View run" links.
     assert "paceray ui --run-dir" in result.stdout and "View run" not in result.stdout + result.stderr

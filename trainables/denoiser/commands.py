@@ -30,16 +30,19 @@ def curriculum() -> None:
 @click.option("--pacing", type=click.Choice(["fixed", "patience"]), default="fixed", show_default=True)
 @click.option("--stage-steps", type=click.IntRange(1), default=100, show_default=True, help="Fixed pacing: steps per stage.")
 @click.option("--patience", type=click.IntRange(1), default=200, show_default=True, help="Patience pacing: τ.")
+@click.option("--max-stage-steps", type=click.IntRange(1), default=None, help="Patience pacing: the longest a stage may run.")
 @click.option("--cumulative/--no-cumulative", default=True, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Permutation seed of the random order.")
 @click.option("--difficulty", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Order measured: a difficulty probe's difficulty.json (its search's report/ artifact).")
 @click.option("--measure", type=click.Choice(["convergence_steps", "kl"]), default="convergence_steps",
               show_default=True, help="Order measured: the probe's measure, clusters easiest (smallest) first.")
+@click.option("--reference", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Order shuffled under patience pacing: an easy-to-hard trial's curriculum/schedule.json.")
 @click.option("--sample", "draws", type=click.IntRange(1), default=None, help="Draw M timesteps per stage with the real sampler.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
-def preview(timesteps, clusters, order, clustering, schedule, pacing, stage_steps, patience, cumulative,
-            seed, difficulty, measure, draws, as_json):
+def preview(timesteps, clusters, order, clustering, schedule, pacing, stage_steps, patience, max_stage_steps,
+            cumulative, seed, difficulty, measure, reference, draws, as_json):
     """Show the clusters (C1 = lowest noise, hardest) and the stages a curriculum will run."""
     from paceray.protocol import PacerayError
     from trainables.denoiser.preview import build_sampler, preview as make_preview, render_table
@@ -59,10 +62,27 @@ def preview(timesteps, clusters, order, clustering, schedule, pacing, stage_step
             ranking = rank_clusters(data, measure, clusters)
         except ValueError as e:
             raise PacerayError(str(e)) from None
-    sampler = build_sampler(timesteps, clusters, order, clustering=clustering, schedule=schedule, pacing=pacing,
-                            stage_steps=stage_steps, patience=patience, cumulative=cumulative, seed=seed,
-                            ranking=ranking)
+    reference_lengths = None
+    if order == "shuffled" and pacing == "patience":
+        if reference is None:
+            raise PacerayError("--order shuffled with --pacing patience needs --reference PATH (an easy-to-hard "
+                               "trial's curriculum/schedule.json)")
+        from trainables.denoiser.curriculum import reference_stage_lengths
+
+        try:
+            reference_lengths = reference_stage_lengths(reference)
+        except (ValueError, OSError) as e:
+            raise PacerayError(f"--reference: {e}") from None
+    try:
+        sampler = build_sampler(timesteps, clusters, order, clustering=clustering, schedule=schedule, pacing=pacing,
+                                stage_steps=stage_steps, patience=patience, cumulative=cumulative, seed=seed,
+                                ranking=ranking, max_stage_steps=max_stage_steps,
+                                reference_lengths=reference_lengths)
+    except ValueError as e:
+        raise PacerayError(f"--reference {reference}: {e}") from None
     result = make_preview(sampler, schedule, clustering, draws)
+    if result["warning"] and not as_json:
+        click.echo(f"warning: {result['warning']}", err=True)
     click.echo(json.dumps(result, indent=2) if as_json else render_table(result))
 
 

@@ -10,7 +10,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Order = Literal["none", "easy-to-hard", "hard-to-easy", "random", "measured"]
+Order = Literal["none", "easy-to-hard", "hard-to-easy", "random", "measured", "shuffled"]
 DifficultyMeasure = Literal["convergence_steps", "kl"]
 Clustering = Literal["uniform", "log-snr", "quantile"]
 Pacing = Literal["fixed", "patience"]
@@ -48,6 +48,10 @@ class CurriculumConfig(_Section):
     pacing: Pacing = "fixed"
     stage_steps: int = Field(100, ge=1)  # fixed pacing: steps per stage
     patience: int = Field(200, ge=1)  # patience pacing: τ steps without improvement
+    max_stage_steps: Optional[int] = Field(None, ge=1)  # patience pacing: no stage runs longer
+    # What patience watches: the raw ε-prediction loss (comparable across loss weightings) or
+    # the weighted loss the optimiser minimises.
+    patience_loss: Literal["raw", "weighted"] = "raw"
     smoothing: float = Field(0.99, ge=0.0, lt=1.0)  # EMA of the loss that patience watches
     min_delta: float = Field(0.0, ge=0.0)  # relative improvement that counts as one
     cumulative: bool = True
@@ -57,6 +61,9 @@ class CurriculumConfig(_Section):
     # storage root (checking that the probe measured this T, N, clustering and schedule).
     difficulty: Optional[str] = None
     difficulty_measure: DifficultyMeasure = "convergence_steps"
+    # order `shuffled` under patience pacing: the easy-to-hard trial whose realised stage lengths
+    # give the allocation, a `curriculum/schedule.json` or that trial's run id (`prepare` resolves it).
+    reference: Optional[str] = None
 
 
 class LossConfig(_Section):
@@ -111,6 +118,10 @@ class Config(_Section):
         if self.curriculum.order == "measured" and not self.curriculum.difficulty:
             raise ValueError("curriculum.order=measured needs curriculum.difficulty: a difficulty.json or the "
                              "run id of a difficulty-probe search")
+        if self.curriculum.order == "shuffled" and self.curriculum.pacing == "patience" and not self.curriculum.reference:
+            raise ValueError("curriculum.order=shuffled with pacing=patience needs curriculum.reference: the "
+                             "curriculum/schedule.json or run id of a finished easy-to-hard trial, whose realised "
+                             "stage lengths give the allocation")
         if self.diffusion.schedule == "linear" and self.diffusion.timesteps < 21:
             # DDPM's β_T = 0.02 rescaled by 1000/T must stay below 1.
             raise ValueError(f"diffusion.timesteps ({self.diffusion.timesteps}) must be at least 21 for the "

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-ORDERS = ("none", "easy-to-hard", "hard-to-easy", "random", "measured")
+ORDERS = ("none", "easy-to-hard", "hard-to-easy", "random", "measured", "shuffled")
 CLUSTERINGS = ("uniform", "log-snr", "quantile")
 PACINGS = ("fixed", "patience")
 
@@ -124,24 +124,166 @@ def merge_ranges(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(a, b) for a, b in out]
 
 
-# --------------------------------------------------------------------------- sampler
+# --------------------------------------------------------------------------- pacing
+
+
+class FixedPacing:
+    """Every curriculum stage lasts `stage_steps` steps."""
+
+    name = "fixed"
+    wants_loss = False
+
+    def __init__(self, stage_steps: int):
+        if stage_steps < 1:
+            raise ValueError("stage_steps must be ≥ 1")
+        self.stage_steps = stage_steps
+
+    @property
+    def longest_stage(self) -> int:
+        return self.stage_steps
+
+    def stage_done(self, steps_in_stage: int, loss=None) -> bool:
+        return steps_in_stage >= self.stage_steps
+
+    def start_stage(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class PatiencePacing:
+    """A stage ends after exactly τ consecutive steps in which the bias-corrected EMA of the
+    (all-reduced) loss did not improve on its best, or at `max_stage_steps`.
+
+    The DDP all-reduce is batched: per-step losses wait on the device and are reduced together at
+    most every `sync_every` steps, then replayed one by one. The next reduction is never later
+    than the first step at which τ could be reached (τ − steps already without improvement), so a
+    decision falls on the exact step an unbatched reduction would give, on every rank alike.
+    """
+
+    name = "patience"
+    wants_loss = True
+
+    def __init__(self, patience: int, smoothing: float = 0.99, min_delta: float = 0.0,
+                 max_stage_steps: Optional[int] = None, sync_every: int = 10):
+        if patience < 1:
+            raise ValueError("patience must be ≥ 1")
+        if max_stage_steps is not None and max_stage_steps < 1:
+            raise ValueError("max_stage_steps must be ≥ 1")
+        self.patience, self.smoothing, self.min_delta = patience, smoothing, min_delta
+        self.max_stage_steps, self.sync_every = max_stage_steps, max(1, sync_every)
+        self.start_stage()
+
+    @property
+    def longest_stage(self) -> Optional[int]:
+        return self.max_stage_steps
+
+    def start_stage(self) -> None:
+        # A new cluster changes the loss's scale: patience starts afresh for every stage.
+        self._ema_raw, self._ema_weight, self.smoothed = 0.0, 0.0, None
+        self.best, self.since_best = None, 0
+        self._pending: list = []
+
+    @property
+    def _due(self) -> int:
+        return min(self.sync_every, self.patience - self.since_best)
+
+    def stage_done(self, steps_in_stage: int, loss=None) -> bool:
+        if self.max_stage_steps is not None and steps_in_stage >= self.max_stage_steps:
+            return True  # a function of the step count alone: every rank agrees without a reduction
+        if loss is None:
+            raise ValueError("patience pacing needs the step's loss")
+        self._pending.append(loss.detach().float().reshape(()) if torch.is_tensor(loss) else torch.tensor(float(loss)))
+        if len(self._pending) < self._due:
+            return False
+        values = torch.stack([v.to(self._pending[0].device) for v in self._pending])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+            values = values / dist.get_world_size()
+        self._pending = []
+        done = False
+        for value in values.cpu().double().tolist():
+            done = self._observe(value)
+        return done
+
+    def _observe(self, value: float) -> bool:
+        self._ema_raw = self.smoothing * self._ema_raw + (1 - self.smoothing) * value
+        self._ema_weight = self.smoothing * self._ema_weight + (1 - self.smoothing)
+        self.smoothed = self._ema_raw / self._ema_weight
+        if self.best is None or self.smoothed < self.best * (1 - self.min_delta):
+            self.best, self.since_best = self.smoothed, 0
+        else:
+            self.since_best += 1
+        return self.since_best >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"ema_raw": self._ema_raw, "ema_weight": self._ema_weight, "smoothed": self.smoothed,
+                "best": self.best, "since_best": self.since_best,
+                "pending": [float(v) for v in self._pending]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._ema_raw, self._ema_weight = state["ema_raw"], state["ema_weight"]
+        self.smoothed, self.best, self.since_best = state["smoothed"], state["best"], int(state["since_best"])
+        self._pending = [torch.tensor(v) for v in state["pending"]]
+
+
+def make_pacing(pacing: str, stage_steps: int = 100, patience: int = 200, smoothing: float = 0.99,
+                min_delta: float = 0.0, max_stage_steps: Optional[int] = None, sync_every: int = 10):
+    if pacing == "fixed":
+        return FixedPacing(stage_steps)
+    if pacing == "patience":
+        return PatiencePacing(patience, smoothing, min_delta, max_stage_steps, sync_every)
+    raise ValueError(f"unknown pacing {pacing!r}; choose one of {', '.join(PACINGS)}")
+
+
+# --------------------------------------------------------------------------- stages
 
 
 @dataclass(frozen=True)
 class Stage:
-    number: int  # 1..N for curriculum stages, N+1 for the final all-timesteps phase
-    clusters: tuple[int, ...]  # 1-based cluster numbers, C1 hardest
-    ranges: tuple[tuple[int, int], ...]  # merged half-open timestep intervals
+    number: int  # 1-based; the last stage of a plan is the final all-timesteps phase
+    clusters: tuple[int, ...]  # 1-based cluster numbers that can be drawn, C1 hardest
+    ranges: tuple[tuple[int, int], ...]  # merged half-open timestep intervals that can be drawn
+    final: bool = False  # ordinary training on all timesteps, uniformly, to the end
+    length: Optional[int] = None  # steps, when the stage's length is fixed whatever the pacing
+    shares: Optional[tuple[float, ...]] = None  # per-cluster draw probabilities; None: uniform over `ranges`
 
-    final: bool = False  # the all-timesteps phase after the curriculum
+
+def _curriculum_stages(order: Sequence[int], cumulative: bool, edges: Sequence[int]) -> list[tuple[tuple, tuple]]:
+    """(clusters, ranges) of each stage of an ordered curriculum, stage 1 first."""
+    out = []
+    for i in range(len(order)):
+        chosen = order[: i + 1] if cumulative else [order[i]]
+        out.append((tuple(sorted(k + 1 for k in chosen)),
+                    tuple(merge_ranges([(edges[k], edges[k + 1]) for k in chosen]))))
+    return out
+
+
+def allocation(edges: Sequence[int], stages: Sequence[tuple[tuple, tuple]], lengths: Sequence[int]) -> list[float]:
+    """Each cluster's share of the draws over stages of the given lengths, t uniform over each
+    stage's active set: cluster k gets Σ_s (len_s / Σlen) · |C_k ∩ A_s| / |A_s|."""
+    total = sum(lengths)
+    shares = [0.0] * (len(edges) - 1)
+    for (clusters, ranges), length in zip(stages, lengths):
+        active = sum(hi - lo for lo, hi in ranges)
+        for k in clusters:
+            shares[k - 1] += (length / total) * (edges[k] - edges[k - 1]) / active
+    return shares
 
 
 class CurriculumSampler:
-    """Draws timesteps uniformly from the active clusters and paces the stages.
+    """Draws timesteps from the active set of the current stage and paces the stages.
 
-    Stages 1..N follow `order`; stage n trains on the union of the first n clusters of the
-    order (cumulative) or on the n-th alone. After stage N comes ordinary training on all
-    timesteps (stage N+1). `order="none"` starts in that phase: the uniform baseline.
+    Stages follow `order`: stage n trains on the union of the first n clusters of the order
+    (cumulative, so stage N is already all timesteps and is the final phase) or on the n-th alone
+    (exclusive, then the final phase N+1). `none` is one stage, the final phase: the uniform
+    baseline. `shuffled`, the allocation control, is one stage as long as easy-to-hard's
+    curriculum with the same settings, drawing t i.i.d. from the per-cluster allocation that
+    curriculum gives over that span, then the final phase.
     """
 
     def __init__(
@@ -161,33 +303,100 @@ class CurriculumSampler:
         log_snr: Optional[torch.Tensor] = None,
         sync_every: int = 10,
         ranking: Optional[Sequence[int]] = None,
+        max_stage_steps: Optional[int] = None,
+        reference_lengths: Optional[Sequence[int]] = None,
     ):
-        if pacing not in PACINGS:
-            raise ValueError(f"unknown pacing {pacing!r}; choose one of {', '.join(PACINGS)}")
-        if stage_steps < 1 or patience < 1:
-            raise ValueError("stage_steps and patience must be ≥ 1")
         self.timesteps = timesteps
         self.edges = cluster_edges(timesteps, num_clusters, clustering, log_snr)
         self.num_clusters = num_clusters
-        self.order_name = order
-        self.order = stage_order(order, num_clusters, seed, ranking)
+        self.order_name, self.clustering = order, clustering
+        self.pacer = make_pacing(pacing, stage_steps, patience, smoothing, min_delta, max_stage_steps, sync_every)
         self.pacing, self.stage_steps, self.patience = pacing, stage_steps, patience
-        self.cumulative, self.smoothing, self.min_delta = cumulative, smoothing, min_delta
-        self.seed, self.rank, self.sync_every = seed, rank, max(1, sync_every)
+        self.max_stage_steps, self.cumulative = max_stage_steps, cumulative
+        self.seed, self.rank = seed, rank
+        self.order = [] if order == "shuffled" else stage_order(order, num_clusters, seed, ranking)
+        self.plan = self._plan(reference_lengths)
         self._edges_t = torch.tensor(self.edges[1:-1], dtype=torch.long)
         # Mutable state: everything here goes into the checkpoint.
         self.step = 0
-        self.stage_index = 0 if self.order else len(self.order)  # index into order; len = final
-        self.stage_started = 0
-        self.smoothed: Optional[float] = None  # bias-corrected EMA of the all-reduced loss
-        self._ema_raw, self._ema_weight = 0.0, 0.0
-        self.best: Optional[float] = None
-        self.since_best = 0
-        self._pending = None  # on-device sum of local losses since the last sync
-        self._pending_n = 0
+        self.stage_index = 0
+        self.stage_starts = [0]  # steps done when each stage reached so far began
         self.generator = torch.Generator()
         self._reseed()
         self._refresh()
+
+    # ----------------------------------------------------------------- the plan
+
+    def _plan(self, reference_lengths) -> list[Stage]:
+        every = tuple(range(1, self.num_clusters + 1))
+        full = ((0, self.timesteps),)
+        if self.order_name == "shuffled":
+            control = _curriculum_stages(stage_order("easy-to-hard", self.num_clusters), self.cumulative, self.edges)
+            before_full = [s for s in control if s[1] != full] if self.cumulative else control
+            if self.pacing == "fixed":
+                lengths = [self.stage_steps] * len(before_full)
+            elif reference_lengths is None:
+                raise ValueError("order 'shuffled' with patience pacing needs the realised stage lengths of an "
+                                 "easy-to-hard trial (curriculum.reference)")
+            else:
+                lengths = [int(x) for x in reference_lengths][: len(before_full)]
+                if len(lengths) < len(before_full) or min(lengths, default=1) < 1:
+                    raise ValueError(f"order 'shuffled' needs {len(before_full)} positive stage lengths from its "
+                                     f"reference, got {list(reference_lengths)}")
+            if not lengths:
+                return [Stage(1, every, full, final=True)]
+            shares = allocation(self.edges, before_full[: len(lengths)], lengths)
+            drawn = tuple(k for k in every if shares[k - 1] > 0)
+            ranges = tuple(merge_ranges([(self.edges[k - 1], self.edges[k]) for k in drawn]))
+            return [Stage(1, drawn, ranges, length=sum(lengths), shares=tuple(shares)),
+                    Stage(2, every, full, final=True)]
+        stages = [Stage(i + 1, c, r) for i, (c, r) in enumerate(_curriculum_stages(self.order, self.cumulative, self.edges))]
+        if self.cumulative and stages:
+            last = stages[-1]
+            return [*stages[:-1], Stage(last.number, last.clusters, last.ranges, final=True)]
+        return [*stages, Stage(len(stages) + 1, every, full, final=True)]
+
+    def stages(self) -> list[Stage]:
+        """Every stage in order, the final all-timesteps phase last."""
+        return list(self.plan)
+
+    def stage_at(self, index: int) -> Stage:
+        return self.plan[min(index, len(self.plan) - 1)]
+
+    @property
+    def full_index(self) -> int:
+        """Index of the first stage from which every timestep is drawn uniformly to the end."""
+        i = len(self.plan) - 1
+        while i > 0 and self.plan[i - 1].ranges == ((0, self.timesteps),) and self.plan[i - 1].shares is None:
+            i -= 1
+        return i
+
+    def planned_lengths(self, latest: bool = False) -> list[Optional[int]]:
+        """Length of each stage before the final one: fixed ones exactly; under patience None, or
+        with `latest` the cap (`max_stage_steps`, None when uncapped)."""
+        bound = self.pacer.longest_stage if (latest or self.pacing == "fixed") else None
+        return [s.length if s.length is not None else bound for s in self.plan[:-1]]
+
+    def _full_from(self, lengths) -> Optional[int]:
+        before = lengths[: self.full_index]
+        return None if any(x is None for x in before) else 1 + sum(before)
+
+    @property
+    def full_from_step(self) -> Optional[int]:
+        """The first training step (1-based) at which every timestep is active: realised once
+        reached, planned before that (None when patience decides it)."""
+        if self.stage_index >= self.full_index:
+            return self.stage_starts[self.full_index] + 1
+        return self._full_from(self.planned_lengths())
+
+    @property
+    def latest_full_from_step(self) -> Optional[int]:
+        """The latest `full_from_step` can be (from the patience cap; None when uncapped)."""
+        return self._full_from(self.planned_lengths(latest=True))
+
+    def realised_lengths(self) -> list[int]:
+        """Steps each stage before the current one lasted."""
+        return [b - a for a, b in zip(self.stage_starts, self.stage_starts[1:])]
 
     # ----------------------------------------------------------------- what is active
 
@@ -197,30 +406,24 @@ class CurriculumSampler:
 
     @property
     def in_final_phase(self) -> bool:
-        return self.stage_index >= len(self.order)
+        return self.stage_index >= len(self.plan) - 1
 
     @property
     def stage(self) -> int:
-        """1-based stage number; N+1 in the final all-timesteps phase (from step 0 for `none`)."""
-        return self.stage_index + 1 if not self.in_final_phase else self.num_clusters + 1
-
-    def stage_at(self, index: int) -> Stage:
-        if index >= len(self.order):
-            return Stage(self.num_clusters + 1, tuple(range(1, self.num_clusters + 1)), ((0, self.timesteps),), True)
-        chosen = self.order[: index + 1] if self.cumulative else [self.order[index]]
-        clusters = tuple(sorted(k + 1 for k in chosen))
-        ranges = tuple(merge_ranges([(self.edges[k], self.edges[k + 1]) for k in chosen]))
-        return Stage(index + 1, clusters, ranges)
-
-    def stages(self) -> list[Stage]:
-        """Every stage in order, the final all-timesteps phase last."""
-        return [self.stage_at(i) for i in range(len(self.order) + 1)]
+        """1-based stage number: the final phase is N for cumulative orders, N+1 for exclusive
+        ones, 1 for `none`, 2 for `shuffled`."""
+        return self.plan[self.stage_index].number
 
     def _refresh(self) -> None:
-        current = self.stage_at(self.stage_index)
+        current = self.plan[self.stage_index]
         self.active_ranges = list(current.ranges)
         self.active_clusters = list(current.clusters)
         self._active_t = torch.cat([torch.arange(lo, hi) for lo, hi in self.active_ranges])
+        self._probs = None
+        if current.shares is not None:
+            sizes = torch.tensor([hi - lo for lo, hi in self.clusters], dtype=torch.float64)
+            per_t = torch.tensor(current.shares, dtype=torch.float64) / sizes
+            self._probs = per_t[self.cluster_of(torch.arange(self.timesteps))]
 
     @property
     def t_min(self) -> int:
@@ -243,102 +446,90 @@ class CurriculumSampler:
         self.generator.manual_seed((self.seed * 1_000_003 + self.rank) * 10_000_019 + self.step)
 
     def sample(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """`batch_size` timesteps drawn uniformly from the active set."""
-        idx = torch.randint(self._active_t.numel(), (batch_size,), generator=self.generator)
-        t = self._active_t[idx]
+        """`batch_size` timesteps: uniform over the active set, or from the stage's allocation."""
+        if self._probs is not None:
+            t = torch.multinomial(self._probs, batch_size, replacement=True, generator=self.generator)
+        else:
+            t = self._active_t[torch.randint(self._active_t.numel(), (batch_size,), generator=self.generator)]
         return t.to(device, non_blocking=True) if device is not None else t
 
     # ----------------------------------------------------------------- pacing
+
+    @property
+    def wants_loss(self) -> bool:
+        """Whether `advance` needs the step's loss now (patience pacing in a paced stage)."""
+        return not self.in_final_phase and self.plan[self.stage_index].length is None and self.pacer.wants_loss
 
     def advance(self, loss: Optional[torch.Tensor | float] = None) -> bool:
         """One training step done (with its mean local loss, for patience). True if the stage changed."""
         self.step += 1
         changed = False
         if not self.in_final_phase:
-            if self.pacing == "fixed":
-                if self.step - self.stage_started >= self.stage_steps:
-                    changed = self._next_stage()
-            elif loss is not None:
-                changed = self._observe(loss)
+            current, in_stage = self.plan[self.stage_index], self.step - self.stage_starts[-1]
+            if current.length is not None:
+                changed = in_stage >= current.length
+            else:
+                changed = self.pacer.stage_done(in_stage, loss)
+            if changed:
+                self.stage_index += 1
+                self.stage_starts.append(self.step)
+                self.pacer.start_stage()
+                self._refresh()
         self._reseed()
         return changed
 
-    def _observe(self, loss: torch.Tensor | float) -> bool:
-        loss = loss.detach().float().reshape(()) if torch.is_tensor(loss) else torch.tensor(float(loss))
-        self._pending = loss if self._pending is None else self._pending + loss.to(self._pending.device)
-        self._pending_n += 1
-        if self._pending_n < self.sync_every:
-            return False
-        # The decision must be identical on every DDP rank: decide from the all-reduced mean.
-        mean = self._pending / self._pending_n
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(mean, op=dist.ReduceOp.SUM)
-            mean = mean / dist.get_world_size()
-        n, value = self._pending_n, float(mean)
-        self._pending, self._pending_n = None, 0
-        decay = self.smoothing**n
-        self._ema_raw = decay * self._ema_raw + (1 - decay) * value
-        self._ema_weight = decay * self._ema_weight + (1 - decay)
-        self.smoothed = self._ema_raw / self._ema_weight
-        if self.best is None or self.smoothed < self.best * (1 - self.min_delta):
-            self.best, self.since_best = self.smoothed, 0
-        else:
-            self.since_best += n
-        if self.since_best >= self.patience:
-            return self._next_stage()
-        return False
-
-    def _next_stage(self) -> bool:
-        self.stage_index += 1
-        self.stage_started = self.step
-        # A new cluster changes the loss's scale: patience starts afresh for the new stage.
-        self._ema_raw, self._ema_weight, self.smoothed = 0.0, 0.0, None
-        self.best, self.since_best = None, 0
-        self._pending, self._pending_n = None, 0
-        self._refresh()
-        return True
-
-    def fixed_schedule(self) -> list[tuple[Stage, int, Optional[int]]]:
-        """(stage, start_step, end_step) under fixed pacing; end None for the open final phase."""
-        out = []
-        for i, st in enumerate(self.stages()):
-            final = i >= len(self.order)
-            start = i * self.stage_steps
-            out.append((st, start, None if final else start + self.stage_steps))
+    def fixed_schedule(self) -> list[tuple[Stage, Optional[int], Optional[int]]]:
+        """(stage, start_step, end_step) in steps done; None where patience decides, end None for
+        the open final phase."""
+        out, start = [], 0
+        for st, length in zip(self.plan, [*self.planned_lengths(), None]):
+            end = None if start is None or length is None else start + length
+            out.append((st, start, None if st.final else end))
+            start = end
         return out
 
     # ----------------------------------------------------------------- checkpointing
 
     def state_dict(self) -> dict:
-        pending = None if self._pending is None else float(self._pending)
         return {
             "step": self.step,
             "stage_index": self.stage_index,
-            "stage_started": self.stage_started,
-            "ema_raw": self._ema_raw,
-            "ema_weight": self._ema_weight,
-            "smoothed": self.smoothed,
-            "best": self.best,
-            "since_best": self.since_best,
-            "pending": pending,
-            "pending_n": self._pending_n,
+            "stage_starts": list(self.stage_starts),
+            "pacing": self.pacer.state_dict(),
             "edges": list(self.edges),
             "order": list(self.order),
+            "plan": [s.number for s in self.plan],
         }
 
     def load_state_dict(self, state: dict) -> None:
         if list(state["edges"]) != self.edges or list(state["order"]) != self.order:
             raise ValueError("checkpoint was written by a different curriculum (clusters or order differ)")
+        if "plan" not in state or list(state["plan"]) != [s.number for s in self.plan]:
+            raise ValueError("checkpoint was written by a different curriculum (its stages differ: written "
+                             "before stages were renumbered, or with another cumulative setting or order)")
         self.step, self.stage_index = int(state["step"]), int(state["stage_index"])
-        self.stage_started = int(state["stage_started"])
-        self._ema_raw, self._ema_weight = state["ema_raw"], state["ema_weight"]
-        self.smoothed, self.best, self.since_best = state["smoothed"], state["best"], int(state["since_best"])
-        self._pending = None if state["pending"] is None else torch.tensor(state["pending"])
-        self._pending_n = int(state["pending_n"])
+        self.stage_starts = [int(x) for x in state["stage_starts"]]
+        self.pacer.start_stage()
+        self.pacer.load_state_dict(state["pacing"])
         # Not the saved generator: that is the writing rank's (rank 0's). The stream is a function
         # of (seed, rank, step), so reseeding gives each rank its own, exactly where it left off.
         self._reseed()
         self._refresh()
+
+
+def degenerate_warning(sampler: CurriculumSampler, schedule: str) -> Optional[str]:
+    """One line when a cluster is too narrow to be a task of its own: fewer than
+    max(2, T / (10 N)) timesteps (e.g. log-snr on the cosine schedule puts the top clusters on
+    single timesteps near T)."""
+    sizes = [hi - lo for lo, hi in sampler.clusters]
+    floor = max(2.0, sampler.timesteps / (10 * sampler.num_clusters))
+    k = min(range(len(sizes)), key=sizes.__getitem__)
+    if sizes[k] >= floor:
+        return None
+    lo, hi = sampler.clusters[k]
+    return (f"degenerate clustering: {sampler.clustering} on the {schedule} schedule with N={sampler.num_clusters} "
+            f"makes C{k + 1} = [{lo}, {hi}) only {sizes[k]} timestep(s) wide (fewer than {floor:g}); "
+            f"choose fewer clusters or another clustering")
 
 
 def measured_ranking(path: str, measure: str, num_clusters: int) -> list[int]:
@@ -353,6 +544,9 @@ def from_config(curriculum, diffusion_timesteps: int, log_snr=None, rank: int = 
     ranking = None
     if curriculum.order == "measured":
         ranking = measured_ranking(curriculum.difficulty, curriculum.difficulty_measure, curriculum.num_clusters)
+    reference_lengths = None
+    if curriculum.order == "shuffled" and curriculum.reference:
+        reference_lengths = reference_stage_lengths(curriculum.reference)
     return CurriculumSampler(
         timesteps=diffusion_timesteps,
         num_clusters=curriculum.num_clusters,
@@ -368,4 +562,17 @@ def from_config(curriculum, diffusion_timesteps: int, log_snr=None, rank: int = 
         rank=rank,
         log_snr=log_snr,
         ranking=ranking,
+        max_stage_steps=curriculum.max_stage_steps,
+        reference_lengths=reference_lengths,
     )
+
+
+def reference_stage_lengths(path: str) -> list[int]:
+    """The realised stage lengths in a trial's `curriculum/schedule.json` (see TrialLog.finish)."""
+    import json
+
+    with open(path) as f:
+        lengths = json.load(f).get("realised_stage_lengths")
+    if not isinstance(lengths, list) or not all(isinstance(x, int) and x > 0 for x in lengths):
+        raise ValueError(f"{path}: realised_stage_lengths must be a list of positive step counts, got {lengths!r}")
+    return lengths

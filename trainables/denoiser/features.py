@@ -103,5 +103,7 @@ def prepare(config: dict, context) -> dict:
     with preparing(cfg.data.dataset, root):
         reference(cfg, root, dataset_path(cfg.data, root))
     from trainables.denoiser.measured import resolve
+    from trainables.denoiser.references import resolve_shuffled_reference
 
-    return resolve(config, root, context.tracking_uri)
+    config = resolve(config, root, context.tracking_uri)
+    return resolve_shuffled_reference(config, root, context.tracking_uri)

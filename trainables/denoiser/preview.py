@@ -10,7 +10,10 @@ from typing import Optional
 
 import torch
 
-from trainables.denoiser.curriculum import CurriculumSampler
+from trainables.denoiser.curriculum import CurriculumSampler, degenerate_warning
+
+QUANTILE_NOTE = ("quantile: EDM's continuous training distribution of ln σ mapped onto discrete t, "
+                 "not the paper's discrete-time setting (which is `uniform`)")
 
 
 def build_sampler(
@@ -26,6 +29,8 @@ def build_sampler(
     cumulative: bool = True,
     seed: int = 0,
     ranking=None,
+    max_stage_steps=None,
+    reference_lengths=None,
 ) -> CurriculumSampler:
     log_snr = None
     if clustering != "uniform":
@@ -44,6 +49,8 @@ def build_sampler(
         seed=seed,
         log_snr=log_snr,
         ranking=ranking,
+        max_stage_steps=max_stage_steps,
+        reference_lengths=reference_lengths,
     )
 
 
@@ -60,21 +67,18 @@ def sampled_counts(sampler: CurriculumSampler, stage_index: int, draws: int) -> 
 
 def preview(sampler: CurriculumSampler, schedule: str, clustering: str, sample: Optional[int] = None) -> dict:
     stages = []
-    schedule_rows = sampler.fixed_schedule()
-    for i, (stage, start, end) in enumerate(schedule_rows):
-        fixed = sampler.pacing == "fixed"
-        row = {
+    for i, (stage, start, end) in enumerate(sampler.fixed_schedule()):
+        stages.append({
             "stage": stage.number,
             "final": stage.final,
-            "start_step": start if fixed else None,
-            "end_step": end if fixed else None,
+            "start_step": start,
+            "end_step": end,
             "clusters": list(stage.clusters),
             "ranges": [list(r) for r in stage.ranges],
+            "shares": list(stage.shares) if stage.shares else None,
             "sampled_counts": sampled_counts(sampler, i, sample) if sample else None,
-        }
-        stages.append(row)
-    if sampler.order_name == "none":  # the baseline has no stages, only the final phase
-        stages[-1]["start_step"] = 0 if sampler.pacing == "fixed" else None
+        })
+    patience = sampler.pacing == "patience"
     return {
         "timesteps": sampler.timesteps,
         "num_clusters": sampler.num_clusters,
@@ -82,12 +86,18 @@ def preview(sampler: CurriculumSampler, schedule: str, clustering: str, sample: 
         "clustering": clustering,
         "schedule": schedule,
         "pacing": sampler.pacing,
-        "stage_steps": sampler.stage_steps if sampler.pacing == "fixed" else None,
-        "patience": sampler.patience if sampler.pacing == "patience" else None,
+        "stage_steps": sampler.stage_steps if not patience else None,
+        "patience": sampler.patience if patience else None,
+        "max_stage_steps": sampler.max_stage_steps if patience else None,
         "cumulative": sampler.cumulative,
         "introduction_order": [k + 1 for k in sampler.order],  # 1-based clusters, first introduced first
         "clusters": [list(c) for c in sampler.clusters],
         "stages": stages,
+        # The first training step (1-based) on all timesteps; under patience the latest it can be.
+        "full_from_step": sampler.full_from_step,
+        "latest_full_from_step": sampler.latest_full_from_step,
+        "warning": degenerate_warning(sampler, schedule),
+        "note": QUANTILE_NOTE if clustering == "quantile" else None,
     }
 
 
@@ -102,24 +112,38 @@ def _cluster_span(ids: list[int], n: int) -> str:
 def render_table(p: dict) -> str:
     n = p["num_clusters"]
     pace = f"fixed, {p['stage_steps']} steps/stage" if p["pacing"] == "fixed" else f"patience τ={p['patience']}"
+    if p["pacing"] == "patience":
+        pace += f", at most {p['max_stage_steps']} steps/stage" if p["max_stage_steps"] else ", stages uncapped"
+    if p["full_from_step"] is not None:
+        full = f"every timestep active from step {p['full_from_step']}"
+    elif p["latest_full_from_step"] is not None:
+        full = f"every timestep active from step {p['latest_full_from_step']} at the latest (patience decides)"
+    else:
+        full = "every timestep active once patience has ended every stage (no cap: max_stage_steps)"
     lines = [
         f"{n} clusters over t ∈ [0, {p['timesteps']}) · {p['clustering']} clustering · {p['schedule']} schedule",
         f"order {p['order']} · {'cumulative' if p['cumulative'] else 'exclusive'} · {pace}"
         + (f" · clusters introduced {' '.join(f'C{k}' for k in p['introduction_order'])}" if p["introduction_order"] else ""),
+        full,
+        *([p["note"]] if p["note"] else []),
         "",
         "cluster  timesteps",
     ]
     for k, (lo, hi) in enumerate(p["clusters"], start=1):
         note = "  (lowest noise, hardest)" if k == 1 else "  (highest noise, easiest)" if k == n and n > 1 else ""
         lines.append(f"C{k:<7} [{lo}, {hi}){note}")
-    lines += ["", f"{'stage':<7}{'steps':<16}{'clusters':<14}{'active timesteps':<28}{'sampled per cluster' if p['stages'][0]['sampled_counts'] else ''}"]
+    lines += ["", f"{'stage':<9}{'steps':<16}{'clusters':<14}{'active timesteps':<28}{'sampled per cluster' if p['stages'][0]['sampled_counts'] else ''}"]
     for s in p["stages"]:
-        name = "all" if s["final"] else str(s["stage"])
+        name = f"{s['stage']} all" if s["final"] else str(s["stage"])
         if s["start_step"] is None:
-            steps = "until patience" if not s["final"] else "after the last"
+            steps = "after the last"
+        elif s["end_step"] is None and not s["final"]:
+            steps = f"{s['start_step']}–patience"
         else:
             steps = f"{s['start_step']}–{s['end_step'] if s['end_step'] is not None else ''}"
         ranges = " ∪ ".join(f"[{lo}, {hi})" for lo, hi in s["ranges"])
+        if s["shares"]:
+            ranges = "shuffled: " + " ".join(f"C{k + 1} {v:.1%}" for k, v in enumerate(s["shares"]))
         counts = " ".join(str(c) for c in s["sampled_counts"]) if s["sampled_counts"] else ""
-        lines.append(f"{name:<7}{steps:<16}{_cluster_span(s['clusters'], n):<14}{ranges:<28}{counts}")
+        lines.append(f"{name:<9}{steps:<16}{_cluster_span(s['clusters'], n):<14}{ranges:<27} {counts}")
     return "\n".join(lines)

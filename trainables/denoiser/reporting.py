@@ -55,11 +55,17 @@ class TrialLog:
             self.logged.setdefault(k, {})[step] = v
         if self.run:
             self.run.log_metrics(metrics, step)
-        stages = self.sampler.num_clusters + 1
+        stages = len(self.sampler.plan)
         fid = f" · FID {last_fid:.2f}" if last_fid is not None else ""
         self._say(f"step {step}/{self.cfg.train.steps} · stage {metrics['curriculum/stage']}/{stages} · "
                   f"t∈[{metrics['curriculum/t_min']}, {metrics['curriculum/t_max']}] · "
                   f"loss {metrics['train/loss']:.4f} · {metrics['perf/img_per_s']:.0f} img/s{fid}")
+
+    def full_from(self, step: int) -> None:
+        """Every timestep is active from this step on: logged once, at that step."""
+        if self.run:
+            self.run.log_metrics({"curriculum/full_from_step": step}, step)
+        self._say(f"every timestep is active from step {step}")
 
     def eval(self, fid: dict, grid, step: int, seconds: float) -> None:
         self.fid_features = f"{fid['features']}; {fid['num_fake']} samples vs {fid['num_real']} reference images"
@@ -87,12 +93,7 @@ class TrialLog:
         """The schedule (JSON and plot) into the run, then every queued write delivered."""
         if not self.run:
             return
-        self.run.log_dict(
-            {"clusters": [list(c) for c in self.sampler.clusters],
-             "stages": [{"stage": s.number, "clusters": list(s.clusters), "ranges": [list(r) for r in s.ranges]}
-                        for s in self.sampler.stages()]},
-            "curriculum/schedule.json",
-        )
+        self.run.log_dict(schedule_json(self.sampler), "curriculum/schedule.json")
         fig = schedule_figure(self.history, self.sampler)
         if fig is not None:
             self.run.log_figure(fig, "curriculum/schedule.png")
@@ -103,6 +104,21 @@ class TrialLog:
             left = self.run.close()
             if left:
                 self._say(left)
+
+
+def schedule_json(sampler) -> dict:
+    """The curriculum as it ran: clusters, stages (with the per-cluster shares of a `shuffled`
+    phase), the step from which every timestep was active, and each finished stage's length, which
+    a `shuffled` control under patience pacing reads back (`curriculum.reference`)."""
+    return {
+        "order": sampler.order_name,
+        "clusters": [list(c) for c in sampler.clusters],
+        "stages": [{"stage": s.number, "final": s.final, "clusters": list(s.clusters),
+                    "ranges": [list(r) for r in s.ranges], "shares": list(s.shares) if s.shares else None}
+                   for s in sampler.stages()],
+        "full_from_step": sampler.full_from_step,
+        "realised_stage_lengths": sampler.realised_lengths(),
+    }
 
 
 def schedule_figure(history, sampler):

@@ -98,6 +98,10 @@ def train_loop(config: dict, context: TrialContext) -> None:
     sampling = Sampling(cfg, diffusion, rank, world, device, num_classes, bf16)
     resumable = Resumable(model, ema, optimizer, sampler)
     log = TrialLog(context, cfg, sampler) if rank == 0 else None
+    if log and checkpoint is None:
+        warning = curriculum_lib.degenerate_warning(sampler, cfg.diffusion.schedule)
+        if warning:
+            log.note(f"warning: {warning}")
     if log and checkpoint is not None:
         log.note_resume(start_step)
         if saved_world != world:
@@ -125,6 +129,8 @@ def train_loop(config: dict, context: TrialContext) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step - 1)
         x0, y = next(batches)
+        if log and step == sampler.full_from_step and sampler.stage_index >= sampler.full_index:
+            log.full_from(step)
         t = sampler.sample(x0.shape[0], device)
         y = drop_labels(y, cfg.data.label_dropout, null, label_gen) if num_classes else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -143,7 +149,10 @@ def train_loop(config: dict, context: TrialContext) -> None:
         cluster_count += torch.bincount(k, minlength=n_clusters)
         # What this step trained on, before `advance` may open the next stage.
         stage_before, t_lo, t_hi = sampler.stage, sampler.t_min, sampler.t_max
-        sampler.advance(raw.mean() if cfg.curriculum.pacing == "patience" else None)
+        if sampler.wants_loss:
+            sampler.advance(raw.mean() if cfg.curriculum.patience_loss == "raw" else loss.detach())
+        else:
+            sampler.advance()
         interval_images += x0.shape[0]
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:

@@ -1,0 +1,72 @@
+"""A config field that names an earlier result: a local file, or an MLflow run id whose artifact
+holds it. `prepare` resolves it once, on the driver, and copies the bytes into the storage root
+(content-addressed, so every worker on every node reads the same file); the trials get that path.
+
+Two fields use it: `curriculum.difficulty` (a difficulty probe's `difficulty.json`, measured.py) and
+`curriculum.reference` (an easy-to-hard trial's `curriculum/schedule.json`, for `shuffled`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from paceray.protocol import PacerayError, one_line, write_atomic
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+SCHEDULE_ARTIFACT = "curriculum/schedule.json"
+
+
+def fetch(field: str, ref: str, artifact: str, tracking_uri: Optional[str], what: str) -> bytes:
+    """The bytes `ref` names: a file, or `artifact` of the run `ref`; `what` says which run it must be."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path.read_bytes()
+    if not RUN_ID.match(ref):
+        raise PacerayError(f"{field}: {ref}: no such file, and not an MLflow run id")
+    if tracking_uri is None:
+        raise PacerayError(f"{field}: run {ref} needs the tracking store {what} logged to "
+                           f"(--tracking-uri, or the --run-dir of its embedded store)")
+    import mlflow.artifacts
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no bar
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=ref, artifact_path=artifact, tracking_uri=tracking_uri,
+                                                        dst_path=tmp)
+        except Exception as e:  # MlflowException: no such run or artifact
+            raise PacerayError(one_line(f"{field}: run {ref} at {tracking_uri} has no {artifact} "
+                                        f"(is it {what}?): {str(e)[:200]}")) from None
+        return Path(local).read_bytes()
+
+
+def store(storage: Path, folder: str, raw: bytes) -> Path:
+    """`raw` under storage/folder/, named by its digest; written once, atomically."""
+    dst = storage / folder / f"{hashlib.sha256(raw).hexdigest()[:16]}.json"
+    if not dst.exists():
+        write_atomic(dst, lambda tmp: Path(tmp).write_bytes(raw))
+    return dst
+
+
+def resolve_shuffled_reference(config: dict, storage: Path, tracking_uri: Optional[str]) -> dict:
+    """`curriculum.reference` of a `shuffled` trial, checked to give the stage lengths its
+    allocation needs, replaced by the copy in the storage root."""
+    c = config["curriculum"]
+    if c["order"] != "shuffled" or not c.get("reference"):
+        return config
+    from trainables.denoiser.curriculum import CurriculumSampler, reference_stage_lengths
+
+    field = "curriculum.reference"
+    dst = store(storage, "schedules", fetch(field, c["reference"], SCHEDULE_ARTIFACT, tracking_uri,
+                                             "a finished easy-to-hard trial"))
+    try:
+        lengths = reference_stage_lengths(str(dst))
+        CurriculumSampler(config["diffusion"]["timesteps"], c["num_clusters"], "shuffled", pacing=c["pacing"],
+                          patience=c["patience"], cumulative=c["cumulative"], reference_lengths=lengths)
+    except ValueError as e:
+        raise PacerayError(one_line(f"{field} {c['reference']}: {e}")) from None
+    return {**config, "curriculum": {**c, "reference": str(dst)}}
