@@ -79,7 +79,25 @@ def store(tmp_path_factory):
     add_trial(c, single, None, "single-20260101", "easy-to-hard", 4, "fixed", 0, "FINISHED", [60, 50], None)
     empty = c.create_experiment("empty", artifact_location=str(run_dir / "mlartifacts-empty"))
     c.create_run(empty, run_name="search-empty", tags=SEARCH)
+
+    fair = c.create_experiment("paired", artifact_location=str(run_dir / "mlartifacts-paired"))
+    fparent = c.create_run(fair, run_name="search-paired", tags=SEARCH).info.run_id
+    for order, histories in PAIRED.items():
+        for seed, fids in enumerate(histories):
+            add_trial(c, fair, fparent, f"{order}-s{seed}", order, 4, "fixed", seed, "FINISHED", fids, None)
+    # stopped early: its final FID is from another step, so it pairs with nothing
+    add_trial(c, fair, fparent, "random-s0", "random", 4, "fixed", 0, "FINISHED", [70, 50], None)
     return {"uri": uri, "run_dir": run_dir, "parent": parent, "mixed_parent": mparent}
+
+
+# order -> per seed 0..4, FIDs at STEPS
+PAIRED = {
+    "none": [[80, 60, 50, 40], [84, 62, 49, 43], [78, 57, 47, 38], [90, 66, 52, 45], [81, 59, 51, 41]],
+    # better at every seed by 2–5 at the end, and all along
+    "easy-to-hard": [[76, 55, 46, 37], [80, 58, 45, 38], [75, 52, 44, 36], [85, 61, 49, 40], [79, 55, 47, 39]],
+    # worse at some seeds, better at others
+    "hard-to-easy": [[82, 61, 50, 42], [83, 61, 48, 41], [79, 58, 48, 40], [88, 65, 50, 43], [82, 60, 52, 42]],
+}
 
 
 @pytest.fixture(scope="module")
@@ -121,12 +139,51 @@ def test_text_has_extractor_line_failure_reason_and_summary(quick):
     h2e = next(line for line in lines if " h2e-n4 " in line)
     assert "τ=200" in h2e and "—" in h2e  # never reaches the baseline
     assert "* best trial: e2h-n4, FID 30.00 at step 400" in text
-    summary = quick.summary.set_index("order")
+    summary = quick.summary.set_index("arm")
     assert summary.loc["none", "n"] == 2
     assert summary.loc["none", "final_fid_mean"] == pytest.approx(42.0)
     assert summary.loc["none", "final_fid_std"] == pytest.approx(math.sqrt(8))
-    assert summary.loc["easy-to-hard", "failed"] == 1
-    assert "42.00 ± 2.83" in text
+    # arms are curricula without the seed, named by the settings the search varies
+    assert set(summary.index) == {"none", "easy-to-hard N=4 fixed 50 steps/stage", "easy-to-hard N=8 fixed 50 steps/stage",
+                                  "easy-to-hard N=2 fixed 50 steps/stage", "hard-to-easy N=4 patience τ=200",
+                                  "random N=8 fixed 50 steps/stage"}
+    assert summary.loc["easy-to-hard N=2 fixed 50 steps/stage", "failed"] == 1
+    assert summary.loc["easy-to-hard N=4 fixed 50 steps/stage", "n_pairs"] == 1  # one seed in common
+    assert "42.00 ± 2.83" in text and "1 pair(s), too few to tell" in text
+
+
+def test_paired_intervals_against_bounds_computed_here(store):
+    """ΔFID per seed, its mean and a 95% percentile-bootstrap interval (scipy's, independent of
+    the report's resampling), the same for the mean FID over training; verdicts in words."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    rep = report.report_for_experiment(store["uri"], "paired")
+    summary = rep.summary.set_index("arm")
+    base = np.array(PAIRED["none"], dtype=float)
+    steps = np.array(STEPS, dtype=float)
+
+    def over_training(h):
+        return np.trapezoid(h, steps, axis=-1) / (steps[-1] - steps[0])
+
+    for arm in ("easy-to-hard", "hard-to-easy"):
+        mine = np.array(PAIRED[arm], dtype=float)
+        for kind, delta in (("fid", mine[:, -1] - base[:, -1]), ("auc", over_training(mine) - over_training(base))):
+            ci = bootstrap((delta,), np.mean, n_resamples=10_000, method="percentile", confidence_level=0.95,
+                           random_state=np.random.default_rng(1)).confidence_interval
+            row = summary.loc[arm]
+            tolerance = 0.03 * (delta.max() - delta.min())  # Monte Carlo error of two different resamplings
+            assert row["n_pairs"] == 5 and row["paired_seeds"] == "0;1;2;3;4"
+            assert row[f"delta_{kind}_mean"] == pytest.approx(delta.mean())
+            assert row[f"delta_{kind}_ci_low"] == pytest.approx(ci.low, abs=tolerance), (arm, kind)
+            assert row[f"delta_{kind}_ci_high"] == pytest.approx(ci.high, abs=tolerance), (arm, kind)
+    assert summary.loc["easy-to-hard", "verdict"] == "better than the baseline"
+    assert summary.loc["hard-to-easy", "verdict"] == "indistinguishable from the baseline"
+    assert summary.loc["random", "n_pairs"] == 0  # stopped at step 200: not paired with 400-step baselines
+    text = rep.text
+    assert "easy-to-hard: better than the baseline at 95% — final FID -3.40 [" in text
+    assert "hard-to-easy: indistinguishable from the baseline at 95%" in text
+    assert "random: 0 pair(s), too few to tell" in text
 
 
 def test_mixed_extractors_warn_and_name_no_overall_best(store):

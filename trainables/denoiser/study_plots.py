@@ -1,5 +1,6 @@
-"""FID-vs-step plots of a curriculum comparison (`study_report.Report`): one line per trial,
-coloured by curriculum order or by cluster count, the baseline's final FID as a reference line,
+"""FID-vs-step plots of a curriculum comparison (`study_report.Report`): by arm (the mean over
+seeds with a ±std band where an arm has two or more finished seeds, single trials as lines) or
+one line per trial coloured by cluster count, the baseline's final FID as a reference line,
 the feature extractor in the title (in red when trials used different ones)."""
 
 from __future__ import annotations
@@ -24,13 +25,20 @@ def plot_fid(rep: Report, by: str):
     from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     t = rep.table
     if by == "order":
-        keys = [o for o in ORDERS if o in set(t["order"])] + sorted(set(t["order"].dropna()) - set(ORDERS))
+        orders = dict(zip(t["arm"], t["order"]))
+        rank = {o: i for i, o in enumerate(ORDERS)}
+        keys = sorted(orders, key=lambda a: (rank.get(orders[a], len(ORDERS)), str(a)))
         extra = colormaps["tab10"]
-        colors = {k: ORDER_COLORS.get(k, extra(i % 10)) for i, k in enumerate(keys)}
-        key_of, label_of = (lambda row: row["order"]), (lambda k: str(k))
+        colors, used = {}, set()
+        for i, k in enumerate(keys):  # an order's colour for its first arm, then distinct ones
+            colour = ORDER_COLORS.get(orders[k])
+            colors[k] = colour if colour and colour not in used else extra((i + 3) % 10)
+            used.add(colors[k])
+        key_of, label_of = (lambda row: row["arm"]), (lambda k: str(k))
     else:
         ns = sorted({int(n) for n, o in zip(t["N"], t["order"]) if o != "none" and n is not pd.NA})
         cmap = colormaps["viridis"]
@@ -44,12 +52,19 @@ def plot_fid(rep: Report, by: str):
     ax = fig.add_subplot()
     counts: dict = {}
     dashed_baseline = by == "N" and rep.comparable
+    banded = _arm_bands(rep) if by == "order" else {}
+    for (features, key), (steps, mean, std) in banded.items():
+        style = styles[rep.feature_groups.index(features) % 4] if features in rep.feature_groups else "-"
+        ax.plot(steps, mean, style, color=colors.get(key, "black"), linewidth=2, marker="o", markersize=2.5)
+        ax.fill_between(steps, mean - std, mean + std, color=colors.get(key, "black"), alpha=0.18, linewidth=0)
     for _, row in t.iterrows():
         h = rep.histories.get(row["run_id"])
         if h is None or h.empty:
             continue
         key = key_of(row)
         counts[key] = counts.get(key, 0) + 1
+        if (row["features"], key) in banded and not row["best"] and row["status"] not in ENDED_BADLY:
+            continue  # drawn as its arm's mean and band
         style = styles[rep.feature_groups.index(row["features"]) % 4] if row["features"] in rep.feature_groups else "-"
         if dashed_baseline and key == "baseline":
             style = "--"
@@ -70,6 +85,8 @@ def plot_fid(rep: Report, by: str):
         ax.axhline(b.fid, color=ORDER_COLORS["none"], linestyle=":", linewidth=1)
     if rep.baselines:
         handles.append(Line2D([], [], color=ORDER_COLORS["none"], linestyle=":", label="baseline final FID (mean)"))
+    if banded:
+        handles.append(Patch(color="grey", alpha=0.3, label="mean ± std over seeds (finished trials)"))
     if any(t["status"].isin(ENDED_BADLY)):
         handles.append(Line2D([], [], color="black", marker="x", linestyle="", label="failed / killed"))
     values = pd.concat([h for h in rep.histories.values() if not h.empty] or [pd.Series(dtype=float)])
@@ -82,9 +99,29 @@ def plot_fid(rep: Report, by: str):
     ax.set_ylabel("FID (eval/fid, lower is better)")
     ax.grid(True, which="both", alpha=0.3)
     if handles:
-        ax.legend(handles=handles, fontsize=8, loc="best", title="curriculum order" if by == "order" else
+        ax.legend(handles=handles, fontsize=8, loc="best", title="curriculum arm (trials)" if by == "order" else
                   "clusters N", title_fontsize=8)
-    what = "curriculum order" if by == "order" else "number of clusters N"
+    what = "curriculum arm" if by == "order" else "number of clusters N"
     fig.suptitle(f"{rep.experiment}: FID vs step by {what}", fontsize=12)
     ax.set_title(_short_features(rep), fontsize=8.5, color="black" if rep.comparable else "red")
     return fig
+
+
+def _arm_bands(rep: Report) -> dict:
+    """(features, arm) -> (steps, mean, std) over the arm's finished trials of ≥ 2 seeds, at the
+    eval steps they all have."""
+    import numpy as np
+
+    t = rep.table
+    out = {}
+    finished = t[(t["status"] == "FINISHED")]
+    for (features, arm), sub in finished.groupby(["features", "arm"]):
+        hists = [rep.histories[r] for r in sub["run_id"] if r in rep.histories and not rep.histories[r].empty]
+        if len(hists) < 2:
+            continue
+        steps = sorted(set.intersection(*(set(h.index) for h in hists)))
+        if not steps:
+            continue
+        values = np.array([h.loc[steps].to_numpy(dtype=float) for h in hists])
+        out[(features, arm)] = (steps, values.mean(axis=0), values.std(axis=0, ddof=1))
+    return out

@@ -22,7 +22,7 @@ from paceray.protocol import BEST_TRIAL_TAG, ERROR_TAG, TRIAL_TAG, one_line
 FID_METRIC = "eval/fid"
 FEATURES_TAG = "paceray.fid_features"
 UNKNOWN_FEATURES = "unknown (trial has FIDs but no paceray.fid_features tag)"
-ORDERS = ("none", "easy-to-hard", "hard-to-easy", "random")
+ORDERS = ("none", "easy-to-hard", "hard-to-easy", "random", "shuffled", "measured")
 ENDED_BADLY = ("FAILED", "KILLED")
 FILES = ("trials.csv", "summary.csv", "fid_by_order.png", "fid_by_clusters.png")
 DASH = "—"
@@ -127,22 +127,58 @@ def _baselines(table: pd.DataFrame) -> dict:
     return out
 
 
-def _summary(table: pd.DataFrame, by_features: bool) -> pd.DataFrame:
-    keys = ["features", "order"] if by_features else ["order"]
+ARM_FIELDS = ("N", "clustering", "pacing", "stage_or_tau", "cumulative")
+
+
+def _arm_part(field: str, value) -> str:
+    if field == "N":
+        return f"N={value}"
+    if field == "stage_or_tau":
+        return str(value) if str(value).startswith("τ") else f"{value} steps/stage"
+    if field == "cumulative":
+        return "cumulative" if str(value).lower() == "true" else "exclusive"
+    return str(value)
+
+
+def arm_labels(table: pd.DataFrame) -> list:
+    """Each trial's arm: its curriculum without the seed. `none` is one arm whatever its other
+    settings (they mean nothing to it); other arms name the settings that vary in the search."""
+    curriculum = table[table["order"] != "none"]
+    varying = [f for f in ARM_FIELDS if curriculum[f].astype(str).nunique() > 1]
+    return ["none" if row["order"] == "none" else
+            " ".join([str(row["order"]), *(_arm_part(f, row[f]) for f in varying)])
+            for _, row in table.iterrows()]
+
+
+def _summary(table: pd.DataFrame, histories: dict, by_features: bool) -> pd.DataFrame:
+    from trainables.denoiser import paired
+
+    keys = ["features", "arm"] if by_features else ["arm"]
+    finished = table[(table["status"] == "FINISHED") & _finite(table["final_fid"])]
     rows = []
     for key, sub in table.groupby(keys, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         counted = sub[~sub["status"].isin(ENDED_BADLY) & _finite(sub["final_fid"])]
         fids = counted["final_fid"]
-        rows.append({**dict(zip(keys, key)), "n": len(fids),
-                     "final_fid_mean": fids.mean() if len(fids) else math.nan,
-                     "final_fid_std": fids.std(ddof=1) if len(fids) > 1 else math.nan,
-                     "best_fid_mean": counted["best_fid"].mean() if len(fids) else math.nan,
-                     "failed": int(sub["status"].isin(ENDED_BADLY).sum())})
-    summary = pd.DataFrame(rows, columns=keys + ["n", "final_fid_mean", "final_fid_std", "best_fid_mean", "failed"])
+        row = {**dict(zip(keys, key)), "order": sub["order"].iloc[0], "n": len(fids),
+               "final_fid_mean": fids.mean() if len(fids) else math.nan,
+               "final_fid_std": fids.std(ddof=1) if len(fids) > 1 else math.nan,
+               "best_fid_mean": counted["best_fid"].mean() if len(fids) else math.nan,
+               "failed": int(sub["status"].isin(ENDED_BADLY).sum()),
+               "steps_to_baseline": paired.steps_to_baseline(counted), **paired.EMPTY}
+        group = finished[finished["features"] == sub["features"].iloc[0]] if by_features else finished
+        if row["order"] == "none":
+            row["verdict"] = "the baseline"
+        else:
+            mine = group[group["arm"] == row["arm"]]
+            row.update(paired.compare(mine, group[group["order"] == "none"], histories))
+        rows.append(row)
+    columns = keys + ["order", "n", "final_fid_mean", "final_fid_std", "best_fid_mean", "failed",
+                      "steps_to_baseline", *paired.COLUMNS]
+    summary = pd.DataFrame(rows, columns=columns)
     rank = {o: i for i, o in enumerate(ORDERS)}
     summary["_rank"] = summary["order"].map(lambda o: rank.get(o, len(ORDERS)))
-    return summary.sort_values(keys[:-1] + ["_rank", "order"]).drop(columns="_rank").reset_index(drop=True)
+    return summary.sort_values(keys[:-1] + ["_rank", "arm"]).drop(columns="_rank").reset_index(drop=True)
 
 
 def build(search) -> Report:
@@ -164,6 +200,7 @@ def build(search) -> Report:
     for col in ("N", "seed", "best_step", "final_step", "steps_to_baseline"):
         table[col] = table[col].astype("Int64")
     table["group"] = table["features"].map(lambda g: groups.index(g) if g in groups else len(groups))
+    table["arm"] = arm_labels(table)
     table = table.sort_values(["group", "best_fid", "trial"], na_position="last").reset_index(drop=True)
     # The best trial of each feature group; one overall best only when all FIDs are comparable.
     ranked = table[_finite(table["best_fid"])]
@@ -172,7 +209,7 @@ def build(search) -> Report:
     best_trial = best_fid = None
     if len(groups) <= 1 and not ranked.empty:
         best_trial, best_fid = str(ranked.iloc[0]["trial"]), float(ranked.iloc[0]["best_fid"])
-    return Report(experiment, source, parent_run_id, table, _summary(table, len(groups) > 1), histories,
+    return Report(experiment, source, parent_run_id, table, _summary(table, histories, len(groups) > 1), histories,
                   groups, baselines, best_trial, best_fid)
 
 
@@ -235,12 +272,28 @@ def display_table(rep: Report) -> pd.DataFrame:
     return shown
 
 
+def _interval(mean, low, high) -> str:
+    if not (isinstance(mean, float) and math.isfinite(mean)):
+        return DASH
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"{mean:+.2f}"
+    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
 def display_summary(rep: Report) -> pd.DataFrame:
     s = rep.summary
-    out = pd.DataFrame({"order": s["order"].map(_fmt), "n": s["n"],
+    out = pd.DataFrame({"arm": s["arm"].map(_fmt), "n": s["n"],
                         "final FID mean ± std": [f"{_fmt(m)} ± {_fmt(d)}" if n > 1 else _fmt(m)
                                                  for m, d, n in zip(s["final_fid_mean"], s["final_fid_std"], s["n"])],
-                        "best FID mean": s["best_fid_mean"].map(_fmt), "failed": s["failed"]})
+                        "best FID mean": s["best_fid_mean"].map(_fmt),
+                        "pairs": [DASH if o == "none" else str(n) for o, n in zip(s["order"], s["n_pairs"])],
+                        "ΔFID final [95%]": [_interval(*v) for v in zip(s["delta_fid_mean"], s["delta_fid_ci_low"],
+                                                                           s["delta_fid_ci_high"])],
+                        "ΔFID over training [95%]": [_interval(*v) for v in zip(s["delta_auc_mean"],
+                                                                                  s["delta_auc_ci_low"],
+                                                                                  s["delta_auc_ci_high"])],
+                        "→baseline by seed": s["steps_to_baseline"].map(_fmt),
+                        "failed": s["failed"]})
     if "features" in s:
         out.insert(0, "FID", s["features"].map(rep.group_label))
     return out
@@ -269,8 +322,29 @@ def render(rep: Report) -> str:
     elif not rep.comparable:
         lines.append("* best trial of each FID group (not comparable across groups)")
     lines += ["", "per arm (final FID over seeds; failed trials not counted):",
-              display_summary(rep).to_string(index=False)]
+              _left_aligned(display_summary(rep), ("arm",))]
+    lines += _verdict_lines(rep)
     return "\n".join(lines)
+
+
+def _verdict_lines(rep: Report) -> list:
+    """In words, each arm against the baseline, from the paired intervals."""
+    s = rep.summary[rep.summary["order"] != "none"]
+    if s.empty or not (rep.summary["order"] == "none").any():
+        return []
+    lines = ["", "paired by seed against order=none (Δ = arm − baseline, negative = better; "
+                 "95% percentile bootstrap over the pairs, 10,000 resamples; finished trials of equal length):"]
+    for _, row in s.iterrows():
+        where = f"[{rep.group_label(row['features'])}] " if "features" in s and not rep.comparable else ""
+        if row["n_pairs"] < 2:
+            lines.append(f"  {where}{row['arm']}: {row['n_pairs']} pair(s), too few to tell")
+            continue
+        lines.append(f"  {where}{row['arm']}: {row['verdict']} at 95% — final FID "
+                     f"{_interval(row['delta_fid_mean'], row['delta_fid_ci_low'], row['delta_fid_ci_high'])}, "
+                     f"mean FID over training "
+                     f"{_interval(row['delta_auc_mean'], row['delta_auc_ci_low'], row['delta_auc_ci_high'])} "
+                     f"({row['n_pairs']} seeds: {row['paired_seeds']})")
+    return lines
 
 
 # ---------------------------------------------------------------- files and the parent run
