@@ -151,7 +151,8 @@ def test_killed_search_resumes_without_rerunning_finished_trials(killed_search, 
 def asha_search(shared, tmp_path):
     """One trial learns (lr 2e-3); one barely moves (lr 1e-7) and keeps FIDs far above it.
     Trials run one at a time, the strong one first (grid order), so when the weak trial reaches
-    the first rung (2 evals = step 60; by then lr 2e-3 has clearly learned) ASHA compares it with
+    the first rung (2 evals after the curriculum shows every timestep at step 19: step 79, seen at
+    the eval of step 90; by then lr 2e-3 has clearly learned) ASHA compares it with
     the FID the strong one recorded there (ASHA's 1/2 quantile of one value, reduction factor 2).
     It is far worse, so it stops (one more eval may land while the stop travels)."""
     import yaml
@@ -176,7 +177,7 @@ def test_asha_stops_the_weak_trials(asha_search, shared):
         steps = [s for s, _ in history(client, c.info.run_id, "eval/fid")]
         last_step.setdefault(c.data.params["train.lr"], []).append(max(steps))
     assert last_step["0.002"] == [300]  # the strong trial trains to the end
-    # stopped early: the decision comes at the first rung (step 60); how many evals land before
+    # stopped early: the decision comes at the first rung (step 90); how many evals land before
     # the stop reaches the worker depends on the machine's load
     assert all(s < 300 for s in last_step["1e-07"]), last_step
     stopped = [c for c in children if c.data.params["train.lr"] == "1e-07"]
@@ -184,6 +185,39 @@ def test_asha_stops_the_weak_trials(asha_search, shared):
     assert all(s == ("KILLED", "asha", None) for s in seen), seen
     strong = next(c for c in children if c.data.params["train.lr"] == "0.002")
     assert strong.info.status == "FINISHED" and "paceray.stopped_early" not in strong.data.tags
+
+
+# ----------------------------------------------------------------- seeds as replicates
+
+
+@prelaunched
+def seeded_search(shared, tmp_path):
+    """A grid over order × N with `tune.seeds: [0, 1]`: the baseline runs once per seed, every
+    curriculum arm once per seed, and the report pairs them by seed."""
+    import yaml
+
+    spec = yaml.safe_load((REPO / "search_spaces/quick.yaml").read_text())
+    spec["name"] = "seeded"
+    spec["search"] = {"curriculum.order": {"grid": ["none", "easy-to-hard"]},
+                      "curriculum.num_clusters": {"grid": [2, 4]}}
+    spec["tune"] = {"seeds": [0, 1]}
+    path = tmp_path / "seeded.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    run_dir = tmp_path / "runs"
+    return shared.paceray("tune", path, "--run-dir", run_dir, *SHORT, "--set", "train.steps=10",
+                          "--set", "eval.every=10", "--set", "curriculum.stage_steps=2")
+
+
+def test_seeds_replicate_every_arm_and_none_runs_once_per_seed(seeded_search, shared):
+    client, parents, children = search_runs(shared, "seeded")
+    arms = sorted((c.data.params["curriculum.order"], c.data.params["curriculum.num_clusters"],
+                   c.data.params["train.seed"]) for c in children)
+    assert arms == [("easy-to-hard", "2", "0"), ("easy-to-hard", "2", "1"), ("easy-to-hard", "4", "0"),
+                    ("easy-to-hard", "4", "1"), ("none", "4", "0"), ("none", "4", "1")]
+    assert all(c.info.status == "FINISHED" for c in children)
+    out = seeded_search.stdout
+    assert "easy-to-hard N=2" in out and "easy-to-hard N=4" in out
+    assert "paired by seed against order=none" in out and "(2 seeds: 0;1)" in out
 
 
 # ----------------------------------------------------------------- ray job submit

@@ -161,6 +161,17 @@ class Trainable:
     commands             `commands() -> [click.Command]`: CLI tools mounted under `paceray`
                          (the module they come from imports only click)
     report               `report() -> ReportHook`: the domain part of `paceray report`
+    irrelevant           `irrelevant(config) -> [dotted path]`: the settings that the config's
+                         other settings make irrelevant (e.g. the cluster count of a run without a
+                         curriculum). The platform puts them back to the base's values (the
+                         canonical config), so grid points differing only there run once, and
+                         Optuna is not asked for them (a conditional space)
+    seed_path            the dotted config path of the trial's seed: `tune.seeds` replicates
+                         every arm over it, and the report pairs arms by it
+    judged_from          `judged_from(config) -> int | None`: the first step from which the
+                         metric of this config compares fairly with others' (e.g. when a
+                         curriculum has shown every timestep); ASHA gives every trial at least
+                         the largest over the search space before stopping any
     """
 
     name: str
@@ -176,6 +187,9 @@ class Trainable:
     check_checkpoint: Optional[Callable[[str], None]] = None
     commands: Callable[[], Sequence[Any]] = lambda: ()
     report: Optional[Callable[[], "ReportHook"]] = None
+    irrelevant: Optional[Callable[[dict], Sequence[str]]] = None
+    seed_path: Optional[str] = None
+    judged_from: Optional[Callable[[dict], Optional[int]]] = None
     description: str = ""
 
     def __post_init__(self) -> None:

@@ -95,7 +95,11 @@ class TuneSection(_Strict):
     num_samples: int = Field(1, ge=1)
     algorithm: Literal["grid", "random", "optuna"] = "grid"
     scheduler: Literal["fifo", "asha"] = "fifo"
-    grace_evals: int = Field(1, ge=1)  # ASHA: evals a trial gets before it may be stopped
+    grace_evals: int = Field(1, ge=1)  # ASHA: evals a trial gets after it can be judged (see grace_steps)
+    # ASHA's grace period in steps; default: the trainable's `judged_from` over the space plus
+    # grace_evals evals. Lower than that is allowed, with a warning.
+    grace_steps: Optional[int] = Field(None, ge=1)
+    seeds: Optional[list[int]] = Field(None, min_length=1)  # every arm once per seed (grid and random)
     reduction_factor: int = Field(2, ge=2)
     max_concurrent: Optional[int] = Field(None, ge=1)
     seed: int = 0
@@ -235,6 +239,7 @@ def load(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> "Loade
     trainable = registry.resolve(spec.trainable, str(path))
     config = check_config(trainable.config, base, str(path), "base.")
     check_search(trainable.config, config, search, str(path))
+    check_seeds(spec, trainable, search, str(path))
     # The metric and its mode: the spec's, else the trainable's (a spec naming another metric
     # says its mode too, or gets the trainable's).
     metric = spec.tune.metric or trainable.metric
@@ -273,6 +278,21 @@ def check_search(config_cls, base: dict, search: dict[str, "Distribution"], wher
             point = ", ".join(f"{k}={v!r}" for k, v in combo)
             err = _pydantic_error(where, e, "search: ")
             raise PacerayError(f"{err} (search point {point})") from None
+
+
+def check_seeds(spec: Spec, trainable, search: dict, where: str) -> None:
+    seeds = spec.tune.seeds
+    if not seeds:
+        return
+    if trainable.seed_path is None:
+        raise PacerayError(f"{where}: tune.seeds: trainable {trainable.name!r} names no seed path (Trainable.seed_path)")
+    if trainable.seed_path in search:
+        raise PacerayError(f"{where}: tune.seeds: {trainable.seed_path} is also in search; give the seeds once")
+    if spec.tune.algorithm == "optuna":
+        raise PacerayError(f"{where}: tune.seeds: replicates need algorithm grid or random (Optuna suggests each "
+                           f"trial afresh); search {trainable.seed_path} with Optuna instead")
+    if len(set(seeds)) != len(seeds):
+        raise PacerayError(f"{where}: tune.seeds: {seeds} repeats a seed")
 
 
 def _check_interior(config_cls, base: dict, key: str, d: "Distribution", where: str) -> None:
@@ -318,9 +338,16 @@ class LoadedSpec(BaseModel):
         return self.spec.name
 
     def trial_configs_preview(self) -> int:
-        """How many trials a grid search makes (num_samples × grid product)."""
-        n = self.spec.tune.num_samples
-        for d in self.search.values():
-            if d.kind == "grid":
-                n *= len(d.args)
+        """How many trials the search makes: distinct canonical grid points × seeds × num_samples
+        (a random or Optuna search: num_samples × seeds, times the grid for random)."""
+        from paceray import space
+
+        count = space.trial_count(self)
+        if count is not None:
+            return count
+        n = self.spec.tune.num_samples * max(1, len(self.spec.tune.seeds or []))
+        if self.spec.tune.algorithm == "random":
+            for d in self.search.values():
+                if d.kind == "grid":
+                    n *= len(d.args)
         return n

@@ -7,6 +7,7 @@ trial id before one is created, so a restarted trial or a resumed search never m
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,19 +24,45 @@ from paceray.trial import resume_point, trainer_for, trial_storage
 
 
 def param_space(loaded: LoadedSpec, algorithm: str) -> dict:
-    """The trial config with Tune distributions at the searched paths (nested like the config)."""
+    """The trial config with Tune distributions at the searched paths (nested like the config).
+
+    grid: the grid's paths hold the values the expanded points use (points_to_evaluate sets
+    each trial's; see search_alg); random: Tune expands the grid and `tune.seeds` per sample;
+    optuna: only constants (the define-by-run space suggests the rest)."""
     import copy
 
-    space = copy.deepcopy(loaded.base)
-    for key, dist in loaded.search.items():
-        if algorithm == "optuna" and dist.kind == "grid":
-            from ray import tune
+    from ray import tune
 
-            value = tune.choice(list(dist.args))  # Optuna takes no grid: sample the same values
+    from paceray import space as space_lib
+
+    config = copy.deepcopy(loaded.base)
+    if algorithm == "optuna":
+        return config
+    points = space_lib.grid_points(loaded) if algorithm == "grid" else []
+    for key, dist in loaded.search.items():
+        if algorithm == "grid" and dist.kind == "grid":
+            used = list(dict.fromkeys(json_key(p[key]) for p in points))
+            value = tune.grid_search([json.loads(v) for v in used])
         else:
             value = dist.to_tune()
-        set_path(space, key, value)
-    return space
+        set_path(config, key, value)
+    seeds = space_lib.seeds(loaded)
+    if seeds:
+        set_path(config, loaded.trainable.seed_path, tune.grid_search(seeds))
+    return config
+
+
+def json_key(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def num_samples(loaded: LoadedSpec) -> int:
+    """Tune's num_samples: one per expanded grid point (grid), else the spec's."""
+    from paceray import space as space_lib
+
+    if loaded.spec.tune.algorithm == "grid":
+        return space_lib.trial_count(loaded)
+    return loaded.spec.tune.num_samples
 
 
 def max_concurrent(loaded: LoadedSpec, cluster: dict[str, float]) -> int:
@@ -61,12 +88,22 @@ def max_concurrent(loaded: LoadedSpec, cluster: dict[str, float]) -> int:
 
 
 def search_alg(loaded: LoadedSpec):
+    from paceray import space as space_lib
+
     t = loaded.spec.tune
     if t.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=t.seed)  # metric and mode come from TuneConfig
-    return None  # grid and random: Tune's variant generator (grid_search expands, others sample)
+        # metric and mode come from TuneConfig; a conditional space: see space.define_by_run
+        return OptunaSearch(space=space_lib.define_by_run(loaded), seed=t.seed)
+    from ray.tune.search import BasicVariantGenerator
+
+    if t.algorithm == "grid":
+        # Each canonical grid point (× seed) once per num_samples; Tune samples the rest.
+        points = [space_lib.unflatten(p) for p in space_lib.grid_points(loaded)] * t.num_samples
+        return BasicVariantGenerator(points_to_evaluate=points, random_state=t.seed)
+    # random: a sample's values stay the same over the seeds' grid (its replicates)
+    return BasicVariantGenerator(constant_grid_search=bool(t.seeds), random_state=t.seed)
 
 
 def scheduler(loaded: LoadedSpec):
@@ -79,8 +116,27 @@ def scheduler(loaded: LoadedSpec):
     # Scheduled on the trial's own `step` (not training_iteration, which restarts at 1 after a
     # restore). max_t one past the last step: ASHA stops a trial that reaches max_t, and a trial
     # stopped at its final report would lose its end (its run's FINISHED status, end-of-trial plots).
-    return ASHAScheduler(time_attr=STEP_KEY, max_t=horizon.steps + 1,
-                         grace_period=t.grace_evals * horizon.report_every, reduction_factor=t.reduction_factor)
+    return ASHAScheduler(time_attr=STEP_KEY, max_t=horizon.steps + 1, grace_period=grace_period(loaded),
+                         reduction_factor=t.reduction_factor)
+
+
+def grace_period(loaded: LoadedSpec, warn=print) -> int:
+    """ASHA's grace period in steps: from the largest step before which a trial of the space
+    cannot be judged (the trainable's `judged_from`; for a curriculum, when it has shown every
+    timestep), plus `grace_evals` evals. `tune.grace_steps` overrides it; lower, with a warning."""
+    from paceray import space as space_lib
+
+    t = loaded.spec.tune
+    every = loaded.trainable.horizon(loaded.base).report_every
+    judged = space_lib.judged_from(loaded)
+    fair = (judged or 0) + t.grace_evals * every
+    if t.grace_steps is None:
+        return fair
+    if judged is not None and t.grace_steps < fair:
+        warn(f"paceray: warning: {loaded.spec.path}: tune.grace_steps {t.grace_steps} lets ASHA stop trials before "
+             f"step {judged}, when some trial of this space is first judged fairly ({fair} = that + "
+             f"{t.grace_evals} eval(s)); its curriculum may not have shown every timestep yet")
+    return t.grace_steps
 
 
 @dataclass(frozen=True)
@@ -182,7 +238,7 @@ def build_tuner(loaded: LoadedSpec, context: SearchContext, concurrent: int, tun
         trainable,
         param_space=param_space(loaded, t.algorithm),
         tune_config=tune.TuneConfig(
-            metric=loaded.metric, mode=loaded.mode, num_samples=t.num_samples, search_alg=search_alg(loaded),
+            metric=loaded.metric, mode=loaded.mode, num_samples=num_samples(loaded), search_alg=search_alg(loaded),
             scheduler=scheduler(loaded), max_concurrent_trials=concurrent,
         ),
         run_config=tune.RunConfig(

@@ -55,6 +55,18 @@ def report():
     return StudyReportHook()
 
 
+def irrelevant(config: dict) -> list:
+    from trainables.denoiser.search_hooks import irrelevant as _irrelevant
+
+    return _irrelevant(config)
+
+
+def judged_from(config: dict):
+    from trainables.denoiser.search_hooks import judged_from as _judged_from
+
+    return _judged_from(config)
+
+
 TRAINABLE = Trainable(
     name="denoiser",
     description="a diffusers UNet trained with a timestep curriculum; FID tracked over training",
@@ -70,6 +82,9 @@ TRAINABLE = Trainable(
     check_checkpoint=check_checkpoint,
     commands=commands,
     report=report,
+    irrelevant=irrelevant,
+    seed_path="train.seed",
+    judged_from=judged_from,
 )
 
 __all__ = ["TRAINABLE", "Config"]
