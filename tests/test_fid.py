@@ -16,8 +16,8 @@ from torch import nn
 from paceray.errors import PacerayError
 from paceray.mlflow_server import free_port
 from trainables.denoiser.data import load_split, prepare, resize_images, to_unit_range
-from trainables.denoiser.fid import (INCEPTION_ENV, FIDEvaluator, ReferenceStats, load_extractor, load_inception,
-                                     reference_statistics)
+from trainables.denoiser.fid import (INCEPTION_ENV, FIDEvaluator, ReferenceStats, kid_score, load_extractor,
+                                     load_inception, reference_statistics)
 from trainables.denoiser.fid_net import train_fid_net
 
 
@@ -162,6 +162,40 @@ def test_fid_from_two_gloo_ranks_equals_one_process(digits, tmp_path):
         assert result["features"] == single["features"]
         assert result["fid"] == pytest.approx(single["fid"], rel=1e-6)
         assert result["again"] == pytest.approx(single["fid"], rel=1e-6)  # reset kept the reference, once
+        # KID from the same features: the ranks' interleaved shares give the one-process score
+        assert result["kid_subset_size"] == single["kid_subset_size"] == len(images)
+        assert result["kid"] == pytest.approx(single["kid"], rel=1e-6, abs=1e-9)
+        assert result["kid_std"] == pytest.approx(single["kid_std"], rel=1e-6, abs=1e-9)
+    assert single["kid"] > 0
+
+
+def _poly_mmd_unbiased(x, y):
+    """MMD² with KID's kernel k(a, b) = (a·b / d + 1)³, unbiased, computed here with numpy."""
+    d = x.shape[1]
+    k = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    m, n = len(x), len(y)
+    return ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+            - 2 * kxy.mean())
+
+
+def test_kid_is_the_unbiased_polynomial_mmd_and_ranks_closer_sets_lower(digits):
+    extractor, cache = digits["extractor"], digits["root"] / "stats"
+    reference = reference_statistics(extractor, digits["dataset_dir"], cache)
+    assert reference.kid_features.shape == (reference.num_samples, 128)  # every digit kept (< 10,000)
+    held_out = to_unit_range(load_split(digits["dataset_dir"], "test")[0])
+    noisy = (held_out + 0.5 * torch.randn(held_out.shape, generator=torch.Generator().manual_seed(2))).clamp(-1, 1)
+    clean, corrupted = _fid(extractor, reference, held_out), _fid(extractor, reference, noisy)
+    assert clean["kid"] < corrupted["kid"] and clean["fid"] < corrupted["fid"]
+    # Where both sides have exactly the subset size, every subset is the whole set: the score is
+    # the unbiased MMD² of the two sets, with no spread.
+    with torch.no_grad():
+        fake = extractor(noisy[:300]).double()
+    real = reference.kid_features[:300].double()
+    kid, std, subset = kid_score(real, fake)
+    assert subset == 300 and std == pytest.approx(0, abs=1e-9)
+    assert kid == pytest.approx(_poly_mmd_unbiased(real.numpy(), fake.numpy()), rel=1e-9)
+    assert kid_score(real, fake[torch.randperm(300)])[0] == pytest.approx(kid, rel=1e-12)  # order-free
 
 
 # --- Inception-v3 -----------------------------------------------------------------------------

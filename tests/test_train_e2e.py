@@ -105,6 +105,10 @@ def test_fid_in_the_loop_with_two_workers_equals_one_process(two_worker_trial, s
     logged = dict(history(client, run.info.run_id, "eval/fid"))[STEPS]
     assert one_process["num_fake"] == cfg.eval.fid_samples
     assert one_process["fid"] == pytest.approx(logged, rel=1e-6, abs=1e-6)
+    # KID from the same features and samples: the two ranks' score is the one-process score
+    logged_kid = dict(history(client, run.info.run_id, "eval/kid"))[STEPS]
+    assert one_process["kid"] == pytest.approx(logged_kid, rel=1e-6, abs=1e-9)
+    assert dict(history(client, run.info.run_id, "eval/kid_std"))[STEPS] >= 0
 
 
 @pytest.mark.own_ray

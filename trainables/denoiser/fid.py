@@ -27,7 +27,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -43,7 +43,10 @@ INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_ENV = "PACERAY_INCEPTION_WEIGHTS"
 DOWNLOAD_TIMEOUT_S = 60
 EXTRACTORS = ("classifier", "inception")
-STATS_VERSION = 1
+STATS_VERSION = 2  # 2: the reference features KID needs are cached with the statistics
+KID_SUBSETS = 100
+KID_MAX_SUBSET = 1000
+KID_MAX_REFERENCE = 10_000  # reference features kept for KID (a fixed subset of larger splits)
 
 
 # --- extractors -------------------------------------------------------------------------------
@@ -128,15 +131,29 @@ def load_extractor(kind: str, *, dataset_dir: str | Path | None = None, fid_net_
 
 # --- reference statistics ---------------------------------------------------------------------
 
+class Precomputed(nn.Module):
+    """What the torchmetrics metrics are given as their extractor: features computed once by
+    ours, shared by FID and KID (one feature pass per batch for both)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
 @dataclass
 class ReferenceStats:
-    """Sufficient statistics of the real images' features, in torchmetrics' state layout."""
+    """Sufficient statistics of the real images' features, in torchmetrics' state layout, and the
+    features themselves (at most KID_MAX_REFERENCE, a fixed subset) for KID."""
 
     num_samples: int
     feature_sum: torch.Tensor  # (d,) float64
     outer_sum: torch.Tensor  # (d, d) float64: sum of f f^T
     features: str  # the extractor's feature_name
     key: dict[str, Any]  # what they were computed from
+    kid_features: Optional[torch.Tensor] = None  # (m, d) float32
 
     def mean_and_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.feature_sum / self.num_samples
@@ -194,38 +211,64 @@ def reference_statistics(extractor: nn.Module, dataset_dir: str | Path, cache_di
             saved = torch.load(path, map_location="cpu", weights_only=True)
             if saved["key"] == key:
                 return ReferenceStats(saved["num_samples"], saved["feature_sum"], saved["outer_sum"],
-                                      saved["features"], saved["key"])
+                                      saved["features"], saved["key"], saved["kid_features"])
         except Exception:  # unreadable: fall through and compute it again (written atomically below)
             pass
     images, _ = load_split(dataset_dir, split)
-    metric = _metric(extractor).to(device)
+    metric = _metric(Precomputed(extractor.num_features)).to(device)
+    kept = _kid_reference_rows(len(images))
+    kid_rows = []
     for start in range(0, len(images), batch_size):
         batch = resize_images(images[start:start + batch_size].to(device), image_size)
-        metric.update(to_unit_range(batch), real=True)
+        with torch.no_grad():
+            features = extractor(to_unit_range(batch))
+        metric.update(features, real=True)
+        rows = kept[(kept >= start) & (kept < start + len(batch))] - start
+        kid_rows.append(features[rows.to(features.device)].float().cpu())
     stats = ReferenceStats(int(metric.real_features_num_samples), metric.real_features_sum.cpu(),
-                           metric.real_features_cov_sum.cpu(), extractor.feature_name, key)
+                           metric.real_features_cov_sum.cpu(), extractor.feature_name, key, torch.cat(kid_rows))
     atomic_torch_save({"num_samples": stats.num_samples, "feature_sum": stats.feature_sum,
-                       "outer_sum": stats.outer_sum, "features": stats.features, "key": key}, path)
+                       "outer_sum": stats.outer_sum, "features": stats.features, "key": key,
+                       "kid_features": stats.kid_features}, path)
     return stats
+
+
+def _kid_reference_rows(n: int) -> torch.Tensor:
+    """The reference images whose features KID keeps: all up to KID_MAX_REFERENCE, else a fixed
+    random subset (seed 0), in dataset order."""
+    if n <= KID_MAX_REFERENCE:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:KID_MAX_REFERENCE].sort().values
 
 
 # --- evaluation -------------------------------------------------------------------------------
 
 class FIDEvaluator:
-    """FID of generated images against cached reference statistics, exact under DDP.
+    """FID and KID of generated images against the cached reference, exact under DDP.
 
     Every rank calls `update` with its share of generated images (floats in [-1, 1]) and then
     `compute()` (a collective when torch.distributed is initialised); every rank gets the same
-    {"fid", "features", "num_fake", "num_real"}. `reference` may be None on ranks other than 0.
+    {"fid", "kid", "kid_std", "kid_subset_size", "features", "num_fake", "num_real"}.
+    `reference` may be None on ranks other than 0.
+
+    One feature pass per batch feeds both metrics. FID: torchmetrics sums its states over ranks.
+    KID (torchmetrics' KernelInceptionDistance, polynomial kernel, KID_SUBSETS subsets of
+    min(KID_MAX_SUBSET, n) samples): the generated features are gathered on rank 0, put in an
+    order that does not depend on which rank drew them, scored with a fixed seed, and the result
+    broadcast, so N ranks and one process give the same KID on the same images.
     """
 
     def __init__(self, extractor: nn.Module, reference: ReferenceStats | None,
                  device: str | torch.device = "cpu"):
         self.features = extractor.feature_name
         self.device = torch.device(device)
-        self.metric = _metric(extractor).to(self.device)
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        if rank != 0:
+        self.extractor = extractor.to(self.device)
+        self.num_features = extractor.num_features
+        self.metric = _metric(Precomputed(self.num_features)).to(self.device)
+        self._fake: list[torch.Tensor] = []
+        self.kid_reference = None
+        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if self.rank != 0:
             return  # zeros here: torchmetrics sums the states over ranks, rank 0 holds the reference
         if reference is None:
             raise ValueError("FIDEvaluator needs the reference statistics on rank 0")
@@ -237,18 +280,75 @@ class FIDEvaluator:
         self.metric.real_features_sum = reference.feature_sum.to(self.device, torch.float64)
         self.metric.real_features_cov_sum = reference.outer_sum.to(self.device, torch.float64)
         self.metric.real_features_num_samples = torch.tensor(reference.num_samples, device=self.device)
+        self.kid_reference = reference.kid_features
 
+    @torch.no_grad()
     def update(self, fake: torch.Tensor) -> None:
-        self.metric.update(fake.to(self.device), real=False)
+        features = self.extractor(fake.to(self.device))
+        self.metric.update(features, real=False)
+        self._fake.append(features.detach().float())
 
     def compute(self) -> dict[str, Any]:
         result = self.metric.compute()
         if result["num_fake"] < 2 or result["num_real"] < 2:
             raise PacerayError(f"FID needs at least 2 generated and 2 reference images, got {result['num_fake']} "
                                f"and {result['num_real']}: raise eval.fid_samples")
-        return {"fid": float(result["fid"]), "features": self.features,
-                "num_fake": result["num_fake"], "num_real": result["num_real"]}
+        kid, kid_std, subset = self._kid()
+        return {"fid": float(result["fid"]), "kid": kid, "kid_std": kid_std, "kid_subset_size": subset,
+                "features": self.features, "num_fake": result["num_fake"], "num_real": result["num_real"]}
+
+    def _kid(self) -> tuple[float, float, int]:
+        local = torch.cat(self._fake) if self._fake else torch.zeros(0, self.num_features, device=self.device)
+        fake = _gather_rows(local)
+        out = torch.full((3,), float("nan"), dtype=torch.float64, device=self.device)
+        if self.rank == 0 and self.kid_reference is not None:
+            out[:] = torch.tensor(kid_score(self.kid_reference, fake.cpu()), dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(out, src=0)
+        kid, std, subset = out.tolist()
+        return kid, std, int(subset) if subset == subset else 0
 
     def reset(self) -> None:
         """Forget the generated images; keep the reference."""
         self.metric.reset()
+        self._fake = []
+
+
+def _gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, rank 0's first (shares may differ in length by one)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return local
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(local)], device=local.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, local.shape[1], dtype=local.dtype, device=local.device)
+    padded[: len(local)] = local
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(n.item())] for p, n in zip(parts, sizes)])
+
+
+def kid_score(reference: torch.Tensor, fake: torch.Tensor) -> tuple[float, float, float]:
+    """(KID mean, std over subsets, subset size) with torchmetrics' KernelInceptionDistance; NaN
+    when either side has fewer than 2 samples. The generated features are first sorted by a fixed
+    random projection, so the score does not depend on the order they arrived in."""
+    import warnings
+
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    subset = min(KID_MAX_SUBSET, len(reference), len(fake))
+    if subset < 2:
+        return float("nan"), float("nan"), float(subset)
+    projection = torch.randn(fake.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fake = fake.double()[torch.argsort(fake.double() @ projection)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "will save all extracted features in buffer": that is the point
+        metric = KernelInceptionDistance(feature=Precomputed(fake.shape[1]), subsets=KID_SUBSETS, subset_size=subset,
+                                         sync_on_compute=False)
+    metric.update(reference.double(), real=True)
+    metric.update(fake, real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the same subsets at every eval, on every world size
+        mean, std = metric.compute()
+    return float(mean), float(std), float(subset)

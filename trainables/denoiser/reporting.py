@@ -70,11 +70,13 @@ class TrialLog:
     def eval(self, fid: dict, grid, step: int, seconds: float) -> None:
         self.fid_features = f"{fid['features']}; {fid['num_fake']} samples vs {fid['num_real']} reference images"
         if self.run:
-            self.run.log_metrics({"eval/fid": fid["fid"], "eval/seconds": seconds}, step)
+            kid = {"eval/kid": fid["kid"], "eval/kid_std": fid["kid_std"]} if fid["kid"] == fid["kid"] else {}
+            self.run.log_metrics({"eval/fid": fid["fid"], **kid, "eval/seconds": seconds}, step)
             if grid is not None:
                 self.run.log_image(grid, key="samples", step=step, belongs_to="eval/fid")
             self.run.set_tags({"paceray.fid_features": self.fid_features})
-        self._say(f"eval at step {step}: FID {fid['fid']:.3f} ({self.fid_features}) in {seconds:.1f}s")
+        self._say(f"eval at step {step}: FID {fid['fid']:.3f}, KID {fid['kid']:.5f} ± {fid['kid_std']:.5f} "
+                  f"({self.fid_features}; KID subsets of {fid['kid_subset_size']}) in {seconds:.1f}s")
 
     def fail(self, reason: str) -> None:
         """The trial cannot go on: say so and deliver what is queued. The reason travels in the

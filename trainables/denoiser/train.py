@@ -192,7 +192,7 @@ def train_loop(config: dict, context: TrialContext) -> None:
             fid, grid = evaluate(sampling, model, ema, evaluator)
             last_fid = fid["fid"]
             eval_seconds = time.perf_counter() - eval_start
-            metrics = {"eval/fid": last_fid, "eval/seconds": eval_seconds, "step": step,
+            metrics = {"eval/fid": last_fid, "eval/kid": fid["kid"], "eval/seconds": eval_seconds, "step": step,
                        "curriculum/stage": stage_before, "fid_features": fid["features"],
                        "fid_samples": fid["num_fake"]}
             if log:
