@@ -72,7 +72,7 @@ def preview(timesteps, clusters, order, clustering, schedule, pacing, stage_step
         try:
             reference_lengths = reference_stage_lengths(reference)
         except (ValueError, OSError) as e:
-            raise PacerayError(f"--reference: {e}") from None
+            raise PacerayError(f"--reference {e}") from None
     try:
         sampler = build_sampler(timesteps, clusters, order, clustering=clustering, schedule=schedule, pacing=pacing,
                                 stage_steps=stage_steps, patience=patience, cumulative=cumulative, seed=seed,

@@ -567,12 +567,16 @@ def from_config(curriculum, diffusion_timesteps: int, log_snr=None, rank: int = 
     )
 
 
-def reference_stage_lengths(path: str) -> list[int]:
-    """The realised stage lengths in a trial's `curriculum/schedule.json` (see TrialLog.finish)."""
+def reference_stage_lengths(path: str, raw: Optional[bytes] = None) -> list[int]:
+    """The realised stage lengths in a trial's `curriculum/schedule.json` (see TrialLog.finish),
+    read from `path` or from its bytes `raw`."""
     import json
 
-    with open(path) as f:
-        lengths = json.load(f).get("realised_stage_lengths")
+    try:
+        data = json.loads(raw if raw is not None else open(path, "rb").read())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+    lengths = data.get("realised_stage_lengths") if isinstance(data, dict) else None
     if not isinstance(lengths, list) or not all(isinstance(x, int) and x > 0 for x in lengths):
         raise ValueError(f"{path}: realised_stage_lengths must be a list of positive step counts, got {lengths!r}")
     return lengths

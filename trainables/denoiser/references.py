@@ -9,6 +9,7 @@ Two fields use it: `curriculum.difficulty` (a difficulty probe's `difficulty.jso
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -61,12 +62,16 @@ def resolve_shuffled_reference(config: dict, storage: Path, tracking_uri: Option
     from trainables.denoiser.curriculum import CurriculumSampler, reference_stage_lengths
 
     field = "curriculum.reference"
-    dst = store(storage, "schedules", fetch(field, c["reference"], SCHEDULE_ARTIFACT, tracking_uri,
-                                             "a finished easy-to-hard trial"))
-    try:
-        lengths = reference_stage_lengths(str(dst))
+    raw = fetch(field, c["reference"], SCHEDULE_ARTIFACT, tracking_uri, "a finished easy-to-hard trial")
+    try:  # checked before anything is written
+        lengths = reference_stage_lengths(c["reference"], raw)
+        ran = json.loads(raw)
+        if ran.get("order") != "easy-to-hard" or len(ran.get("clusters", [])) != c["num_clusters"]:
+            raise ValueError(f"{c['reference']}: the reference must be an easy-to-hard trial with "
+                             f"{c['num_clusters']} clusters, got order {ran.get('order')!r} with "
+                             f"{len(ran.get('clusters', []))}")
         CurriculumSampler(config["diffusion"]["timesteps"], c["num_clusters"], "shuffled", pacing=c["pacing"],
                           patience=c["patience"], cumulative=c["cumulative"], reference_lengths=lengths)
     except ValueError as e:
-        raise PacerayError(one_line(f"{field} {c['reference']}: {e}")) from None
-    return {**config, "curriculum": {**c, "reference": str(dst)}}
+        raise PacerayError(one_line(f"{field}: {e}")) from None
+    return {**config, "curriculum": {**c, "reference": str(store(storage, "schedules", raw))}}
