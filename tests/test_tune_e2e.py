@@ -185,6 +185,8 @@ def test_asha_stops_the_weak_trials(asha_search, shared):
     assert all(s == ("KILLED", "asha", None) for s in seen), seen
     strong = next(c for c in children if c.data.params["train.lr"] == "0.002")
     assert strong.info.status == "FINISHED" and "paceray.stopped_early" not in strong.data.tags
+    # tune.max_concurrent 1 held: the weak trial's run began after the strong one's ended
+    assert all(strong.info.end_time <= c.info.start_time for c in stopped)
 
 
 # ----------------------------------------------------------------- seeds as replicates

@@ -87,7 +87,9 @@ def max_concurrent(loaded: LoadedSpec, cluster: dict[str, float]) -> int:
     return n
 
 
-def search_alg(loaded: LoadedSpec):
+def search_alg(loaded: LoadedSpec, concurrent: int):
+    """Tune ignores `max_concurrent_trials` when given a BasicVariantGenerator, so the generators
+    get the cap themselves (OptunaSearch, a Searcher, is capped by Tune)."""
     from paceray import space as space_lib
 
     t = loaded.spec.tune
@@ -101,9 +103,9 @@ def search_alg(loaded: LoadedSpec):
     if t.algorithm == "grid":
         # Each canonical grid point (× seed) once per num_samples; Tune samples the rest.
         points = [space_lib.unflatten(p) for p in space_lib.grid_points(loaded)] * t.num_samples
-        return BasicVariantGenerator(points_to_evaluate=points, random_state=t.seed)
+        return BasicVariantGenerator(points_to_evaluate=points, random_state=t.seed, max_concurrent=concurrent)
     # random: a sample's values stay the same over the seeds' grid (its replicates)
-    return BasicVariantGenerator(constant_grid_search=bool(t.seeds), random_state=t.seed)
+    return BasicVariantGenerator(constant_grid_search=bool(t.seeds), random_state=t.seed, max_concurrent=concurrent)
 
 
 def scheduler(loaded: LoadedSpec):
@@ -238,8 +240,9 @@ def build_tuner(loaded: LoadedSpec, context: SearchContext, concurrent: int, tun
         trainable,
         param_space=param_space(loaded, t.algorithm),
         tune_config=tune.TuneConfig(
-            metric=loaded.metric, mode=loaded.mode, num_samples=num_samples(loaded), search_alg=search_alg(loaded),
-            scheduler=scheduler(loaded), max_concurrent_trials=concurrent,
+            metric=loaded.metric, mode=loaded.mode, num_samples=num_samples(loaded),
+            search_alg=search_alg(loaded, concurrent), scheduler=scheduler(loaded),
+            max_concurrent_trials=concurrent if t.algorithm == "optuna" else None,
         ),
         run_config=tune.RunConfig(
             name=loaded.spec.name, storage_path=str(trial_storage(Path(context.run_dir))),
