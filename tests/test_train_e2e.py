@@ -17,7 +17,10 @@ from conftest import (REPO, checkpoint_dirs, checkpoint_step, experiment_runs, h
 pytestmark = pytest.mark.slow
 
 STEPS, STAGE, EVERY = 60, 10, 30
-TWO_WORKER_BASE = tiny_base(train={"steps": STEPS, "log_every": 5}, curriculum={"stage_steps": STAGE},
+# loss-second-moment: its histories are all-gathered every step, a collective the two DDP ranks
+# must both make (T=100 so that the first stage's 25 timesteps warm up and its weights apply).
+TWO_WORKER_BASE = tiny_base(train={"steps": STEPS, "log_every": 5}, diffusion={"timesteps": 100, "schedule": "cosine"},
+                            curriculum={"stage_steps": STAGE, "distribution": "loss-second-moment"},
                             eval={"every": EVERY})
 
 
@@ -60,7 +63,7 @@ def test_two_worker_trial_logs_every_metric(two_worker_trial):
 def test_t_min_steps_down_exactly_as_the_preview_says(two_worker_trial):
     run_dir, _, shared = two_worker_trial
     client, run = only_run(shared, "two-workers")
-    preview = json.loads(run_paceray("curriculum", "preview", "-T", 1000, "-N", 4, "--order", "easy-to-hard",
+    preview = json.loads(run_paceray("curriculum", "preview", "-T", 100, "-N", 4, "--order", "easy-to-hard",
                                      "--stage-steps", STAGE, "--json").stdout)
 
     def stage_of(step):  # logged step s was trained with the sampler at step s - 1
@@ -76,7 +79,7 @@ def test_t_min_steps_down_exactly_as_the_preview_says(two_worker_trial):
         st = stage_of(step)
         assert value == st["ranges"][0][0], (step, value, st)
         assert stages[step] == st["stage"]
-    assert [v for _, v in t_min][:8] == [750, 750, 500, 500, 250, 250, 0, 0]
+    assert [v for _, v in t_min][:8] == [75, 75, 50, 50, 25, 25, 0, 0]
     # every timestep active from the step the preview names, logged once, at that step
     full = preview["full_from_step"]
     assert full == 3 * int(STAGE) + 1

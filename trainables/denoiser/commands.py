@@ -39,10 +39,15 @@ def curriculum() -> None:
               show_default=True, help="Order measured: the probe's measure, clusters easiest (smallest) first.")
 @click.option("--reference", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Order shuffled under patience pacing: an easy-to-hard trial's curriculum/schedule.json.")
+@click.option("--distribution", type=click.Choice(["uniform", "logit-normal", "loss-second-moment"]), default="uniform",
+              show_default=True, help="What t is drawn from inside the active set.")
+@click.option("--logit-mean", type=float, default=0.0, show_default=True, help="logit-normal: m.")
+@click.option("--logit-std", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+              help="logit-normal: s.")
 @click.option("--sample", "draws", type=click.IntRange(1), default=None, help="Draw M timesteps per stage with the real sampler.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
 def preview(timesteps, clusters, order, clustering, schedule, pacing, stage_steps, patience, max_stage_steps,
-            cumulative, seed, difficulty, measure, reference, draws, as_json):
+            cumulative, seed, difficulty, measure, reference, distribution, logit_mean, logit_std, draws, as_json):
     """Show the clusters (C1 = lowest noise, hardest) and the stages a curriculum will run."""
     from paceray.protocol import PacerayError
     from trainables.denoiser.preview import build_sampler, preview as make_preview, render_table
@@ -77,9 +82,10 @@ def preview(timesteps, clusters, order, clustering, schedule, pacing, stage_step
         sampler = build_sampler(timesteps, clusters, order, clustering=clustering, schedule=schedule, pacing=pacing,
                                 stage_steps=stage_steps, patience=patience, cumulative=cumulative, seed=seed,
                                 ranking=ranking, max_stage_steps=max_stage_steps,
-                                reference_lengths=reference_lengths)
+                                reference_lengths=reference_lengths, distribution=distribution,
+                                logit_mean=logit_mean, logit_std=logit_std)
     except ValueError as e:
-        raise PacerayError(f"--reference {reference}: {e}") from None
+        raise PacerayError(f"--order {order}: {e}") from None
     result = make_preview(sampler, schedule, clustering, draws)
     if result["warning"] and not as_json:
         click.echo(f"warning: {result['warning']}", err=True)

@@ -52,6 +52,10 @@ class CurriculumConfig(_Section):
     # What patience watches: the raw ε-prediction loss (comparable across loss weightings) or
     # the weighted loss the optimiser minimises.
     patience_loss: Literal["raw", "weighted"] = "raw"
+    # What t is drawn from inside the active set (trainables/denoiser/distributions.py).
+    distribution: Literal["uniform", "logit-normal", "loss-second-moment"] = "uniform"
+    logit_mean: float = 0.0  # logit-normal: t = ⌊sigmoid(m + s·z)·T⌋
+    logit_std: float = Field(1.0, gt=0.0)
     smoothing: float = Field(0.99, ge=0.0, lt=1.0)  # EMA of the loss that patience watches
     min_delta: float = Field(0.0, ge=0.0)  # relative improvement that counts as one
     cumulative: bool = True
@@ -122,6 +126,9 @@ class Config(_Section):
             raise ValueError("curriculum.order=shuffled with pacing=patience needs curriculum.reference: the "
                              "curriculum/schedule.json or run id of a finished easy-to-hard trial, whose realised "
                              "stage lengths give the allocation")
+        if self.curriculum.order == "shuffled" and self.curriculum.distribution != "uniform":
+            raise ValueError("curriculum.order=shuffled draws easy-to-hard's allocation with t uniform within each "
+                             "stage: curriculum.distribution must be uniform")
         if self.diffusion.schedule == "linear" and self.diffusion.timesteps < 21:
             # DDPM's β_T = 0.02 rescaled by 1000/T must stay below 1.
             raise ValueError(f"diffusion.timesteps ({self.diffusion.timesteps}) must be at least 21 for the "

@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from trainables.denoiser.distributions import make_distribution
+
 ORDERS = ("none", "easy-to-hard", "hard-to-easy", "random", "measured", "shuffled")
 CLUSTERINGS = ("uniform", "log-snr", "quantile")
 PACINGS = ("fixed", "patience")
@@ -305,6 +307,9 @@ class CurriculumSampler:
         ranking: Optional[Sequence[int]] = None,
         max_stage_steps: Optional[int] = None,
         reference_lengths: Optional[Sequence[int]] = None,
+        distribution: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
     ):
         self.timesteps = timesteps
         self.edges = cluster_edges(timesteps, num_clusters, clustering, log_snr)
@@ -315,6 +320,11 @@ class CurriculumSampler:
         self.max_stage_steps, self.cumulative = max_stage_steps, cumulative
         self.seed, self.rank = seed, rank
         self.order = [] if order == "shuffled" else stage_order(order, num_clusters, seed, ranking)
+        if order == "shuffled" and distribution != "uniform":
+            raise ValueError("order 'shuffled' draws easy-to-hard's allocation with t uniform within each stage; "
+                             f"it takes distribution 'uniform', not {distribution!r}")
+        self.distribution = make_distribution(distribution, timesteps, logit_mean, logit_std)
+        self._last_probs: Optional[torch.Tensor] = None
         self.plan = self._plan(reference_lengths)
         self._edges_t = torch.tensor(self.edges[1:-1], dtype=torch.long)
         # Mutable state: everything here goes into the checkpoint.
@@ -419,11 +429,13 @@ class CurriculumSampler:
         self.active_ranges = list(current.ranges)
         self.active_clusters = list(current.clusters)
         self._active_t = torch.cat([torch.arange(lo, hi) for lo, hi in self.active_ranges])
-        self._probs = None
+        self._probs = None  # fixed for the stage: the shuffled allocation or a static distribution
         if current.shares is not None:
             sizes = torch.tensor([hi - lo for lo, hi in self.clusters], dtype=torch.float64)
             per_t = torch.tensor(current.shares, dtype=torch.float64) / sizes
             self._probs = per_t[self.cluster_of(torch.arange(self.timesteps))]
+        elif not self.distribution.learns:
+            self._probs = self.distribution.probs(self._active_t)
 
     @property
     def t_min(self) -> int:
@@ -446,12 +458,30 @@ class CurriculumSampler:
         self.generator.manual_seed((self.seed * 1_000_003 + self.rank) * 10_000_019 + self.step)
 
     def sample(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """`batch_size` timesteps: uniform over the active set, or from the stage's allocation."""
-        if self._probs is not None:
-            t = torch.multinomial(self._probs, batch_size, replacement=True, generator=self.generator)
+        """`batch_size` timesteps from the active set: uniformly, from the stage's allocation, or
+        from the distribution (see `importance` for the loss weights that go with it)."""
+        probs = self._probs
+        if self.distribution.learns:
+            probs = self._last_probs = self.distribution.probs(self._active_t)
+        if probs is not None:
+            t = torch.multinomial(probs, batch_size, replacement=True, generator=self.generator)
         else:
             t = self._active_t[torch.randint(self._active_t.numel(), (batch_size,), generator=self.generator)]
         return t.to(device, non_blocking=True) if device is not None else t
+
+    def importance(self, t: torch.Tensor) -> Optional[torch.Tensor]:
+        """Loss weights 1 / (|active| · p(t)) for the timesteps `sample` just drew from a learned
+        distribution (so the weighted loss's expectation is the uniform one); None otherwise."""
+        if self._last_probs is None:
+            return None
+        p = self._last_probs.to(t.device)[t]
+        return (1.0 / (self._active_t.numel() * p)).float()
+
+    def observe(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """The step's per-sample (raw) losses, for a distribution that learns from them (a
+        collective under DDP: every rank calls it every step)."""
+        if self.distribution.learns:
+            self.distribution.update(t.detach(), losses.detach())
 
     # ----------------------------------------------------------------- pacing
 
@@ -499,6 +529,7 @@ class CurriculumSampler:
             "edges": list(self.edges),
             "order": list(self.order),
             "plan": [s.number for s in self.plan],
+            "distribution": self.distribution.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -511,6 +542,7 @@ class CurriculumSampler:
         self.stage_starts = [int(x) for x in state["stage_starts"]]
         self.pacer.start_stage()
         self.pacer.load_state_dict(state["pacing"])
+        self.distribution.load_state_dict(state.get("distribution", {}))
         # Not the saved generator: that is the writing rank's (rank 0's). The stream is a function
         # of (seed, rank, step), so reseeding gives each rank its own, exactly where it left off.
         self._reseed()
@@ -564,6 +596,9 @@ def from_config(curriculum, diffusion_timesteps: int, log_snr=None, rank: int = 
         ranking=ranking,
         max_stage_steps=curriculum.max_stage_steps,
         reference_lengths=reference_lengths,
+        distribution=curriculum.distribution,
+        logit_mean=curriculum.logit_mean,
+        logit_std=curriculum.logit_std,
     )
 
 

@@ -12,6 +12,12 @@ import torch
 
 from trainables.denoiser.curriculum import CurriculumSampler, degenerate_warning
 
+DISTRIBUTION_NOTES = {
+    "logit-normal": "t = ⌊sigmoid(m + s·z)·T⌋ (SD3), renormalised over each stage's active timesteps",
+    "loss-second-moment": ("uniform until every active t has 10 squared losses (the counts below are that "
+                           "warm-up), then p(t) ∝ sqrt(E[loss²]) with 0.1% uniform, the loss weighted by "
+                           "1/(|active|·p(t))"),
+}
 QUANTILE_NOTE = ("quantile: EDM's continuous training distribution of ln σ mapped onto discrete t, "
                  "not the paper's discrete-time setting (which is `uniform`)")
 
@@ -31,6 +37,9 @@ def build_sampler(
     ranking=None,
     max_stage_steps=None,
     reference_lengths=None,
+    distribution: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
 ) -> CurriculumSampler:
     log_snr = None
     if clustering != "uniform":
@@ -51,6 +60,9 @@ def build_sampler(
         ranking=ranking,
         max_stage_steps=max_stage_steps,
         reference_lengths=reference_lengths,
+        distribution=distribution,
+        logit_mean=logit_mean,
+        logit_std=logit_std,
     )
 
 
@@ -96,6 +108,8 @@ def preview(sampler: CurriculumSampler, schedule: str, clustering: str, sample: 
         # The first training step (1-based) on all timesteps; under patience the latest it can be.
         "full_from_step": sampler.full_from_step,
         "latest_full_from_step": sampler.latest_full_from_step,
+        "distribution": sampler.distribution.name,
+        "distribution_note": DISTRIBUTION_NOTES.get(sampler.distribution.name),
         "warning": degenerate_warning(sampler, schedule),
         "note": QUANTILE_NOTE if clustering == "quantile" else None,
     }
@@ -125,6 +139,8 @@ def render_table(p: dict) -> str:
         f"order {p['order']} · {'cumulative' if p['cumulative'] else 'exclusive'} · {pace}"
         + (f" · clusters introduced {' '.join(f'C{k}' for k in p['introduction_order'])}" if p["introduction_order"] else ""),
         full,
+        f"t drawn {p['distribution']} within the active timesteps"
+        + (f": {p['distribution_note']}" if p["distribution_note"] else ""),
         *([p["note"]] if p["note"] else []),
         "",
         "cluster  timesteps",

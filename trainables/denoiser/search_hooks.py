@@ -18,8 +18,16 @@ MEASURED_ONLY = ("curriculum.difficulty", "curriculum.difficulty_measure")
 SHUFFLED_ONLY = ("curriculum.reference",)
 
 
+LOGIT_NORMAL_ONLY = ("curriculum.logit_mean", "curriculum.logit_std")
+
+
 def irrelevant(config: dict) -> list[str]:
     c = config["curriculum"]
+    logit = [] if c.get("distribution") == "logit-normal" else list(LOGIT_NORMAL_ONLY)
+    return list(dict.fromkeys([*_curriculum_irrelevant(c), *logit]))
+
+
+def _curriculum_irrelevant(c: dict) -> list[str]:
     order, pacing = c["order"], c["pacing"]
     if order == "none":  # the uniform baseline: no clusters, no stages, nothing to pace
         return [*CURRICULUM_SHAPE, *PACING, *FIXED_ONLY, *PATIENCE_ONLY, *RANDOM_ONLY, *MEASURED_ONLY,

@@ -135,7 +135,9 @@ def train_loop(config: dict, context: TrialContext) -> None:
         y = drop_labels(y, cfg.data.label_dropout, null, label_gen) if num_classes else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             per_sample = diffusion.training_losses(train_model, x0, t, y)
-        loss = (weights_by_t[t] * per_sample).mean()
+        importance = sampler.importance(t)  # loss-second-moment: keeps the objective unbiased
+        weights = weights_by_t[t] if importance is None else weights_by_t[t] * importance
+        loss = (weights * per_sample).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip > 0:
@@ -144,6 +146,7 @@ def train_loop(config: dict, context: TrialContext) -> None:
         ema.update(model)
 
         raw = per_sample.detach()
+        sampler.observe(t, raw.float())
         k = cluster_by_t[t]
         cluster_loss.index_add_(0, k, raw.double())
         cluster_count += torch.bincount(k, minlength=n_clusters)
