@@ -35,7 +35,8 @@ TRIALS = {
 }
 
 
-def add_trial(c, exp, parent, trial_id, order, n, pacing, seed, status, fids, error, features=FEATURES):
+def add_trial(c, exp, parent, trial_id, order, n, pacing, seed, status, fids, error, features=FEATURES,
+              distribution=None):
     tags = {"paceray.kind": "trial", "paceray.trial_id": trial_id, "paceray.trainable": "denoiser"}
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -47,6 +48,8 @@ def add_trial(c, exp, parent, trial_id, order, n, pacing, seed, status, fids, er
     params = {"curriculum.order": order, "curriculum.num_clusters": n, "curriculum.clustering": "uniform",
               "curriculum.pacing": pacing, "curriculum.stage_steps": 50, "curriculum.patience": 200,
               "curriculum.cumulative": True, "train.seed": seed, "train.steps": 400, "eval.fid_samples": 256}
+    if distribution:  # runs logged before curriculum.distribution existed have no such param: uniform
+        params["curriculum.distribution"] = distribution
     metrics = [Metric("eval/fid", float(v), 1000 + i, s) for i, (s, v) in enumerate(zip(STEPS, fids))]
     metrics += [Metric("train/loss", 1.0 / (i + 1), 1000 + i, s) for i, s in enumerate(STEPS)]
     c.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
@@ -85,6 +88,10 @@ def store(tmp_path_factory):
     for order, histories in PAIRED.items():
         for seed, fids in enumerate(histories):
             add_trial(c, fair, fparent, f"{order}-s{seed}", order, 4, "fixed", seed, "FINISHED", fids, None)
+    # a timestep-sampling baseline: order none with logit-normal t, 1 better than uniform at every seed
+    for seed, fids in enumerate(PAIRED["none"]):
+        add_trial(c, fair, fparent, f"lognorm-s{seed}", "none", 4, "fixed", seed, "FINISHED", [f - 1 for f in fids],
+                  None, distribution="logit-normal")
     # stopped early: its final FID is from another step, so it pairs with nothing
     add_trial(c, fair, fparent, "random-s0", "random", 4, "fixed", 0, "FINISHED", [70, 50], None)
     return {"uri": uri, "run_dir": run_dir, "parent": parent, "mixed_parent": mparent}
@@ -180,6 +187,10 @@ def test_paired_intervals_against_bounds_computed_here(store):
     assert summary.loc["easy-to-hard", "verdict"] == "better than the baseline"
     assert summary.loc["hard-to-easy", "verdict"] == "indistinguishable from the baseline"
     assert summary.loc["random", "n_pairs"] == 0  # stopped at step 200: not paired with 400-step baselines
+    # a none arm with another timestep distribution is an arm of its own, paired with the uniform none
+    assert summary.loc["none", "final_fid_mean"] == pytest.approx(base[:, -1].mean())
+    assert summary.loc["none logit-normal", "n_pairs"] == 5
+    assert summary.loc["none logit-normal", "delta_fid_mean"] == pytest.approx(-1.0)
     text = rep.text
     assert "easy-to-hard: better than the baseline at 95% — final FID -3.40 [" in text
     assert "hard-to-easy: indistinguishable from the baseline at 95%" in text

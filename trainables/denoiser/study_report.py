@@ -23,10 +23,11 @@ FID_METRIC = "eval/fid"
 FEATURES_TAG = "paceray.fid_features"
 UNKNOWN_FEATURES = "unknown (trial has FIDs but no paceray.fid_features tag)"
 ORDERS = ("none", "easy-to-hard", "hard-to-easy", "random", "shuffled", "measured")
+BASELINE_ARM = "none"  # order none, t uniform: what every other arm is paired against
 ENDED_BADLY = ("FAILED", "KILLED")
 FILES = ("trials.csv", "summary.csv", "fid_by_order.png", "fid_by_clusters.png")
 DASH = "—"
-COLUMNS = ["trial", "status", "order", "N", "clustering", "pacing", "stage_or_tau", "cumulative", "seed",
+COLUMNS = ["trial", "status", "order", "N", "clustering", "pacing", "stage_or_tau", "cumulative", "distribution", "seed",
            "best_fid", "best_step", "final_fid", "final_step", "steps_to_baseline", "features", "error", "run_id"]
 
 
@@ -103,6 +104,7 @@ def _row(run, history: pd.Series) -> dict:
         "pacing": pacing,
         "stage_or_tau": stage,
         "cumulative": p.get("curriculum.cumulative"),
+        "distribution": p.get("curriculum.distribution", "uniform"),  # runs from before it existed: uniform
         "seed": _int(p.get("train.seed")),
         "best_fid": finite.min() if len(finite) else math.nan,
         "best_step": int(finite.idxmin()) if len(finite) else None,
@@ -117,7 +119,7 @@ def _row(run, history: pd.Series) -> dict:
 
 def _baselines(table: pd.DataFrame) -> dict:
     out = {}
-    for group, sub in table[table["order"] == "none"].groupby("features"):
+    for group, sub in table[table["arm"] == BASELINE_ARM].groupby("features"):
         usable = sub[_finite(sub["final_fid"])]
         finished = usable[usable["status"] == "FINISHED"]
         provisional = finished.empty
@@ -142,12 +144,19 @@ def _arm_part(field: str, value) -> str:
 
 def arm_labels(table: pd.DataFrame) -> list:
     """Each trial's arm: its curriculum without the seed. `none` is one arm whatever its other
-    settings (they mean nothing to it); other arms name the settings that vary in the search."""
+    settings (they mean nothing to it), one per timestep distribution (`none` with the uniform
+    one is the baseline); other arms name the settings that vary in the search and a distribution
+    other than uniform."""
     curriculum = table[table["order"] != "none"]
     varying = [f for f in ARM_FIELDS if curriculum[f].astype(str).nunique() > 1]
-    return ["none" if row["order"] == "none" else
-            " ".join([str(row["order"]), *(_arm_part(f, row[f]) for f in varying)])
-            for _, row in table.iterrows()]
+
+    def label(row) -> str:
+        drawn = [] if row["distribution"] in ("uniform", None) else [str(row["distribution"])]
+        if row["order"] == "none":
+            return " ".join([BASELINE_ARM, *drawn])
+        return " ".join([str(row["order"]), *(_arm_part(f, row[f]) for f in varying), *drawn])
+
+    return [label(row) for _, row in table.iterrows()]
 
 
 def _summary(table: pd.DataFrame, histories: dict, by_features: bool) -> pd.DataFrame:
@@ -167,11 +176,11 @@ def _summary(table: pd.DataFrame, histories: dict, by_features: bool) -> pd.Data
                "failed": int(sub["status"].isin(ENDED_BADLY).sum()),
                "steps_to_baseline": paired.steps_to_baseline(counted), **paired.EMPTY}
         group = finished[finished["features"] == sub["features"].iloc[0]] if by_features else finished
-        if row["order"] == "none":
+        if row["arm"] == BASELINE_ARM:
             row["verdict"] = "the baseline"
         else:
             mine = group[group["arm"] == row["arm"]]
-            row.update(paired.compare(mine, group[group["order"] == "none"], histories))
+            row.update(paired.compare(mine, group[group["arm"] == BASELINE_ARM], histories))
         rows.append(row)
     columns = keys + ["order", "n", "final_fid_mean", "final_fid_std", "best_fid_mean", "failed",
                       "steps_to_baseline", *paired.COLUMNS]
@@ -193,6 +202,7 @@ def build(search) -> Report:
     table = pd.DataFrame(rows, columns=COLUMNS)
     table[["best_fid", "final_fid"]] = table[["best_fid", "final_fid"]].astype(float)
     groups = list(dict.fromkeys(g for g in table["features"] if isinstance(g, str)))
+    table["arm"] = arm_labels(table)
     baselines = _baselines(table)
     table["steps_to_baseline"] = [
         steps_to_reach(histories[t], baselines[g].fid) if g in baselines else None
@@ -200,7 +210,6 @@ def build(search) -> Report:
     for col in ("N", "seed", "best_step", "final_step", "steps_to_baseline"):
         table[col] = table[col].astype("Int64")
     table["group"] = table["features"].map(lambda g: groups.index(g) if g in groups else len(groups))
-    table["arm"] = arm_labels(table)
     table = table.sort_values(["group", "best_fid", "trial"], na_position="last").reset_index(drop=True)
     # The best trial of each feature group; one overall best only when all FIDs are comparable.
     ranked = table[_finite(table["best_fid"])]
@@ -286,7 +295,7 @@ def display_summary(rep: Report) -> pd.DataFrame:
                         "final FID mean ± std": [f"{_fmt(m)} ± {_fmt(d)}" if n > 1 else _fmt(m)
                                                  for m, d, n in zip(s["final_fid_mean"], s["final_fid_std"], s["n"])],
                         "best FID mean": s["best_fid_mean"].map(_fmt),
-                        "pairs": [DASH if o == "none" else str(n) for o, n in zip(s["order"], s["n_pairs"])],
+                        "pairs": [DASH if a == BASELINE_ARM else str(n) for a, n in zip(s["arm"], s["n_pairs"])],
                         "ΔFID final [95%]": [_interval(*v) for v in zip(s["delta_fid_mean"], s["delta_fid_ci_low"],
                                                                            s["delta_fid_ci_high"])],
                         "ΔFID over training [95%]": [_interval(*v) for v in zip(s["delta_auc_mean"],
@@ -329,8 +338,8 @@ def render(rep: Report) -> str:
 
 def _verdict_lines(rep: Report) -> list:
     """In words, each arm against the baseline, from the paired intervals."""
-    s = rep.summary[rep.summary["order"] != "none"]
-    if s.empty or not (rep.summary["order"] == "none").any():
+    s = rep.summary[rep.summary["arm"] != BASELINE_ARM]
+    if s.empty or not (rep.summary["arm"] == BASELINE_ARM).any():
         return []
     lines = ["", "paired by seed against order=none (Δ = arm − baseline, negative = better; "
                  "95% percentile bootstrap over the pairs, 10,000 resamples; finished trials of equal length):"]
