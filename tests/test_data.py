@@ -154,6 +154,21 @@ def test_image_folder_rgb_labels_from_sorted_folders(tmp_path):
     assert torch.equal(images, torch.from_numpy(expected))
 
 
+def test_an_edited_image_folder_is_prepared_again(tmp_path):
+    write_image_folder(tmp_path / "pics")
+    first = data.prepare("imagefolder", tmp_path / "cache", source=tmp_path / "pics")
+    assert data.prepare("imagefolder", tmp_path / "cache", source=tmp_path / "pics") == first  # unchanged: kept
+    edited = tmp_path / "pics" / "zebra" / sorted(p.name for p in (tmp_path / "pics" / "zebra").iterdir())[0]
+    Image.new("RGB", (5, 4), (255, 0, 0)).save(edited)
+    second = data.prepare("imagefolder", tmp_path / "cache", source=tmp_path / "pics")
+    assert second != first
+    images, _ = data.load_split(second)
+    assert images[3].tolist() == np.array(Image.open(edited)).transpose(2, 0, 1).tolist()
+    # the fingerprint a trial's config carries finds the same shards without reading the folder
+    fingerprint = data.folder_fingerprint(tmp_path / "pics")
+    assert data.dataset_dir("imagefolder", tmp_path / "cache", tmp_path / "pics", fingerprint) == second
+
+
 def test_image_folder_gray_when_first_image_is_gray(tmp_path):
     written = write_image_folder(tmp_path / "pics", mode="L")
     path = data.prepare("imagefolder", tmp_path / "cache", source=tmp_path / "pics")

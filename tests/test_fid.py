@@ -39,7 +39,8 @@ def test_fid_net_is_accurate_and_saved_with_its_provenance(digits):
     assert record["dataset"] == "digits" and record["dataset_hash"] == manifest["content_hash"]
     assert record["image_size"] == 8 and record["arch"]["feature_dim"] == 128
     assert record["accuracy"] == digits["info"]["accuracy"]
-    assert digits["extractor"].feature_name == "classifier:digits@8px(d=128)"
+    # named with its weights' digest: FIDs of a retrained network are grouped apart
+    assert digits["extractor"].feature_name == f"classifier:digits@8px(d=128)#{digits['extractor'].weights_id[:8]}"
     assert not list(digits["net_path"].parent.glob(".*.tmp"))  # the atomic write left nothing behind
 
 
@@ -56,7 +57,7 @@ def test_fid_is_low_on_held_out_images_and_grows_with_noise(digits):
     held_out = to_unit_range(load_split(digits["dataset_dir"], "test")[0])
     noise = torch.randn(held_out.shape, generator=torch.Generator().manual_seed(0))
     clean = _fid(extractor, reference, held_out)
-    assert clean["features"] == "classifier:digits@8px(d=128)"
+    assert clean["features"] == extractor.feature_name
     assert clean["num_fake"] == len(held_out) and clean["num_real"] == reference.num_samples == 1438
     noisy = [_fid(extractor, reference, (held_out + level * noise).clamp(-1, 1))["fid"]
              for level in (0.1, 0.2, 0.4, 0.8)]
@@ -229,7 +230,7 @@ def inception_file(tmp_path):
 def test_inception_local_weights_give_2048_features_for_gray_and_rgb(inception_file, monkeypatch):
     monkeypatch.delenv(INCEPTION_ENV, raising=False)
     extractor = load_extractor("inception", inception_weights=inception_file)
-    assert extractor.feature_name == "inception-v3-2015-12-05(d=2048)" and extractor.num_features == 2048
+    assert extractor.feature_name.startswith("inception-v3-2015-12-05(d=2048)#") and extractor.num_features == 2048
     gray = torch.rand(4, 1, 8, 8) * 2 - 1
     features = extractor(gray)
     assert features.shape == (4, 2048) and features.dtype == torch.float32
@@ -278,7 +279,7 @@ def test_two_commands_preparing_one_storage_root_train_its_fid_net_once(tmp_path
     joined = "\n".join(outputs)
     assert joined.count("training the digits FID network once") == 1, joined
     assert "waiting for preparing digits" in joined, joined
-    assert (tmp_path / "fid-nets" / "digits.pt").is_file() and not list(tmp_path.rglob("command.lock"))
+    assert len(list((tmp_path / "fid-nets").glob("digits-*.pt"))) == 1 and not list(tmp_path.rglob("command.lock"))
 
 
 def test_a_fraction_of_an_epoch_trains_that_share_of_the_batches(digits, tmp_path):
@@ -287,3 +288,15 @@ def test_a_fraction_of_an_epoch_trains_that_share_of_the_batches(digits, tmp_pat
     assert torch.load(tmp_path / "quick.pt", weights_only=True)["epochs"] == 0.5
     with pytest.raises(ValueError, match="epochs must be > 0"):
         train_fid_net(digits["dataset_dir"], tmp_path / "none.pt", epochs=0)
+
+
+def test_a_retrained_fid_network_is_another_feature_space(digits, tmp_path):
+    """The same architecture and data, other weights (here: the file saved again with one more
+    key, so its digest differs): another feature name, so the report never ranks the two
+    networks' FIDs together."""
+    record = torch.load(digits["net_path"], weights_only=True)
+    again = tmp_path / "retrained.pt"
+    torch.save({**record, "retrained": True}, again)
+    other = load_extractor("classifier", dataset_dir=digits["dataset_dir"], fid_net_path=again)
+    assert other.feature_name != digits["extractor"].feature_name
+    assert other.feature_name.split("#")[0] == digits["extractor"].feature_name.split("#")[0]

@@ -28,6 +28,9 @@ class DataConfig(_Section):
     dataset: Dataset = "digits"
     image_size: int = Field(8, ge=4, le=512)
     source: Optional[str] = None  # a directory holding the raw files (IDX, CIFAR batches, a folder)
+    # imagefolder: the content fingerprint of `source`, filled in by prepare (an edited folder is
+    # prepared again; the workers need not read the folder to find its shards).
+    fingerprint: Optional[str] = None
     class_conditional: bool = False
     label_dropout: float = Field(0.1, ge=0.0, le=1.0)  # classifier-free guidance training
 

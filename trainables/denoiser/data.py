@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -31,9 +31,12 @@ MANIFEST = "manifest.json"
 SHARD_ROWS = 16384  # ~12 MiB of uint8 pixels per CIFAR-10 shard before compression
 
 
-def dataset_dir(dataset: str, cache_dir: str | Path, source: str | Path | None = None) -> Path:
+def dataset_dir(dataset: str, cache_dir: str | Path, source: str | Path | None = None,
+                fingerprint: Optional[str] = None) -> Path:
     """Where `prepare` puts `dataset`: {cache_dir}/datasets/{dataset}, or, for an image folder,
-    .../imagefolder-{short hash of the folder's absolute path}."""
+    .../imagefolder-{short hash of the folder's absolute path and its content fingerprint}, so an
+    edited folder is prepared again. `fingerprint` (folder_fingerprint, which `prepare` of the
+    trainable puts in the config) spares a worker from reading the folder again."""
     if dataset not in DATASETS:
         raise PacerayError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
     root = Path(cache_dir).expanduser().resolve() / "datasets"
@@ -41,19 +44,38 @@ def dataset_dir(dataset: str, cache_dir: str | Path, source: str | Path | None =
         return root / dataset
     if source is None:
         raise PacerayError("imagefolder needs source=DIR (--source DIR): a folder with one sub-folder of images per class")
-    key = hashlib.sha256(str(Path(source).expanduser().resolve()).encode()).hexdigest()[:12]
+    folder = Path(source).expanduser().resolve()
+    fingerprint = fingerprint or folder_fingerprint(folder)
+    key = hashlib.sha256(f"{folder}\0{fingerprint}".encode()).hexdigest()[:12]
     return root / f"imagefolder-{key}"
 
 
+def folder_fingerprint(folder: str | Path) -> str:
+    """sha256 over every file's path (relative to `folder`) and content, in sorted order: any
+    added, removed, renamed or edited image changes it."""
+    folder = Path(folder).expanduser().resolve()
+    if not folder.is_dir():
+        raise PacerayError(f"imagefolder: {folder} is not a directory; pass --source DIR holding one sub-folder "
+                           f"of images per class")
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 def prepare(dataset: str, cache_dir: str | Path, source: str | Path | None = None,
-            download: bool = True) -> Path:
+            download: bool = True, fingerprint: Optional[str] = None) -> Path:
     """Write `dataset` as Parquet shards + manifest.json once; later calls return at once.
 
     The shards are built in a temporary folder beside the target and renamed into place, so a
     crash leaves no half-written dataset, and concurrent preparers (DDP workers on one node)
     race harmlessly: the first rename wins, the others drop their copy.
     """
-    target = dataset_dir(dataset, cache_dir, source)
+    target = dataset_dir(dataset, cache_dir, source, fingerprint)
     if (target / MANIFEST).is_file():
         return target
     if target.exists():

@@ -32,14 +32,29 @@ def preparing(dataset: str, storage: Path) -> Iterator[None]:
 
 
 def dataset_path(data: DataConfig, storage: Path, make: bool = True) -> Path:
-    path = dataset_dir(data.dataset, storage, data.source)
+    path = dataset_dir(data.dataset, storage, data.source, data.fingerprint)
     if make and not (path / "manifest.json").exists():
-        return prepare_dataset(data.dataset, storage, source=data.source)
+        return prepare_dataset(data.dataset, storage, source=data.source, fingerprint=data.fingerprint)
     return path
 
 
-def fid_net_path(dataset: str, storage: Path) -> Path:
-    return storage / "fid-nets" / f"{dataset}.pt"
+def fingerprinted(config: dict) -> dict:
+    """An image folder's config with the folder's content fingerprint (data.fingerprint), taken
+    once on the driver: every trial then reads the shards of exactly this content."""
+    data = config["data"]
+    if data["dataset"] != "imagefolder" or not data.get("source"):
+        return config
+    from trainables.denoiser.data import folder_fingerprint
+
+    return {**config, "data": {**data, "fingerprint": folder_fingerprint(data["source"])}}
+
+
+def fid_net_path(dataset: str, storage: Path, data_dir: Path) -> Path:
+    """One FID network per prepared content (two image folders never share one); retraining it
+    replaces the file, and its FIDs then carry another weights digest (see fid_net)."""
+    from trainables.denoiser.data import read_manifest
+
+    return storage / "fid-nets" / f"{dataset}-{read_manifest(data_dir)['content_hash'][:12]}.pt"
 
 
 def train_dataset_fid_net(dataset: str, storage: Path, source: Optional[str] = None, epochs: Optional[float] = None,
@@ -50,7 +65,7 @@ def train_dataset_fid_net(dataset: str, storage: Path, source: Optional[str] = N
     from trainables.denoiser.fid_net import train_fid_net
 
     data_dir = dataset_path(DataConfig(dataset=dataset, source=source), storage)
-    out = fid_net_path(dataset, storage)
+    out = fid_net_path(dataset, storage, data_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"training the {dataset} FID network once (saved to {out}) …", flush=True)
     info = train_fid_net(data_dir, out, epochs=epochs, seed=seed, device=device)
@@ -61,7 +76,7 @@ def extractor(cfg: Config, storage: Path, data_dir: Path):
     from trainables.denoiser.fid import load_extractor
 
     if cfg.eval.features == "classifier":
-        path = fid_net_path(cfg.data.dataset, storage)
+        path = fid_net_path(cfg.data.dataset, storage, data_dir)
         if not path.exists():
             train_dataset_fid_net(cfg.data.dataset, storage, cfg.data.source)
         return load_extractor("classifier", dataset_dir=data_dir, fid_net_path=path)
@@ -92,6 +107,7 @@ def fid_evaluator(cfg: Config, storage: Path, data_dir: Path, device):
 def prepare(config: dict, context) -> dict:
     """The platform's hook (context: paceray.protocol.PrepareContext): dataset, FID network and
     reference statistics, before any trial. Returns the config every trial gets."""
+    config = fingerprinted(config)
     cfg = Config.model_validate(config)
     root = Path(context.storage)
     from trainables.denoiser.model import check_image_size

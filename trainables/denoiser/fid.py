@@ -58,12 +58,13 @@ class InceptionFeatures(nn.Module):
     normalises inside; we round to whole pixel values as a saved PNG would hold them."""
 
     num_features = 2048
-    feature_name = "inception-v3-2015-12-05(d=2048)"
 
     def __init__(self, scripted: torch.jit.ScriptModule, weights_id: str):
         super().__init__()
         self.net = scripted.eval()
         self.weights_id = weights_id
+        # FIDs are grouped by this name: another file (another conversion) is another feature space.
+        self.feature_name = f"inception-v3-2015-12-05(d=2048)#{weights_id[:8]}"
 
     def train(self, mode: bool = True) -> "InceptionFeatures":
         return super().train(False)

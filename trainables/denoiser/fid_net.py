@@ -88,8 +88,9 @@ class ClassifierFeatures(nn.Module):
         self.channels = net.arch["in_channels"]
         self.image_size = net.arch["image_size"]
         self.num_features = net.arch["feature_dim"]  # torchmetrics reads this instead of a dummy forward
-        self.feature_name = f"classifier:{dataset}@{self.image_size}px(d={self.num_features})"
-        self.weights_id = weights_id  # tells two trainings apart, for the reference-statistics cache
+        self.weights_id = weights_id  # tells two trainings apart: in the name and the statistics' cache key
+        # The name is what FIDs are grouped by: a retrained network is another feature space.
+        self.feature_name = f"classifier:{dataset}@{self.image_size}px(d={self.num_features})#{weights_id[:8]}"
 
     def train(self, mode: bool = True) -> "ClassifierFeatures":
         return super().train(False)  # BatchNorm and dropout stay in eval mode whatever the caller asks

@@ -22,9 +22,10 @@ def prepare(config: dict, context: PrepareContext) -> dict:
     from pathlib import Path
 
     from trainables.denoiser.data import read_manifest
-    from trainables.denoiser.features import dataset_path
+    from trainables.denoiser.features import dataset_path, fingerprinted
     from trainables.denoiser.model import check_image_size
 
+    config = fingerprinted(config)
     cfg = Config.model_validate(config)
     manifest = read_manifest(dataset_path(cfg.data, Path(context.storage)))
     if "test" not in manifest["splits"]:
