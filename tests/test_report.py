@@ -3,9 +3,11 @@ MLflow store laid out the way `paceray tune` writes it."""
 
 import math
 import os
+import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -85,9 +87,14 @@ def store(tmp_path_factory):
 
     fair = c.create_experiment("paired", artifact_location=str(run_dir / "mlartifacts-paired"))
     fparent = c.create_run(fair, run_name="search-paired", tags=SEARCH).info.run_id
+    c.log_param(fparent, "search.curriculum.order", "grid['none', 'easy-to-hard', 'hard-to-easy', 'random']")
     for order, histories in PAIRED.items():
         for seed, fids in enumerate(histories):
-            add_trial(c, fair, fparent, f"{order}-s{seed}", order, 4, "fixed", seed, "FINISHED", fids, None)
+            run_id = add_trial(c, fair, fparent, f"{order}-s{seed}", order, 4, "fixed", seed, "FINISHED", fids, None)
+            if order == "easy-to-hard" and seed == 0:  # what a real trial logs for report.html
+                c.log_dict(run_id, E2H_SCHEDULE, "curriculum/schedule.json")
+                for step in (200, 400):
+                    c.log_image(run_id, np.full((9, 9, 3), step // 2, np.uint8), key="samples", step=step)
     # a timestep-sampling baseline: order none with logit-normal t, 1 better than uniform at every seed
     for seed, fids in enumerate(PAIRED["none"]):
         add_trial(c, fair, fparent, f"lognorm-s{seed}", "none", 4, "fixed", seed, "FINISHED", [f - 1 for f in fids],
@@ -96,6 +103,12 @@ def store(tmp_path_factory):
     add_trial(c, fair, fparent, "random-s0", "random", 4, "fixed", 0, "FINISHED", [70, 50], None)
     return {"uri": uri, "run_dir": run_dir, "parent": parent, "mixed_parent": mparent}
 
+
+E2H_SCHEDULE = {"order": "easy-to-hard", "clusters": [[0, 250], [250, 500], [500, 750], [750, 1000]],
+                "stages": [{"stage": 1, "final": False, "clusters": [4], "ranges": [[750, 1000]], "shares": None},
+                           {"stage": 4, "final": True, "clusters": [1, 2, 3, 4], "ranges": [[0, 1000]],
+                            "shares": None}],
+                "full_from_step": 151, "realised_stage_lengths": [50, 50, 50]}
 
 # order -> per seed 0..4, FIDs at STEPS
 PAIRED = {
@@ -265,3 +278,36 @@ def test_cli_unknown_experiment_is_one_line(store):
     assert r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "'nope' not found" in lines[0] and "quick" in lines[0]
+
+
+def _sections(page: str) -> list:
+    return re.findall(r'<section id="([a-z]+)">', page)
+
+
+def test_report_html_is_one_self_contained_page_with_every_section(store, tmp_path):
+    rep = report.report_for_experiment(store["uri"], "paired")
+    page = study_report.files(rep)  # the writers; report.html among them
+    out = tmp_path / "report.html"
+    page["report.html"](out)
+    text = out.read_text()
+    assert _sections(text) == ["summary", "arms", "curves", "schedules", "samples", "importance", "trials"]
+    # self-contained: every image inline, nothing fetched or linked
+    assert re.findall(r'src="([a-z]+):', text) and set(re.findall(r'src="([a-z]+):', text)) == {"data"}
+    assert "http://" not in text and "https://" not in text and "<link" not in text
+    assert FEATURES in text  # the extractor and the sample count
+    assert "better than the baseline at 95%" in text and "[-4.60, -2.20]" in text  # the paired interval
+    assert "Best trial:</b> easy-to-hard-s2" in text
+    # the arm's curriculum and its last sample grid (step 400 of two), side by side with the others
+    assert "every timestep from step 151" in text and "stages lasted 50, 50, 50 steps" in text
+    assert "easy-to-hard-s0, seed 0, step 400" in text and "no sample grid logged" in text
+    # 21 finished trials: the searched parameter's importance (one parameter: all of it)
+    importance = text[text.index('<section id="importance">'):text.index('<section id="trials">')]
+    assert "fANOVA" in importance and "curriculum.order" in importance and "1.0" in importance
+
+
+def test_report_html_has_no_importance_below_eight_finished_trials(quick, tmp_path):
+    out = tmp_path / "report.html"
+    study_report.files(quick)["report.html"](out)
+    text = out.read_text()
+    assert _sections(text)[-2:] == ["importance", "trials"]
+    assert "fANOVA" not in text and "at least 8 finished trials" in text

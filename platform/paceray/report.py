@@ -39,6 +39,7 @@ class SearchRuns:
     mode: str
     searched: list[str]  # the trial config paths the search varied
     runs: list = field(default_factory=list)  # mlflow Run objects, oldest first
+    distributions: dict = field(default_factory=dict)  # searched path -> its spec distribution, e.g. "grid['a', 'b']"
 
     def history(self, run_id: str, key: str) -> pd.Series:
         """`key` by step; a restarted trial may log a step twice: the later value wins."""
@@ -121,7 +122,8 @@ def report_for_parent(uri: str, parent_run_id: str):
     tags = parent.data.tags
     runs = SearchRuns(client, experiment, f"search run {parent_run_id} ({parent.info.run_name}, {parent.info.status})",
                       parent_run_id, tags.get(tracking.METRIC_TAG), tags.get(tracking.MODE_TAG, "min"),
-                      _searched(parent.data.params), children)
+                      _searched(parent.data.params), children,
+                      {k.removeprefix("search."): v for k, v in parent.data.params.items() if k.startswith("search.")})
     return build(runs, tags.get(tracking.TRAINABLE_TAG))
 
 

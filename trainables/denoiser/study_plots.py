@@ -20,8 +20,11 @@ def _short_features(rep: Report) -> str:
     return "MIXED FID EXTRACTORS: curves of different line styles are NOT comparable"
 
 
-def plot_fid(rep: Report, by: str):
-    """FID vs step, one line per trial, coloured by `by` ("order" or "N")."""
+def plot_fid(rep: Report, by: str, histories: dict | None = None, metric: str = "FID (eval/fid)"):
+    """FID vs step (or another metric's `histories`, e.g. KID), coloured by `by` ("order": by
+    arm, with bands; or "N")."""
+    own = histories is None
+    histories = rep.histories if own else histories
     from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -52,13 +55,13 @@ def plot_fid(rep: Report, by: str):
     ax = fig.add_subplot()
     counts: dict = {}
     dashed_baseline = by == "N" and rep.comparable
-    banded = _arm_bands(rep) if by == "order" else {}
+    banded = _arm_bands(rep, histories) if by == "order" else {}
     for (features, key), (steps, mean, std) in banded.items():
         style = styles[rep.feature_groups.index(features) % 4] if features in rep.feature_groups else "-"
         ax.plot(steps, mean, style, color=colors.get(key, "black"), linewidth=2, marker="o", markersize=2.5)
         ax.fill_between(steps, mean - std, mean + std, color=colors.get(key, "black"), alpha=0.18, linewidth=0)
     for _, row in t.iterrows():
-        h = rep.histories.get(row["run_id"])
+        h = histories.get(row["run_id"])
         if h is None or h.empty:
             continue
         key = key_of(row)
@@ -81,33 +84,33 @@ def plot_fid(rep: Report, by: str):
     if not rep.comparable:
         handles += [Line2D([], [], color="black", linestyle=styles[i % 4], label=f"F{i + 1}: {g[:60]}")
                     for i, g in enumerate(rep.feature_groups)]
-    for g, b in rep.baselines.items():
+    for g, b in (rep.baselines.items() if own else ()):
         ax.axhline(b.fid, color=ORDER_COLORS["none"], linestyle=":", linewidth=1)
-    if rep.baselines:
+    if rep.baselines and own:
         handles.append(Line2D([], [], color=ORDER_COLORS["none"], linestyle=":", label="baseline final FID (mean)"))
     if banded:
         handles.append(Patch(color="grey", alpha=0.3, label="mean ± std over seeds (finished trials)"))
     if any(t["status"].isin(ENDED_BADLY)):
         handles.append(Line2D([], [], color="black", marker="x", linestyle="", label="failed / killed"))
-    values = pd.concat([h for h in rep.histories.values() if not h.empty] or [pd.Series(dtype=float)])
+    values = pd.concat([h for h in histories.values() if not h.empty] or [pd.Series(dtype=float)])
     values = values[_finite(values)]
     if len(values) and values.min() > 0 and values.max() / values.min() > 5:
         ax.set_yscale("log")
     if not len(values):
-        ax.text(0.5, 0.5, "no eval/fid logged yet", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, f"no {metric} logged yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("training step")
-    ax.set_ylabel("FID (eval/fid, lower is better)")
+    ax.set_ylabel(f"{metric}, lower is better")
     ax.grid(True, which="both", alpha=0.3)
     if handles:
         ax.legend(handles=handles, fontsize=8, loc="best", title="curriculum arm (trials)" if by == "order" else
                   "clusters N", title_fontsize=8)
     what = "curriculum arm" if by == "order" else "number of clusters N"
-    fig.suptitle(f"{rep.experiment}: FID vs step by {what}", fontsize=12)
+    fig.suptitle(f"{rep.experiment}: {metric.split(' ')[0]} vs step by {what}", fontsize=12)
     ax.set_title(_short_features(rep), fontsize=8.5, color="black" if rep.comparable else "red")
     return fig
 
 
-def _arm_bands(rep: Report) -> dict:
+def _arm_bands(rep: Report, histories: dict) -> dict:
     """(features, arm) -> (steps, mean, std) over the arm's finished trials of ≥ 2 seeds, at the
     eval steps they all have."""
     import numpy as np
@@ -116,7 +119,7 @@ def _arm_bands(rep: Report) -> dict:
     out = {}
     finished = t[(t["status"] == "FINISHED")]
     for (features, arm), sub in finished.groupby(["features", "arm"]):
-        hists = [rep.histories[r] for r in sub["run_id"] if r in rep.histories and not rep.histories[r].empty]
+        hists = [histories[r] for r in sub["run_id"] if r in histories and not histories[r].empty]
         if len(hists) < 2:
             continue
         steps = sorted(set.intersection(*(set(h.index) for h in hists)))

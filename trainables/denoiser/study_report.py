@@ -20,12 +20,13 @@ import pandas as pd
 from paceray.protocol import BEST_TRIAL_TAG, ERROR_TAG, TRIAL_TAG, one_line
 
 FID_METRIC = "eval/fid"
+KID_METRIC = "eval/kid"
 FEATURES_TAG = "paceray.fid_features"
 UNKNOWN_FEATURES = "unknown (trial has FIDs but no paceray.fid_features tag)"
 ORDERS = ("none", "easy-to-hard", "hard-to-easy", "random", "shuffled", "measured")
 BASELINE_ARM = "none"  # order none, t uniform: what every other arm is paired against
 ENDED_BADLY = ("FAILED", "KILLED")
-FILES = ("trials.csv", "summary.csv", "fid_by_order.png", "fid_by_clusters.png")
+FILES = ("trials.csv", "summary.csv", "fid_by_order.png", "fid_by_clusters.png", "report.html")
 DASH = "—"
 COLUMNS = ["trial", "status", "order", "N", "clustering", "pacing", "stage_or_tau", "cumulative", "distribution", "seed",
            "best_fid", "best_step", "final_fid", "final_step", "steps_to_baseline", "features", "error", "run_id"]
@@ -50,6 +51,8 @@ class Report:
     baselines: dict  # feature group -> Baseline
     best_trial: Optional[str]  # None when FIDs are not comparable across trials
     best_fid: Optional[float]
+    kid_histories: dict = None  # run id -> pd.Series of eval/kid indexed by step
+    search: object = None  # the SearchRuns it was built from (artifacts for report.html)
 
     @property
     def comparable(self) -> bool:
@@ -193,9 +196,10 @@ def _summary(table: pd.DataFrame, histories: dict, by_features: bool) -> pd.Data
 def build(search) -> Report:
     """The report of `search` (paceray.report.SearchRuns): its runs' FID histories and params."""
     experiment, source, parent_run_id = search.experiment, search.source, search.parent_run_id
-    histories, rows = {}, []
+    histories, kid_histories, rows = {}, {}, []
     for run in search.runs:
         history = search.history(run.info.run_id, FID_METRIC)
+        kid_histories[run.info.run_id] = search.history(run.info.run_id, KID_METRIC)
         row = _row(run, history)
         histories[run.info.run_id] = history
         rows.append(row)
@@ -219,7 +223,7 @@ def build(search) -> Report:
     if len(groups) <= 1 and not ranked.empty:
         best_trial, best_fid = str(ranked.iloc[0]["trial"]), float(ranked.iloc[0]["best_fid"])
     return Report(experiment, source, parent_run_id, table, _summary(table, histories, len(groups) > 1), histories,
-                  groups, baselines, best_trial, best_fid)
+                  groups, baselines, best_trial, best_fid, kid_histories, search)
 
 
 # ---------------------------------------------------------------- text
@@ -360,6 +364,7 @@ def _verdict_lines(rep: Report) -> list:
 
 def files(rep: Report) -> dict:
     """trials.csv, summary.csv, fid_by_order.png, fid_by_clusters.png: file name -> writer(path)."""
+    from trainables.denoiser.study_html import render_html
     from trainables.denoiser.study_plots import plot_fid
 
     return {
@@ -367,6 +372,7 @@ def files(rep: Report) -> dict:
         FILES[1]: lambda p: rep.summary.to_csv(p, index=False),
         FILES[2]: lambda p: plot_fid(rep, "order").savefig(p, format="png"),
         FILES[3]: lambda p: plot_fid(rep, "N").savefig(p, format="png"),
+        FILES[4]: lambda p: p.write_text(render_html(rep)),
     }
 
 
