@@ -252,6 +252,8 @@ def test_log_to_parent(store):
     tags = c.get_run(store["parent"]).data.tags
     assert tags["paceray.best_trial"] == rep.best_trial == "e2h-n4"
     assert float(tags["paceray.best_fid"]) == 30.0
+    page = report.html_location(store["uri"], store["parent"])
+    assert page.endswith("/report/report.html") and Path(page).is_file()
 
 
 def test_missing_store_is_one_line(tmp_path, monkeypatch):

@@ -55,11 +55,12 @@ def test_search_makes_one_parent_and_a_child_per_order(quick_search):
     assert parent.data.params["search.curriculum.order"].startswith("grid")
     # the parent holds the spec, the trial table, the plots, the best config and the best model
     art = artifact_dir(parent)
-    for rel in ("spec/spec.yaml", "spec/resolved.yaml", "report/trials.csv", "report/fid_by_order.png",
+    for rel in ("spec/spec.yaml", "spec/resolved.yaml", "report/trials.csv", "report/fid_by_order.png", "report/report.html",
                 "report/fid_by_clusters.png", "best/config.json", "best/pipeline/model_index.json"):
         assert (art / rel).is_file(), rel
     assert parent.data.tags["paceray.best_trial"] in {c.data.tags["paceray.trial_id"] for c in children}
     assert "best trial" in result.stdout
+    assert f"the report as one page: {art / 'report/report.html'}" in result.stdout
 
 
 def test_best_model_loads_as_a_diffusers_pipeline(quick_search):

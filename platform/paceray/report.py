@@ -214,6 +214,21 @@ def write_outputs(rep, out_dir) -> list:
     return paths
 
 
+def html_location(uri: str, parent_run_id: str) -> Optional[str]:
+    """Where the parent run's report/report.html is: a local path for a file store (open it in a
+    browser), else the artifact URI (the MLflow UI shows it under the run's artifacts)."""
+    client = tracking.client(uri)
+    try:
+        names = {Path(a.path).name for a in client.list_artifacts(parent_run_id, "report")}
+        base = client.get_run(parent_run_id).info.artifact_uri
+    except Exception:  # not logged (the server was away): `paceray report --out` writes it later
+        return None
+    if "report.html" not in names:
+        return None
+    location = f"{base.rstrip('/')}/report/report.html"
+    return location.removeprefix("file://") if location.startswith("file://") else location
+
+
 def log_to_parent(uri: str, parent_run_id: str):
     """Compute the report of one search and log it to its parent run: files under `report/`, the
     report's tags on the parent."""

@@ -190,6 +190,9 @@ def _finish(uri: str, parent: str, loaded, results) -> None:
             c.set_tag(parent, "paceray.best_checkpoint", ckpt)
     print()
     print(summary.text)
+    where = report.html_location(uri, parent)
+    if where:
+        print(f"\nthe report as one page: {where}")
 
 
 def _best_checkpoint(result, metric: str, mode: str) -> Optional[str]:
