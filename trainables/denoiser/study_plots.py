@@ -9,7 +9,8 @@ import pandas as pd
 
 from trainables.denoiser.study_report import ENDED_BADLY, ORDERS, Report, _finite
 
-ORDER_COLORS = {"none": "#4d4d4d", "easy-to-hard": "#1f77b4", "hard-to-easy": "#d62728", "random": "#2ca02c"}
+ORDER_COLORS = {"none": "#4d4d4d", "easy-to-hard": "#1f77b4", "hard-to-easy": "#d62728", "random": "#2ca02c",
+                "shuffled": "#9467bd", "measured": "#ff7f0e"}
 
 
 def _short_features(rep: Report) -> str:
