@@ -3,7 +3,8 @@ beside the other report files and into the parent run. MLflow shows an HTML arti
 sandboxed iframe where relative links do not resolve, hence everything inline.
 
 The platform owns the page and the parameter importance (Optuna's fANOVA over the finished
-trials, with the spec's distributions); the trainable's report hook supplies the sections.
+trials, with the spec's distributions); the trainable's report hook supplies the sections
+(through `paceray.protocol.html_report`). Light to import: pandas and Optuna load when used.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import base64
 import html
 import io
 import math
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-import pandas as pd
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 IMPORTANCE_MIN_TRIALS = 8
 
@@ -48,7 +50,7 @@ def esc(text) -> str:
     return html.escape(str(text))
 
 
-def table(frame: pd.DataFrame) -> str:
+def table(frame: "pd.DataFrame") -> str:
     return frame.to_html(index=False, escape=True, border=0, na_rep="—")
 
 
@@ -98,11 +100,12 @@ def _value(param: Optional[str], dist):
     return int(number) if isinstance(dist, optuna.distributions.IntDistribution) else number
 
 
-def importance(runs, finals: dict, minimum: int = IMPORTANCE_MIN_TRIALS) -> Optional[pd.DataFrame]:
+def importance(runs, finals: dict, minimum: int = IMPORTANCE_MIN_TRIALS) -> Optional["pd.DataFrame"]:
     """fANOVA importance of the searched parameters for the final metric, from the finished
     trials (`finals`: run id -> final metric value) and the spec's distributions; None below
     `minimum` finished trials or when no searched parameter varies among them."""
     import optuna
+    import pandas as pd
 
     dists = {k: d for k, d in ((k, parse_distribution(v)) for k, v in runs.distributions.items()) if d is not None}
     done = [r for r in runs.runs if r.info.status == "FINISHED" and math.isfinite(finals.get(r.info.run_id, math.nan))]

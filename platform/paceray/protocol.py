@@ -20,6 +20,7 @@ from paceray.atomic import write_atomic, write_text_atomic  # noqa: F401  (publi
 from paceray.command_lock import held as storage_lock  # noqa: F401  (public surface)
 from paceray.errors import PacerayError, one_line  # noqa: F401  (public surface)
 from paceray.paths import storage_root  # noqa: F401  (public surface)
+from paceray import html_report  # noqa: F401,E402  (public surface: the parts of report.html)
 
 if TYPE_CHECKING:  # pragma: no cover
     from paceray.report import ReportHook

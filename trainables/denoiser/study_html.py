@@ -14,7 +14,7 @@ from typing import Optional
 
 import pandas as pd
 
-from paceray import html_report as H
+from paceray.protocol import html_report as H
 from trainables.denoiser.study_report import (FID_METRIC, Report, _feature_lines, _verdict_lines, display_summary,
                                               display_table)
 
