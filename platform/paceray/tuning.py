@@ -23,7 +23,7 @@ from paceray.spec import LoadedSpec, ResourcesSection, flatten, set_path
 from paceray.trial import resume_point, trainer_for, trial_storage
 
 
-def param_space(loaded: LoadedSpec, algorithm: str) -> dict:
+def param_space(loaded: LoadedSpec, algorithm: str, points: list) -> dict:
     """The trial config with Tune distributions at the searched paths (nested like the config).
 
     grid: the grid's paths hold the values the expanded points use (points_to_evaluate sets
@@ -38,7 +38,6 @@ def param_space(loaded: LoadedSpec, algorithm: str) -> dict:
     config = copy.deepcopy(loaded.base)
     if algorithm == "optuna":
         return config
-    points = space_lib.grid_points(loaded) if algorithm == "grid" else []
     for key, dist in loaded.search.items():
         if algorithm == "grid" and dist.kind == "grid":
             used = list(dict.fromkeys(json_key(p[key]) for p in points))
@@ -56,12 +55,10 @@ def json_key(value) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def num_samples(loaded: LoadedSpec) -> int:
+def num_samples(loaded: LoadedSpec, points: list) -> int:
     """Tune's num_samples: one per expanded grid point (grid), else the spec's."""
-    from paceray import space as space_lib
-
     if loaded.spec.tune.algorithm == "grid":
-        return space_lib.trial_count(loaded)
+        return len(points) * loaded.spec.tune.num_samples
     return loaded.spec.tune.num_samples
 
 
@@ -87,7 +84,7 @@ def max_concurrent(loaded: LoadedSpec, cluster: dict[str, float]) -> int:
     return n
 
 
-def search_alg(loaded: LoadedSpec, concurrent: int):
+def search_alg(loaded: LoadedSpec, concurrent: int, points: list):
     """Tune ignores `max_concurrent_trials` when given a BasicVariantGenerator, so the generators
     get the cap themselves (OptunaSearch, a Searcher, is capped by Tune)."""
     from paceray import space as space_lib
@@ -102,8 +99,8 @@ def search_alg(loaded: LoadedSpec, concurrent: int):
 
     if t.algorithm == "grid":
         # Each canonical grid point (× seed) once per num_samples; Tune samples the rest.
-        points = [space_lib.unflatten(p) for p in space_lib.grid_points(loaded)] * t.num_samples
-        return BasicVariantGenerator(points_to_evaluate=points, random_state=t.seed, max_concurrent=concurrent)
+        presets = [space_lib.unflatten(p) for p in points] * t.num_samples
+        return BasicVariantGenerator(points_to_evaluate=presets, random_state=t.seed, max_concurrent=concurrent)
     # random: a sample's values stay the same over the seeds' grid (its replicates)
     return BasicVariantGenerator(constant_grid_search=bool(t.seeds), random_state=t.seed, max_concurrent=concurrent)
 
@@ -236,12 +233,15 @@ def build_tuner(loaded: LoadedSpec, context: SearchContext, concurrent: int, tun
     if tuner_path is not None:
         # Finished trials stay finished; errored and unfinished ones continue from their checkpoints.
         return tune.Tuner.restore(str(tuner_path), trainable=trainable, resume_errored=True)
+    from paceray import space as space_lib
+
+    points = space_lib.grid_points(loaded) if t.algorithm == "grid" else []  # expanded once
     return tune.Tuner(
         trainable,
-        param_space=param_space(loaded, t.algorithm),
+        param_space=param_space(loaded, t.algorithm, points),
         tune_config=tune.TuneConfig(
-            metric=loaded.metric, mode=loaded.mode, num_samples=num_samples(loaded),
-            search_alg=search_alg(loaded, concurrent), scheduler=scheduler(loaded),
+            metric=loaded.metric, mode=loaded.mode, num_samples=num_samples(loaded, points),
+            search_alg=search_alg(loaded, concurrent, points), scheduler=scheduler(loaded),
             max_concurrent_trials=concurrent if t.algorithm == "optuna" else None,
         ),
         run_config=tune.RunConfig(

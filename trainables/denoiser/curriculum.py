@@ -326,6 +326,7 @@ class CurriculumSampler:
         self.distribution = make_distribution(distribution, timesteps, logit_mean, logit_std)
         self._last_probs: Optional[torch.Tensor] = None
         self.plan = self._plan(reference_lengths)
+        self.full_index = self._full_index()  # the plan never changes, nor does this
         self._edges_t = torch.tensor(self.edges[1:-1], dtype=torch.long)
         # Mutable state: everything here goes into the checkpoint.
         self.step = 0
@@ -370,11 +371,7 @@ class CurriculumSampler:
         """Every stage in order, the final all-timesteps phase last."""
         return list(self.plan)
 
-    def stage_at(self, index: int) -> Stage:
-        return self.plan[min(index, len(self.plan) - 1)]
-
-    @property
-    def full_index(self) -> int:
+    def _full_index(self) -> int:
         """Index of the first stage from which every timestep is drawn uniformly to the end."""
         i = len(self.plan) - 1
         while i > 0 and self.plan[i - 1].ranges == ((0, self.timesteps),) and self.plan[i - 1].shares is None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,7 +308,7 @@ class FIDEvaluator:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast(out, src=0)
         kid, std, subset = out.tolist()
-        return kid, std, int(subset) if subset == subset else 0
+        return kid, std, 0 if math.isnan(subset) else int(subset)
 
     def reset(self) -> None:
         """Forget the generated images; keep the reference."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Optional
 
@@ -70,7 +71,7 @@ class TrialLog:
     def eval(self, fid: dict, grid, step: int, seconds: float) -> None:
         self.fid_features = f"{fid['features']}; {fid['num_fake']} samples vs {fid['num_real']} reference images"
         if self.run:
-            kid = {"eval/kid": fid["kid"], "eval/kid_std": fid["kid_std"]} if fid["kid"] == fid["kid"] else {}
+            kid = {} if math.isnan(fid["kid"]) else {"eval/kid": fid["kid"], "eval/kid_std": fid["kid_std"]}
             self.run.log_metrics({"eval/fid": fid["fid"], **kid, "eval/seconds": seconds}, step)
             if grid is not None:
                 self.run.log_image(grid, key="samples", step=step, belongs_to="eval/fid")

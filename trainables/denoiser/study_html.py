@@ -15,7 +15,7 @@ from typing import Optional
 import pandas as pd
 
 from paceray.protocol import html_report as H
-from trainables.denoiser.study_report import (FID_METRIC, Report, _feature_lines, _verdict_lines, display_summary,
+from trainables.denoiser.study_report import (FID_METRIC, KID_METRIC, Report, _feature_lines, _verdict_lines, display_summary,
                                               display_table)
 
 GRID = re.compile(r"^samples[+%]step[+%](\d+)[+%]timestamp[+%]\d+[+%][0-9a-f-]+\.png$")
@@ -92,9 +92,11 @@ def render_html(rep: Report) -> str:
 
     from trainables.denoiser.study_plots import plot_fid
 
+    # Only the page plots KID: its histories are fetched here, not for every `paceray report`.
+    kid = {run_id: rep.search.history(run_id, KID_METRIC) for run_id in rep.table["run_id"]}
     curves = (f"<img class=\"plot\" alt=\"FID vs step by arm\" src=\"{H.figure_uri(plot_fid(rep, 'order'))}\">"
               f"<img class=\"plot\" alt=\"KID vs step by arm\" "
-              f"src=\"{H.figure_uri(plot_fid(rep, 'order', rep.kid_histories, 'KID (eval/kid)'))}\">")
+              f"src=\"{H.figure_uri(plot_fid(rep, 'order', kid, 'KID (eval/kid)'))}\">")
     sections.append(("curves", "<h2>FID and KID over training, by arm (mean ± std over seeds)</h2>" + curves))
 
     representatives = _representatives(rep)

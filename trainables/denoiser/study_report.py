@@ -51,8 +51,7 @@ class Report:
     baselines: dict  # feature group -> Baseline
     best_trial: Optional[str]  # None when FIDs are not comparable across trials
     best_fid: Optional[float]
-    kid_histories: dict = None  # run id -> pd.Series of eval/kid indexed by step
-    search: object = None  # the SearchRuns it was built from (artifacts for report.html)
+    search: object = None  # the SearchRuns it was built from (KID histories, artifacts for report.html)
 
     @property
     def comparable(self) -> bool:
@@ -196,10 +195,9 @@ def _summary(table: pd.DataFrame, histories: dict, by_features: bool) -> pd.Data
 def build(search) -> Report:
     """The report of `search` (paceray.report.SearchRuns): its runs' FID histories and params."""
     experiment, source, parent_run_id = search.experiment, search.source, search.parent_run_id
-    histories, kid_histories, rows = {}, {}, []
+    histories, rows = {}, []
     for run in search.runs:
         history = search.history(run.info.run_id, FID_METRIC)
-        kid_histories[run.info.run_id] = search.history(run.info.run_id, KID_METRIC)
         row = _row(run, history)
         histories[run.info.run_id] = history
         rows.append(row)
@@ -223,7 +221,7 @@ def build(search) -> Report:
     if len(groups) <= 1 and not ranked.empty:
         best_trial, best_fid = str(ranked.iloc[0]["trial"]), float(ranked.iloc[0]["best_fid"])
     return Report(experiment, source, parent_run_id, table, _summary(table, histories, len(groups) > 1), histories,
-                  groups, baselines, best_trial, best_fid, kid_histories, search)
+                  groups, baselines, best_trial, best_fid, search)
 
 
 # ---------------------------------------------------------------- text

@@ -129,7 +129,7 @@ def train_loop(config: dict, context: TrialContext) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step - 1)
         x0, y = next(batches)
-        if log and step == sampler.full_from_step and sampler.stage_index >= sampler.full_index:
+        if log and sampler.stage_index >= sampler.full_index and step == sampler.full_from_step:
             log.full_from(step)
         t = sampler.sample(x0.shape[0], device)
         y = drop_labels(y, cfg.data.label_dropout, null, label_gen) if num_classes else None
