@@ -303,11 +303,11 @@ class MlflowServer(LocalServer):
         return mlflow_client(self.run_dir)
 
 
-def _start_train(shared, spec: Path, run_dir: Path, uri: str, flush_timeout: float = 300) -> Started:
+def _start_train(shared, spec: Path, run_dir: Path, uri: str, flush_timeout: float = 300, env=None) -> Started:
     # The trial's end waits up to `flush_timeout` for the server to take its queue: a restarted
     # server on a loaded machine can answer only after the last step (its start took ~40 s once).
     return shared.start("train", spec, "--run-dir", run_dir, "--tracking-uri", uri, log=run_dir.parent / "train.log",
-                        env={"PACERAY_TRACKING_FLUSH_TIMEOUT": str(flush_timeout)}, tracking=False)
+                        env={"PACERAY_TRACKING_FLUSH_TIMEOUT": str(flush_timeout), **(env or {})}, tracking=False)
 
 
 def _wait_for_metrics(server: MlflowServer, experiment: str, proc, at_least: int = 2):
@@ -330,7 +330,9 @@ def _delivered(server: MlflowServer, run_id: str) -> dict:
     client = server.client()
     run = client.get_run(run_id)
     steps = {key: sorted(m.step for m in client.get_metric_history(run_id, key)) for key in ("train/loss", "eval/fid")}
-    return {"status": run.info.status, "steps": steps, "artifacts": Path(run.info.artifact_uri)}
+    system = sorted((m.step, m.timestamp) for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage"))
+    return {"status": run.info.status, "steps": steps, "artifacts": Path(run.info.artifact_uri), "system": system,
+            "metrics": set(run.data.metrics)}
 
 
 @prelaunched(long=True)
@@ -340,12 +342,15 @@ def outage_trial(shared, tmp_path):
     spec = write_spec(tmp_path / "o.yaml", "outage",
                       tiny_base(train={"steps": 200, "log_every": 5}, curriculum={"stage_steps": 40},
                                 eval={"every": 50}))
-    proc = _start_train(shared, spec, tmp_path / "runs", server.uri)
+    # A system-metrics sample every second: several fall in the outage.
+    proc = _start_train(shared, spec, tmp_path / "runs", server.uri, env={"PACERAY_SYSTEM_METRICS_INTERVAL": "1"})
     try:
         run_id = _wait_for_metrics(server, "outage", proc)
         server.stop()  # gone mid-run: training must go on
+        away = time.time() * 1000
         time.sleep(8)
         assert proc.poll() is None, proc.output()[-3000:]
+        back = time.time() * 1000
         server.start()  # back on the same port and store
         out = proc.finish()
     finally:
@@ -353,7 +358,7 @@ def outage_trial(shared, tmp_path):
             kill_session(proc.pid)
         server.stop()
     return {"returncode": proc.returncode, "out": out, "run": _delivered(server, run_id),
-            "queue": tmp_path / "runs" / "mlflow-spool" / run_id}
+            "queue": tmp_path / "runs" / "mlflow-spool" / run_id, "away": (away, back)}
 
 
 def test_mlflow_outage_mid_run_loses_nothing(outage_trial):
@@ -365,6 +370,13 @@ def test_mlflow_outage_mid_run_loses_nothing(outage_trial):
     assert run["steps"]["eval/fid"] == [50, 100, 150, 200]
     assert (run["artifacts"] / "curriculum" / "schedule.png").is_file()
     assert not got["queue"].exists()  # all delivered
+    # System metrics, sampled on rank 0's node through the same queue: every sample arrived, the
+    # ones taken while the server was away too.
+    steps = [step for step, _ in run["system"]]
+    assert steps == list(range(len(steps))) and len(steps) >= 5, run["system"]
+    away, back = got["away"]
+    assert sum(away < t < back for _, t in run["system"]) >= 3, (got["away"], run["system"])
+    assert {"system/system_memory_usage_megabytes", "system/disk_usage_percentage"} <= run["metrics"]
 
 
 @prelaunched

@@ -406,3 +406,23 @@ def test_a_restarted_logger_does_not_relog_a_step_only_the_spool_holds(tmp_path,
     assert restarted.close(timeout=30) is None
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [
         (25, 0.5), (30, 0.4), (35, 0.3)]
+
+
+def test_system_metrics_continue_after_a_restart_without_overwriting(tmp_path, monkeypatch):
+    # A restarted rank 0 samples again: its samples must follow the run's last one, not start at
+    # step 0 (the run logger would drop them as already logged).
+    from mlflow.tracking import MlflowClient
+
+    from paceray.runlog import RunLogger
+
+    monkeypatch.setenv("PACERAY_SYSTEM_METRICS_INTERVAL", "0.2")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("sys", artifact_location=(tmp_path / "a").as_uri())).info.run_id
+    for _ in range(2):
+        logger = RunLogger(run_id, uri, tmp_path, system_metrics=True)
+        time.sleep(0.7)
+        assert logger.close(timeout=30) is None
+    steps = [m.step for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage")]
+    assert sorted(steps) == list(range(len(steps))) and len(steps) >= 4
+    assert "system/system_memory_usage_percentage" in client.get_run(run_id).data.metrics

@@ -112,12 +112,13 @@ class TrialContext:
 
     def run_logger(self) -> Optional["RunLogger"]:
         """The trial's run logger (every write queued on disk; see paceray.runlog), or None
-        when the trial has no run."""
+        when the trial has no run. Call it on rank 0 only: it also samples that node's system
+        metrics (paceray.system_metrics) until it is closed."""
         if not self.run_id:
             return None
         from paceray.runlog import RunLogger
 
-        return RunLogger(self.run_id, self.tracking_uri, self.run_dir)
+        return RunLogger(self.run_id, self.tracking_uri, self.run_dir, system_metrics=True)
 
     def fail(self, reason: str, **metrics: Any) -> None:
         """End the trial as failed, in-band: call it on every rank (it reports, and a report is a

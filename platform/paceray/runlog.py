@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -32,7 +33,7 @@ def replay_command(folder: Path, tracking_uri: Optional[str]) -> str:
 
 
 class RunLogger:
-    def __init__(self, run_id: str, tracking_uri: Optional[str], run_dir: str | Path):
+    def __init__(self, run_id: str, tracking_uri: Optional[str], run_dir: str | Path, system_metrics: bool = False):
         for k, v in FAST_FAIL_ENV.items():
             os.environ.setdefault(k, v)
         from mlflow.tracking import MlflowClient
@@ -47,6 +48,13 @@ class RunLogger:
         for key, step in self.queued.items():
             self.floor[key] = max(step, self.floor.get(key, -1))
         self.spool = spool.Spool(self.folder, spool.mlflow_deliverer(tracking_uri))
+        self._lock = threading.Lock()  # the system-metrics thread logs too
+        self.system = None
+        if system_metrics:
+            from paceray import system_metrics as sm
+
+            if sm.interval() > 0:
+                self.system = sm.SystemSampler(self)
 
     def _server_steps(self) -> dict[str, int]:
         try:
@@ -72,15 +80,16 @@ class RunLogger:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> bool:
         """Queue the metrics at `step` the run does not have yet; False if it had them all."""
-        fresh = {k: float(v) for k, v in metrics.items() if step > self.floor.get(k, -1)}
-        if not fresh:
-            return False
-        self.spool.put({"kind": "metrics", "run_id": self.run_id, "step": step, "timestamp": spool.now_ms(),
-                        "metrics": fresh})
-        self.queued.update({k: step for k in fresh})
-        self._marker.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self._marker, json.dumps(self.queued))  # never a torn marker
-        return True
+        with self._lock:
+            fresh = {k: float(v) for k, v in metrics.items() if step > self.floor.get(k, -1)}
+            if not fresh:
+                return False
+            self.spool.put({"kind": "metrics", "run_id": self.run_id, "step": step, "timestamp": spool.now_ms(),
+                            "metrics": fresh})
+            self.queued.update({k: step for k in fresh})
+            self._marker.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self._marker, json.dumps(self.queued))  # never a torn marker
+            return True
 
     def already_logged(self, key: str, step: int) -> bool:
         return step <= self.floor.get(key, -1)
@@ -126,6 +135,9 @@ class RunLogger:
 
     def close(self, timeout: Optional[float] = None) -> Optional[str]:
         """Deliver what is queued; if the server stays away, the replay command for what is left."""
+        if self.system is not None:
+            self.system.stop()  # its last sample is queued before the flush
+            self.system = None
         if timeout is None:
             timeout = float(os.environ.get("PACERAY_TRACKING_FLUSH_TIMEOUT", "60"))
         if self.spool.close(timeout):
