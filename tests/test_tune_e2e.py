@@ -61,6 +61,13 @@ def test_search_makes_one_parent_and_a_child_per_order(quick_search):
     assert parent.data.tags["paceray.best_trial"] in {c.data.tags["paceray.trial_id"] for c in children}
     assert "best trial" in result.stdout
     assert f"the report as one page: {art / 'report/report.html'}" in result.stdout
+    # the best model is a version of the registered model named after the search, linked to it
+    name, version = parent.data.tags["paceray.model_version"].split("/")
+    registered = client.get_model_version(name, version)
+    assert name == "quick" and registered.run_id == parent.info.run_id
+    assert registered.source == f"runs:/{parent.info.run_id}/best/pipeline"
+    assert registered.tags["paceray.trial_id"] in {c.data.tags["paceray.trial_id"] for c in children}
+    assert f"best model registered: models:/quick/{version}" in result.stdout
 
 
 def test_best_model_loads_as_a_diffusers_pipeline(quick_search):

@@ -182,12 +182,18 @@ def _finish(uri: str, parent: str, loaded, results) -> None:
         c = tracking.client(uri)
         c.log_dict(parent, best.config, "best/config.json")
         export = loaded.trainable.export
-        ckpt = _best_checkpoint(best, loaded.metric, loaded.mode)
+        ckpt, value = _best_checkpoint(best, loaded.metric, loaded.mode)
         if export is not None and ckpt is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 export(ckpt, best.config, str(Path(tmp) / "pipeline"))
                 c.log_artifacts(parent, str(Path(tmp) / "pipeline"), "best/pipeline")
             c.set_tag(parent, "paceray.best_checkpoint", ckpt)
+            from paceray.model_registry import register_best
+
+            version = register_best(c, parent, loaded.spec.name, "best/pipeline",
+                                    {"paceray.trial_id": (best.metrics or {}).get("trial_id", ""), loaded.metric: value})
+            if version:
+                print(f"best model registered: models:/{version}", flush=True)
     print()
     print(summary.text)
     where = report.html_location(uri, parent)
@@ -195,15 +201,15 @@ def _finish(uri: str, parent: str, loaded, results) -> None:
         print(f"\nthe report as one page: {where}")
 
 
-def _best_checkpoint(result, metric: str, mode: str) -> Optional[str]:
-    """The checkpoint of the trial's best report: TuneReportCallback forwards each checkpoint's
-    path as the `checkpoint_path` metric, and Ray keeps the best K by the metric."""
+def _best_checkpoint(result, metric: str, mode: str) -> tuple[Optional[str], Optional[float]]:
+    """The checkpoint of the trial's best report and its metric: TuneReportCallback forwards each
+    checkpoint's path as the `checkpoint_path` metric, and Ray keeps the best K by the metric."""
     df = result.metrics_dataframe
     if df is None or metric not in df or "checkpoint_path" not in df:
-        return None
+        return None, None
     df = df.dropna(subset=[metric, "checkpoint_path"])
     if df.empty:
-        return None
+        return None, None
     row = df.loc[df[metric].idxmin() if mode == "min" else df[metric].idxmax()]
     path = str(row["checkpoint_path"])
-    return path if Path(path).exists() else None
+    return (path, float(row[metric])) if Path(path).exists() else (None, None)
