@@ -117,6 +117,23 @@ def test_the_ray_internal_paceray_reads_is_still_there():
     assert tune_stop_flag() is None  # outside a trial
 
 
+def test_the_log_to_driver_handler_paceray_replaces_is_still_there():
+    """divert_worker_logs swaps Ray's `ray_print_logs` handler: if Ray renames it or changes the
+    dispatcher, worker lines would come back onto the search's terminal."""
+    import inspect
+
+    from ray._private import worker
+    from ray._private.ray_logging import WorkerStandardStreamDispatcher
+
+    from paceray.ray_internals import PRINT_LOGS_HANDLER
+
+    assert f'"{PRINT_LOGS_HANDLER}",' in inspect.getsource(worker.connect)
+    assert {"add_handler", "remove_handler", "emit"} <= set(vars(WorkerStandardStreamDispatcher))
+    fields = inspect.getsource(worker.print_worker_logs)
+    assert all(f'"{k}"' in fields for k in ("pid", "ip", "actor_name", "task_name", "lines"))
+    assert callable(worker.filter_autoscaler_events)
+
+
 def test_a_trainer_without_datasets_starts_no_dataset_manager():
     """ray_internals.torch_trainer_class drops Train's DatasetsCallback (which starts a DatasetManager
     actor per worker group, datasets or not) and keeps every other default callback."""

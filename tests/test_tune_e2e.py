@@ -70,6 +70,26 @@ def test_search_makes_one_parent_and_a_child_per_order(quick_search):
     assert f"best model registered: models:/quick/{version}" in result.stdout
 
 
+def test_search_progress_is_one_plain_line_per_trial_event_and_no_worker_lines(quick_search):
+    # Off a terminal (here: a file), the live view is one line per trial event; Ray's worker
+    # output goes to the log file it names.
+    import re
+
+    run_dir, result, shared = quick_search
+    lines = result.stdout.splitlines()
+    events = [line for line in lines if re.match(r"\[\d+:\d\d\] trial ", line)]
+    assert sum(" started · " in line for line in events) == 4, events
+    assert len([line for line in events if re.search(r" at step (15|30)/30: stage \d+ · FID \d+\.?\d* · ", line)]) == 8
+    assert sum(" finished at step 30/30 · " in line for line in events) == 4
+    assert events[-1].endswith(" · 4/4 done")
+    assert len(events) == 16
+    assert not [line for line in lines + result.stderr.splitlines() if re.match(r"\(\w+ pid=\d+", line)]
+    log = run_dir / "searches/quick/workers.log"
+    assert f"Ray's worker output goes to {log}" in result.stdout
+    assert re.search(r"^\(RayTrainWorker pid=\d+\) ", log.read_text(), re.M)
+    assert re.search(r"^search quick: 4 finished, 0 running, 0 stopped, 0 failed, 0 pending · best eval/fid ", result.stdout, re.M)
+
+
 def test_best_model_loads_as_a_diffusers_pipeline(quick_search):
     from diffusers import DDPMPipeline
 

@@ -68,12 +68,15 @@ def train(spec, overrides, address, tracking_uri, resume, run_dir):
 @TRACKING
 @RESUME
 @click.option("--run-dir", default=None, help="Where results, checkpoints and the embedded MLflow store go.")
+@click.option("--verbose", is_flag=True, help="Ray's worker output on the terminal, and plain progress lines, "
+                                              "instead of the live view (which names the log file it goes to).")
 @user_errors
-def tune(spec, overrides, address, tracking_uri, resume, run_dir):
+def tune(spec, overrides, address, tracking_uri, resume, run_dir, verbose):
     """Search the spec's space with Ray Tune: one MLflow child run per trial."""
     from paceray.commands.tune import run_tune
 
-    run_tune(spec, overrides, address=address, tracking_uri=tracking_uri, resume=resume, run_dir=run_dir)
+    run_tune(spec, overrides, address=address, tracking_uri=tracking_uri, resume=resume, run_dir=run_dir,
+             verbose=verbose)
 
 
 @main.command()

@@ -30,7 +30,8 @@ def register_best(client, parent: str, name: str, artifact_path: str, tags: dict
             client.create_registered_model(name, description=f"Best models of the paceray search {name!r}, one "
                                                              f"version per search run.")
         version = client.create_model_version(name, f"runs:/{parent}/{artifact_path}", run_id=parent,
-                                              tags={k: str(v) for k, v in tags.items()})
+                                              tags={k: str(v) for k, v in tags.items()},
+                                              await_creation_for=0)  # a runs:/ source is READY at once
     except MlflowException as e:
         print(f"warning: the tracking store has no model registry here ({e.error_code}: {str(e).splitlines()[0][:160]}); "
               f"the best model stays at runs:/{parent}/{artifact_path}", flush=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 from paceray.atomic import write_atomic, write_text_atomic  # noqa: F401  (public surface)
+from paceray.bars import progress_bar  # noqa: F401  (public surface)
 from paceray.command_lock import held as storage_lock  # noqa: F401  (public surface)
 from paceray.errors import PacerayError, one_line  # noqa: F401  (public surface)
 from paceray.paths import storage_root  # noqa: F401  (public surface)
@@ -174,6 +175,8 @@ class Trainable:
                          metric of this config compares fairly with others' (e.g. when a
                          curriculum has shown every timestep); ASHA gives every trial at least
                          the largest over the search space before stopping any
+    progress             `(header, result key)` pairs: the columns of a running trial in a
+                         search's live view, besides its step (default: the metric)
     """
 
     name: str
@@ -192,6 +195,7 @@ class Trainable:
     irrelevant: Optional[Callable[[dict], Sequence[str]]] = None
     seed_path: Optional[str] = None
     judged_from: Optional[Callable[[dict], Optional[int]]] = None
+    progress: Sequence[tuple[str, str]] = ()
     description: str = ""
 
     def __post_init__(self) -> None:

@@ -8,10 +8,14 @@
   trainer has no datasets (paceray's trainables read their own shards), one more Python process
   per trial that imports Ray Data and pandas (~2 s of CPU each time, measured on this machine).
   The trainer's `_create_default_callbacks` is the only hook.
+- Where the driver prints its workers' output (`log_to_driver`): a handler named
+  `ray_print_logs` on Ray's worker-stream dispatcher, fed dicts with `lines`, `pid`, `ip` and the
+  actor or task name. A search's live view replaces it with one writing those lines to a file,
+  prefixed as Ray prints them (`divert_worker_logs`).
 - How Ray Train says its checkpoint snapshot (the list of checkpoints it registered, which it
   rewrites in place) cannot be read: `CheckpointManagerInitializationError`, and the file's name.
 
-tests/test_protocol.py fails loudly when Ray moves either.
+tests/test_protocol.py fails loudly when Ray moves any of them.
 """
 
 from __future__ import annotations
@@ -52,3 +56,32 @@ def torch_trainer_class():
             return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
 
     return Trainer
+
+
+PRINT_LOGS_HANDLER = "ray_print_logs"  # ray._private.worker.connect's name for the log_to_driver handler
+
+
+def divert_worker_logs(sink) -> None:
+    """Send the workers' output that `log_to_driver` prints on this driver's terminal to `sink`
+    (an open text file) instead, each line prefixed as Ray prints it (`(RayTrainWorker pid=7,
+    ip=10.0.0.2)`), without Ray's colour codes."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    if not any(name == PRINT_LOGS_HANDLER for name, _ in dispatcher.handlers):
+        raise RuntimeError(f"Ray's {PRINT_LOGS_HANDLER!r} handler is gone: ray_internals needs updating")
+    dispatcher.remove_handler(PRINT_LOGS_HANDLER)
+
+    from ray._private.worker import filter_autoscaler_events
+
+    def write(data) -> None:
+        name = data.get("actor_name") or data.get("task_name")
+        pid = data.get("pid")
+        ip = data.get("ip")
+        prefix = f"({name + ' ' if name else ''}pid={pid}{'' if ip == data.get('localhost') else f', ip={ip}'})"
+        lines = data.get("lines", [])
+        if pid == "autoscaler":  # its status dumps, cut to the events, as Ray's own printer does
+            lines = list(filter_autoscaler_events(lines))
+        sink.writelines(f"{prefix} {line}\n" for line in lines)
+        sink.flush()
+
+    dispatcher.add_handler("paceray_worker_log", write)

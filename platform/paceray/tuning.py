@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -221,9 +222,14 @@ class TrialFailed(RuntimeError):
 
 
 def build_tuner(loaded: LoadedSpec, context: SearchContext, concurrent: int, tuner_path: Optional[Path]):
-    """A fresh Tuner, or the restored one when `tuner_path` holds an interrupted search."""
+    """A fresh Tuner and its trial count, or the restored one (count None: Tune knows it) when
+    `tuner_path` holds an interrupted search. Tune's own trial table is off: the command's live
+    view (paceray.progress) shows the search, fed by the ProgressCallback."""
     from ray import tune
 
+    # Tune's newer output engine prints its configuration box and TensorBoard hint even at
+    # verbose=0; the legacy one is silent there (read by tune.run in this process).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trial_cpus = loaded.spec.resources.trial_cpus
     # The trial function only waits on its TorchTrainer. Tune refuses an empty bundle, so a
     # zero-CPU trial asks for a token of memory instead of a CPU its workers would then lack.
@@ -232,21 +238,23 @@ def build_tuner(loaded: LoadedSpec, context: SearchContext, concurrent: int, tun
     t = loaded.spec.tune
     if tuner_path is not None:
         # Finished trials stay finished; errored and unfinished ones continue from their checkpoints.
-        return tune.Tuner.restore(str(tuner_path), trainable=trainable, resume_errored=True)
+        return tune.Tuner.restore(str(tuner_path), trainable=trainable, resume_errored=True), None
     from paceray import space as space_lib
+    from paceray.progress import ProgressCallback
 
     points = space_lib.grid_points(loaded) if t.algorithm == "grid" else []  # expanded once
+    total = num_samples(loaded, points)
     return tune.Tuner(
         trainable,
         param_space=param_space(loaded, t.algorithm, points),
         tune_config=tune.TuneConfig(
-            metric=loaded.metric, mode=loaded.mode, num_samples=num_samples(loaded, points),
+            metric=loaded.metric, mode=loaded.mode, num_samples=total,
             search_alg=search_alg(loaded, concurrent, points), scheduler=scheduler(loaded),
             max_concurrent_trials=concurrent if t.algorithm == "optuna" else None,
         ),
         run_config=tune.RunConfig(
             name=loaded.spec.name, storage_path=str(trial_storage(Path(context.run_dir))),
             failure_config=tune.FailureConfig(max_failures=0),
-            verbose=1,
+            callbacks=[ProgressCallback()], verbose=0,
         ),
-    )
+    ), total

@@ -74,6 +74,7 @@ TRAINABLE = Trainable(
     train_loop=train_loop,
     metric="eval/fid",
     mode="min",
+    progress=(("stage", "curriculum/stage"), ("FID", "eval/fid")),
     horizon=lambda config: Horizon(steps=config["train"]["steps"], report_every=config["eval"]["every"]),
     run_name=run_name,
     checkpoints_to_keep=lambda config: config["train"]["checkpoint_keep"],

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from paceray.protocol import PacerayError, one_line
+from paceray.protocol import PacerayError, one_line, progress_bar
 from trainables.denoiser.datasets_sources import RawDataset, read_raw
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
@@ -58,12 +58,15 @@ def folder_fingerprint(folder: str | Path) -> str:
         raise PacerayError(f"imagefolder: {folder} is not a directory; pass --source DIR holding one sub-folder "
                            f"of images per class")
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        digest.update(b"\0")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    with progress_bar(f"fingerprinting {folder.name}", len(files), "files") as advance:
+        for path in files:
+            digest.update(str(path.relative_to(folder)).encode() + b"\0")
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            digest.update(b"\0")
+            advance(1)
     return digest.hexdigest()
 
 
@@ -102,28 +105,37 @@ def _content_hash_update(digest: hashlib._Hash, split: str, images: np.ndarray, 
     digest.update(labels.astype("<i8").tobytes())
 
 
+def _write_split(name: str, split: str, images, labels, out: Path, digest, splits: dict,
+                 image_shape: Optional[list]) -> tuple[int, list]:
+    """One split's shards into `out` and its entry into `splits`; returns its largest label and
+    its image shape [C, H, W] (every split's must match `image_shape`, the first's)."""
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    if images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
+        raise PacerayError(f"{name}/{split}: images {images.shape} and labels {labels.shape} do not form a dataset")
+    if image_shape not in (None, list(images.shape[1:])):
+        raise PacerayError(f"{name}: split {split} has images {list(images.shape[1:])}, others {image_shape}")
+    _content_hash_update(digest, split, images, labels)
+    shards = []
+    for start in range(0, len(images), SHARD_ROWS):
+        file = f"{split}-{len(shards):05d}.parquet"
+        pq.write_table(_to_table(images[start:start + SHARD_ROWS], labels[start:start + SHARD_ROWS]),
+                       out / file, compression="zstd")
+        shards.append(file)
+    splits[split] = {"count": len(images), "shards": shards}
+    return int(labels.max()), list(images.shape[1:])
+
+
 def _write_prepared(raw: RawDataset, name: str, out: Path) -> dict[str, Any]:
     digest = hashlib.sha256()
     image_shape = None
     splits: dict[str, Any] = {}
     max_label = -1
-    for split, (images, labels) in raw.splits.items():
-        images = np.ascontiguousarray(images, dtype=np.uint8)
-        labels = np.ascontiguousarray(labels, dtype=np.int64)
-        if images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
-            raise PacerayError(f"{name}/{split}: images {images.shape} and labels {labels.shape} do not form a dataset")
-        if image_shape not in (None, list(images.shape[1:])):
-            raise PacerayError(f"{name}: split {split} has images {list(images.shape[1:])}, others {image_shape}")
-        image_shape = list(images.shape[1:])
-        max_label = max(max_label, int(labels.max()))
-        _content_hash_update(digest, split, images, labels)
-        shards = []
-        for start in range(0, len(images), SHARD_ROWS):
-            file = f"{split}-{len(shards):05d}.parquet"
-            pq.write_table(_to_table(images[start:start + SHARD_ROWS], labels[start:start + SHARD_ROWS]),
-                           out / file, compression="zstd")
-            shards.append(file)
-        splits[split] = {"count": len(images), "shards": shards}
+    with progress_bar(f"writing {name}", sum(len(labels) for _, labels in raw.splits.values()), "images") as advance:
+        for split, (images, labels) in raw.splits.items():
+            top, image_shape = _write_split(name, split, images, labels, out, digest, splits, image_shape)
+            max_label = max(max_label, top)
+            advance(len(labels))
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": name,

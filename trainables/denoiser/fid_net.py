@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from paceray.protocol import write_atomic
-from paceray.protocol import PacerayError, one_line
+from paceray.protocol import PacerayError, one_line, progress_bar
 from trainables.denoiser.data import load_split, read_manifest, to_unit_range
 
 FORMAT_VERSION = 1
@@ -160,20 +160,22 @@ def train_fid_net(dataset_dir: str | Path, out_path: str | Path, epochs: float |
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps)
     max_shift = max(1, height // 8)
     step = 0
-    for _ in range(math.ceil(epochs)):
-        net.train()
-        order = torch.randperm(len(train_x), generator=generator)
-        for first in range(0, len(order), batch_size):
-            if step == total_steps:  # a fractional last epoch
-                break
-            step += 1
-            index = order[first:first + batch_size]
-            x = _shifted(to_unit_range(train_x[index]), generator, max_shift).to(device)
-            loss = F.cross_entropy(net(x), train_y[index].to(device), label_smoothing=0.1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    with progress_bar(f"training the {manifest['name']} FID network", total_steps, "steps") as advance:
+        for _ in range(math.ceil(epochs)):
+            net.train()
+            order = torch.randperm(len(train_x), generator=generator)
+            for first in range(0, len(order), batch_size):
+                if step == total_steps:  # a fractional last epoch
+                    break
+                step += 1
+                index = order[first:first + batch_size]
+                x = _shifted(to_unit_range(train_x[index]), generator, max_shift).to(device)
+                loss = F.cross_entropy(net(x), train_y[index].to(device), label_smoothing=0.1)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                advance(1)
     net = net.cpu()
     test_accuracy = accuracy(net, test_x, test_y)
     record = {

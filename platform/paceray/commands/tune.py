@@ -12,7 +12,7 @@ from typing import Optional
 
 import yaml
 
-from paceray import command_lock, mlflow_server, raycluster, tracking, tuning
+from paceray import command_lock, mlflow_server, progress, raycluster, tracking, tuning
 from paceray.atomic import write_text_atomic
 from paceray.commands.common import prepare_assets, readable_store
 from paceray.errors import PacerayError
@@ -27,7 +27,7 @@ def _state_file(run_dir: Path, name: str) -> Path:
 
 
 def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Optional[str], resume: bool,
-             run_dir: Optional[str]) -> None:
+             run_dir: Optional[str], verbose: bool = False) -> None:
     loaded = load(spec_path, parse_overrides(overrides))
     spec = loaded.spec
     rd = Path(run_dir).expanduser().resolve() if run_dir else loaded.run_dir
@@ -52,6 +52,7 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
     lock.enter_context(command_lock.held(state_path.parent, f"the search {spec.name!r} under {rd}"))
     try:
         where = raycluster.connect(address)
+        worker_log = None if verbose else _divert_worker_logs(state_path.parent / "workers.log")
         # A trial that cannot fit the cluster fails here, before anything is written.
         concurrent = tuning.max_concurrent(loaded, raycluster.cluster_resources())
         if not previous and tuner_dir.exists():
@@ -71,11 +72,16 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
                                                              "experiment": spec.experiment, "spec": spec.path}))
             context = tuning.search_context(loaded, uri, parent.run_id, str(storage), rd,
                                             mlflow_server.client_env(embedded=external is None))
-            tuner = tuning.build_tuner(loaded, context, concurrent, tuner_dir if previous else None)
+            tuner, total = tuning.build_tuner(loaded, context, concurrent, tuner_dir if previous else None)
             print(f"paceray tune {spec.name}: {where}; MLflow at {uri}; results in {tuner_dir}", flush=True)
             status = "FAILED"
+            t = loaded.trainable
+            view = progress.SearchView(spec.name, total, [("step", STEP_KEY), *(t.progress or [(loaded.metric,) * 2])],
+                                       loaded.metric, loaded.mode, lambda config: t.horizon(config).steps,
+                                       t.run_name, worker_log, live=False if verbose else None)
             try:
-                results = tuner.fit()
+                with view:
+                    results = tuner.fit()
                 status = "FINISHED"  # failed trials are marked on their own runs
                 _unless_away(uri, "marking the trials a scheduler stopped", _mark_stopped_trials, uri,
                              spec.experiment, parent.run_id, results, spec.tune.scheduler, rd, loaded.trainable.horizon)
@@ -95,6 +101,17 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
     if failed:
         # The search went on past them, and its report is written; the exit code still says so.
         raise PacerayError(f"{len(failed)} of {len(results)} trial(s) failed (see the report above for why)")
+
+
+def _divert_worker_logs(path: Path) -> Path:
+    """Ray's worker output into `path` (appended: a resumed search's lines follow the first's)."""
+    from paceray.ray_internals import divert_worker_logs
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sink = open(path, "a", buffering=1)
+    sink.write(f"--- paceray tune, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    divert_worker_logs(sink)
+    return path
 
 
 def _unless_away(uri: str, what: str, fn, *args) -> bool:

@@ -1,0 +1,259 @@
+"""How far a search is, as it runs: one view the driver keeps up to date from Tune's own events.
+
+On a terminal it is one live panel (rich): trials finished, running, stopped by the scheduler,
+failed and pending; per running trial the columns the trainable's `progress` hook names (the
+denoiser: step, stage, last FID); the best so far; an ETA. Elsewhere (CI, `ray job logs`, a pipe)
+it is one plain line per trial event. Ray's worker output goes to a log file the view names
+(ray_internals.divert_worker_logs) unless the command runs with --verbose.
+
+Tune pickles its callbacks with the tuner, so the callback keeps no state of its own: it hands
+each event to the view the command made active (`SearchView.__enter__`). A search restored from
+a tuner pickled without it runs without a view.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, TextIO
+
+from ray import tune
+
+from paceray.protocol import STEP_KEY
+
+_active: Optional["SearchView"] = None
+
+
+@dataclass
+class TrialState:
+    name: str
+    steps: Optional[int]  # the trial's horizon, when its config says it
+    status: str = "pending"  # running, finished, stopped, failed
+    step: Optional[int] = None
+    values: dict[str, Any] = field(default_factory=dict)  # the trainable's columns, last reported
+    note: str = ""
+
+    @property
+    def fraction(self) -> float:
+        if self.status in ("finished", "stopped", "failed"):
+            return 1.0
+        if self.status != "running" or not self.steps or self.step is None:
+            return 0.0
+        return min(self.step / self.steps, 1.0)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class SearchView:
+    """The view of one search. `columns`: (header, result key) pairs from the trainable's
+    `progress` hook; `steps_of(config)` a trial's step budget; `name_of(config, trial_id)` its
+    run name."""
+
+    def __init__(self, search: str, total: Optional[int], columns: Sequence[tuple[str, str]], metric: str, mode: str,
+                 steps_of: Callable[[dict], int], name_of: Callable[[dict, str], str], worker_log: Optional[Path],
+                 live: Optional[bool] = None, out: Optional[TextIO] = None):
+        self.search, self.total, self.columns = search, total, list(columns)
+        self.metric, self.mode = metric, mode
+        self.steps_of, self.name_of = steps_of, name_of
+        self.worker_log = worker_log
+        self.out = out or sys.stdout
+        self.live = self.out.isatty() if live is None else live
+        self.trials: dict[str, TrialState] = {}
+        self.best: Optional[tuple[float, str]] = None
+        self.start = time.monotonic()
+        self._live = None
+
+    # ------------------------------------------------------------------ events (from the callback)
+    def _trial(self, trial) -> TrialState:
+        state = self.trials.get(trial.trial_id)
+        if state is None:
+            config = trial.config or {}
+            try:
+                name, steps = self.name_of(config, trial.trial_id), self.steps_of(config)
+            except Exception:  # a config the hooks cannot read still gets a row
+                name, steps = trial.trial_id, None
+            state = self.trials[trial.trial_id] = TrialState(name=name, steps=steps)
+        return state
+
+    def started(self, trial) -> None:
+        state = self._trial(trial)
+        state.status = "running"
+        self._event(f"trial {state.name} started")
+
+    def result(self, trial, result: dict) -> None:
+        state = self._trial(trial)
+        state.status = "running"
+        if isinstance(result.get(STEP_KEY), (int, float)):
+            state.step = int(result[STEP_KEY])
+        state.values.update({header: result[key] for header, key in self.columns if key in result})
+        value = result.get(self.metric)
+        if not isinstance(value, (int, float)) or math.isnan(value):
+            return
+        better = self.best is None or (value < self.best[0] if self.mode == "min" else value > self.best[0])
+        if better:
+            self.best = (float(value), state.name)
+        shown = " · ".join(f"{h} {_fmt(state.values.get(h))}" for h, key in self.columns if key != STEP_KEY)
+        self._event(f"trial {state.name} at step {self._step(state)}: {shown}")
+
+    def completed(self, trial) -> None:
+        state = self._trial(trial)
+        last = (trial.last_result or {}).get(STEP_KEY)
+        if isinstance(last, (int, float)):
+            state.step = int(last)
+        stopped = state.steps is not None and isinstance(last, (int, float)) and last < state.steps
+        state.status = "stopped" if stopped else "finished"
+        self._event(f"trial {state.name} {'stopped by the scheduler' if stopped else 'finished'} "
+                    f"at step {self._step(state)}")
+
+    def errored(self, trial) -> None:
+        state = self._trial(trial)
+        state.status, state.note = "failed", _error_line(trial)
+        self._event(f"trial {state.name} failed: {state.note}")
+
+    def step(self, trials) -> None:
+        if self.total is None or len(trials) > self.total:
+            self.total = len(trials)
+        if self._live is not None:
+            self._live.update(self.render())
+
+    # ------------------------------------------------------------------ what is shown
+    def _step(self, state: TrialState) -> str:
+        return f"{_fmt(state.step)}/{state.steps}" if state.steps else _fmt(state.step)
+
+    def counts(self) -> dict[str, int]:
+        counts = {s: 0 for s in ("finished", "running", "stopped", "failed")}
+        for state in self.trials.values():
+            if state.status in counts:
+                counts[state.status] += 1
+        counts["pending"] = max((self.total or 0) - sum(counts.values()), 0)
+        return counts
+
+    def eta(self) -> Optional[float]:
+        total = max(self.total or 0, len(self.trials))
+        if not total:
+            return None
+        done = sum(s.fraction for s in self.trials.values()) / total
+        if done <= 0 or done >= 1:
+            return None
+        return (time.monotonic() - self.start) * (1 - done) / done
+
+    def summary(self) -> tuple[str, str]:
+        """Two lines: the trial counts; the best so far, the time taken and the ETA."""
+        c = self.counts()
+        counts = ", ".join(f"{c[s]} {s}" for s in ("finished", "running", "stopped", "failed", "pending"))
+        best = f"best {self.metric} {_fmt(self.best[0])} ({self.best[1]})" if self.best is not None else "no result yet"
+        timing = f"elapsed {_duration(time.monotonic() - self.start)}"
+        eta = self.eta()
+        if eta is not None:
+            timing += f", ETA {_duration(eta)}"
+        return counts, f"{best} · {timing}"
+
+    def render(self):
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        table.add_column("running trial")
+        table.add_column("step", justify="right")
+        for header, key in self.columns:
+            if key != STEP_KEY:
+                table.add_column(header, justify="right")
+        for state in self.trials.values():
+            if state.status == "running":
+                table.add_row(state.name, self._step(state),
+                              *(_fmt(state.values.get(h)) for h, key in self.columns if key != STEP_KEY))
+        failed = [f"{s.name}: {s.note}" for s in self.trials.values() if s.status == "failed"]
+        counts, best = self.summary()
+        parts = [Text(f"search {self.search}: {counts}", style="bold"), Text(best), table]
+        parts += [Text(f"failed {line}", style="red") for line in failed]
+        if self.worker_log is not None:
+            parts.append(Text(f"worker logs: {self.worker_log}", style="dim"))
+        return Group(*parts)
+
+    def _event(self, text: str) -> None:
+        if self._live is not None:
+            self._live.update(self.render())
+            return
+        if text:
+            c = self.counts()
+            print(f"[{_clock(time.monotonic() - self.start)}] {text} · {c['finished'] + c['stopped'] + c['failed']}"
+                  f"/{max(self.total or 0, len(self.trials))} done", file=self.out, flush=True)
+
+    # ------------------------------------------------------------------ lifetime
+    def __enter__(self) -> "SearchView":
+        global _active
+        _active = self
+        if self.worker_log is not None and not self.live:
+            print(f"search {self.search}: Ray's worker output goes to {self.worker_log} (--verbose shows it here)",
+                  file=self.out, flush=True)
+        if self.live:
+            from rich.console import Console
+            from rich.live import Live
+
+            self._live = Live(self.render(), console=Console(file=self.out), refresh_per_second=2,
+                              redirect_stdout=True, redirect_stderr=True)
+            self._live.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _active
+        _active = None
+        if self._live is not None:
+            self._live.update(self.render())
+            self._live.stop()
+            self._live = None
+        else:
+            print(f"search {self.search}: {' · '.join(self.summary())}", file=self.out, flush=True)
+
+
+def _error_line(trial) -> str:
+    """The last line of the trial's error file (the exception and its message), shortened."""
+    try:
+        lines = [ln.strip() for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
+        return lines[-1][:300] if lines else "failed"
+    except Exception:
+        return "see the trial's error file"
+
+
+class ProgressCallback(tune.Callback):
+    """Tune's events, handed to the active SearchView (see the module docstring)."""
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if _active is not None:
+            _active.started(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if _active is not None:
+            _active.result(trial, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if _active is not None:
+            _active.completed(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if _active is not None:
+            _active.errored(trial)
+
+    def on_step_end(self, iteration, trials, **info):
+        if _active is not None:
+            _active.step(trials)

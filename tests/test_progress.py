@@ -1,0 +1,63 @@
+"""The live view of a search (paceray.progress) fed Tune-like events: its plain lines off a
+terminal, and the panel it renders on one. The real search's lines are checked in test_tune_e2e."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+from paceray.progress import SearchView
+
+
+def _trial(tid: str, order: str, error_file=None):
+    return SimpleNamespace(trial_id=tid, config={"order": order, "steps": 30}, last_result={}, error_file=error_file)
+
+
+def _view(out, live=False, total=3):
+    return SearchView("quick", total, [("step", "step"), ("stage", "curriculum/stage"), ("FID", "eval/fid")],
+                      "eval/fid", "min", lambda c: c["steps"], lambda c, tid: f"{c['order']}-{tid}",
+                      worker_log=None, live=live, out=out)
+
+
+def test_plain_lines_one_per_event_with_best_stopped_and_failed(tmp_path):
+    out = io.StringIO()
+    a, b, c = _trial("t0", "none"), _trial("t1", "easy-to-hard"), _trial("t2", "random", tmp_path / "error.txt")
+    (tmp_path / "error.txt").write_text("Traceback (most recent call last):\n  ...\nTrialFailed: non-finite loss\n")
+    with _view(out) as view:
+        for t in (a, b, c):
+            view.started(t)
+        view.result(a, {"step": 15, "curriculum/stage": 1, "eval/fid": 60.0})
+        view.result(b, {"step": 15, "curriculum/stage": 3, "eval/fid": 55.5})
+        view.result(b, {"step": 20, "train/loss": 0.3})  # no metric: no line
+        assert "ETA" in view.summary()[1]  # a third of the work done
+        a.last_result, b.last_result = {"step": 15}, {"step": 30}
+        view.completed(a)
+        view.completed(b)
+        view.errored(c)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 + 2 + 3 + 1, lines
+    assert lines[0].endswith("trial none-t0 started · 0/3 done")
+    assert "trial easy-to-hard-t1 at step 15/30: stage 3 · FID 55.5 · 0/3 done" in lines[4]
+    assert "trial none-t0 stopped by the scheduler at step 15/30" in lines[5]
+    assert "trial easy-to-hard-t1 finished at step 30/30 · 2/3 done" in lines[6]
+    assert "trial random-t2 failed: TrialFailed: non-finite loss · 3/3 done" in lines[7]
+    assert lines[8] == ("search quick: 1 finished, 0 running, 1 stopped, 1 failed, 0 pending · best eval/fid 55.5 "
+                        f"(easy-to-hard-t1) · elapsed {lines[8].rsplit('elapsed ', 1)[1]}")
+
+
+def test_the_live_panel_shows_running_trials_their_columns_and_the_best(tmp_path):
+    from rich.console import Console
+
+    view = _view(io.StringIO(), live=False, total=4)
+    view.worker_log = tmp_path / "workers.log"
+    a, b = _trial("t0", "none"), _trial("t1", "hard-to-easy")
+    view.started(a), view.started(b)
+    view.result(b, {"step": 15, "curriculum/stage": 2, "eval/fid": 71.25})
+    console = Console(record=True, width=100)
+    console.print(view.render())
+    text = console.export_text()
+    assert "search quick: 0 finished, 2 running, 0 stopped, 0 failed, 2 pending" in text
+    assert "best eval/fid 71.25 (hard-to-easy-t1)" in text
+    row = next(line for line in text.splitlines() if line.startswith("hard-to-easy-t1"))
+    assert row.split() == ["hard-to-easy-t1", "15/30", "2", "71.25"]
+    assert f"worker logs: {tmp_path / 'workers.log'}" in text
