@@ -94,14 +94,16 @@ def report(experiment, tracking_uri, run_dir, out):
 
 
 @main.command()
+@click.argument("experiment", required=False)
 @click.option("--run-dir", default=None, help="Run directory of the embedded store (default ./runs).")
 @click.option("--port", default=5000, show_default=True)
 @user_errors
-def ui(run_dir, port):
-    """Open the MLflow UI on the embedded store (127.0.0.1 only)."""
+def ui(experiment, run_dir, port):
+    """Serve the MLflow UI on the embedded store (127.0.0.1 only), and print the URL that opens on
+    the newest search's comparison (of EXPERIMENT, if given)."""
     from paceray.mlflow_server import serve_ui
 
-    serve_ui(run_dir, port)
+    serve_ui(run_dir, port, experiment)
 
 
 @main.command("replay-tracking")

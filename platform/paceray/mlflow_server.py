@@ -43,8 +43,15 @@ def server_argv(run_dir: Path, port: int, *options: str) -> list[str]:
             "--no-serve-artifacts", "--default-artifact-root", str(artifacts), *options]
 
 
-def ui_command(run_dir: Path) -> str:
-    return f"paceray ui --run-dir {run_dir}"
+UI_PORT = 5000  # `paceray ui`'s default
+
+
+def ui_command(run_dir: Path, experiment: Optional[str] = None) -> str:
+    return f"paceray ui --run-dir {run_dir}" + (f" {experiment}" if experiment else "")
+
+
+def ui_base(port: int = UI_PORT) -> str:
+    return f"http://127.0.0.1:{port}"
 
 
 def free_port() -> int:
@@ -191,16 +198,40 @@ def tracking_session(run_dir: Path, external: Optional[str]) -> Iterator[str]:
         server.stop()
 
 
-def serve_ui(run_dir: Optional[str], port: int) -> None:
+def serve_ui(run_dir: Optional[str], port: int, experiment: Optional[str] = None) -> None:
     from paceray.paths import default_run_dir
 
     rd = Path(run_dir).expanduser().resolve() if run_dir else default_run_dir()
     if not (rd / "mlflow.db").exists():
         raise PacerayError(f"{rd / 'mlflow.db'}: no embedded MLflow store here; pass --run-dir of a paceray run")
-    print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
+    landing = _landing(rd, ui_base(port), experiment)
+    print(f"MLflow UI on {ui_base(port)} (Ctrl-C to stop)", flush=True)
+    if landing:
+        print(landing, flush=True)
     # The same server as the embedded one, supervised: on SIGTERM its whole group goes at once
     # (a bare `mlflow server` leaves its workers winding down for seconds). One worker, as the
     # embedded one (LocalServer.start): a browser's requests run in its thread pool, a start costs
     # a third of MLflow's default four, and one process writes the SQLite file.
     argv = server_argv(rd, port, "--workers", "1")
     os.execvpe(argv[0], argv, {**os.environ, **SERVER_ENV})
+
+
+def _landing(run_dir: Path, base: str, experiment: Optional[str]) -> Optional[str]:
+    """The line naming the URL of the newest search's comparison (in `experiment`, or in any),
+    read from the store before it is served; an unknown experiment is a one-line error."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    from paceray import ui_view
+
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Updating database tables" on open
+    client = MlflowClient(tracking_uri=embedded_store(run_dir)[0])
+    if experiment and client.get_experiment_by_name(experiment) is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise PacerayError(f"{run_dir / 'mlflow.db'}: no experiment {experiment!r} (there: {', '.join(names) or 'none'})")
+    found = ui_view.latest_search(client, experiment)
+    if found is None:
+        return None
+    experiment_id, name, key = found
+    return f"the trials of {name} compared: {ui_view.comparison_url(base, experiment_id, key)}"

@@ -68,6 +68,7 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
                                      tracking.TRAINABLE_TAG: spec.trainable, tracking.METRIC_TAG: loaded.metric,
                                      tracking.MODE_TAG: loaded.mode}, rd, _search_params(loaded))
                 _log_spec(uri, parent.run_id, loaded)
+                _save_comparison(uri, parent.run_id, loaded, with_metrics=False)
                 write_text_atomic(state_path, json.dumps({"parent_run_id": parent.run_id,
                                                              "experiment": spec.experiment, "spec": spec.path}))
             context = tuning.search_context(loaded, uri, parent.run_id, str(storage), rd,
@@ -92,11 +93,14 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
             if not _unless_away(uri, "the report", _finish, uri, parent.run_id, loaded, results):
                 print(f"the search's report waits for MLflow: `paceray report {spec.experiment}` writes it later "
                       f"(the trials' queued writes first: the replay commands above)", flush=True)
+            view = _comparison_url(uri, parent.run_id, uri if external else mlflow_server.ui_base())
     finally:
         lock.close()
         raycluster.shutdown()
     if external is None:
-        print(f"MLflow UI: {mlflow_server.ui_command(rd)}")
+        print(f"MLflow UI: `{mlflow_server.ui_command(rd)}`" + (f", then open {view}" if view else ""))
+    elif view:
+        print(f"the trials compared in MLflow's UI: {view}")
     failed = [r for r in results if r.error is not None]
     if failed:
         # The search went on past them, and its report is written; the exit code still says so.
@@ -112,6 +116,35 @@ def _divert_worker_logs(path: Path) -> Path:
     sink.write(f"--- paceray tune, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     divert_worker_logs(sink)
     return path
+
+
+def _save_comparison(uri: str, parent: str, loaded, with_metrics: bool) -> None:
+    """The search's view in MLflow's UI (paceray.ui_view); at the end, with every metric its
+    trials logged, so that the UI adds no chart of its own for them."""
+    from paceray import ui_view
+
+    c = tracking.client(uri)
+    experiment_id = c.get_run(parent).info.experiment_id
+    logged: set[str] = set()
+    if with_metrics:
+        for run in c.search_runs([experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent}'"):
+            logged.update(run.data.metrics)
+    ui_view.save_comparison(c, experiment_id, parent, loaded.spec.name, loaded.metric, loaded.mode,
+                            loaded.search.keys(), logged)
+
+
+def _comparison_url(uri: str, parent: str, base: str) -> Optional[str]:
+    """The URL under `base` of the search's view, if the tracking store `uri` is a server that
+    answers now (for the embedded store, `base` is where `paceray ui` serves it)."""
+    from paceray import ui_view
+
+    if not uri.startswith(("http://", "https://")) or not mlflow_server.answers(uri):
+        return None
+    try:
+        run = tracking.client(uri).get_run(parent)
+    except Exception:
+        return None
+    return ui_view.comparison_url(base, run.info.experiment_id, run.data.tags.get(ui_view.VIEW_TAG))
 
 
 def _unless_away(uri: str, what: str, fn, *args) -> bool:
@@ -191,6 +224,7 @@ def _finish(uri: str, parent: str, loaded, results) -> None:
     from paceray import report
 
     summary = report.log_to_parent(uri, parent)
+    _save_comparison(uri, parent, loaded, with_metrics=True)
     try:
         best = results.get_best_result(metric=loaded.metric, mode=loaded.mode, scope="all", filter_nan_and_inf=True)
     except RuntimeError:  # no trial reported the metric
