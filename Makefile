@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install test demo clean
+.PHONY: install test demo screenshots clean
 install: $(VENV)/.installed
 
 test: install
@@ -21,6 +21,11 @@ test: install
 
 demo: install
 	$(PACERAY) tune search_spaces/quick.yaml
+
+# The README's pictures, from the newest search in ./runs (the demo's, run first if there is none);
+# needs Debian's chromium. Not part of the tests.
+screenshots: install
+	$(PY) scripts/screenshots.py --run-dir runs
 
 clean:
 	rm -rf runs .pytest_cache
