@@ -200,6 +200,57 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, storage, args, needl
     assert not run_dir.exists(), list(run_dir.rglob("*"))[:10]
 
 
+def test_wrong_mlflow_credentials_are_one_line_before_anything_is_written(tmp_path):
+    # A real MLflow server with its basic-auth app: /health answers anyone, every API call wants
+    # a user. A wrong password is one line at once, not a traceback at the first write.
+    import urllib.request
+
+    from paceray.mlflow_server import SERVER_ENV, free_port, server_argv
+
+    port = free_port()
+    root = tmp_path / "auth"
+    root.mkdir()
+    env = {**os.environ, **SERVER_ENV, "MLFLOW_AUTH_ADMIN_PASSWORD": "right-password-1234",
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-secret"}
+    with open(root / "server.log", "wb") as log:
+        server = subprocess.Popen(server_argv(root, port, "--workers", "1", "--app-name", "basic-auth"), cwd=root,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(uri + "/health", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (root / "server.log").read_text()[-3000:]
+                time.sleep(0.5)
+        spec = write_spec(tmp_path / "bad.yaml", "bad", tiny_base())
+        run_dir = tmp_path / "runs"
+        r = run_paceray("train", spec, "--run-dir", run_dir, "--tracking-uri", uri, check=False, timeout=300,
+                        env={"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"})
+        assert_one_line_error(r, f"MLflow tracking server {uri} refused a request as user 'admin'",
+                              "MLFLOW_TRACKING_PASSWORD")
+        assert not run_dir.exists(), list(run_dir.rglob("*"))[:10]
+    finally:
+        server.terminate()  # the supervisor ends the server's whole group
+        server.wait(timeout=60)
+
+
+def test_a_truncated_train_shard_is_one_line_before_any_trial(tmp_path):
+    # As a full disk or a kill mid-write on a shared volume leaves a prepared shard: one line
+    # naming the file before Ray starts, not a worker traceback on each of Ray's retries.
+    env = {"PACERAY_STORAGE": str(tmp_path / "storage")}  # the session's own storage stays whole
+    run_paceray("data", "prepare", "digits", env=env, timeout=300)
+    (shard,) = (tmp_path / "storage" / "datasets" / "digits").glob("train-*.parquet")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    spec = write_spec(tmp_path / "bad.yaml", "bad", tiny_base())
+    run_dir = tmp_path / "runs"
+    r = run_paceray("train", spec, "--run-dir", run_dir, check=False, timeout=300, env=env)
+    assert_one_line_error(r, f"{shard}: unreadable Parquet shard", f"delete {shard.parent} and prepare again")
+    assert not run_dir.exists(), list(run_dir.rglob("*"))[:10]
+
+
 def _copy_of_crashed_run(tmp_path, crashed_trial, shared) -> Path:
     """A copy of the crashed trial's finished run directory (Ray's run snapshot names its
     checkpoints relative to it). Its pointer is moved to a run of its own, so that what the copy

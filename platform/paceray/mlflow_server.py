@@ -9,6 +9,7 @@ Tune trials, Ray workers) talks HTTP to it.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -99,13 +100,38 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
     except urllib.error.HTTPError as e:
-        if e.code in (401, 403):  # auth or Host-header check: the server is there
-            return
-        raise PacerayError(f"MLflow tracking server {uri} answered HTTP {e.code} on /health") from None
+        if e.code not in (401, 403):  # 401/403: auth or Host-header check, the server is there
+            raise PacerayError(f"MLflow tracking server {uri} answered HTTP {e.code} on /health") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise PacerayError(one_line(f"MLflow tracking server {uri} is unreachable ({reason}): start it, or drop "
                                     f"--tracking-uri / MLFLOW_TRACKING_URI to use the embedded store")) from None
+    check_credentials(uri)
+
+
+# How MLflow's client reports a refused request: its REST error codes, or (a non-JSON body, as
+# the basic-auth app's 401 has) the status in its message.
+_REFUSED = re.compile(r"\b(UNAUTHENTICATED|PERMISSION_DENIED)\b|error code (401|403)\b")
+
+
+def check_credentials(uri: str) -> None:
+    """One read with the credentials MLflow's client will use (MLFLOW_TRACKING_USERNAME /
+    _PASSWORD / _TOKEN): a server with authentication answers /health to anyone, so wrong or
+    missing credentials would otherwise surface as a traceback at the first write."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except MlflowException as e:
+        if not _REFUSED.search(f"{e.error_code} {e}"):
+            raise
+        who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        as_whom = f"as user {who!r}" if who else "without credentials"
+        raise PacerayError(one_line(
+            f"MLflow tracking server {uri} refused a request {as_whom} ({str(e).splitlines()[0][:160]}): set "
+            f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account that "
+            f"may edit experiments")) from None
 
 
 class LocalServer:

@@ -80,6 +80,7 @@ def prepare(dataset: str, cache_dir: str | Path, source: str | Path | None = Non
     """
     target = dataset_dir(dataset, cache_dir, source, fingerprint)
     if (target / MANIFEST).is_file():
+        check_shards(target)
         return target
     if target.exists():
         raise PacerayError(f"{target} exists but holds no {MANIFEST} (not written by paceray): delete it and prepare again")
@@ -171,6 +172,29 @@ def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def _unreadable(file: Path, e: Exception) -> PacerayError:
+    return PacerayError(one_line(f"{file}: unreadable Parquet shard ({type(e).__name__}: {e}), e.g. cut short by a "
+                                 f"crash or a full disk; delete {file.parent} and prepare again"))
+
+
+def check_shards(dataset_dir: str | Path) -> None:
+    """Every shard of a prepared dataset readable and holding the rows its manifest says, checked
+    from the Parquet footers alone (milliseconds): a truncated shard is one line before any trial
+    starts, not a worker's traceback on every retry."""
+    dataset_dir = Path(dataset_dir)
+    manifest = read_manifest(dataset_dir)
+    for split, info in manifest["splits"].items():
+        rows = 0
+        for file in info["shards"]:
+            try:
+                rows += pq.read_metadata(dataset_dir / file).num_rows
+            except (OSError, pa.ArrowException) as e:
+                raise _unreadable(dataset_dir / file, e) from None
+        if rows != info["count"]:
+            raise PacerayError(f"{dataset_dir}: {split} shards hold {rows} rows, {MANIFEST} says {info['count']}; "
+                               f"delete {dataset_dir} and prepare again")
+
+
 def load_split(dataset_dir: str | Path, split: str = "train", rank: int = 0,
                world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank `rank`'s rows of `split`: uint8 images (n, C, H, W) and int64 labels (n,).
@@ -192,7 +216,10 @@ def load_split(dataset_dir: str | Path, split: str = "train", rank: int = 0,
     labels = np.empty(mine, np.int64)
     seen = filled = 0  # rows read so far across shards, rows of ours written
     for file in info["shards"]:
-        table = pq.read_table(dataset_dir / file, columns=["image", "label"])
+        try:
+            table = pq.read_table(dataset_dir / file, columns=["image", "label"])
+        except (OSError, pa.ArrowException) as e:
+            raise _unreadable(dataset_dir / file, e) from None
         start = (rank - seen) % world_size  # first row of this shard that is ours
         shard_images = _pixels(table.column("image"), width).reshape(-1, *shape)[start::world_size]
         shard_labels = table.column("label").to_numpy()[start::world_size]
