@@ -106,7 +106,7 @@ def nan_search_while_mlflow_away(shared, tmp_path):
     path.write_text(yaml.safe_dump(spec))
     run_dir = tmp_path / "runs"
     proc = shared.start("tune", path, "--run-dir", run_dir, "--tracking-uri", server.uri, log=tmp_path / "tune.log",
-                        env={"PACERAY_TRACKING_FLUSH_TIMEOUT": "3"}, tracking=False)
+                        env={"PACERAY_TRACKING_FLUSH_TIMEOUT": "3", "PACERAY_DRIVER_WAIT": "0"}, tracking=False)
     try:
         deadline = time.monotonic() + 600
         # Both trials have their runs (and params): the server goes before either trains a step.
@@ -312,6 +312,26 @@ def test_resume_when_no_checkpoint_loads_is_one_line(tmp_path, crashed_trial, sh
     assert_one_line_error(r, str(bad[-1]), "corrupted checkpoint", "no earlier checkpoint", "loads either")
 
 
+@pytest.mark.parametrize("case", ["architecture", "other store", "torn pointer"])
+def test_a_resume_that_cannot_continue_its_run_is_one_line_and_touches_nothing(tmp_path, crashed_trial, shared, case):
+    run_dir = _copy_of_crashed_run(tmp_path, crashed_trial, shared)
+    (pointer,) = (run_dir / "train").glob("*/latest.json")
+    before = sorted(p.name for p in checkpoint_dirs(run_dir))
+    args, tracking, needles = [], True, []
+    if case == "architecture":  # another network than the checkpoints hold
+        args, needles = ["--set", "model.preset=small"], ["--resume: model.preset 'tiny' -> 'small'", "cannot follow"]
+    elif case == "other store":  # the embedded store instead of the server the run lives on
+        tracking, needles = False, [f"is tracked in {shared.uri}, not the embedded store", f"--tracking-uri {shared.uri}"]
+    else:
+        pointer.write_text('{"trial_id": "crash-')
+        needles = [f"{pointer}: unreadable", f"remove {pointer.parent}"]
+    r = shared.paceray("train", crashed_trial["spec"], "--run-dir", run_dir, "--resume", *args, tracking=tracking,
+                       check=False)
+    assert_one_line_error(r, *needles)
+    assert sorted(p.name for p in checkpoint_dirs(run_dir)) == before
+    assert not (run_dir / "mlflow.db").exists()
+
+
 def test_a_torn_ray_checkpoint_snapshot_on_resume_is_one_line(tmp_path, crashed_trial, shared):
     """Ray Train rewrites its list of registered checkpoints in place: a kill mid-write leaves it
     empty, and Ray cannot resume from it. One line naming the file, not a traceback."""
@@ -428,6 +448,80 @@ def test_mlflow_outage_mid_run_loses_nothing(outage_trial):
     away, back = got["away"]
     assert sum(away < t < back for _, t in run["system"]) >= 3, (got["away"], run["system"])
     assert {"system/system_memory_usage_megabytes", "system/disk_usage_percentage"} <= run["metrics"]
+
+
+@prelaunched(long=True)
+def outages_around_a_search(shared, tmp_path):
+    """A two-trial search whose server goes away twice, each time for 8 s, then returns on the
+    same port and store: as the search starts (its parent run exists, its trials have none yet)
+    and as it ends (its trials' runs finished, the driver at its end steps)."""
+    server = MlflowServer(tmp_path / "mlflow").start()
+    spec = yaml.safe_load((REPO / "search_spaces/quick.yaml").read_text())
+    spec["name"] = "edges"
+    spec["base"]["train"].update({"steps": 120, "log_every": 5})
+    spec["base"]["eval"].update({"every": 60, "fid_samples": 32, "sampler_steps": 4})
+    spec["search"] = {"curriculum.order": {"grid": ["none", "easy-to-hard"]}}
+    path = tmp_path / "edges.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    run_dir = tmp_path / "runs"
+    proc = shared.start("tune", path, "--run-dir", run_dir, "--tracking-uri", server.uri, log=tmp_path / "tune.log",
+                        env={"PACERAY_TRACKING_FLUSH_TIMEOUT": "300"}, tracking=False)
+
+    def runs(kind: str):
+        exp = server.client().get_experiment_by_name("edges")
+        found = server.client().search_runs([exp.experiment_id]) if exp else []
+        return [r for r in found if r.data.tags.get("paceray.kind") == kind]
+
+    def outage() -> None:
+        server.stop()
+        time.sleep(8)
+        assert proc.poll() is None, proc.output()[-3000:]
+        server.start()
+
+    try:
+        deadline = time.monotonic() + 600
+        while not runs("search"):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.output()[-3000:]
+            time.sleep(0.1)
+        trials_before = len(runs("trial"))
+        outage()
+        # ... and as the search ends: both trials' runs finished, the driver closing, reporting
+        # and exporting (seconds of MLflow calls)
+        while not (len(children := runs("trial")) == 2 and all(c.info.status == "FINISHED" for c in children)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.output()[-3000:]
+            time.sleep(0.2)
+        outage()
+        out = proc.finish(timeout=600)
+    finally:
+        if proc.poll() is None:
+            kill_session(proc.pid)
+    try:
+        client = server.client()
+        parent = runs("search")[0]
+        children = runs("trial")
+        steps = {c.data.params["curriculum.order"]: [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")]
+                 for c in children}
+    finally:
+        server.stop()
+    return {"returncode": proc.returncode, "out": out, "trials_before": trials_before, "parent": parent,
+            "children": children, "steps": steps, "workers_log": (run_dir / "searches/edges/workers.log").read_text()}
+
+
+def test_outages_at_the_start_and_the_end_of_a_search_lose_nothing(outages_around_a_search):
+    got = outages_around_a_search
+    assert got["returncode"] == 0, got["out"][-4000:]
+    assert got["trials_before"] == 0  # the first outage came before any trial had its run
+    # the trials waited for their runs, then trained; every step logged once
+    assert got["workers_log"].count("is unreachable; waiting for it") >= 1
+    assert sorted(got["steps"]) == ["easy-to-hard", "none"]
+    assert all(steps == list(range(5, 121, 5)) for steps in got["steps"].values()), got["steps"]
+    assert [c.info.status for c in got["children"]] == ["FINISHED", "FINISHED"]
+    assert got["parent"].info.status == "FINISHED"
+    # the end waited for the server, then closed, reported and exported
+    assert "at the end of the search; waiting up to" in got["out"]
+    art = Path(got["parent"].info.artifact_uri.removeprefix("file://"))
+    assert (art / "report" / "report.html").is_file() and (art / "best" / "pipeline" / "model_index.json").is_file()
+    assert "skipped" not in got["out"]
 
 
 @prelaunched

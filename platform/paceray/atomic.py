@@ -39,6 +39,20 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def read_state(path: Path, what_to_do: str) -> dict:
+    """A JSON state file written by write_text_atomic; unreadable (a disk failure, a hand edit, a
+    copy cut short), it is one line naming it and `what_to_do`, not a JSONDecodeError traceback."""
+    from paceray.errors import PacerayError, one_line
+
+    try:
+        state = json.loads(Path(path).read_text())
+        if not isinstance(state, dict):
+            raise ValueError(f"a JSON {type(state).__name__}, not an object")
+        return state
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise PacerayError(one_line(f"{path}: unreadable ({e}); {what_to_do}")) from None
+
+
 def fsync_path(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -177,6 +177,9 @@ class Trainable:
                          the largest over the search space before stopping any
     progress             `(header, result key)` pairs: the columns of a running trial in a
                          search's live view, besides its step (default: the metric)
+    resume_fixed         dotted config paths (a prefix covers everything under it) that a resumed
+                         `paceray train` may not change: its checkpoint could not follow (e.g. the
+                         architecture); a change is refused in one line before the run is touched
     """
 
     name: str
@@ -196,6 +199,7 @@ class Trainable:
     seed_path: Optional[str] = None
     judged_from: Optional[Callable[[dict], Optional[int]]] = None
     progress: Sequence[tuple[str, str]] = ()
+    resume_fixed: Sequence[str] = ()
     description: str = ""
 
     def __post_init__(self) -> None:

@@ -177,15 +177,7 @@ def run_trial(config: dict, search: SearchContext) -> None:
     trainable = registry.resolve(search.trainable)
     run_dir = Path(search.run_dir)
     identity = {tracking.TRIAL_TAG: trial_id, tracking.PARENT_TAG: search.parent_run_id}
-    run = Run.find(search.tracking_uri, search.experiment, identity, run_dir)
-    # A trial whose run finished just before the search was killed (Tune had not recorded it yet)
-    # is re-run by the restore: its TorchTrainer only re-reports the final result, and its run
-    # stays as it was.
-    already_finished = run.resume() if run is not None else False
-    if run is None:
-        run = Run.create(search.tracking_uri, search.experiment, trainable.run_name(config, trial_id),
-                         {**identity, tracking.KIND_TAG: "trial", tracking.TRAINABLE_TAG: search.trainable},
-                         run_dir, flatten(config))
+    run, already_finished = _trial_run(search, trainable.run_name(config, trial_id), identity, flatten(config))
     trials_dir, name = trial_storage(run_dir) / search.name / "trials", f"trial-{trial_id}"
     try:  # a resumed search's trial: the same check as `paceray train --resume`
         fallback = resume_point(trials_dir / name, trainable.check_checkpoint)
@@ -215,6 +207,52 @@ def run_trial(config: dict, search: SearchContext) -> None:
         raise TrialFailed(reason)
     if not already_finished:
         run.end_and_say("FINISHED")
+
+
+RUN_START_TIMEOUT_ENV = "PACERAY_RUN_START_TIMEOUT"  # s a trial waits for MLflow to give it its run
+RUN_START_TIMEOUT = 900.0
+
+
+def _trial_run(search: SearchContext, name: str, identity: dict, params: dict) -> tuple[Run, bool]:
+    """The trial's MLflow run, found by its identity (a restarted trial, a resumed search) or
+    created; (run, whether it had already finished). While the server is away the trial waits,
+    up to PACERAY_RUN_START_TIMEOUT seconds, and trains only once it has its run: its writes
+    need a run id to queue under. A retry finds a run created just before the outage by its
+    identity tags and logs its parameters again (the same values: MLflow accepts that)."""
+    import time
+
+    from paceray.mlflow_server import answers
+
+    uri, run_dir = search.tracking_uri, Path(search.run_dir)
+    timeout = float(os.environ.get(RUN_START_TIMEOUT_ENV, RUN_START_TIMEOUT))
+    deadline, said = time.monotonic() + timeout, False
+    while True:
+        try:
+            run = Run.find(uri, search.experiment, identity, run_dir)
+            # A trial whose run finished just before the search was killed (Tune had not
+            # recorded it yet) is re-run by the restore: its TorchTrainer only re-reports the
+            # final result, and its run stays as it was.
+            if run is not None:
+                finished = run.resume()
+                if not finished:
+                    tracking.log_params(uri, run.run_id, params)
+                return run, finished
+            run = Run.create(uri, search.experiment, name, {**identity, tracking.KIND_TAG: "trial",
+                                                            tracking.TRAINABLE_TAG: search.trainable}, run_dir)
+            tracking.log_params(uri, run.run_id, params)
+            return run, False
+        except Exception as e:
+            if answers(uri):
+                raise
+            if time.monotonic() > deadline:
+                raise TrialFailed(f"MLflow at {uri} stayed unreachable for {timeout:.0f} s ({RUN_START_TIMEOUT_ENV}): "
+                                  f"the trial could not get its run ({type(e).__name__}); `paceray tune --resume` "
+                                  f"runs it once the server is back") from None
+            if not said:
+                print(f"paceray: trial {identity[tracking.TRIAL_TAG]}: MLflow at {uri} is unreachable; waiting for it "
+                      f"(up to {timeout:.0f} s) before training, so that every write has its run", flush=True)
+                said = True
+            time.sleep(2.0)
 
 
 class TrialFailed(RuntimeError):

@@ -75,6 +75,10 @@ TRAINABLE = Trainable(
     metric="eval/fid",
     mode="min",
     progress=(("stage", "curriculum/stage"), ("FID", "eval/fid")),
+    # What a checkpoint holds the shape of: the network, the data it was fitted to, the noise
+    # schedule, the curriculum's clusters and order (its sampler state).
+    resume_fixed=("model", "data", "diffusion", "curriculum.num_clusters", "curriculum.order",
+                  "curriculum.clustering", "curriculum.cumulative", "curriculum.distribution"),
     horizon=lambda config: Horizon(steps=config["train"]["steps"], report_every=config["eval"]["every"]),
     run_name=run_name,
     checkpoints_to_keep=lambda config: config["train"]["checkpoint_keep"],

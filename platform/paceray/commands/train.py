@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from paceray import command_lock, mlflow_server, raycluster, tracking
-from paceray.atomic import write_text_atomic
+from paceray.atomic import read_state, write_text_atomic
 from paceray.commands.common import prepare_assets, readable_store, resume_point
 from paceray.errors import PacerayError
 from paceray.paths import storage_root
@@ -35,13 +35,15 @@ def run_train(spec_path: str, overrides, address: Optional[str], tracking_uri: O
     if resume:
         if not pointer.exists():
             raise PacerayError(f"--resume: no earlier `paceray train` of {spec.name!r} under {rd} ({pointer} is missing)")
-        previous = json.loads(pointer.read_text())
+        previous = read_state(pointer, f"remove {pointer.parent} to start a new run (without --resume)")
         fallback = resume_point(loaded, trial_storage(rd) / previous["trial_id"])
     storage = storage_root()
     external = mlflow_server.external_uri(tracking_uri)
     if external:
         mlflow_server.check_reachable(external)
     prepare_assets(loaded, storage, readable_store(external, rd))
+    if previous:
+        check_resume(loaded, previous, external, pointer)
     raycluster.check_address(address)
     # One command per run, before it starts Ray: a second `--resume` would train the same run twice.
     with command_lock.held(pointer.parent, f"`paceray train` of {spec.name!r} under {rd}"):
@@ -49,6 +51,29 @@ def run_train(spec_path: str, overrides, address: Optional[str], tracking_uri: O
     _say_best(loaded, result, rd, trial_id)
     if external is None:
         print(f"MLflow UI: {mlflow_server.ui_command(rd)}")
+
+
+def check_resume(loaded, previous: dict, external: Optional[str], pointer: Path) -> None:
+    """A resume goes to the run it continues, with a config its checkpoint can follow; anything
+    else is one line before the run is touched. (Pointers written before these were recorded
+    are not checked.)"""
+    if "tracking_uri" in previous and previous["tracking_uri"] != external:
+        def name(uri):
+            return uri or "the embedded store"
+
+        hint = f"--tracking-uri {previous['tracking_uri']}" if previous["tracking_uri"] else "no --tracking-uri"
+        raise PacerayError(f"--resume: run {previous['run_id']} is tracked in {name(previous['tracking_uri'])}, not "
+                           f"{name(external)} ({pointer}): resume with {hint}, or start a new run without --resume")
+    fixed = tuple(loaded.trainable.resume_fixed)
+    if not fixed or "config" not in previous:
+        return
+    before, now = flatten(previous["config"]), flatten(json.loads(json.dumps(loaded.base, default=str)))
+    changed = [k for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k) and any(k == f or k.startswith(f + ".") for f in fixed)]
+    if changed:
+        what = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        raise PacerayError(f"--resume: {what} since run {previous['run_id']} started ({pointer}); its checkpoints "
+                           f"cannot follow that change: drop the --set, or start a new run without --resume")
 
 
 def _locked(loaded, rd: Path, storage: Path, external: Optional[str], previous: Optional[dict], pointer: Path,
@@ -69,7 +94,8 @@ def _locked(loaded, rd: Path, storage: Path, external: Optional[str], previous: 
                                   tracking.TRAINABLE_TAG: spec.trainable, tracking.METRIC_TAG: loaded.metric,
                                   tracking.MODE_TAG: loaded.mode}, rd, flatten(loaded.base))
                 write_text_atomic(pointer, json.dumps({"trial_id": trial_id, "run_id": run.run_id,
-                                                       "experiment": spec.experiment}))
+                                                       "experiment": spec.experiment, "tracking_uri": external,
+                                                       "config": loaded.base}, default=str))
             result = _fit(loaded, rd, storage, run, trial_id, fallback)
     finally:
         raycluster.shutdown()

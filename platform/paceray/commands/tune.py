@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -13,7 +14,7 @@ from typing import Optional
 import yaml
 
 from paceray import command_lock, mlflow_server, progress, raycluster, tracking, tuning
-from paceray.atomic import write_text_atomic
+from paceray.atomic import read_state, write_text_atomic
 from paceray.commands.common import prepare_assets, readable_store
 from paceray.errors import PacerayError
 from paceray.paths import storage_root
@@ -38,10 +39,15 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
     if resume:
         if not state_path.exists() or not tuner_dir.exists():
             raise PacerayError(f"--resume: no interrupted search {spec.name!r} under {rd} ({state_path} is missing)")
-        previous = json.loads(state_path.read_text())
+        previous = read_state(state_path, f"remove {state_path.parent} and {tuner_dir} to start the search over")
     storage = storage_root()
     # Everything that can fail on bad input fails before an MLflow run or a results folder exists.
     external = mlflow_server.external_uri(tracking_uri)
+    if previous and "tracking_uri" in previous and previous["tracking_uri"] != external:
+        was = previous["tracking_uri"] or "the embedded store"
+        hint = f"--tracking-uri {previous['tracking_uri']}" if previous["tracking_uri"] else "no --tracking-uri"
+        raise PacerayError(f"--resume: search {spec.name!r} is tracked in {was}, not {external or 'the embedded store'} "
+                           f"({state_path}): resume with {hint}")
     if external:
         mlflow_server.check_reachable(external)
     prepare_assets(loaded, storage, readable_store(external, rd))
@@ -67,10 +73,11 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
                                     {tracking.KIND_TAG: "search", "paceray.spec": spec.path or "",
                                      tracking.TRAINABLE_TAG: spec.trainable, tracking.METRIC_TAG: loaded.metric,
                                      tracking.MODE_TAG: loaded.mode}, rd, _search_params(loaded))
-                _log_spec(uri, parent.run_id, loaded)
-                _save_comparison(uri, parent.run_id, loaded, with_metrics=False)
-                write_text_atomic(state_path, json.dumps({"parent_run_id": parent.run_id,
-                                                             "experiment": spec.experiment, "spec": spec.path}))
+                start = _Wait(uri, "start")
+                _unless_away(start, "logging the spec", _log_spec, uri, parent.run_id, loaded)
+                _unless_away(start, "saving the UI view", _save_comparison, uri, parent.run_id, loaded, False)
+                write_text_atomic(state_path, json.dumps({"parent_run_id": parent.run_id, "experiment": spec.experiment,
+                                                          "spec": spec.path, "tracking_uri": external}))
             context = tuning.search_context(loaded, uri, parent.run_id, str(storage), rd,
                                             mlflow_server.client_env(embedded=external is None))
             tuner, total = tuning.build_tuner(loaded, context, concurrent, tuner_dir if previous else None)
@@ -80,27 +87,29 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
             view = progress.SearchView(spec.name, total, [("step", STEP_KEY), *(t.progress or [(loaded.metric,) * 2])],
                                        loaded.metric, loaded.mode, lambda config: t.horizon(config).steps,
                                        t.run_name, worker_log, live=False if verbose else None)
+            end = _Wait(uri, "end")
             try:
                 with view:
                     results = tuner.fit()
                 status = "FINISHED"  # failed trials are marked on their own runs
-                _unless_away(uri, "marking the trials a scheduler stopped", _mark_stopped_trials, uri,
+                _unless_away(end, "marking the trials a scheduler stopped", _mark_stopped_trials, uri,
                              spec.experiment, parent.run_id, results, spec.tune.scheduler, rd, loaded.trainable.horizon)
             finally:
-                _unless_away(uri, "closing unfinished trials' runs", _close_orphans, uri, spec.experiment,
+                _unless_away(end, "closing unfinished trials' runs", _close_orphans, uri, spec.experiment,
                              parent.run_id, rd)
+                end.server_back()  # else the parent's end waits on disk for a replay
                 parent.end_and_say(status)
-            if not _unless_away(uri, "the report", _finish, uri, parent.run_id, loaded, results):
+            if not _unless_away(end, "the report", _finish, uri, parent.run_id, loaded, results):
                 print(f"the search's report waits for MLflow: `paceray report {spec.experiment}` writes it later "
                       f"(the trials' queued writes first: the replay commands above)", flush=True)
-            view = _comparison_url(uri, parent.run_id, uri if external else mlflow_server.ui_base())
+            comparison = _comparison_url(uri, parent.run_id, uri if external else mlflow_server.ui_base())
     finally:
         lock.close()
         raycluster.shutdown()
     if external is None:
-        print(f"MLflow UI: `{mlflow_server.ui_command(rd)}`" + (f", then open {view}" if view else ""))
-    elif view:
-        print(f"the trials compared in MLflow's UI: {view}")
+        print(f"MLflow UI: `{mlflow_server.ui_command(rd)}`" + (f", then open {comparison}" if comparison else ""))
+    elif comparison:
+        print(f"the trials compared in MLflow's UI: {comparison}")
     failed = [r for r in results if r.error is not None]
     if failed:
         # The search went on past them, and its report is written; the exit code still says so.
@@ -147,24 +156,54 @@ def _comparison_url(uri: str, parent: str, base: str) -> Optional[str]:
     return ui_view.comparison_url(base, run.info.experiment_id, run.data.tags.get(ui_view.VIEW_TAG))
 
 
-def _unless_away(uri: str, what: str, fn, *args) -> bool:
-    """Run one of the driver's MLflow steps at the end of a search; if the server is away, say
-    what waits and go on (the trials' own writes and every run's end are queued on disk). True
-    if it ran. Any other error is raised. One probe first: each MLflow call on a server that is
-    gone waits out MLflow's retries (seconds each) before it fails."""
-    def skipped(e: str) -> bool:
-        print(f"warning: MLflow at {uri} is unreachable; skipped {what} ({e})", file=sys.stderr, flush=True)
+WAIT_ENV = "PACERAY_DRIVER_WAIT"  # s the driver waits for an MLflow server that went away, per phase
+WAIT = 300.0
+
+
+class _Wait:
+    """One bounded wait for the tracking server in a phase of the search (its start, its end),
+    shared by that phase's steps: an outage costs a step only if it outlasts the wait."""
+
+    def __init__(self, uri: str, phase: str):
+        self.uri, self.phase = uri, phase
+        self.deadline: Optional[float] = None
+
+    def server_back(self) -> bool:
+        if mlflow_server.answers(self.uri):
+            return True
+        if self.deadline is None:
+            wait = float(os.environ.get(WAIT_ENV, WAIT))
+            self.deadline = time.monotonic() + wait
+            print(f"paceray: MLflow at {self.uri} is unreachable at the {self.phase} of the search; waiting up to "
+                  f"{wait:.0f} s ({WAIT_ENV}) for it", file=sys.stderr, flush=True)
+        while time.monotonic() < self.deadline:
+            time.sleep(2.0)
+            if mlflow_server.answers(self.uri):
+                return True
         return False
 
-    if not mlflow_server.answers(uri):
-        return skipped("no answer")
-    try:
-        fn(*args)
-        return True
-    except Exception as e:
-        if mlflow_server.answers(uri):
-            raise
-        return skipped(type(e).__name__)
+
+def _unless_away(wait: _Wait, what: str, fn, *args) -> bool:
+    """Run one of the driver's MLflow steps; if the server is away and does not come back within
+    the phase's wait, say what waits and go on (the trials' own writes and every run's end are
+    queued on disk). True if it ran. Any other error is raised. A probe first: each MLflow call
+    on a server that is gone waits out MLflow's retries (seconds each) before it fails."""
+    def skipped(e: str) -> bool:
+        print(f"warning: MLflow at {wait.uri} is unreachable; skipped {what} ({e})", file=sys.stderr, flush=True)
+        return False
+
+    for attempt in range(2):  # a server that goes away mid-step gets the wait once more
+        if not wait.server_back():
+            return skipped("no answer")
+        try:
+            fn(*args)
+            return True
+        except Exception as e:
+            if mlflow_server.answers(wait.uri):
+                raise
+            if attempt == 1:
+                return skipped(type(e).__name__)
+    return False
 
 
 def _search_params(loaded) -> dict:
