@@ -6,6 +6,7 @@ exit code, while the search goes on."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import yaml
@@ -41,10 +42,12 @@ def test_a_trainable_in_a_test_module_runs_through_paceray_tune(toy_search, shar
     assert trials["3"].info.status == "FAILED" and trials["3"].data.tags["paceray.error"] == "toy failure at step 3"
     steps = {k: [m.step for m in client.get_metric_history(t.info.run_id, "toy/error")] for k, t in trials.items()}
     assert sorted(steps["0"]) == [1, 2, 3, 4, 5, 6] and sorted(steps["3"]) == [1, 2]  # not retried
-    assert "ERROR" in r.stdout  # Tune's own trial table
+    # the search's progress lines: the failed trial and why, the finished one
+    assert re.search(r"\] trial \S+ failed: .*toy failure at step 3", r.stdout), r.stdout[-3000:]
+    assert re.search(r"\] trial rate1\.0-\S+ finished at step 6/6", r.stdout), r.stdout[-3000:]
     # The generic report: the searched parameter and the trainable's metric, best first.
     lines = r.stdout.splitlines()
-    header = next(i for i, line in enumerate(lines) if "best toy/error" in line)
+    header = next(i for i, line in enumerate(lines) if "best toy/error" in line and "fail_at" in line)
     assert "fail_at" in lines[header] and "final toy/error" in lines[header]
     assert "FINISHED" in lines[header + 1] and f"{math.exp(-6):.4g}" in lines[header + 1]
     assert "FAILED" in lines[header + 2] and "toy failure at step 3" in lines[header + 2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -129,7 +130,7 @@ def nan_search_while_mlflow_away(shared, tmp_path):
     finally:
         server.stop()
     return {"returncode": proc.returncode, "out": out, "trials": trials, "good_steps": good_steps,
-            "report": report.stdout}
+            "report": report.stdout, "workers": (run_dir / "searches" / "nan" / "workers.log").read_text()}
 
 
 def test_nan_trial_fails_in_band_while_mlflow_is_away(nan_search_while_mlflow_away):
@@ -141,7 +142,10 @@ def test_nan_trial_fails_in_band_while_mlflow_is_away(nan_search_while_mlflow_aw
     out = got["out"]
     assert got["returncode"] != 0, out[-3000:]
     assert "paceray: error: 1 of 2 trial(s) failed" in out
-    assert out.count("FAILED: non-finite loss") == 1  # one attempt: Ray Train did not retry it
+    # one attempt (Ray Train did not retry it), said by the worker into the search's worker log,
+    # and by the search's progress line
+    assert got["workers"].count("FAILED: non-finite loss") == 1
+    assert re.search(r"\] trial \S+ failed: .*non-finite loss", out), out[-3000:]
     assert "unreachable" in out and "the search's report waits for MLflow" in out
     trials = got["trials"]
     assert trials["0.002"].info.status == "FINISHED"
@@ -522,6 +526,71 @@ def test_outages_at_the_start_and_the_end_of_a_search_lose_nothing(outages_aroun
     art = Path(got["parent"].info.artifact_uri.removeprefix("file://"))
     assert (art / "report" / "report.html").is_file() and (art / "best" / "pipeline" / "model_index.json").is_file()
     assert "skipped" not in got["out"]
+
+
+@prelaunched(long=True)
+def killed_five_times_in_an_outage(shared, tmp_path):
+    """A trial whose server goes away; while it is away (the whole time: many times the spool's
+    2 s retry and MLflow's fast-fail budget of no retries) its training worker is SIGKILLed five
+    times, each a seeded delay after a checkpoint newer than the last kill's was registered; then
+    the server returns."""
+    import random
+    import re
+
+    server = MlflowServer(tmp_path / "mlflow").start()
+    base = tiny_base(train={"steps": 500, "log_every": 5, "checkpoint_keep": 2}, curriculum={"stage_steps": 100},
+                     eval={"every": 40})
+    spec = write_spec(tmp_path / "k.yaml", "kill5", base, resources={"workers": 1, "cpus_per_worker": 1, "max_failures": 6})
+    run_dir = tmp_path / "runs"
+    proc = _start_train(shared, spec, run_dir, server.uri, env={"PACERAY_SYSTEM_METRICS_INTERVAL": "1"})
+    rng = random.Random(20261203)
+    kills = []
+    try:
+        run_id = _wait_for_metrics(server, "kill5", proc)
+        server.stop()
+        deadline = time.monotonic() + 600
+        while len(kills) < 5:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.output()[-3000:]
+            pids = [int(p) for p in re.findall(r"\(RayTrainWorker pid=(\d+)\)", proc.output())]
+            fresh = [p for p in pids if p not in {k[0] for k in kills}]
+            step = registered_checkpoint_step(run_dir)
+            if not fresh or step is None or (kills and step <= kills[-1][1]):
+                time.sleep(0.2)
+                continue
+            time.sleep(rng.uniform(0.0, 1.5))  # the seeded point: somewhere between two checkpoints
+            os.kill(fresh[-1], signal.SIGKILL)
+            kills.append((fresh[-1], step))
+        server.start()
+        out = proc.finish(timeout=900)
+    finally:
+        if proc.poll() is None:
+            kill_session(proc.pid)
+    try:
+        client = server.client()
+        run = client.get_run(run_id)
+        histories = {key: [m.step for m in client.get_metric_history(run_id, key)] for key in run.data.metrics}
+    finally:
+        server.stop()
+    return {"returncode": proc.returncode, "out": out, "kills": kills, "status": run.info.status,
+            "histories": histories}
+
+
+def test_five_kills_during_an_outage_log_every_step_exactly_once(killed_five_times_in_an_outage):
+    got = killed_five_times_in_an_outage
+    assert got["returncode"] == 0, got["out"][-4000:]
+    assert len(got["kills"]) == 5 and len({pid for pid, _ in got["kills"]}) == 5
+    # six training workers in turn: each kill restarted the group (a killed worker's last lines,
+    # its "resumed from" among them, can die in its stdout buffer, so they are not counted)
+    assert len(set(re.findall(r"\(RayTrainWorker pid=(\d+)\)", got["out"]))) >= 6
+    assert "resumed from the checkpoint at step" in got["out"]
+    assert got["status"] == "FINISHED"
+    h = got["histories"]
+    assert sorted(h["train/loss"]) == list(range(5, 501, 5)), h["train/loss"]
+    assert sorted(h["eval/fid"]) == list(range(40, 501, 40)) + [500]
+    twice = {key: steps for key, steps in h.items() if len(steps) != len(set(steps))}
+    assert not twice, twice  # no metric has a step twice, the restarted workers' system samples included
+    system = sorted(h["system/cpu_utilization_percentage"])
+    assert system == list(range(len(system)))
 
 
 @prelaunched

@@ -110,6 +110,9 @@ class ResourcesSection(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     trial_cpus: float = Field(0.0, ge=0)  # the Tune trial's own process (the Train driver)
+    # Worker-group failures (a killed worker, a lost node) a trial restarts from its last
+    # checkpoint before it fails (Ray Train's FailureConfig.max_failures).
+    max_failures: int = Field(2, ge=0)
 
     @model_validator(mode="after")
     def _fractional_only_alone(self) -> "ResourcesSection":

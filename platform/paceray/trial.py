@@ -17,7 +17,7 @@ from paceray.spec import ResourcesSection
 
 
 def trainer_for(trainable: Trainable, config: dict, context: TrialContext, resources: ResourcesSection,
-                storage_path: Path, name: str, mode: str, max_failures: int = 2, callbacks: Optional[list] = None):
+                storage_path: Path, name: str, mode: str, callbacks: Optional[list] = None):
     """A TorchTrainer for one trial; `fit()` it to run (or resume) the trial. The config goes to
     the workers as the trial's config alone; the context travels beside it, as its own argument."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -45,7 +45,7 @@ def trainer_for(trainable: Trainable, config: dict, context: TrialContext, resou
         run_config=RunConfig(
             name=name,
             storage_path=str(storage_path),
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(max_failures=resources.max_failures),
             # Ray keeps the latest checkpoint besides the best K by the search metric.
             checkpoint_config=CheckpointConfig(num_to_keep=trainable.checkpoints_to_keep(config),
                                                checkpoint_score_attribute=context.metric,

@@ -33,7 +33,7 @@ def preparing(dataset: str, storage: Path) -> Iterator[None]:
 
 def dataset_path(data: DataConfig, storage: Path, make: bool = True) -> Path:
     path = dataset_dir(data.dataset, storage, data.source, data.fingerprint)
-    if make and not (path / "manifest.json").exists():
+    if make:  # prepared once; checked (Parquet footers only) each time it is reused
         return prepare_dataset(data.dataset, storage, source=data.source, fingerprint=data.fingerprint)
     return path
 
