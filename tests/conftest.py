@@ -70,9 +70,9 @@ class Started(subprocess.Popen):
 
 def start_paceray(*args, log: Path, env=None, base_env=None) -> Started:
     """`paceray ARGS` in the background, in the environment `base_env` (default: os.environ now)."""
+    merged = {**(os.environ if base_env is None else base_env), "RAY_AUTH_MODE": "disabled", **(env or {})}
     proc = Started([PACERAY, *map(str, args)], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                   start_new_session=True,
-                   env={**(os.environ if base_env is None else base_env), "RAY_AUTH_MODE": "disabled", **(env or {})})
+                   start_new_session=True, env={k: v for k, v in merged.items() if v is not None})  # None: unset
     proc.log = log
     return proc
 

@@ -134,6 +134,23 @@ def test_the_log_to_driver_handler_paceray_replaces_is_still_there():
     assert callable(worker.filter_autoscaler_events)
 
 
+def test_the_ray_internals_that_keep_the_local_instance_private_are_still_there():
+    """confine_to_loopback turns off ray_constants.ENABLE_RAY_CLUSTER (Ray then keeps a node IP of
+    127.0.0.1) and enable_token_auth calls Ray's own switch: if Ray moves either, the local
+    instance would listen on the machine's address, or run without a token."""
+    import inspect
+
+    from ray._private import ray_constants, services
+    from ray._private.authentication import authentication_token_setup
+
+    from paceray.ray_internals import SINGLE_NODE_ENV
+
+    assert ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR == SINGLE_NODE_ENV
+    assert "ray_constants.ENABLE_RAY_CLUSTER" in inspect.getsource(services.get_node_ip_address)
+    assert "get_node_ip_address()" in inspect.getsource(services.resolve_ip_for_localhost)
+    assert "Config.initialize" in inspect.getsource(authentication_token_setup._enable_token_auth)
+
+
 def test_a_trainer_without_datasets_starts_no_dataset_manager():
     """ray_internals.torch_trainer_class drops Train's DatasetsCallback (which starts a DatasetManager
     actor per worker group, datasets or not) and keeps every other default callback."""

@@ -114,17 +114,64 @@ def test_fid_in_the_loop_with_two_workers_equals_one_process(two_worker_trial, s
     assert dict(history(client, run.info.run_id, "eval/kid_std"))[STEPS] >= 0
 
 
+def _local_instance_exposure(root: int) -> dict:
+    """What the command with process `root` (and its descendants: the local Ray instance, its
+    workers, the MLflow server) listens on beyond loopback, whether its GCS refuses a client
+    without a token, and the permissions of the token file it made."""
+    import ipaddress
+    import shutil
+
+    import grpc
+    import psutil
+
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
+
+    procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+    listening, exposed, gcs, token = [], [], None, None
+    for p in procs:
+        try:
+            name, conns, env = p.name(), p.net_connections(kind="inet"), p.environ()
+        except psutil.Error:
+            continue
+        for c in conns:
+            if c.status == psutil.CONN_LISTEN:
+                listening.append((name, c.laddr.ip, c.laddr.port))
+                if not loopback(c.laddr.ip):
+                    exposed.append(name)
+                if name == "gcs_server":
+                    gcs = c.laddr.port
+        token = token or env.get("RAY_AUTH_TOKEN_PATH")
+    assert gcs is not None and token, listening
+    channel = grpc.insecure_channel(f"127.0.0.1:{gcs}")
+    try:
+        channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId", request_serializer=lambda x: x,
+                            response_deserializer=lambda x: x)(b"", timeout=10)
+        refused = "accepted"
+    except grpc.RpcError as e:
+        refused = e.code().name
+    finally:
+        channel.close()
+    modes = oct(Path(token).stat().st_mode & 0o777), oct(Path(token).parent.stat().st_mode & 0o777)
+    shutil.rmtree(Path(token).parent)  # the command is killed next: it cannot remove its own
+    return {"exposed": sorted(exposed), "gcs_without_token": refused, "token_mode": modes[0],
+            "token_dir_mode": modes[1], "listening": listening}
+
+
 @pytest.mark.own_ray
 def test_resume_after_a_kill_continues_the_same_run(tmp_path, storage):
     base = tiny_base(train={"steps": 120, "log_every": 5}, curriculum={"stage_steps": 25}, eval={"every": 20})
     spec = write_spec(tmp_path / "resume.yaml", "resume", base)
     run_dir = tmp_path / "runs"
-    proc = start_paceray("train", spec, "--run-dir", run_dir, log=tmp_path / "train.log")
+    # Ray's authentication as a user has it by default: RAY_AUTH_MODE unset.
+    proc = start_paceray("train", spec, "--run-dir", run_dir, log=tmp_path / "train.log", env={"RAY_AUTH_MODE": None})
     try:
         # A checkpoint Ray Train registered (a folder on disk may still be being written; Ray
         # resumes only from registered ones).
         wait_for_checkpoint(run_dir, proc)
         time.sleep(0.5)  # a few steps past the checkpoint: they are lost and re-trained
+        exposure = _local_instance_exposure(proc.pid)
     finally:
         kill_session(proc.pid)  # the whole `paceray train`: driver, Ray and its workers
         proc.wait(timeout=60)
@@ -150,6 +197,12 @@ def test_resume_after_a_kill_continues_the_same_run(tmp_path, storage):
     assert max(stage) == 120 and [s for s, _ in history(client, run.info.run_id, "train/loss")] == list(range(5, 121, 5))
     # The default local start (no --address, the embedded store): no dead "View run" links.
     assert "paceray ui --run-dir" in result.stdout and "View run" not in result.stdout + result.stderr
+    # ... usable from this machine only: every port of the command's processes on loopback but
+    # torch's TCPStore of the trial's process group (README lists it), and a client without
+    # the run's token refused; the token made for the run, readable by its user alone.
+    assert exposure["exposed"] == ["ray::RayTrainWorker"], exposure
+    assert exposure["gcs_without_token"] == "UNAUTHENTICATED", exposure
+    assert exposure["token_mode"] == "0o600" and exposure["token_dir_mode"] == "0o700", exposure
 
 
 @prelaunched

@@ -12,6 +12,13 @@
   `ray_print_logs` on Ray's worker-stream dispatcher, fed dicts with `lines`, `pid`, `ip` and the
   actor or task name. A search's live view replaces it with one writing those lines to a file,
   prefixed as Ray prints them (`divert_worker_logs`).
+- How to keep a local instance on loopback: Ray resolves a node IP of 127.0.0.1 to the machine's
+  address (`services.resolve_ip_for_localhost`) unless `ray_constants.ENABLE_RAY_CLUSTER` is
+  off (the `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` of single-node macOS and Windows), read when
+  `ray` is imported; with it off, every process binds loopback (`confine_to_loopback`).
+- How to turn token authentication on in a process whose `ray` is imported already: Ray's own
+  `authentication_token_setup._enable_token_auth` (sets RAY_AUTH_MODE and re-reads Ray's config,
+  which caches the mode at import), as its local `ray.init()` does by default.
 - How Ray Train says its checkpoint snapshot (the list of checkpoints it registered, which it
   rewrites in place) cannot be read: `CheckpointManagerInitializationError`, and the file's name.
 
@@ -85,3 +92,26 @@ def divert_worker_logs(sink) -> None:
         sink.flush()
 
     dispatcher.add_handler("paceray_worker_log", write)
+
+
+SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+
+
+def confine_to_loopback() -> None:
+    """Make the local Ray instance this process is about to start single-node: its node IP is
+    127.0.0.1, so the GCS, raylet, workers, dashboard, agents and metrics endpoints bind loopback.
+    The environment variable reaches the processes Ray starts; the constant, this process, whose
+    `ray` may be imported already."""
+    import os
+
+    from ray._private import ray_constants
+
+    os.environ[SINGLE_NODE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def enable_token_auth() -> None:
+    """RAY_AUTH_MODE=token for this process (its cached Ray config re-read) and its children."""
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+    _enable_token_auth()

@@ -35,6 +35,7 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> st
     # One machine is never drained or preempted: Train's preemption watcher (an actor, so one more
     # Python process per trial) has nothing to watch on the local instance. Clusters keep it.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    _protect_local_instance()
     # The dashboard serves the State API that Train's placement-group cleaner polls; without it
     # every trial logs "Failed to query Ray Train Controller actor state" every few seconds.
     import importlib.util
@@ -89,11 +90,62 @@ def _check_gcs_port(address: str, timeout: float = 5.0) -> None:
                            f"is `ray start --head` running there?") from None
 
 
+_made_token: Optional[str] = None  # the token file this command made for its local instance
+
+
+def _protect_local_instance() -> None:
+    """The local instance is usable from this machine only: every port on loopback
+    (ray_internals.confine_to_loopback), and Ray's token authentication on explicitly, so that
+    another user of this machine cannot reach it either. The token is the user's
+    (RAY_AUTH_TOKEN, or the file RAY_AUTH_TOKEN_PATH names, which must be theirs alone), else one
+    made for this command in a file only its user reads, removed at shutdown. RAY_AUTH_MODE=disabled,
+    set by the user, is honoured, with a warning."""
+    import secrets
+    import stat
+    import sys
+    import tempfile
+
+    from paceray.ray_internals import confine_to_loopback, enable_token_auth
+
+    global _made_token
+    confine_to_loopback()
+    mode = os.environ.get("RAY_AUTH_MODE", "token")
+    if mode != "token":
+        print(f"warning: RAY_AUTH_MODE={mode}: the local Ray instance takes any client on this machine "
+              f"(its ports are on loopback only)", file=sys.stderr, flush=True)
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        pass
+    elif path:
+        try:
+            mode_bits = os.stat(path).st_mode
+        except OSError as e:
+            raise PacerayError(one_line(f"RAY_AUTH_TOKEN_PATH {path}: unreadable ({e})")) from None
+        if mode_bits & (stat.S_IRWXG | stat.S_IRWXO):
+            raise PacerayError(f"RAY_AUTH_TOKEN_PATH {path}: other users can read it (mode {oct(mode_bits & 0o777)}): "
+                               f"chmod 600 {path}")
+    else:
+        folder = tempfile.mkdtemp(prefix="paceray-ray-token-")  # 0700
+        _made_token = os.path.join(folder, "auth_token")
+        fd = os.open(_made_token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        os.environ["RAY_AUTH_TOKEN_PATH"] = _made_token
+    enable_token_auth()
+
+
 def shutdown() -> None:
     import ray
 
+    global _made_token
     if ray.is_initialized():
         ray.shutdown()
+    if _made_token is not None:
+        import shutil
+
+        shutil.rmtree(os.path.dirname(_made_token), ignore_errors=True)
+        _made_token = None
 
 
 def cluster_resources() -> dict:
