@@ -244,8 +244,10 @@ def test_wrong_mlflow_credentials_are_one_line_before_anything_is_written(tmp_pa
 def test_a_truncated_train_shard_is_one_line_before_any_trial(tmp_path):
     # As a full disk or a kill mid-write on a shared volume leaves a prepared shard: one line
     # naming the file before Ray starts, not a worker traceback on each of Ray's retries.
+    from trainables.denoiser import data
+
     env = {"PACERAY_STORAGE": str(tmp_path / "storage")}  # the session's own storage stays whole
-    run_paceray("data", "prepare", "digits", env=env, timeout=300)
+    data.prepare("digits", tmp_path / "storage")  # as `paceray data prepare digits` writes it
     (shard,) = (tmp_path / "storage" / "datasets" / "digits").glob("train-*.parquet")
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     spec = write_spec(tmp_path / "bad.yaml", "bad", tiny_base())
@@ -456,15 +458,15 @@ def test_mlflow_outage_mid_run_loses_nothing(outage_trial):
 
 @prelaunched(long=True)
 def outages_around_a_search(shared, tmp_path):
-    """A two-trial search whose server goes away twice, each time for 8 s, then returns on the
-    same port and store: as the search starts (its parent run exists, its trials have none yet)
-    and as it ends (its trials' runs finished, the driver at its end steps)."""
+    """A search whose server goes away twice, each time for 8 s, then returns on the same port and
+    store: as the search starts (its parent run exists, its trial has none yet) and as it ends
+    (its trial's run finished, the driver at its end steps)."""
     server = MlflowServer(tmp_path / "mlflow").start()
     spec = yaml.safe_load((REPO / "search_spaces/quick.yaml").read_text())
     spec["name"] = "edges"
     spec["base"]["train"].update({"steps": 60, "log_every": 5})
     spec["base"]["eval"].update({"every": 30, "fid_samples": 32, "sampler_steps": 4})
-    spec["search"] = {"curriculum.order": {"grid": ["none", "easy-to-hard"]}}
+    spec["search"] = {"curriculum.order": {"grid": ["easy-to-hard"]}}  # one trial: the outages are the test
     path = tmp_path / "edges.yaml"
     path.write_text(yaml.safe_dump(spec))
     run_dir = tmp_path / "runs"
@@ -491,7 +493,7 @@ def outages_around_a_search(shared, tmp_path):
         outage()
         # ... and as the search ends: both trials' runs finished, the driver closing, reporting
         # and exporting (seconds of MLflow calls)
-        while not (len(children := runs("trial")) == 2 and all(c.info.status == "FINISHED" for c in children)):
+        while not ((children := runs("trial")) and all(c.info.status == "FINISHED" for c in children)):
             assert proc.poll() is None and time.monotonic() < deadline, proc.output()[-3000:]
             time.sleep(0.2)
         outage()
@@ -503,7 +505,7 @@ def outages_around_a_search(shared, tmp_path):
         client = server.client()
         parent = runs("search")[0]
         children = runs("trial")
-        steps = {c.data.params["curriculum.order"]: [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")]
+        steps = {c.data.params["curriculum.order"]: sorted(m.step for m in client.get_metric_history(c.info.run_id, "train/loss"))
                  for c in children}
     finally:
         server.stop()
@@ -517,9 +519,8 @@ def test_outages_at_the_start_and_the_end_of_a_search_lose_nothing(outages_aroun
     assert got["trials_before"] == 0  # the first outage came before any trial had its run
     # the trials waited for their runs, then trained; every step logged once
     assert got["workers_log"].count("is unreachable; waiting for it") >= 1
-    assert sorted(got["steps"]) == ["easy-to-hard", "none"]
-    assert all(steps == list(range(5, 61, 5)) for steps in got["steps"].values()), got["steps"]
-    assert [c.info.status for c in got["children"]] == ["FINISHED", "FINISHED"]
+    assert got["steps"] == {"easy-to-hard": list(range(5, 61, 5))}, got["steps"]
+    assert [c.info.status for c in got["children"]] == ["FINISHED"]
     assert got["parent"].info.status == "FINISHED"
     # the end waited for the server, then closed, reported and exported
     assert "at the end of the search; waiting up to" in got["out"]
