@@ -32,12 +32,9 @@ def _newest_report(run_dir: Path):
     if not (run_dir / "mlflow.db").is_file():
         return None
     client = MlflowClient(tracking_uri=embedded_store(run_dir)[0])
-    found = ui_view.latest_search(client, None)
-    if found is None:
+    run = ui_view.latest_search(client, None)
+    if run is None:
         return None
-    experiment_id, name, _ = found
-    run = client.search_runs([experiment_id], filter_string="tags.`paceray.kind` = 'search'",
-                             order_by=["attributes.start_time DESC"], max_results=1)[0]
     report = Path(run.info.artifact_uri.removeprefix("file://")) / "report" / "report.html"
     return report if report.is_file() else None
 

@@ -256,8 +256,8 @@ def _landing(run_dir: Path, base: str, experiment: Optional[str]) -> Optional[st
     if experiment and client.get_experiment_by_name(experiment) is None:
         names = sorted(e.name for e in client.search_experiments())
         raise PacerayError(f"{run_dir / 'mlflow.db'}: no experiment {experiment!r} (there: {', '.join(names) or 'none'})")
-    found = ui_view.latest_search(client, experiment)
-    if found is None:
+    run = ui_view.latest_search(client, experiment)
+    if run is None:
         return None
-    experiment_id, name, key = found
-    return f"the trials of {name} compared: {ui_view.comparison_url(base, experiment_id, key)}"
+    url = ui_view.comparison_url(base, run.info.experiment_id, run.data.tags.get(ui_view.VIEW_TAG))
+    return f"the trials of {run.info.run_name or run.info.run_id} compared: {url}"

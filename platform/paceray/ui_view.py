@@ -94,21 +94,16 @@ def comparison_url(base: str, experiment_id: str, key: Optional[str]) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{urllib.parse.urlencode(query)}"
 
 
-def latest_search(client, experiment: Optional[str]) -> Optional[tuple[str, str, Optional[str]]]:
-    """(experiment id, search name, view key) of the newest search in `experiment` (or in any
-    experiment), or None when there is none."""
+def latest_search(client, experiment: Optional[str]):
+    """The newest search's parent run in `experiment` (or in any experiment), or None; its view
+    key is the run's tag VIEW_TAG."""
     if experiment:
         found = client.get_experiment_by_name(experiment)
-        if found is None:
-            return None
-        ids = [found.experiment_id]
+        ids = [found.experiment_id] if found is not None else []
     else:
         ids = [e.experiment_id for e in client.search_experiments()]
     if not ids:
         return None
     runs = client.search_runs(ids, filter_string="tags.`paceray.kind` = 'search'", order_by=["attributes.start_time DESC"],
                               max_results=1)
-    if not runs:
-        return None
-    run = runs[0]
-    return run.info.experiment_id, run.info.run_name or run.info.run_id, run.data.tags.get(VIEW_TAG)
+    return runs[0] if runs else None

@@ -21,6 +21,20 @@ def readable_store(external: Optional[str], run_dir: Path) -> Optional[str]:
     return f"sqlite:///{db}" if db.is_file() else None
 
 
+def check_same_store(previous: dict, external: Optional[str], what: str, state: Path, or_else: str = "") -> None:
+    """A resume goes to the tracking store its run or search began in (recorded in its state
+    file `state`; older state files did not record it and are not checked): one line if not."""
+    if "tracking_uri" not in previous or previous["tracking_uri"] == external:
+        return
+
+    def name(uri: Optional[str]) -> str:
+        return uri or "the embedded store"
+
+    hint = f"--tracking-uri {previous['tracking_uri']}" if previous["tracking_uri"] else "no --tracking-uri"
+    raise PacerayError(f"--resume: {what} is tracked in {name(previous['tracking_uri'])}, not {name(external)} "
+                       f"({state}): resume with {hint}{or_else}")
+
+
 def prepare_assets(loaded: LoadedSpec, storage: Path, tracking_uri: Optional[str]) -> None:
     """The trainable's one-off preparation (datasets, feature nets, references), before any run
     exists; the config it returns (references resolved) is what every trial gets."""

@@ -9,7 +9,7 @@ from typing import Optional
 
 from paceray import command_lock, mlflow_server, raycluster, tracking
 from paceray.atomic import read_state, write_text_atomic
-from paceray.commands.common import prepare_assets, readable_store, resume_point
+from paceray.commands.common import check_same_store, prepare_assets, readable_store, resume_point
 from paceray.errors import PacerayError
 from paceray.paths import storage_root
 from paceray.protocol import CheckpointFallback, TrialContext, failure_of
@@ -57,13 +57,7 @@ def check_resume(loaded, previous: dict, external: Optional[str], pointer: Path)
     """A resume goes to the run it continues, with a config its checkpoint can follow; anything
     else is one line before the run is touched. (Pointers written before these were recorded
     are not checked.)"""
-    if "tracking_uri" in previous and previous["tracking_uri"] != external:
-        def name(uri):
-            return uri or "the embedded store"
-
-        hint = f"--tracking-uri {previous['tracking_uri']}" if previous["tracking_uri"] else "no --tracking-uri"
-        raise PacerayError(f"--resume: run {previous['run_id']} is tracked in {name(previous['tracking_uri'])}, not "
-                           f"{name(external)} ({pointer}): resume with {hint}, or start a new run without --resume")
+    check_same_store(previous, external, f"run {previous['run_id']}", pointer, ", or start a new run without --resume")
     fixed = tuple(loaded.trainable.resume_fixed)
     if not fixed or "config" not in previous:
         return

@@ -15,7 +15,7 @@ import yaml
 
 from paceray import command_lock, mlflow_server, progress, raycluster, tracking, tuning
 from paceray.atomic import read_state, write_text_atomic
-from paceray.commands.common import prepare_assets, readable_store
+from paceray.commands.common import check_same_store, prepare_assets, readable_store
 from paceray.errors import PacerayError
 from paceray.paths import storage_root
 from paceray.protocol import STEP_KEY
@@ -43,11 +43,8 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
     storage = storage_root()
     # Everything that can fail on bad input fails before an MLflow run or a results folder exists.
     external = mlflow_server.external_uri(tracking_uri)
-    if previous and "tracking_uri" in previous and previous["tracking_uri"] != external:
-        was = previous["tracking_uri"] or "the embedded store"
-        hint = f"--tracking-uri {previous['tracking_uri']}" if previous["tracking_uri"] else "no --tracking-uri"
-        raise PacerayError(f"--resume: search {spec.name!r} is tracked in {was}, not {external or 'the embedded store'} "
-                           f"({state_path}): resume with {hint}")
+    if previous:
+        check_same_store(previous, external, f"search {spec.name!r}", state_path)
     if external:
         mlflow_server.check_reachable(external)
     prepare_assets(loaded, storage, readable_store(external, rd))
