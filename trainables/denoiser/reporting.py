@@ -129,15 +129,17 @@ def schedule_figure(history, sampler):
     `history(key)` gives a metric's (step, value) pairs."""
     from matplotlib.figure import Figure
 
-    stage = history("curriculum/stage")
-    if not stage:
+    # The three are logged together, but after a restart during an outage the server may hold
+    # a different set of their steps than this process logged: plot the steps all three have.
+    series = {k: dict(history(f"curriculum/{k}")) for k in ("stage", "t_min", "t_max")}
+    steps = sorted(set(series["stage"]) & set(series["t_min"]) & set(series["t_max"]))
+    if not steps:
         return None
-    t_min, t_max = history("curriculum/t_min"), history("curriculum/t_max")
+    stage = [(s, series["stage"][s]) for s in steps]
     fig = Figure(figsize=(8, 6), constrained_layout=True)
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
-    steps = [s for s, _ in stage]
-    ax1.fill_between(steps, [v for _, v in t_min], [v for _, v in t_max], step="pre", alpha=0.3,
-                     label="active timesteps")
+    ax1.fill_between(steps, [series["t_min"][s] for s in steps], [series["t_max"][s] for s in steps], step="pre",
+                     alpha=0.3, label="active timesteps")
     ax1.set_ylabel("timestep t")
     ax1.set_ylim(0, sampler.timesteps)
     ax1b = ax1.twinx()
