@@ -16,6 +16,7 @@ from conftest import (REPO, Started, checkpoint_dirs, checkpoint_step, experimen
                       mlflow_client, prelaunched, registered_checkpoint_step, run_paceray, tiny_base,
                       wait_for_checkpoint, write_spec)
 from paceray.mlflow_server import LocalServer
+from paceray.ui_view import VIEW_TAG
 
 pytestmark = pytest.mark.slow
 
@@ -458,9 +459,9 @@ def test_mlflow_outage_mid_run_loses_nothing(outage_trial):
 
 @prelaunched(long=True)
 def outages_around_a_search(shared, tmp_path):
-    """A search whose server goes away twice, each time for 8 s, then returns on the same port and
-    store: as the search starts (its parent run exists, its trial has none yet) and as it ends
-    (its trial's run finished, the driver at its end steps)."""
+    """A search whose server goes away twice, each time for at least 8 s, then returns on the same
+    port and store: as the search starts (its parent run exists and has its UI view, its trial has
+    no run yet) and as it ends (its trial's run finished, the driver at its end steps)."""
     server = MlflowServer(tmp_path / "mlflow").start()
     spec = yaml.safe_load((REPO / "search_spaces/quick.yaml").read_text())
     spec["name"] = "edges"
@@ -478,19 +479,31 @@ def outages_around_a_search(shared, tmp_path):
         found = server.client().search_runs([exp.experiment_id]) if exp else []
         return [r for r in found if r.data.tags.get("paceray.kind") == kind]
 
-    def outage() -> None:
+    workers_log = run_dir / "searches/edges/workers.log"
+
+    def outage(until=lambda: True) -> None:
+        """The server away for at least 8 s, and until `until()` holds (the trial is seen waiting:
+        on a loaded machine its actor can take longer than 8 s to start)."""
         server.stop()
         time.sleep(8)
+        while not until():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.output()[-3000:]
+            time.sleep(0.2)
         assert proc.poll() is None, proc.output()[-3000:]
         server.start()
 
+    def trial_waits() -> bool:
+        return workers_log.is_file() and "is unreachable; waiting for it" in workers_log.read_text()
+
     try:
         deadline = time.monotonic() + 600
-        while not runs("search"):
+        # The first outage once the driver's own start-of-search writes are done (its UI view is
+        # the last), before the trial has its run: the trial waits for it, then trains.
+        while not ((parents := runs("search")) and VIEW_TAG in parents[0].data.tags):
             assert proc.poll() is None and time.monotonic() < deadline, proc.output()[-3000:]
             time.sleep(0.1)
         trials_before = len(runs("trial"))
-        outage()
+        outage(until=trial_waits)
         # ... and as the search ends: both trials' runs finished, the driver closing, reporting
         # and exporting (seconds of MLflow calls)
         while not ((children := runs("trial")) and all(c.info.status == "FINISHED" for c in children)):
@@ -510,7 +523,7 @@ def outages_around_a_search(shared, tmp_path):
     finally:
         server.stop()
     return {"returncode": proc.returncode, "out": out, "trials_before": trials_before, "parent": parent,
-            "children": children, "steps": steps, "workers_log": (run_dir / "searches/edges/workers.log").read_text()}
+            "children": children, "steps": steps, "workers_log": workers_log.read_text()}
 
 
 def test_outages_at_the_start_and_the_end_of_a_search_lose_nothing(outages_around_a_search):
