@@ -109,10 +109,15 @@ class Run:
         spool.append(self.queue, {"kind": "terminate", "run_id": self.run_id, "status": status})
         return runlog.replay_command(self.queue, self.uri)
 
-    def end_and_say(self, status: str, reason: Optional[str] = None) -> Optional[str]:
-        """`fail(reason)` or `end(status)`, warning on stderr when the end waits on disk."""
-        left = self.fail(reason) if status == "FAILED" and reason else self.end(status)
+    def end_and_say(self, status: str, reason: Optional[str] = None,
+                    tags: Optional[Mapping[str, str]] = None) -> Optional[str]:
+        """`fail(reason)` or `end(status, tags)`, warning on stderr when the end waits on disk."""
+        left = self.fail(reason) if status == "FAILED" and reason else self.end(status, tags)
+        self.say_waiting(left)
+        return left
+
+    def say_waiting(self, left: Optional[str]) -> None:
+        """Warn on stderr that the run's last writes wait on disk (`left`: the replay command)."""
         if left:
             print(f"warning: MLflow at {self.uri} is unreachable; run {self.run_id}'s last writes wait on disk: "
                   f"{left}", file=sys.stderr, flush=True)
-        return left

@@ -95,10 +95,16 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
                 _unless_away(end, "closing unfinished trials' runs", _close_orphans, uri, spec.experiment,
                              parent.run_id, rd)
                 end.server_back()  # else the parent's end waits on disk for a replay
-                parent.end_and_say(status)
+                # Queued if the server went away since: delivered below, once the report's wait
+                # has seen it back; said now only if the search is failing.
+                left = parent.end(status)
+                if status != "FINISHED":
+                    parent.say_waiting(left)
             if not _unless_away(end, "the report", _finish, uri, parent.run_id, loaded, results):
                 print(f"the search's report waits for MLflow: `paceray report {spec.experiment}` writes it later "
                       f"(the trials' queued writes first: the replay commands above)", flush=True)
+            if left and not (end.server_back() and parent.deliver_leftovers()):
+                parent.say_waiting(left)
             comparison = _comparison_url(uri, parent.run_id, uri if external else mlflow_server.ui_base())
     finally:
         lock.close()
