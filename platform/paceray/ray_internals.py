@@ -19,6 +19,11 @@
 - How to turn token authentication on in a process whose `ray` is imported already: Ray's own
   `authentication_token_setup._enable_token_auth` (sets RAY_AUTH_MODE and re-reads Ray's config,
   which caches the mode at import), as its local `ray.init()` does by default.
+- How to choose the network interface of a trial's process group on each node before Ray
+  Train initialises it: Ray's `_TorchBackend.on_start` does the init, so a `TorchConfig` whose
+  backend sets GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME on every worker first
+  (`node_aware_torch_config`). Without it, gloo on a node whose hostname resolves to loopback
+  advertises 127.0.0.1 to ranks on other nodes ("Gloo connectFullMesh failed").
 - How Ray Train says its checkpoint snapshot (the list of checkpoints it registered, which it
   rewrites in place) cannot be read: `CheckpointManagerInitializationError`, and the file's name.
 
@@ -63,6 +68,57 @@ def torch_trainer_class():
             return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
 
     return Trainer
+
+
+SOCKET_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def node_aware_torch_config(backend: str, socket_ifname: Optional[str]):
+    """Ray Train's TorchConfig for `backend`, whose process group, on every worker, uses
+    `socket_ifname` when given, else the interface a user set in GLOO_SOCKET_IFNAME /
+    NCCL_SOCKET_IFNAME there, else the interface that holds the worker's node address (the
+    address the other ranks reach that node on)."""
+    from dataclasses import dataclass
+
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class Backend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            worker_group.execute(choose_socket_ifname, backend_config.socket_ifname)
+            super().on_start(worker_group, backend_config)
+
+    @dataclass
+    class NodeAwareTorchConfig(TorchConfig):
+        socket_ifname: Optional[str] = None
+
+        @property
+        def backend_cls(self):
+            return Backend
+
+    return NodeAwareTorchConfig(backend=backend, socket_ifname=socket_ifname)
+
+
+def choose_socket_ifname(configured: Optional[str]) -> Optional[str]:
+    """On a training worker: set the process group's interface variables (see
+    node_aware_torch_config); the interface chosen, or None when the node address is on no
+    local interface (then gloo and NCCL choose, as without paceray)."""
+    import os
+
+    import psutil
+    import ray
+
+    if configured:
+        chosen = configured
+    else:
+        address = ray.util.get_node_ip_address()
+        chosen = next((name for name, addrs in psutil.net_if_addrs().items()
+                       if any(a.address == address for a in addrs)), None)
+    for var in SOCKET_IFNAME_VARS:
+        if configured or not os.environ.get(var):
+            if chosen:
+                os.environ[var] = chosen
+    return chosen
 
 
 PRINT_LOGS_HANDLER = "ray_print_logs"  # ray._private.worker.connect's name for the log_to_driver handler

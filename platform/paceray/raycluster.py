@@ -152,3 +152,25 @@ def cluster_resources() -> dict:
     import ray
 
     return dict(ray.cluster_resources())
+
+
+def check_tracking_reach(tracking_uri: Optional[str]) -> None:
+    """One line when the cluster's other nodes could not reach the tracking store: the embedded
+    store (`tracking_uri` None) and a loopback URI serve this machine only, but a trial's rank 0
+    may run on any node."""
+    import ray
+    from urllib.parse import urlparse
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes < 2:
+        return
+    if tracking_uri is None:
+        what = "the embedded MLflow store serves this machine only"
+    elif urlparse(tracking_uri).hostname in ("127.0.0.1", "localhost", "::1"):
+        what = f"--tracking-uri {tracking_uri} is this machine's loopback"
+    else:
+        return
+    raise PacerayError(f"the Ray cluster has {nodes} nodes and {what}, which a trial on another node cannot reach: "
+                       f"pass --tracking-uri http://HOST:PORT of an MLflow server every node reaches "
+                       f"(k8s/ deploys one; README: Past one machine)")
+

@@ -113,13 +113,34 @@ class ResourcesSection(_Strict):
     # Worker-group failures (a killed worker, a lost node) a trial restarts from its last
     # checkpoint before it fails (Ray Train's FailureConfig.max_failures).
     max_failures: int = Field(2, ge=0)
+    # Elastic trials: with min_workers set, a trial runs on as few as min_workers ranks when
+    # `workers` do not fit (a node lost, none coming back) and grows back when they do (Ray
+    # Train's ScalingConfig(num_workers=(min, max))).
+    min_workers: Optional[int] = Field(None, ge=1)
+    # How long a trial waits for its worker group to be placed (all `workers`, or min_workers)
+    # before it fails: Ray Train itself would retry for ever.
+    worker_wait_s: float = Field(600.0, gt=0)
+    # Ray's placement strategy for a trial's workers: strict-spread puts each rank on a node of
+    # its own (DDP across nodes), pack (Ray Train's default) as few nodes as fit.
+    placement: Literal["pack", "spread", "strict-pack", "strict-spread"] = "pack"
+    # The network interface the process group (gloo, NCCL) uses on every node; by default each
+    # rank uses the interface holding its node's Ray address, unless GLOO_SOCKET_IFNAME /
+    # NCCL_SOCKET_IFNAME are set on the workers.
+    socket_ifname: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.:@-]+(,[A-Za-z0-9_.:@-]+)*$")
 
     @model_validator(mode="after")
     def _fractional_only_alone(self) -> "ResourcesSection":
         # Fractional GPUs inside one DDP group hit NCCL "Duplicate GPU detected" (DESIGN).
         if self.workers > 1 and 0 < self.gpus_per_worker < 1:
             raise ValueError("fractional gpus_per_worker only works with workers: 1")
+        if self.min_workers is not None and self.min_workers > self.workers:
+            raise ValueError(f"min_workers ({self.min_workers}) is more than workers ({self.workers})")
         return self
+
+    @property
+    def fewest_workers(self) -> int:
+        """The ranks a trial needs to run at all: min_workers for an elastic trial."""
+        return self.min_workers or self.workers
 
 
 class TrackingSection(_Strict):

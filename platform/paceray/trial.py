@@ -16,36 +16,53 @@ from paceray.protocol import FAILURE_KEY, STEP_KEY, CheckpointFallback, Trainabl
 from paceray.spec import ResourcesSection
 
 
+PLACEMENT_KEY = "paceray_placement"  # in rank 0's return value: where each rank ran
+PLACEMENT_TAG = "paceray.placement"  # on the trial's run: that, as JSON
+NODES_TAG = "paceray.nodes"  # on the trial's run: how many nodes its ranks ran on
+PLACEMENT_STRATEGIES = {"pack": "PACK", "spread": "SPREAD", "strict-pack": "STRICT_PACK",
+                        "strict-spread": "STRICT_SPREAD"}
+# Ray Train's own wait for a worker group's placement, per try (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S).
+GROUP_START_TIMEOUT_ENV, GROUP_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0
+RESIZE_INTERVAL_ENV = "PACERAY_ELASTIC_RESIZE_INTERVAL"  # s between an elastic trial's looks for more workers
+
+
 def trainer_for(trainable: Trainable, config: dict, context: TrialContext, resources: ResourcesSection,
                 storage_path: Path, name: str, mode: str, callbacks: Optional[list] = None):
     """A TorchTrainer for one trial; `fit()` it to run (or resume) the trial. The config goes to
     the workers as the trial's config alone; the context travels beside it, as its own argument."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
 
-    from paceray.ray_internals import torch_trainer_class
+    from paceray.ray_internals import node_aware_torch_config, torch_trainer_class
 
     loop = trainable.train_loop  # a module-level function: pickled by reference, imported on the worker
 
     def train_loop_per_worker(trial_config: dict) -> Optional[dict]:
+        placement = _placement()
         loop(trial_config, context)
         # Rank 0's return value is the Result's: an in-band failure reaches the platform this way
         # (Ray Train V2's Result.metrics holds only reports that carried a checkpoint).
-        return {FAILURE_KEY: context.failed} if context.failed else None
+        return {FAILURE_KEY: context.failed, PLACEMENT_KEY: placement}
 
     use_gpu = resources.gpus_per_worker > 0
     per_worker = {"CPU": resources.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
+    elastic = resources.min_workers is not None
+    scaling = ScalingConfig(num_workers=(resources.min_workers, resources.workers) if elastic else resources.workers,
+                            use_gpu=use_gpu, resources_per_worker=per_worker,
+                            placement_strategy=PLACEMENT_STRATEGIES[resources.placement])
+    if elastic and os.environ.get(RESIZE_INTERVAL_ENV):
+        scaling.elastic_resize_monitor_interval_s = float(os.environ[RESIZE_INTERVAL_ENV])
     return torch_trainer_class()(
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        torch_config=node_aware_torch_config("nccl" if use_gpu else "gloo", resources.socket_ifname),
+        scaling_config=scaling,
         run_config=RunConfig(
             name=name,
             storage_path=str(storage_path),
-            failure_config=FailureConfig(max_failures=resources.max_failures),
+            failure_config=FailureConfig(max_failures=resources.max_failures,
+                                         controller_failure_limit=_group_start_retries(resources.worker_wait_s)),
             # Ray keeps the latest checkpoint besides the best K by the search metric.
             checkpoint_config=CheckpointConfig(num_to_keep=trainable.checkpoints_to_keep(config),
                                                checkpoint_score_attribute=context.metric,
@@ -53,6 +70,58 @@ def trainer_for(trainable: Trainable, config: dict, context: TrialContext, resou
             callbacks=callbacks or [],
         ),
     )
+
+
+def _group_start_retries(wait_s: float) -> int:
+    """Ray Train's controller_failure_limit for a trial that may wait `wait_s` seconds for its
+    worker group: each failed try to place the group lasts Ray's group-start timeout, and its
+    default limit (-1) retries for ever, so a trial whose nodes are gone would never end."""
+    import math
+
+    per_try = float(os.environ.get(GROUP_START_TIMEOUT_ENV, GROUP_START_TIMEOUT))
+    return max(0, math.ceil(wait_s / per_try) - 1)
+
+
+def _placement() -> list[dict]:
+    """On every rank, as its worker group starts: every rank's node (id and address), gathered
+    to each rank; rank 0 says it in the worker log."""
+    import ray
+    import ray.train
+    import torch.distributed as dist
+
+    me = {"rank": ray.train.get_context().get_world_rank(), "node_id": ray.get_runtime_context().get_node_id(),
+          "ip": ray.util.get_node_ip_address()}
+    ranks = [me]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, me)
+    if me["rank"] == 0:
+        nodes = sorted({r["ip"] for r in ranks})
+        print(f"paceray: {len(ranks)} rank(s) on {len(nodes)} node(s): "
+              + ", ".join(f"rank {r['rank']} on {r['ip']}" for r in ranks), flush=True)
+    return ranks
+
+
+def placement_failure(error: BaseException, resources: ResourcesSection) -> Optional[str]:
+    """One line for a trial Ray Train gave up placing (its worker group never started within
+    resources.worker_wait_s), or None for any other failure. Ray's own message starts with the
+    heading "Training failed due to controller error:" and runs to a paragraph."""
+    if "worker group startup timed out" not in str(error):
+        return None
+    need = f"{resources.fewest_workers} worker(s) × {resources.cpus_per_worker:g} CPU" + (
+        f" + {resources.gpus_per_worker:g} GPU" if resources.gpus_per_worker else "")
+    return (f"its worker group ({need}) could not be placed within resources.worker_wait_s "
+            f"({resources.worker_wait_s:g} s): the cluster lacks the resources (a node lost, or not yet added)")
+
+
+def placement_tags(result) -> dict[str, str]:
+    """The run's tags for where the trial's last worker group ran (from rank 0's return value)."""
+    import json
+
+    ranks = (getattr(result, "return_value", None) or {}).get(PLACEMENT_KEY) if result is not None else None
+    if not ranks:
+        return {}
+    return {PLACEMENT_TAG: json.dumps(ranks)[:5000], NODES_TAG: str(len({r["node_id"] for r in ranks}))}
 
 
 def trial_storage(run_dir: Path) -> Path:

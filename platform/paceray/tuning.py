@@ -21,7 +21,7 @@ from paceray.protocol import STEP_KEY, TrialContext, failure_of
 from paceray.ray_internals import tune_stop_flag
 from paceray.runs import Run
 from paceray.spec import LoadedSpec, ResourcesSection, flatten, set_path
-from paceray.trial import resume_point, trainer_for, trial_storage
+from paceray.trial import placement_failure, placement_tags, resume_point, trainer_for, trial_storage
 
 
 def param_space(loaded: LoadedSpec, algorithm: str, points: list) -> dict:
@@ -67,18 +67,20 @@ def max_concurrent(loaded: LoadedSpec, cluster: dict[str, float]) -> int:
     """Trials whose training workers fit in the cluster at once.
 
     The workers' placement group is invisible to Tune, so without this cap Tune starts more trials
-    than there are workers for and they wait forever (WorkerGroupStartupTimeoutError).
+    than there are workers for and they wait forever (WorkerGroupStartupTimeoutError). An
+    elastic trial (resources.min_workers) counts at its minimum: it runs on what is left.
     """
     r = loaded.spec.resources
     fits = []
-    cpu_need = r.workers * r.cpus_per_worker + r.trial_cpus
+    workers = r.fewest_workers
+    cpu_need = workers * r.cpus_per_worker + r.trial_cpus
     fits.append(math.floor(cluster.get("CPU", 0) / cpu_need + 1e-9) if cpu_need else 10**6)
     if r.gpus_per_worker:
-        fits.append(math.floor(cluster.get("GPU", 0) / (r.workers * r.gpus_per_worker) + 1e-9))
+        fits.append(math.floor(cluster.get("GPU", 0) / (workers * r.gpus_per_worker) + 1e-9))
     n = min(fits)
     if n < 1:
         have = ", ".join(f"{k}={v:g}" for k, v in sorted(cluster.items()) if k in ("CPU", "GPU"))
-        raise PacerayError(f"{loaded.spec.path}: resources: one trial needs {r.workers} worker(s) × "
+        raise PacerayError(f"{loaded.spec.path}: resources: one trial needs {workers} worker(s) × "
                            f"{r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU but the cluster has {have}")
     if loaded.spec.tune.max_concurrent:
         n = min(n, loaded.spec.tune.max_concurrent)
@@ -199,16 +201,17 @@ def run_trial(config: dict, search: SearchContext) -> None:
             # Tune stopped this trial (a scheduler's decision) and its Train controller died with
             # it: not a failure. The search driver marks the run KILLED from Tune's own result.
             raise
-        run.end_and_say("FAILED", str(e))
+        run.end_and_say("FAILED", placement_failure(e, ResourcesSection(**search.resources)) or str(e))
         raise
     reason = failure_of(result)
     if reason:  # the trainable ended its trial as failed, in-band (e.g. a NaN loss): Tune sees an error
         run.end_and_say("FAILED", reason)
         raise TrialFailed(reason)
     if not already_finished:
-        run.end_and_say("FINISHED")
+        run.end_and_say("FINISHED", tags=placement_tags(result))
 
 
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's resource of the head node alone
 RUN_START_TIMEOUT_ENV = "PACERAY_RUN_START_TIMEOUT"  # s a trial waits for MLflow to give it its run
 RUN_START_TIMEOUT = 900.0
 
@@ -272,6 +275,9 @@ def build_tuner(loaded: LoadedSpec, context: SearchContext, concurrent: int, tun
     # The trial function only waits on its TorchTrainer. Tune refuses an empty bundle, so a
     # zero-CPU trial asks for a token of memory instead of a CPU its workers would then lack.
     trial_bundle = {"CPU": trial_cpus} if trial_cpus > 0 else {"CPU": 0, "memory": 2**20}
+    # On the head: the trial's process hosts its Train controller (Ray places it on the node of
+    # the process that calls fit()), so a worker node lost takes only worker ranks with it.
+    trial_bundle[HEAD_RESOURCE] = 0.001
     trainable = tune.with_resources(tune.with_parameters(run_trial, search=context), trial_bundle)
     t = loaded.spec.tune
     if tuner_path is not None:

@@ -15,7 +15,7 @@ from paceray.paths import storage_root
 from paceray.protocol import CheckpointFallback, TrialContext, failure_of
 from paceray.runs import Run
 from paceray.spec import flatten, load, parse_overrides
-from paceray.trial import trainer_for, trial_storage
+from paceray.trial import placement_failure, placement_tags, trainer_for, trial_storage
 
 
 def _pointer(run_dir: Path, name: str) -> Path:
@@ -75,6 +75,7 @@ def _locked(loaded, rd: Path, storage: Path, external: Optional[str], previous: 
     spec = loaded.spec
     where = raycluster.connect(address)
     try:
+        raycluster.check_tracking_reach(external)
         with mlflow_server.tracking_session(rd, external) as uri:
             print(f"paceray train {spec.name}: {where}; MLflow at {uri}", flush=True)
             if previous:
@@ -104,14 +105,15 @@ def _fit(loaded, rd: Path, storage: Path, run: Run, trial_id: str, fallback: Opt
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps the worker's error; the run must not stay RUNNING
-        run.end_and_say("FAILED", str(e))
-        raise PacerayError(f"trial {trial_id} failed: {str(e).splitlines()[0][:300]} "
+        why = placement_failure(e, loaded.spec.resources)
+        run.end_and_say("FAILED", why or str(e))
+        raise PacerayError(f"trial {trial_id} failed: {why or str(e).splitlines()[0][:300]} "
                            f"(details: {trial_storage(rd) / trial_id}; resume with --resume)") from e
     reason = failure_of(result)
     if reason:  # the trainable ended the trial as failed, in-band, and said why
         run.end_and_say("FAILED", reason)
         raise PacerayError(f"trial {trial_id} failed: {reason}")
-    run.end_and_say("FINISHED")
+    run.end_and_say("FINISHED", tags=placement_tags(result))
     return result
 
 

@@ -55,6 +55,7 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
     lock.enter_context(command_lock.held(state_path.parent, f"the search {spec.name!r} under {rd}"))
     try:
         where = raycluster.connect(address)
+        raycluster.check_tracking_reach(external)
         worker_log = None if verbose else _divert_worker_logs(state_path.parent / "workers.log")
         # A trial that cannot fit the cluster fails here, before anything is written.
         concurrent = tuning.max_concurrent(loaded, raycluster.cluster_resources())
