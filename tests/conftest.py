@@ -452,6 +452,10 @@ def pytest_collection_modifyitems(session, config, items):
 
 def pytest_runtest_setup(item):
     if item.get_closest_marker("own_ray") is not None:
+        # An own-Ray test may compare with a prelaunched command's result: that one ends first.
+        for name in _prelaunched_names(item):
+            if Prelaunch.instance is not None:
+                Prelaunch.instance.futures[name].exception()  # waits; its fixture re-raises what it raised
         shut_shared()  # this test starts a Ray of its own: never two at once
 
 

@@ -32,15 +32,15 @@ def embedded_store(run_dir: Path) -> tuple[str, Path]:
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
-def server_argv(run_dir: Path, port: int, *options: str) -> list[str]:
-    """`mlflow server` on 127.0.0.1 over the embedded store, run through `paceray.supervise`: the
-    server leaves children behind after SIGTERM, the supervisor ends its whole process group
-    when told to stop or when its parent dies, even by SIGKILL."""
+def server_argv(run_dir: Path, port: int, *options: str, host: str = "127.0.0.1") -> list[str]:
+    """`mlflow server` on `host` (loopback by default) over the embedded store, run through
+    `paceray.supervise`: the server leaves children behind after SIGTERM, the supervisor ends its
+    whole process group when told to stop or when its parent dies, even by SIGKILL."""
     backend, artifacts = embedded_store(run_dir)
     # Artifacts as plain files under the run directory: every process of a local run shares that
     # disk, and `paceray report` / tests can read them without a server.
     return [sys.executable, "-m", "paceray.supervise", sys.executable, "-m", "mlflow", "server",
-            "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", backend,
+            "--host", host, "--port", str(port), "--backend-store-uri", backend,
             "--no-serve-artifacts", "--default-artifact-root", str(artifacts), *options]
 
 
@@ -138,14 +138,15 @@ class LocalServer:
     """`mlflow server` on 127.0.0.1 in front of the embedded SQLite store, run by `paceray.supervise`
     (see server_argv), which owns ending the server's whole process group."""
 
-    def __init__(self, run_dir: Path, port: Optional[int] = None):
+    def __init__(self, run_dir: Path, port: Optional[int] = None, host: str = "127.0.0.1"):
         self.run_dir = run_dir
+        self.host = host  # another address only where other machines must reach it, behind auth
         self.port = port or free_port()
         self.proc: Optional[subprocess.Popen] = None
 
     @property
     def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 180.0) -> "LocalServer":
         backend, _ = embedded_store(self.run_dir)
@@ -154,7 +155,7 @@ class LocalServer:
         # supervisor process and no second copy of MLflow's app to import (a start took 22 CPU-s
         # with 2 workers, 14 with 1); requests still run concurrently in its thread pool, and one
         # process is all that ever writes the SQLite file.
-        self.proc = subprocess.Popen(server_argv(self.run_dir, self.port, "--workers", "1"), stdout=log,
+        self.proc = subprocess.Popen(server_argv(self.run_dir, self.port, "--workers", "1", host=self.host), stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True, cwd=self.run_dir,
                                      env={**os.environ, **SERVER_ENV})
         deadline = time.monotonic() + timeout

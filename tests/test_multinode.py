@@ -1,0 +1,159 @@
+"""Past one machine: a real multi-node Ray cluster (tests/nodes.py: a head, a worker node in a
+network namespace on an address of its own), `ray job submit` of a search whose DDP trial spans
+both nodes, and a node lost mid-trial (an elastic trial finishes, a fixed one fails in bounded
+time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (REPO, experiment_runs, history, kill_session, start_paceray, tiny_base,
+                      registered_checkpoint_step, write_spec)
+from nodes import Nodes
+from paceray.mlflow_server import LocalServer
+from paceray.trial import NODES_TAG, PLACEMENT_TAG
+from test_train_e2e import STEPS, TWO_WORKER_BASE, two_worker_trial  # noqa: F401 (the fixture, prelaunched once)
+
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
+
+
+class Cluster:
+    """The module's cluster: a head and one worker node (1 CPU each), and an MLflow server on the
+    head's cluster address, which every node reaches."""
+
+    def __init__(self, root: Path):
+        self.nodes = Nodes(head_cpus=1)
+        try:
+            self.node = self.nodes.add_node(cpus=1)
+            (root / "mlflow").mkdir()
+            self.server = LocalServer(root / "mlflow", host=self.nodes.head_ip).start()
+        except BaseException:
+            self.nodes.stop()
+            raise
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.server.uri)
+
+    def args(self) -> list[str]:
+        return ["--tracking-uri", self.server.uri, "--address", self.nodes.address]
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.nodes.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(storage, tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("multinode"))
+    yield c
+    c.stop()
+
+
+def only_run(cluster: Cluster, experiment: str):
+    exp = cluster.client().get_experiment_by_name(experiment)
+    runs = cluster.client().search_runs([exp.experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def test_ray_job_submit_runs_a_search_whose_ddp_trial_spans_two_nodes(cluster, two_worker_trial, tmp_path):
+    """`ray job submit` to the multi-node head: a search whose one trial has two gloo ranks, one
+    per node (strict-spread); its FID equals the same trial's on one node (the shared cluster's
+    two-worker `paceray train`, the same config and seed)."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    spec = write_spec(tmp_path / "span.yaml", "span", TWO_WORKER_BASE,
+                      resources={"workers": 2, "cpus_per_worker": 1, "placement": "strict-spread"})
+    runtime_env = {"env_vars": {"PACERAY_STORAGE": os.environ["PACERAY_STORAGE"]}}
+    argv = [ray_bin, "job", "submit", "--address", cluster.nodes.jobs_address, "--working-dir", str(REPO),
+            "--runtime-env-json", json.dumps(runtime_env), "--",
+            "paceray", "tune", str(spec), "--run-dir", str(tmp_path / "runs"), "--tracking-uri", cluster.server.uri]
+    deadline = time.monotonic() + 120
+    # The head's job agent comes up a while after its dashboard answers: Ray says to try again.
+    while "No available agent to submit job" in (submit := subprocess.run(
+            argv, capture_output=True, text=True, timeout=900, env={**os.environ, **cluster.nodes.env})).stderr:
+        assert time.monotonic() < deadline, submit.stderr[-2000:] + cluster.nodes.head_logs()
+        time.sleep(2)
+    assert submit.returncode == 0 and "succeeded" in submit.stdout.lower(), submit.stdout[-5000:] + submit.stderr[-3000:]
+    exp = cluster.client().get_experiment_by_name("span")
+    trials = [r for r in cluster.client().search_runs([exp.experiment_id]) if r.data.tags.get("paceray.kind") == "trial"]
+    assert len(trials) == 1 and trials[0].info.status == "FINISHED"
+    run = trials[0]
+    ranks = json.loads(run.data.tags[PLACEMENT_TAG])
+    assert sorted(p["rank"] for p in ranks) == [0, 1]
+    assert len({p["node_id"] for p in ranks}) == 2 and run.data.tags[NODES_TAG] == "2"
+    if cluster.nodes.isolated:  # the ranks talked across two addresses (gloo on each node's own interface)
+        assert {p["ip"] for p in ranks} == {cluster.nodes.head_ip, cluster.node.ip}
+    workers_log = (tmp_path / "runs/searches/span/workers.log").read_text()
+    assert "2 rank(s) on 2 node(s)" in workers_log
+    _, _, shared = two_worker_trial
+    client, runs = experiment_runs(shared, "two-workers")
+    one_node = dict(history(client, runs[0].info.run_id, "eval/fid"))[STEPS]
+    two_nodes = dict(history(cluster.client(), run.info.run_id, "eval/fid"))[STEPS]
+    assert two_nodes == pytest.approx(one_node, rel=1e-6, abs=1e-6)
+
+
+def test_a_lost_node_an_elastic_trial_finishes_on_the_rest_a_fixed_one_fails_in_bounded_time(cluster, tmp_path):
+    """A two-worker trial (min_workers 1) across the head and the worker node; the node SIGKILLed
+    after the first checkpoint was registered, and never back: the trial resumes from that
+    checkpoint on the head alone, in the same run, every step logged once. The same trial without
+    min_workers, started once the node is gone, cannot be placed: Ray Train alone would retry for
+    ever; it fails in one line after resources.worker_wait_s. (The module's last test: its node
+    stays dead.)"""
+    base = tiny_base(train={"steps": 80, "log_every": 5}, eval={"every": 20, "fid_samples": 32})
+    resources = {"workers": 2, "cpus_per_worker": 1, "max_failures": 3}
+    elastic = write_spec(tmp_path / "el.yaml", "elastic", base, resources={**resources, "min_workers": 1})
+    fixed = write_spec(tmp_path / "fixed.yaml", "fixed", base, resources={**resources, "worker_wait_s": 10})
+    env = {**cluster.nodes.command_env(), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5",
+           "PACERAY_ELASTIC_RESIZE_INTERVAL": "5"}
+    run_dir = tmp_path / "runs"
+    proc = start_paceray("train", elastic, "--run-dir", run_dir, *cluster.args(), log=tmp_path / "elastic.log", env=env)
+    other = None
+    try:
+        # An elastic trial starts on what Ray reports free at that moment, so it may start on the
+        # head alone and grow at its next resize check (5 s here): the kill waits for a checkpoint
+        # the two-node group registered.
+        deadline = time.monotonic() + 300
+        while "2 rank(s) on 2 node(s)" not in proc.output():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.output()[-3000:]
+            time.sleep(0.2)
+        before = registered_checkpoint_step(run_dir) or 0
+        while (step := registered_checkpoint_step(run_dir) or 0) <= before:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.output()[-3000:]
+            time.sleep(0.2)
+        cluster.nodes.kill_node(cluster.node)
+        started = time.monotonic()
+        other = start_paceray("train", fixed, "--run-dir", tmp_path / "fixed-runs", *cluster.args(),
+                              log=tmp_path / "fixed.log", env=env)
+        fixed_out = other.finish(timeout=300)
+        took = time.monotonic() - started
+        out = proc.finish(timeout=900)
+    finally:
+        for p in (proc, other):
+            if p is not None and p.poll() is None:
+                kill_session(p.pid)
+    # the fixed trial: one line, its run FAILED, in bounded time
+    assert other.returncode != 0
+    errors = [line for line in fixed_out.splitlines() if line.startswith("paceray: error:")]
+    assert len(errors) == 1 and errors[0].startswith("paceray: error: trial fixed-") and \
+        "could not be placed within resources.worker_wait_s (10 s)" in errors[0], fixed_out[-3000:]
+    assert took < 120, took
+    assert only_run(cluster, "fixed").info.status == "FAILED"
+    # the elastic trial: resumed on the head alone, finished, every step once
+    assert proc.returncode == 0, out[-5000:]
+    assert "resumed from the checkpoint at step" in out, out[-3000:]
+    run = only_run(cluster, "elastic")
+    assert run.info.status == "FINISHED"
+    ranks = json.loads(run.data.tags[PLACEMENT_TAG])
+    assert len(ranks) == 1 and run.data.tags[NODES_TAG] == "1"  # it finished on the head alone
+    losses = [s for s, _ in history(cluster.client(), run.info.run_id, "train/loss")]
+    assert losses == list(range(5, 81, 5)), losses  # every step once, none twice
+    assert step >= 20
