@@ -313,3 +313,31 @@ def test_report_html_has_no_importance_below_eight_finished_trials(quick, tmp_pa
     text = out.read_text()
     assert _sections(text)[-2:] == ["importance", "trials"]
     assert "fANOVA" not in text and "at least 8 finished trials" in text
+
+
+def test_a_schedule_plot_that_fails_does_not_fail_the_finished_trial(monkeypatch, capsys):
+    """The five-kills test once failed a trial that had trained to its end on the plot alone."""
+    from trainables.denoiser import reporting
+
+    class Run:
+        logged, closed = [], False
+
+        def log_dict(self, data, name):
+            self.logged.append(name)
+
+        def log_figure(self, fig, name):
+            self.logged.append(name)
+
+        def close(self):
+            Run.closed = True
+
+    def broken(history, sampler):
+        raise ValueError("'x' has size 9, but 'y2' has an unequal size of 10")
+
+    monkeypatch.setattr(reporting, "schedule_figure", broken)
+    monkeypatch.setattr(reporting, "schedule_json", lambda sampler: {})
+    log = object.__new__(reporting.TrialLog)
+    log.run, log.trial, log.sampler, log.console = Run(), "t1", None, False
+    log.finish()
+    assert Run.logged == ["curriculum/schedule.json"] and Run.closed
+    assert "[t1] warning: curriculum/schedule.png skipped: ValueError: 'x' has size 9" in capsys.readouterr().err

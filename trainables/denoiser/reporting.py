@@ -97,9 +97,14 @@ class TrialLog:
         if not self.run:
             return
         self.run.log_dict(schedule_json(self.sampler), "curriculum/schedule.json")
-        fig = schedule_figure(self.history, self.sampler)
-        if fig is not None:
-            self.run.log_figure(fig, "curriculum/schedule.png")
+        try:
+            fig = schedule_figure(self.history, self.sampler)
+            if fig is not None:
+                self.run.log_figure(fig, "curriculum/schedule.png")
+        except Exception as e:  # a picture must never fail a trial that trained to its end
+            sys.stderr.write(f"[{self.trial}] warning: curriculum/schedule.png skipped: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}\n")
+            sys.stderr.flush()
         self.close()
 
     def close(self) -> None:
