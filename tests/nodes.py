@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conftest import kill_session
+from paceray.ray_internals import SINGLE_NODE_ENV
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -82,6 +83,9 @@ class Nodes:
         self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0",
                     "OMP_NUM_THREADS": "1",
+                    # A cluster, whatever an in-process local instance of an earlier test left in
+                    # os.environ (it says single-node, and Ray's workers then call their address 127.0.0.1).
+                    SINGLE_NODE_ENV: "1",
                     # A node lost is seen in ~3 s, not Ray's ~30 s (its GCS health check, read at `ray start`).
                     "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
                     "RAY_health_check_failure_threshold": "3", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
