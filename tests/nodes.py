@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conftest import kill_session
-from paceray.ray_internals import SINGLE_NODE_ENV
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -66,6 +65,14 @@ class Node:
         return self.proc.poll() is None
 
 
+def _inherited_env() -> dict[str, str]:
+    """This process's environment less what would pin every node to one interface: a node's
+    process group must choose its own (paceray.ray_internals.choose_socket_ifname)."""
+    from paceray.ray_internals import SOCKET_IFNAME_VARS
+
+    return {k: v for k, v in os.environ.items() if k not in SOCKET_IFNAME_VARS}
+
+
 class Nodes:
     """A head and the worker nodes added to it; `stop()` ends them all and removes the network."""
 
@@ -83,9 +90,6 @@ class Nodes:
         self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0",
                     "OMP_NUM_THREADS": "1",
-                    # A cluster, whatever an in-process local instance of an earlier test left in
-                    # os.environ (it says single-node, and Ray's workers then call their address 127.0.0.1).
-                    SINGLE_NODE_ENV: "1",
                     # A node lost is seen in ~3 s, not Ray's ~30 s (its GCS health check, read at `ray start`).
                     "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
                     "RAY_health_check_failure_threshold": "3", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -128,7 +132,7 @@ class Nodes:
         if netns:
             argv = ["ip", "netns", "exec", netns, *argv]
         proc = subprocess.Popen(argv, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **self.env})
+                                env={**_inherited_env(), **self.env})
         return Node(ip, proc, netns, log)
 
     def add_node(self, cpus: float = 1) -> Node:

@@ -16,15 +16,21 @@ from paceray.spec import ResourcesSection
 
 @pytest.fixture
 def clean_ifname_env(monkeypatch):
+    """The interface variables unset, and unset again afterwards: choose_socket_ifname writes
+    os.environ itself, and a `lo` left there reaches every Ray node a later test starts (its
+    gloo then advertises loopback to other nodes)."""
     for var in ray_internals.SOCKET_IFNAME_VARS:
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")  # recorded first, so teardown restores what was there
+        monkeypatch.delenv(var)
     return monkeypatch
 
 
 def test_the_process_group_uses_the_interface_of_the_node_address(clean_ifname_env):
     import os
 
-    clean_ifname_env.setattr(ray_internals, "node_address", lambda: "127.0.0.1")
+    import ray.util
+
+    clean_ifname_env.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
     assert ray_internals.choose_socket_ifname(None) == "lo"
     assert all(os.environ[v] == "lo" for v in ray_internals.SOCKET_IFNAME_VARS)
 
@@ -32,7 +38,9 @@ def test_the_process_group_uses_the_interface_of_the_node_address(clean_ifname_e
 def test_a_users_interface_on_the_node_wins_over_the_guess_and_the_spec_over_both(clean_ifname_env):
     import os
 
-    clean_ifname_env.setattr(ray_internals, "node_address", lambda: "127.0.0.1")
+    import ray.util
+
+    clean_ifname_env.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
     clean_ifname_env.setenv("GLOO_SOCKET_IFNAME", "eth7")
     ray_internals.choose_socket_ifname(None)
     assert os.environ["GLOO_SOCKET_IFNAME"] == "eth7" and os.environ["NCCL_SOCKET_IFNAME"] == "lo"
@@ -43,7 +51,9 @@ def test_a_users_interface_on_the_node_wins_over_the_guess_and_the_spec_over_bot
 def test_an_address_on_no_local_interface_leaves_the_choice_to_gloo_and_nccl(clean_ifname_env):
     import os
 
-    clean_ifname_env.setattr(ray_internals, "node_address", lambda: "203.0.113.9")  # TEST-NET-3: nobody's
+    import ray.util
+
+    clean_ifname_env.setattr(ray.util, "get_node_ip_address", lambda: "203.0.113.9")  # TEST-NET-3: nobody's
     assert ray_internals.choose_socket_ifname(None) is None
     assert not any(os.environ.get(v) for v in ray_internals.SOCKET_IFNAME_VARS)
 

@@ -99,16 +99,6 @@ def node_aware_torch_config(backend: str, socket_ifname: Optional[str]):
     return NodeAwareTorchConfig(backend=backend, socket_ifname=socket_ifname)
 
 
-def node_address() -> Optional[str]:
-    """On a Ray worker: the address its node joined the cluster with, from the GCS.
-    `ray.util.get_node_ip_address()` answers 127.0.0.1 in a worker whose environment says
-    single-node (the variable a local instance's driver sets), whatever its node's address."""
-    import ray
-
-    node_id = ray.get_runtime_context().get_node_id()
-    return next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), None)
-
-
 def choose_socket_ifname(configured: Optional[str]) -> Optional[str]:
     """On a training worker: set the process group's interface variables (see
     node_aware_torch_config); the interface chosen, or None when the node address is on no
@@ -116,11 +106,12 @@ def choose_socket_ifname(configured: Optional[str]) -> Optional[str]:
     import os
 
     import psutil
+    import ray
 
     if configured:
         chosen = configured
     else:
-        address = node_address()
+        address = ray.util.get_node_ip_address()
         chosen = next((name for name, addrs in psutil.net_if_addrs().items()
                        if any(a.address == address for a in addrs)), None)
     for var in SOCKET_IFNAME_VARS:
