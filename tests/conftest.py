@@ -213,6 +213,7 @@ class SharedCluster:
     loopback) and a real `mlflow server` (SQLite) for the tests that can share them."""
 
     instance: "SharedCluster | None" = None
+    stores_left: list[Path] = []  # the stopped clusters' folders, holding only their MLflow store
 
     def __init__(self):
         import secrets
@@ -347,7 +348,12 @@ class SharedCluster:
         # process groups of their own, so a group signal would miss them).
         kill_session(self.head.pid)
         self.head.wait(timeout=30)
-        shutil.rmtree(self.temp, ignore_errors=True)
+        # The store stays readable (client() reads its SQLite file) until the session ends: an
+        # own-Ray test, which runs after this stop, may compare with a shared trial's metrics.
+        for child in self.temp.iterdir():
+            if child.name != "mlflow":
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        SharedCluster.stores_left.append(self.temp)
 
     @classmethod
     def get(cls) -> "SharedCluster":
@@ -465,4 +471,8 @@ def shut_shared() -> None:
 
 
 def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
     shut_shared()
+    for folder in SharedCluster.stores_left:
+        shutil.rmtree(folder, ignore_errors=True)
