@@ -133,3 +133,41 @@ def test_a_worker_group_never_placed_is_one_line_naming_the_wait():
     assert line.startswith("its worker group (3 worker(s) × 1 CPU) could not be placed within resources.worker_wait_s (20 s)")
     assert "\n" not in line
     assert trial.placement_failure(RuntimeError("ValueError: a worker's own error"), ResourcesSection()) is None
+
+
+HEAD = {"Alive": True, "Resources": {"CPU": 4.0, "node:__internal_head__": 1.0}}
+
+
+@pytest.mark.parametrize("added, max_cluster, expected, source", [
+    (None, None, {"CPU": 4.0}, raycluster.PRESENT),
+    (None, {"CPU": 12, "GPU": 8}, {"CPU": 12.0, "GPU": 8.0}, "resources.max_cluster"),
+    ({"CPU": 32.0, "GPU": 4.0}, {"GPU": 1}, {"CPU": 36.0, "GPU": 4.0}, "the autoscaler's maximum"),
+    (None, {"CPU": 2}, {"CPU": 4.0}, "resources.max_cluster"),  # never less than what is present
+])
+def test_an_autoscaling_cluster_is_sized_by_what_it_can_grow_to(monkeypatch, added, max_cluster, expected, source):
+    """The autoscaler's maximum (the head's resources plus what it can add) wins over the spec's
+    max_cluster, which wins over the resources present; none is taken below what is present."""
+    import ray
+
+    from paceray import ray_internals
+
+    monkeypatch.setattr(raycluster, "cluster_resources", lambda: {"CPU": 4.0, "memory": 1e9})
+    monkeypatch.setattr(ray_internals, "autoscaler_max_resources", lambda: added)
+    monkeypatch.setattr(ray, "nodes", lambda: [HEAD, {"Alive": True, "Resources": {"CPU": 8.0}}])
+    capacity, said = raycluster.cluster_capacity(max_cluster)
+    assert {k: v for k, v in capacity.items() if k in ("CPU", "GPU") and v} == expected and said == source
+
+
+def test_a_gpu_trial_on_a_cluster_with_no_gpu_yet_says_how_to_size_it(tmp_path):
+    from paceray.spec import load
+    from paceray.tuning import max_concurrent
+
+    p = tmp_path / "s.yaml"
+    p.write_text("name: s\ntrainable: denoiser\nresources: {workers: 2, gpus_per_worker: 1}\n")
+    with pytest.raises(PacerayError, match="set resources.max_cluster") as e:
+        max_concurrent(load(p), {"CPU": 4}, raycluster.PRESENT)
+    assert "\n" not in str(e.value)
+    assert max_concurrent(load(p), {"CPU": 16, "GPU": 8}, "resources.max_cluster") == 4
+    p.write_text("name: s\ntrainable: denoiser\nresources: {workers: 2, gpus_per_worker: 1, max_cluster: {TPU: 4}}\n")
+    with pytest.raises(PacerayError, match="max_cluster"):
+        load(p)

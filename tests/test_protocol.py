@@ -176,3 +176,16 @@ def test_the_checkpoint_snapshot_names_paceray_reads_are_still_there():
 
     assert constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME == CHECKPOINT_SNAPSHOT
     assert issubclass(unreadable_snapshot_error(), Exception)
+
+
+def test_the_autoscaler_maximum_paceray_reads_is_still_where_ray_train_reads_it():
+    """ray_internals.autoscaler_max_resources reads what Ray Train's worker group checks a
+    placement against; if Ray moves it, a search on an autoscaling cluster would be sized by the
+    resources present."""
+    import inspect
+
+    from ray._private.state import GlobalState
+    from ray.train.v2._internal.execution.worker_group import worker_group
+
+    assert callable(GlobalState.get_max_resources_from_cluster_config)
+    assert "get_max_resources_from_cluster_config()" in inspect.getsource(worker_group)

@@ -24,6 +24,10 @@
   backend sets GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME on every worker first
   (`node_aware_torch_config`). Without it, gloo on a node whose hostname resolves to loopback
   advertises 127.0.0.1 to ranks on other nodes ("Gloo connectFullMesh failed").
+- What an autoscaling cluster can grow to: the autoscaler reports its node types' maximum
+  counts to the GCS, and Ray Train reads them back through `ray._private.state`'s
+  `get_max_resources_from_cluster_config` (its worker group's feasibility check); paceray reads
+  the same (`autoscaler_max_resources`) to size a search's concurrency.
 - How Ray Train says its checkpoint snapshot (the list of checkpoints it registered, which it
   rewrites in place) cannot be read: `CheckpointManagerInitializationError`, and the file's name.
 
@@ -68,6 +72,15 @@ def torch_trainer_class():
             return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
 
     return Trainer
+
+
+def autoscaler_max_resources() -> Optional[dict[str, float]]:
+    """The most of each resource the cluster's autoscaler can add (its node types' resources ×
+    their maximum counts; the head's own are not in it); None where no autoscaler reported one."""
+    from ray._private.state import state
+
+    found = state.get_max_resources_from_cluster_config()
+    return {k: float(v) for k, v in found.items()} if found else None
 
 
 SOCKET_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")

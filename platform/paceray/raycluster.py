@@ -154,6 +154,32 @@ def cluster_resources() -> dict:
     return dict(ray.cluster_resources())
 
 
+PRESENT = "the resources present now"
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's resource of the head node alone
+
+
+def cluster_capacity(max_cluster: Optional[dict[str, float]]) -> tuple[dict[str, float], str]:
+    """What a search can count on running its trials with, and where that figure comes from: on
+    an autoscaling cluster, what it can grow to (the head's resources plus the autoscaler's
+    maximum, which Ray reports; else the spec's `resources.max_cluster`), never less than what is
+    present; otherwise what is present. A KubeRay cluster whose GPU workers start from zero has 0
+    GPUs when the search starts."""
+    import ray
+
+    from paceray import ray_internals
+
+    present = cluster_resources()
+    added = ray_internals.autoscaler_max_resources()
+    if added:
+        head = next((n["Resources"] for n in ray.nodes() if n.get("Alive") and HEAD_RESOURCE in n.get("Resources", {})), {})
+        grown, source = {k: head.get(k, 0.0) + added.get(k, 0.0) for k in {*head, *added}}, "the autoscaler's maximum"
+    elif max_cluster:
+        grown, source = dict(max_cluster), "resources.max_cluster"
+    else:
+        return present, PRESENT
+    return {k: max(present.get(k, 0.0), grown.get(k, 0.0)) for k in {*present, *grown}}, source
+
+
 def check_tracking_reach(tracking_uri: Optional[str]) -> None:
     """One line when the cluster's other nodes could not reach the tracking store: the embedded
     store (`tracking_uri` None) and a loopback URI serve this machine only, but a trial's rank 0

@@ -127,6 +127,10 @@ class ResourcesSection(_Strict):
     # rank uses the interface holding its node's Ray address, unless GLOO_SOCKET_IFNAME /
     # NCCL_SOCKET_IFNAME are set on the workers.
     socket_ifname: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.:@-]+(,[A-Za-z0-9_.:@-]+)*$")
+    # What an autoscaling cluster can grow to ({CPU: 64, GPU: 8}), for sizing how many trials run
+    # at once, where Ray does not report the autoscaler's maximum (it does for KubeRay's and Ray's
+    # own autoscaler). Without either, a search is sized by the resources present when it starts.
+    max_cluster: Optional[dict[Literal["CPU", "GPU"], float]] = None
 
     @model_validator(mode="after")
     def _fractional_only_alone(self) -> "ResourcesSection":
@@ -135,6 +139,8 @@ class ResourcesSection(_Strict):
             raise ValueError("fractional gpus_per_worker only works with workers: 1")
         if self.min_workers is not None and self.min_workers > self.workers:
             raise ValueError(f"min_workers ({self.min_workers}) is more than workers ({self.workers})")
+        if self.max_cluster is not None and any(v < 0 for v in self.max_cluster.values()):
+            raise ValueError("max_cluster: amounts must be at least 0")
         return self
 
     @property

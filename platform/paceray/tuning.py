@@ -19,6 +19,7 @@ from paceray.errors import PacerayError
 from paceray.mlflow_server import apply_client_env
 from paceray.protocol import STEP_KEY, TrialContext, failure_of
 from paceray.ray_internals import tune_stop_flag
+from paceray.raycluster import HEAD_RESOURCE, PRESENT
 from paceray.runs import Run
 from paceray.spec import LoadedSpec, ResourcesSection, flatten, set_path
 from paceray.trial import placement_failure, placement_tags, resume_point, trainer_for, trial_storage
@@ -63,8 +64,9 @@ def num_samples(loaded: LoadedSpec, points: list) -> int:
     return loaded.spec.tune.num_samples
 
 
-def max_concurrent(loaded: LoadedSpec, cluster: dict[str, float]) -> int:
-    """Trials whose training workers fit in the cluster at once.
+def max_concurrent(loaded: LoadedSpec, cluster: dict[str, float], source: str = PRESENT) -> int:
+    """Trials whose training workers fit in the cluster at once (`cluster`, which is `source`:
+    raycluster.cluster_capacity).
 
     The workers' placement group is invisible to Tune, so without this cap Tune starts more trials
     than there are workers for and they wait forever (WorkerGroupStartupTimeoutError). An
@@ -80,8 +82,13 @@ def max_concurrent(loaded: LoadedSpec, cluster: dict[str, float]) -> int:
     n = min(fits)
     if n < 1:
         have = ", ".join(f"{k}={v:g}" for k, v in sorted(cluster.items()) if k in ("CPU", "GPU"))
+        if source == PRESENT:
+            has = (f"the cluster has {have} ({PRESENT}; on an autoscaling cluster whose maximum Ray does "
+                   f"not report, set resources.max_cluster)")
+        else:
+            has = f"the cluster can grow to only {have} ({source})"
         raise PacerayError(f"{loaded.spec.path}: resources: one trial needs {workers} worker(s) × "
-                           f"{r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU but the cluster has {have}")
+                           f"{r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU but {has}")
     if loaded.spec.tune.max_concurrent:
         n = min(n, loaded.spec.tune.max_concurrent)
     return n
@@ -211,7 +218,6 @@ def run_trial(config: dict, search: SearchContext) -> None:
         run.end_and_say("FINISHED", tags=placement_tags(result))
 
 
-HEAD_RESOURCE = "node:__internal_head__"  # Ray's resource of the head node alone
 RUN_START_TIMEOUT_ENV = "PACERAY_RUN_START_TIMEOUT"  # s a trial waits for MLflow to give it its run
 RUN_START_TIMEOUT = 900.0
 

@@ -56,9 +56,13 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
     try:
         where = raycluster.connect(address)
         raycluster.check_tracking_reach(external)
-        worker_log = None if verbose else _divert_worker_logs(state_path.parent / "workers.log")
         # A trial that cannot fit the cluster fails here, before anything is written.
-        concurrent = tuning.max_concurrent(loaded, raycluster.cluster_resources())
+        capacity, source = raycluster.cluster_capacity(loaded.spec.resources.max_cluster)
+        concurrent = tuning.max_concurrent(loaded, capacity, source)
+        if source != raycluster.PRESENT:
+            have = ", ".join(f"{k}={capacity[k]:g}" for k in ("CPU", "GPU") if capacity.get(k))
+            print(f"paceray: up to {concurrent} trial(s) at once: the cluster can grow to {have} ({source})", flush=True)
+        worker_log = None if verbose else _divert_worker_logs(state_path.parent / "workers.log")
         if not previous and tuner_dir.exists():
             # A new search must not silently mix with the old one's trials and checkpoints.
             tuner_dir.rename(tuner_dir.with_name(f"{spec.name}.{time.strftime('%Y%m%d-%H%M%S')}"))
