@@ -16,7 +16,8 @@ from packaging.requirements import Requirement
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO_ROOT / "k8s"
-KUSTOMIZATIONS = {"base": K8S_DIR / "base", "gpu": K8S_DIR / "overlays" / "gpu", "dev": K8S_DIR / "overlays" / "dev"}
+KUSTOMIZATIONS = {"base": K8S_DIR / "base", "gpu": K8S_DIR / "overlays" / "gpu", "dev": K8S_DIR / "overlays" / "dev",
+                  "gpu-autoscaling": K8S_DIR / "overlays" / "gpu-autoscaling"}
 KUBERAY_VERSION = "v1.7.0"
 # The oldest Kubernetes minor version the manifests are validated for (kubernetes-validate schemas).
 OLDEST_KUBERNETES = "1.30"

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from k8s_network import (
     KUBE_DNS, NAMESPACE_NAME_LABEL, Destination, egress_allows, egress_policies, egress_rules, ip_block_reaches,
+    selects,
 )
 from k8s_pods import (
     PodTemplate, command_options, describe, env_by_name, is_secret_ref, mlflow_server, objects_of_kind,
@@ -308,15 +309,43 @@ def check_egress_reaches_dependencies(bundle: Bundle) -> list[str]:
 # --- the Kubernetes API and MLflow credentials ---------------------------------------------
 
 
+API_SERVER_PORTS = (443, 6443)  # managed clusters' API server, kubeadm's
+
+
+def _egress_to_an_address_on(objects: list[dict], template, ports: tuple[int, ...]) -> bool:
+    """Does some egress rule of a policy selecting `template` allow an ipBlock on one of `ports`?"""
+    for policy in egress_policies(objects):
+        if not selects(policy, template):
+            continue
+        for rule in egress_rules(policy):
+            if not any("ipBlock" in peer for peer in rule.get("to") or []):
+                continue
+            allowed = rule.get("ports") or []
+            if not allowed or any(e.get("protocol", "TCP") == "TCP" and isinstance(e.get("port"), int)
+                                  and any(e["port"] <= p <= e.get("endPort", e["port"]) for p in ports) for e in allowed):
+                return True
+    return False
+
+
 def check_service_account_tokens_off(bundle: Bundle) -> list[str]:
-    """No pod here calls the Kubernetes API, so none mounts a service account token: a Ray pod
-    (head, worker, submitter) runs user code, and egress reaches no API server either. The
-    in-tree autoscaler would need both."""
-    problems = [f"{t.where}: automountServiceAccountToken must be false (nothing in it calls the API server)"
-                for t in pod_templates(bundle.objects) if t.spec.get("automountServiceAccountToken") is not False]
-    for owner, spec in ray_cluster_specs(bundle.objects):
-        if spec.get("enableInTreeAutoscaling"):
-            problems.append(f"{describe(owner)}: enableInTreeAutoscaling needs the API server, which Ray pods may not reach")
+    """Only KubeRay's in-tree autoscaler calls the Kubernetes API: the head of a cluster with
+    enableInTreeAutoscaling mounts its service account token (the autoscaler sidecar scales the
+    worker groups with it) and an egress policy lets it reach an address on the API server's
+    port. Every other pod (Ray workers, which run user code, the submitter, MLflow, PostgreSQL)
+    mounts none."""
+    autoscaled = {describe(owner) for owner, spec in ray_cluster_specs(bundle.objects) if spec.get("enableInTreeAutoscaling")}
+    problems = []
+    for t in pod_templates(bundle.objects):
+        autoscaler_head = t.role == "ray-head" and t.cluster in autoscaled
+        mounted = t.spec.get("automountServiceAccountToken")
+        if not autoscaler_head and mounted is not False:
+            problems.append(f"{t.where}: automountServiceAccountToken must be false (nothing in it calls the API server)")
+        if autoscaler_head and mounted is not True:
+            problems.append(f"{t.where}: the in-tree autoscaler needs the head's service account token "
+                            f"(automountServiceAccountToken: true)")
+        if autoscaler_head and not _egress_to_an_address_on(bundle.objects, t, API_SERVER_PORTS):
+            problems.append(f"{t.where}: the in-tree autoscaler cannot reach the API server "
+                            f"(no egress policy allows an ipBlock on TCP {' or '.join(map(str, API_SERVER_PORTS))})")
     return problems
 
 

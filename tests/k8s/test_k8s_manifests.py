@@ -51,15 +51,32 @@ def test_renders_the_expected_objects(bundles, name):
     assert all(o["metadata"].get("namespace") == "paceray" for o in bundles[name].objects if o["kind"] != "Namespace")
 
 
-@pytest.mark.parametrize("name", ["gpu", "dev"])
+@pytest.mark.parametrize("name", ["gpu", "dev", "gpu-autoscaling"])
 def test_rayjob_runs_on_a_copy_of_the_overlay_cluster(bundles, name):
     objects = {(o["kind"], o["metadata"]["name"]): o for o in bundles[name].objects}
     job, cluster = objects[("RayJob", "paceray-search")], objects[("RayCluster", "paceray")]
     assert job["spec"]["rayClusterSpec"] == cluster["spec"]
-    search = {"gpu": "search_spaces/paper.yaml", "dev": "search_spaces/quick.yaml"}[name]
+    search = {"dev": "search_spaces/quick.yaml"}.get(name, "search_spaces/paper.yaml")
     assert job["spec"]["entrypoint"] == f"paceray tune {search}"
     workers = json.dumps(cluster["spec"]["workerGroupSpecs"])
-    assert ("nvidia.com/gpu" in workers) == (name == "gpu")
+    assert ("nvidia.com/gpu" in workers) == name.startswith("gpu")
+
+
+def test_the_autoscaling_overlay_grows_gpu_workers_from_zero(bundles):
+    """KubeRay's in-tree autoscaler on, the GPU group from zero to its maximum, idle pods removed;
+    only the head (the autoscaler sidecar's pod) mounts a token, and only it reaches an address on
+    the API server's port."""
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in bundles["gpu-autoscaling"].objects}
+    spec = objects[("RayCluster", "paceray")]["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    [gpu] = spec["workerGroupSpecs"]
+    assert (gpu["replicas"], gpu["minReplicas"]) == (0, 0) and gpu["maxReplicas"] >= 1
+    assert spec["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    assert gpu["template"]["spec"]["automountServiceAccountToken"] is False
+    egress = objects[("NetworkPolicy", "ray-head-api-server-egress")]["spec"]
+    assert egress["podSelector"]["matchLabels"]["ray.io/node-type"] == "head"
+    assert [p["ipBlock"]["cidr"] for rule in egress["egress"] for p in rule["to"]] == ["203.0.113.1/32"]
 
 
 @pytest.mark.parametrize("check", sorted(CHECKS))
