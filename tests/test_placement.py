@@ -115,15 +115,22 @@ def test_the_run_records_where_the_last_worker_group_ran():
 def test_a_multi_node_cluster_needs_a_tracking_store_every_node_reaches(monkeypatch, uri, refused):
     import ray
 
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeManagerAddress": "10.0.0.1"},
+                                              {"Alive": True, "NodeManagerAddress": "10.0.0.2"},
+                                              {"Alive": False, "NodeManagerAddress": "10.0.0.3"}])
     if refused is None:
         raycluster.check_tracking_reach(uri)
     else:
         with pytest.raises(PacerayError, match=refused) as e:
             raycluster.check_tracking_reach(uri)
         assert "2 nodes" in str(e.value) and "--tracking-uri" in str(e.value) and "\n" not in str(e.value)
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeManagerAddress": "10.0.0.1"}])
     raycluster.check_tracking_reach(None)  # one node: the embedded store is fine
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeManagerAddress": "127.0.0.1"}] * 3)
+    raycluster.check_tracking_reach(None)  # several raylets on this machine's loopback reach it too
+    monkeypatch.setattr(raycluster, "_on_this_machine", lambda address: address == "10.0.0.1")
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeManagerAddress": "10.0.0.1"}] * 2)
+    raycluster.check_tracking_reach(None)  # ... and on this machine's own address
 
 
 def test_a_worker_group_never_placed_is_one_line_naming_the_wait():

@@ -180,16 +180,25 @@ def cluster_capacity(max_cluster: Optional[dict[str, float]]) -> tuple[dict[str,
     return {k: max(present.get(k, 0.0), grown.get(k, 0.0)) for k in {*present, *grown}}, source
 
 
+def _on_this_machine(address: str) -> bool:
+    """Is `address` loopback or one of this machine's own interface addresses?"""
+    import psutil
+
+    return address.startswith("127.") or any(a.address == address for addrs in psutil.net_if_addrs().values()
+                                             for a in addrs)
+
+
 def check_tracking_reach(tracking_uri: Optional[str]) -> None:
     """One line when the cluster's other nodes could not reach the tracking store: the embedded
     store (`tracking_uri` None) and a loopback URI serve this machine only, but a trial's rank 0
-    may run on any node."""
+    may run on any node (unless every node is on loopback, this machine's own)."""
     import ray
     from urllib.parse import urlparse
 
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    if nodes < 2:
-        return
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = len(alive)
+    if nodes < 2 or all(_on_this_machine(n.get("NodeManagerAddress", "")) for n in alive):
+        return  # several raylets of this machine (a test's or a laptop's): they reach its loopback
     if tracking_uri is None:
         what = "the embedded MLflow store serves this machine only"
     elif urlparse(tracking_uri).hostname in ("127.0.0.1", "localhost", "::1"):
