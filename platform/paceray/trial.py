@@ -95,10 +95,10 @@ def _placement() -> list[dict]:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         ranks = [None] * dist.get_world_size()
         dist.all_gather_object(ranks, me)
-    if me["rank"] == 0:
-        nodes = sorted({r["ip"] for r in ranks})
+    if me["rank"] == 0:  # nodes by Ray's node id, as the run's tags count them: raylets may share an address
+        nodes = {r["node_id"] for r in ranks}
         print(f"paceray: {len(ranks)} rank(s) on {len(nodes)} node(s): "
-              + ", ".join(f"rank {r['rank']} on {r['ip']}" for r in ranks), flush=True)
+              + ", ".join(f"rank {r['rank']} on {r['ip']} (node {r['node_id'][:8]})" for r in ranks), flush=True)
     return ranks
 
 
