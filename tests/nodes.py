@@ -65,6 +65,18 @@ class Node:
         return self.proc.poll() is None
 
 
+def alive_nodes(dashboard: str, env: dict[str, str]) -> list[dict]:
+    """The alive nodes of the cluster whose dashboard (Ray's state API) is at `dashboard`, as
+    `ray list nodes` gives them; none while it does not answer yet."""
+    import json
+
+    r = subprocess.run([RAY, "list", "nodes", "--address", dashboard, "--format", "json", "--filter", "state=ALIVE"],
+                       capture_output=True, text=True, env={**os.environ, **env}, timeout=60)
+    if r.returncode != 0 or r.stdout.strip() == "No resource in the cluster":
+        return []
+    return json.loads(r.stdout)
+
+
 def _inherited_env() -> dict[str, str]:
     """This process's environment less what would pin every node to one interface: a node's
     process group must choose its own (paceray.ray_internals.choose_socket_ifname)."""
@@ -162,14 +174,7 @@ class Nodes:
         node.proc.wait(timeout=30)
 
     def alive_nodes(self) -> list[dict]:
-        import json
-
-        r = subprocess.run([RAY, "list", "nodes", "--address", self.jobs_address, "--format", "json",
-                            "--filter", "state=ALIVE"], capture_output=True, text=True, env={**os.environ, **self.env},
-                           timeout=60)
-        if r.returncode != 0 or r.stdout.strip() == "No resource in the cluster":
-            return []
-        return json.loads(r.stdout)
+        return alive_nodes(self.jobs_address, self.env)
 
     def wait_for(self, count: int, timeout: float = 120) -> None:
         """Until `count` nodes are alive in the cluster."""

@@ -17,14 +17,12 @@ from pathlib import Path
 import pytest
 
 from conftest import experiment_runs, kill_session, start_paceray, tiny_base, write_spec
+from nodes import RAY, alive_nodes
 from paceray.mlflow_server import free_port
 from paceray.ray_internals import SINGLE_NODE_ENV
 from paceray.trial import PLACEMENT_TAG
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
-
-RAY = str(Path(sys.executable).parent / "ray")
-
 
 def autoscaling_config(gcs_address: str, head_cpus: int, node_cpus: int, max_nodes: int) -> dict:
     """Ray's cluster config for its fake multi-node provider (the fields Ray's own example has)."""
@@ -78,11 +76,7 @@ class AutoscalingHead:
             raise
 
     def alive_nodes(self) -> list[dict]:
-        r = subprocess.run([RAY, "list", "nodes", "--address", self.dashboard, "--format", "json", "--filter", "state=ALIVE"],
-                           capture_output=True, text=True, env={**os.environ, **self.env}, timeout=60)
-        if r.returncode != 0 or r.stdout.strip() == "No resource in the cluster":
-            return []
-        return json.loads(r.stdout)
+        return alive_nodes(self.dashboard, self.env)
 
     def stop(self) -> None:
         import shutil

@@ -180,6 +180,11 @@ def cluster_capacity(max_cluster: Optional[dict[str, float]]) -> tuple[dict[str,
     return {k: max(present.get(k, 0.0), grown.get(k, 0.0)) for k in {*present, *grown}}, source
 
 
+def describe_resources(resources: dict[str, float]) -> str:
+    """`CPU=4, GPU=2`: the amounts a trial's fit is judged by."""
+    return ", ".join(f"{k}={resources[k]:g}" for k in ("CPU", "GPU") if k in resources)
+
+
 def _on_this_machine(address: str) -> bool:
     """Is `address` loopback or one of this machine's own interface addresses?"""
     import psutil
@@ -191,7 +196,7 @@ def _on_this_machine(address: str) -> bool:
 def check_tracking_reach(tracking_uri: Optional[str]) -> None:
     """One line when the cluster's other nodes could not reach the tracking store: the embedded
     store (`tracking_uri` None) and a loopback URI serve this machine only, but a trial's rank 0
-    may run on any node (unless every node is on loopback, this machine's own)."""
+    may run on any node (unless every node is this machine's own)."""
     import ray
     from urllib.parse import urlparse
 

@@ -19,7 +19,7 @@ from paceray.errors import PacerayError
 from paceray.mlflow_server import apply_client_env
 from paceray.protocol import STEP_KEY, TrialContext, failure_of
 from paceray.ray_internals import tune_stop_flag
-from paceray.raycluster import HEAD_RESOURCE, PRESENT
+from paceray.raycluster import HEAD_RESOURCE, PRESENT, describe_resources
 from paceray.runs import Run
 from paceray.spec import LoadedSpec, ResourcesSection, flatten, set_path
 from paceray.trial import placement_failure, placement_tags, resume_point, trainer_for, trial_storage
@@ -81,7 +81,7 @@ def max_concurrent(loaded: LoadedSpec, cluster: dict[str, float], source: str = 
         fits.append(math.floor(cluster.get("GPU", 0) / (workers * r.gpus_per_worker) + 1e-9))
     n = min(fits)
     if n < 1:
-        have = ", ".join(f"{k}={v:g}" for k, v in sorted(cluster.items()) if k in ("CPU", "GPU"))
+        have = describe_resources(cluster)
         if source == PRESENT:
             has = (f"the cluster has {have} ({PRESENT}; on an autoscaling cluster whose maximum Ray does "
                    f"not report, set resources.max_cluster)")

@@ -60,8 +60,8 @@ def run_tune(spec_path: str, overrides, address: Optional[str], tracking_uri: Op
         capacity, source = raycluster.cluster_capacity(loaded.spec.resources.max_cluster)
         concurrent = tuning.max_concurrent(loaded, capacity, source)
         if source != raycluster.PRESENT:
-            have = ", ".join(f"{k}={capacity[k]:g}" for k in ("CPU", "GPU") if capacity.get(k))
-            print(f"paceray: up to {concurrent} trial(s) at once: the cluster can grow to {have} ({source})", flush=True)
+            print(f"paceray: up to {concurrent} trial(s) at once: the cluster can grow to "
+                  f"{raycluster.describe_resources(capacity)} ({source})", flush=True)
         worker_log = None if verbose else _divert_worker_logs(state_path.parent / "workers.log")
         if not previous and tuner_dir.exists():
             # A new search must not silently mix with the old one's trials and checkpoints.
