@@ -21,8 +21,8 @@ def flops_per_image(config: dict, channels: int, device: torch.device, batch: in
     from torch.utils.flop_counter import FlopCounterMode
 
     from trainables.denoiser.config import Config
-    from trainables.denoiser.diffusion import GaussianDiffusion
-    from trainables.denoiser.model import build_model
+    from trainables.diffusion.diffusion import GaussianDiffusion
+    from trainables.diffusion.model import build_model
 
     cfg = Config.model_validate(config)
     model = build_model(cfg.model.preset, cfg.data.image_size, channels).to(device)
@@ -41,8 +41,8 @@ def peak_flops(device: torch.device) -> tuple[str, float] | None:
 
 def efficiency(config: dict, storage: Path, device: torch.device, rates: dict) -> dict:
     from trainables.denoiser.config import Config
-    from trainables.denoiser.data import read_manifest
-    from trainables.denoiser.features import dataset_path
+    from trainables.diffusion.data import read_manifest
+    from trainables.diffusion.assets import dataset_path
 
     data_dir = dataset_path(Config.model_validate(config).data, storage)
     flops = flops_per_image(config, read_manifest(data_dir)["image_shape"][0], device)

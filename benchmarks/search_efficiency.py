@@ -84,7 +84,7 @@ def timed_search(spec: str, overrides: list[str], storage: Path, scratch: Path, 
 
 def main(argv=None) -> int:
     from paceray.protocol import PrepareContext
-    from paceray.spec import load, parse_overrides
+    from paceray.spec.specfile import load, parse_overrides
 
     args = parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="paceray-efficiency-"))

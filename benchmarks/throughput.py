@@ -165,10 +165,10 @@ class StepTimer:
 def bare_images_per_s(config: dict, storage: Path, device: torch.device, warmup: int, steps: int) -> float:
     """The hand-written peer: preloaded images indexed at random, uniform t, same model and update."""
     from trainables.denoiser.config import Config
-    from trainables.denoiser.data import load_split, resize_images, to_unit_range
-    from trainables.denoiser.diffusion import GaussianDiffusion
-    from trainables.denoiser.features import dataset_path
-    from trainables.denoiser.model import EMA, build_model
+    from trainables.diffusion.data import load_split, resize_images, to_unit_range
+    from trainables.diffusion.diffusion import GaussianDiffusion
+    from trainables.diffusion.assets import dataset_path
+    from trainables.diffusion.model import EMA, build_model
 
     cfg = Config.model_validate(config)
     images, _ = load_split(dataset_path(cfg.data, storage), "train")
@@ -232,7 +232,7 @@ class RayPath:
         self.storage, self.run_dir, self.count = storage, run_dir, 0
 
     def fit(self, config: dict, resources, timed_from_step: int, keep: int = 2) -> Fit:
-        from paceray.trial import TrialContext, trainer_for, trial_storage
+        from paceray.trial.trainer import TrialContext, trainer_for, trial_storage
 
         self.count += 1
         name = f"bench-{self.count:03d}"
@@ -288,11 +288,11 @@ def release(device: torch.device) -> None:
 
 def data_path_images_per_s(config: dict, storage: Path, device: torch.device, steps: int) -> float:
     """ImageBatches + the curriculum sampler's sample() and advance(), as the loop calls them."""
-    from trainables.denoiser import curriculum
+    from trainables.diffusion import curriculum
     from trainables.denoiser.config import Config
-    from trainables.denoiser.data import ImageBatches, load_split
-    from trainables.denoiser.diffusion import GaussianDiffusion
-    from trainables.denoiser.features import dataset_path
+    from trainables.diffusion.data import ImageBatches, load_split
+    from trainables.diffusion.diffusion import GaussianDiffusion
+    from trainables.diffusion.assets import dataset_path
 
     cfg = Config.model_validate(config)
     images, labels = load_split(dataset_path(cfg.data, storage), "train")
@@ -322,7 +322,7 @@ def trial_eval_share(spec_path: str, overrides: list[str], ray_path: RayPath, wa
     """One trial of a spec's base config (+ overrides) with the spec's resources, as `paceray
     train` runs it but with tracking off: evaluation seconds against the trial's wall time
     (trainer.fit() on the driver, the trial's Ray start-up included)."""
-    from paceray.spec import load, parse_overrides
+    from paceray.spec.specfile import load, parse_overrides
 
     loaded = load(spec_path, parse_overrides(overrides))
     config, res = loaded.base, loaded.spec.resources
@@ -354,7 +354,7 @@ def trial_eval_share(spec_path: str, overrides: list[str], ray_path: RayPath, wa
 def prepare(args, storage: Path) -> None:
     """Dataset, FID net and reference statistics of every config this run trains, before timing."""
     from paceray.protocol import PrepareContext
-    from paceray.spec import load, parse_overrides
+    from paceray.spec.specfile import load, parse_overrides
     from trainables.denoiser import prepare as prepare_assets
 
     context = PrepareContext(storage=str(storage), tracking_uri=None)
@@ -397,8 +397,8 @@ def cpu_threads(args, device: torch.device) -> int:
 
 
 def run(args, storage: Path, run_dir: Path, device: torch.device) -> dict:
-    from paceray import raycluster
-    from paceray.spec import ResourcesSection
+    from paceray.cluster import connect as raycluster
+    from paceray.spec.specfile import ResourcesSection
 
     threads = cpu_threads(args, device)
     torch.set_num_threads(threads)

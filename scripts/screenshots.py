@@ -26,8 +26,8 @@ PACERAY = str(Path(sys.executable).parent / "paceray")
 def _newest_report(run_dir: Path):
     from mlflow.tracking import MlflowClient
 
-    from paceray import ui_view
-    from paceray.mlflow_server import embedded_store
+    from paceray.tracking import ui_view
+    from paceray.tracking.server import embedded_store
 
     if not (run_dir / "mlflow.db").is_file():
         return None
@@ -81,7 +81,7 @@ def main() -> None:
 
     from playwright.sync_api import sync_playwright
 
-    from paceray.mlflow_server import free_port
+    from paceray.tracking.server import free_port
 
     proc, url = _serve(run_dir, free_port(), run_dir / "screenshots-ui.log")
     try:

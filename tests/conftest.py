@@ -133,8 +133,8 @@ def registered_checkpoint_step(run_dir: Path) -> int | None:
     """The step of the latest checkpoint Ray Train registered for a `paceray train` run (what a
     restart resumes from), or None. A checkpoint folder on disk is not enough: the controller
     registers it a moment after the worker wrote it, later still on a loaded machine."""
-    from paceray.errors import PacerayError
-    from paceray.trial import latest_checkpoint
+    from paceray.base.errors import PacerayError
+    from paceray.trial.trainer import latest_checkpoint
 
     steps = []
     for trial_dir in (run_dir / "ray").glob("*"):
@@ -179,7 +179,7 @@ def fashion_mnist() -> Path:
     """The Debian package's Fashion-MNIST folder. Without it the test is skipped on a developer's
     machine (nothing downloads here), but fails where it must run: `.ci/run` installs the package
     and sets PACERAY_REQUIRE_FASHION_MNIST, so CI never passes by skipping."""
-    from trainables.denoiser.datasets_sources import FASHION_MNIST_DIR
+    from trainables.diffusion.datasets_sources import FASHION_MNIST_DIR
 
     if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
         return FASHION_MNIST_DIR
@@ -218,7 +218,7 @@ class SharedCluster:
     def __init__(self):
         import secrets
 
-        from paceray.mlflow_server import LocalServer, free_port
+        from paceray.tracking.server import LocalServer, free_port
 
         self.temp = Path(tempfile.mkdtemp(prefix="rsh", dir="/tmp"))  # Ray's socket paths stay short
         # The environment of the commands run against it, as it is now: a prelaunched command

@@ -80,7 +80,7 @@ def alive_nodes(dashboard: str, env: dict[str, str]) -> list[dict]:
 def _inherited_env() -> dict[str, str]:
     """This process's environment less what would pin every node to one interface: a node's
     process group must choose its own (paceray.ray_internals.choose_socket_ifname)."""
-    from paceray.ray_internals import SOCKET_IFNAME_VARS
+    from paceray.cluster.ray_internals import SOCKET_IFNAME_VARS
 
     return {k: v for k, v in os.environ.items() if k not in SOCKET_IFNAME_VARS}
 
@@ -89,7 +89,7 @@ class Nodes:
     """A head and the worker nodes added to it; `stop()` ends them all and removes the network."""
 
     def __init__(self, head_cpus: float = 1, isolated: bool | None = None):
-        from paceray.mlflow_server import free_port
+        from paceray.tracking.server import free_port
 
         if isolated is None:  # PACERAY_TEST_LOOPBACK_NODES=1 runs the fallback where namespaces would work
             isolated = namespaces_possible() and not os.environ.get("PACERAY_TEST_LOOPBACK_NODES")
@@ -131,7 +131,7 @@ class Nodes:
     # ------------------------------------------------------------------ nodes
 
     def _start(self, name: str, netns: str | None, ip: str, options: list[str]) -> Node:
-        from paceray.mlflow_server import free_port
+        from paceray.tracking.server import free_port
 
         log = self.temp / f"{name}.log"
         # A temp dir per node, as on machines of their own: nodes sharing one share its

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from paceray import atomic
+from paceray.base import atomic, locks
 
 
 def _record(monkeypatch):
@@ -87,10 +87,10 @@ def test_append_line_fences_a_torn_tail(tmp_path):
 
 def test_a_lock_is_held_by_one_token_at_a_time(tmp_path):
     path = tmp_path / "x.lock"
-    mine = atomic.lock(path)
-    assert mine and atomic.lock(path, wait=0.1) is None  # this process is alive: respected
-    assert atomic.holds(path, mine) and not atomic.holds(path, "other")
-    atomic.unlock(path, "other")
+    mine = locks.lock(path)
+    assert mine and locks.lock(path, wait=0.1) is None  # this process is alive: respected
+    assert locks.holds(path, mine) and not locks.holds(path, "other")
+    locks.unlock(path, "other")
     assert path.exists()
-    atomic.unlock(path, mine)
-    assert not path.exists() and atomic.lock(path)
+    locks.unlock(path, mine)
+    assert not path.exists() and locks.lock(path)

@@ -18,9 +18,9 @@ import pytest
 
 from conftest import experiment_runs, kill_session, start_paceray, tiny_base, write_spec
 from nodes import RAY, alive_nodes
-from paceray.mlflow_server import free_port
-from paceray.ray_internals import SINGLE_NODE_ENV
-from paceray.trial import PLACEMENT_TAG
+from paceray.tracking.server import free_port
+from paceray.cluster.ray_internals import SINGLE_NODE_ENV
+from paceray.protocol.keys import PLACEMENT_TAG
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 

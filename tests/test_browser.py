@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from paceray.protocol import keys
+
 from test_tune_e2e import quick_search, search_runs  # noqa: F401  (the shared finished search)
 
 pytestmark = pytest.mark.slow
@@ -47,11 +49,11 @@ def _search(quick_search):
 
 
 def test_the_printed_url_lands_on_the_comparison(browser, quick_search, tmp_path):
-    from paceray import ui_view
+    from paceray.tracking import ui_view
 
     shared, client, parent, children = _search(quick_search)
     run_dir, result, _ = quick_search
-    key = parent.data.tags[ui_view.VIEW_TAG]
+    key = parent.data.tags[keys.VIEW_TAG]
     url = ui_view.comparison_url(shared.uri, parent.info.experiment_id, key)
     # The search printed it (for its server), and `paceray ui` prints the same for the embedded one.
     assert f"the trials compared in MLflow's UI: {url}" in result.stdout
@@ -80,11 +82,11 @@ def test_the_printed_url_lands_on_the_comparison(browser, quick_search, tmp_path
 
 
 def test_the_experiment_opens_on_its_runs(browser, quick_search, tmp_path):
-    from paceray import tracking, ui_view
+    from paceray.tracking import ui_view
 
     shared, client, parent, children = _search(quick_search)
     experiment = client.get_experiment(parent.info.experiment_id)
-    assert experiment.tags["mlflow.experimentKind"] == tracking.EXPERIMENT_KIND["mlflow.experimentKind"]
+    assert experiment.tags["mlflow.experimentKind"] == keys.EXPERIMENT_KIND["mlflow.experimentKind"]
     page = _page(browser, ui_view.comparison_url(shared.uri, parent.info.experiment_id, None))
     try:
         page.get_by_text(parent.info.run_name).first.wait_for(timeout=60_000)

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from paceray import command_lock
-from paceray.errors import PacerayError
+from paceray.base import locks as command_lock
+from paceray.base.errors import PacerayError
 
 
 def test_a_second_holder_is_refused_in_one_line_naming_the_holder(tmp_path):
@@ -28,7 +28,7 @@ def test_a_second_holder_is_refused_in_one_line_naming_the_holder(tmp_path):
 def test_a_lock_whose_holder_died_is_taken_over(tmp_path):
     folder = tmp_path / "train" / "crash"
     # A command killed while it held the lock: its process is gone, the lock file stays.
-    code = ("import os, sys; from pathlib import Path; from paceray import command_lock; "
+    code = ("import os, sys; from pathlib import Path; from paceray.base import locks as command_lock; "
             "cm = command_lock.held(Path(sys.argv[1]), 'x'); cm.__enter__(); os._exit(0)")
     subprocess.run([sys.executable, "-c", code, str(folder)], check=True)
     assert (folder / "command.lock").is_file()

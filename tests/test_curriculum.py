@@ -10,16 +10,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from scipy.stats import chisquare
 
-from paceray.mlflow_server import free_port
-from trainables.denoiser.curriculum import (
-    CurriculumSampler,
-    cluster_edges,
-    merge_ranges,
-    sigma_quantile_log_edges,
-    degenerate_warning,
-    stage_order,
-)
-from trainables.denoiser.diffusion import GaussianDiffusion
+from paceray.tracking.server import free_port
+from trainables.diffusion.curriculum import CurriculumSampler, cluster_edges, merge_ranges, sigma_quantile_log_edges, degenerate_warning, stage_order
+from trainables.diffusion.diffusion import GaussianDiffusion
 
 
 def linear_log_snr(T=1000):
@@ -287,7 +280,7 @@ def test_shuffled_under_patience_needs_the_reference_lengths():
 
 
 def test_degenerate_clusterings_are_named():
-    from trainables.denoiser.diffusion import GaussianDiffusion
+    from trainables.diffusion.diffusion import GaussianDiffusion
 
     cosine = GaussianDiffusion(1000, "cosine").log_snr()
     narrow = CurriculumSampler(1000, 20, clustering="log-snr", log_snr=cosine)

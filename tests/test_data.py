@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from paceray.errors import PacerayError
-from trainables.denoiser import data, datasets_sources
+from paceray.base.errors import PacerayError
+from trainables.diffusion import data
+from trainables.diffusion import datasets_sources
 
 RNG = np.random.default_rng(1234)
 

@@ -8,15 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainables.denoiser.diffusion import (
-    GaussianDiffusion,
-    guided_epsilon,
-    min_snr_weight,
-    p2_weight,
-    predict_epsilon,
-    weight_from_snr,
-)
-from trainables.denoiser.model import EMA, build_model, drop_labels
+from trainables.diffusion.diffusion import GaussianDiffusion, guided_epsilon, min_snr_weight, p2_weight, predict_epsilon, weight_from_snr
+from trainables.diffusion.model import EMA, build_model, drop_labels
 
 
 

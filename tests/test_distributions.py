@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from scipy.stats import chisquare, norm
 
-from paceray.mlflow_server import free_port
-from trainables.denoiser.curriculum import CurriculumSampler
+from paceray.tracking.server import free_port
+from trainables.diffusion.curriculum import CurriculumSampler
 
 
 def toy_loss(t):

@@ -13,12 +13,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from paceray.errors import PacerayError
-from paceray.mlflow_server import free_port
-from trainables.denoiser.data import load_split, prepare, resize_images, to_unit_range
-from trainables.denoiser.fid import (INCEPTION_ENV, FIDEvaluator, ReferenceStats, kid_score, load_extractor,
-                                     load_inception, reference_statistics)
-from trainables.denoiser.fid_net import train_fid_net
+from paceray.base.errors import PacerayError
+from paceray.tracking.server import free_port
+from trainables.diffusion.data import load_split, prepare, resize_images, to_unit_range
+from trainables.diffusion.fid import INCEPTION_ENV, FIDEvaluator, ReferenceStats, kid_score, load_extractor, load_inception, reference_statistics
+from trainables.diffusion.fid_net import train_fid_net
 
 
 @pytest.fixture(scope="module")

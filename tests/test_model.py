@@ -5,15 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainables.denoiser.model import (
-    EMA,
-    PRESETS,
-    build_model,
-    count_parameters,
-    null_label,
-    num_downsamples,
-    unwrap,
-)
+from trainables.diffusion.model import EMA, PRESETS, build_model, count_parameters, null_label, num_downsamples, unwrap
 
 
 

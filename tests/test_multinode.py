@@ -17,8 +17,8 @@ import pytest
 from conftest import (REPO, experiment_runs, history, kill_session, start_paceray, tiny_base,
                       registered_checkpoint_step, write_spec)
 from nodes import Nodes
-from paceray.mlflow_server import LocalServer
-from paceray.trial import NODES_TAG, PLACEMENT_TAG
+from paceray.tracking.server import LocalServer
+from paceray.protocol.keys import NODES_TAG, PLACEMENT_TAG
 from test_train_e2e import STEPS, TWO_WORKER_BASE, two_worker_trial  # noqa: F401 (the fixture, prelaunched once)
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]

@@ -9,9 +9,12 @@ import types
 
 import pytest
 
-from paceray import ray_internals, raycluster, trial
-from paceray.errors import PacerayError
-from paceray.spec import ResourcesSection
+from paceray.cluster import ray_internals
+from paceray.cluster import connect as raycluster
+from paceray.cluster import placement
+from paceray.trial import trainer as trial
+from paceray.base.errors import PacerayError
+from paceray.spec.specfile import ResourcesSection
 
 
 @pytest.fixture
@@ -78,7 +81,7 @@ def test_the_wait_for_a_worker_group_bounds_ray_trains_retries(monkeypatch, wait
 
 def test_a_trainer_gets_the_placement_elasticity_and_bounded_retries(tmp_path):
     from paceray.protocol import TrialContext
-    from paceray.registry import resolve
+    from paceray.spec.registry import resolve
 
     context = TrialContext(trial_id="t", run_id=None, tracking_uri=None, storage=str(tmp_path), run_dir=str(tmp_path),
                            metric="eval/fid")
@@ -91,8 +94,8 @@ def test_a_trainer_gets_the_placement_elasticity_and_bounded_retries(tmp_path):
 
 
 def test_an_elastic_trial_counts_at_its_minimum_for_concurrency(tmp_path):
-    from paceray.spec import load
-    from paceray.tuning import max_concurrent
+    from paceray.spec.specfile import load
+    from paceray.search.tuner import max_concurrent
 
     p = tmp_path / "s.yaml"
     p.write_text("name: s\ntrainable: denoiser\nresources: {workers: 4, min_workers: 2, cpus_per_worker: 1}\n")
@@ -103,10 +106,10 @@ def test_an_elastic_trial_counts_at_its_minimum_for_concurrency(tmp_path):
 
 def test_the_run_records_where_the_last_worker_group_ran():
     ranks = [{"rank": 0, "node_id": "a", "ip": "10.0.0.1"}, {"rank": 1, "node_id": "b", "ip": "10.0.0.2"}]
-    result = types.SimpleNamespace(return_value={trial.PLACEMENT_KEY: ranks})
-    tags = trial.placement_tags(result)
-    assert json.loads(tags[trial.PLACEMENT_TAG]) == ranks and tags[trial.NODES_TAG] == "2"
-    assert trial.placement_tags(types.SimpleNamespace(return_value=None)) == {}
+    result = types.SimpleNamespace(return_value={placement.PLACEMENT_KEY: ranks})
+    tags = placement.placement_tags(result)
+    assert json.loads(tags[placement.PLACEMENT_TAG]) == ranks and tags[placement.NODES_TAG] == "2"
+    assert placement.placement_tags(types.SimpleNamespace(return_value=None)) == {}
 
 
 @pytest.mark.parametrize("uri, refused", [(None, "the embedded MLflow store"),
@@ -136,10 +139,10 @@ def test_a_multi_node_cluster_needs_a_tracking_store_every_node_reaches(monkeypa
 def test_a_worker_group_never_placed_is_one_line_naming_the_wait():
     ray_text = ("Training failed due to controller error:\nThe worker group startup timed out after 10.0 seconds "
                 "waiting for 3 workers. Potential causes include: (1) temporary insufficient cluster resources")
-    line = trial.placement_failure(RuntimeError(ray_text), ResourcesSection(workers=3, worker_wait_s=20))
+    line = placement.placement_failure(RuntimeError(ray_text), ResourcesSection(workers=3, worker_wait_s=20))
     assert line.startswith("its worker group (3 worker(s) × 1 CPU) could not be placed within resources.worker_wait_s (20 s)")
     assert "\n" not in line
-    assert trial.placement_failure(RuntimeError("ValueError: a worker's own error"), ResourcesSection()) is None
+    assert placement.placement_failure(RuntimeError("ValueError: a worker's own error"), ResourcesSection()) is None
 
 
 HEAD = {"Alive": True, "Resources": {"CPU": 4.0, "node:__internal_head__": 1.0}}
@@ -156,7 +159,7 @@ def test_an_autoscaling_cluster_is_sized_by_what_it_can_grow_to(monkeypatch, add
     max_cluster, which wins over the resources present; none is taken below what is present."""
     import ray
 
-    from paceray import ray_internals
+    from paceray.cluster import ray_internals
 
     monkeypatch.setattr(raycluster, "cluster_resources", lambda: {"CPU": 4.0, "memory": 1e9})
     monkeypatch.setattr(ray_internals, "autoscaler_max_resources", lambda: added)
@@ -166,8 +169,8 @@ def test_an_autoscaling_cluster_is_sized_by_what_it_can_grow_to(monkeypatch, add
 
 
 def test_a_gpu_trial_on_a_cluster_with_no_gpu_yet_says_how_to_size_it(tmp_path):
-    from paceray.spec import load
-    from paceray.tuning import max_concurrent
+    from paceray.spec.specfile import load
+    from paceray.search.tuner import max_concurrent
 
     p = tmp_path / "s.yaml"
     p.write_text("name: s\ntrainable: denoiser\nresources: {workers: 2, gpus_per_worker: 1}\n")

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import experiment_runs, prelaunched, run_paceray
-from paceray.errors import PacerayError
+from paceray.base.errors import PacerayError
 
 pytestmark = pytest.mark.slow
 N = 2
@@ -69,19 +69,20 @@ def test_order_measured_in_preview_follows_the_probe(probe_search):
 
 def test_a_probe_run_id_resolves_to_a_checked_file_in_the_storage_root(probe_search, storage):
     from trainables.denoiser.config import Config
-    from trainables.denoiser.curriculum import from_config
+    from trainables.diffusion.curriculum import from_config
+    from paceray.trial.prepare import prepare_context
     from trainables.denoiser.measured import resolve
 
     parent = probe_search["parent"].info.run_id
     config = Config.model_validate({"curriculum": {"order": "measured", "num_clusters": N, "difficulty": parent,
                                                    "difficulty_measure": "kl"}}).model_dump(mode="json")
-    resolved = resolve(config, storage, probe_search["uri"])
+    resolved = resolve(config, storage, prepare_context(storage, probe_search["uri"]))
     path = Path(resolved["curriculum"]["difficulty"])
     assert path.is_relative_to(storage) and path.read_bytes() == probe_search["difficulty"].read_bytes()
     sampler = from_config(Config.model_validate(resolved).curriculum, 1000)
     assert sampler.order == [1, 0]  # by KL: C2 (high noise) easiest
     other = {**config, "diffusion": {**config["diffusion"], "schedule": "cosine"}}
     with pytest.raises(PacerayError, match=r"schedule 'linear' \(probe\) vs 'cosine' \(trial\)"):
-        resolve(other, storage, probe_search["uri"])
+        resolve(other, storage, prepare_context(storage, probe_search["uri"]))
     with pytest.raises(PacerayError, match="no such file, and not an MLflow run id"):
-        resolve({**config, "curriculum": {**config["curriculum"], "difficulty": "nope.json"}}, storage, None)
+        resolve({**config, "curriculum": {**config["curriculum"], "difficulty": "nope.json"}}, storage, prepare_context(storage, None))

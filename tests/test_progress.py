@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 from types import SimpleNamespace
 
-from paceray.progress import SearchView
+from paceray.search.live_view import SearchView
 
 
 def _trial(tid: str, order: str, error_file=None):

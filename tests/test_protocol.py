@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from paceray import registry
-from paceray.errors import PacerayError
+from paceray.spec import registry
+from paceray.base.errors import PacerayError
 from paceray.protocol import Trainable
-from paceray.spec import flatten
+from paceray.base.dotted import flatten
 
 REPO = Path(__file__).resolve().parents[1]
 PLATFORM = REPO / "platform" / "paceray"
@@ -40,7 +40,8 @@ def _subscript_keys(path: Path) -> list[tuple[str, int]]:
 
 def denoiser_names() -> dict[str, set[str]]:
     """The denoiser's config paths and section/field names, the metrics it logs, the tags it sets."""
-    from paceray import protocol, tracking
+    from paceray import protocol
+    from paceray.tracking import client as tracking
     from trainables.denoiser.config import Config
 
     paths = set(flatten(Config().model_dump(mode="json")))
@@ -109,7 +110,7 @@ def test_the_ray_internal_paceray_reads_is_still_there():
 
     from ray.train._internal import session
 
-    from paceray.ray_internals import tune_stop_flag
+    from paceray.cluster.ray_internals import tune_stop_flag
 
     source = inspect.getsource(session)
     assert callable(session.get_session) and "def get_session() -> Optional[_TrainSession]" in source
@@ -125,7 +126,7 @@ def test_the_log_to_driver_handler_paceray_replaces_is_still_there():
     from ray._private import worker
     from ray._private.ray_logging import WorkerStandardStreamDispatcher
 
-    from paceray.ray_internals import PRINT_LOGS_HANDLER
+    from paceray.cluster.ray_internals import PRINT_LOGS_HANDLER
 
     assert f'"{PRINT_LOGS_HANDLER}",' in inspect.getsource(worker.connect)
     assert {"add_handler", "remove_handler", "emit"} <= set(vars(WorkerStandardStreamDispatcher))
@@ -143,7 +144,7 @@ def test_the_ray_internals_that_keep_the_local_instance_private_are_still_there(
     from ray._private import ray_constants, services
     from ray._private.authentication import authentication_token_setup
 
-    from paceray.ray_internals import SINGLE_NODE_ENV
+    from paceray.cluster.ray_internals import SINGLE_NODE_ENV
 
     assert ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR == SINGLE_NODE_ENV
     assert "ray_constants.ENABLE_RAY_CLUSTER" in inspect.getsource(services.get_node_ip_address)
@@ -158,7 +159,7 @@ def test_a_trainer_without_datasets_starts_no_dataset_manager():
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 
-    from paceray.ray_internals import torch_trainer_class
+    from paceray.cluster.ray_internals import torch_trainer_class
 
     kwargs = dict(train_loop_per_worker=lambda: None, scaling_config=ScalingConfig(num_workers=1),
                   run_config=RunConfig(name="no-datasets", storage_path="/tmp"))
@@ -172,7 +173,7 @@ def test_a_trainer_without_datasets_starts_no_dataset_manager():
 def test_the_checkpoint_snapshot_names_paceray_reads_are_still_there():
     from ray.train.v2._internal import constants
 
-    from paceray.ray_internals import CHECKPOINT_SNAPSHOT, unreadable_snapshot_error
+    from paceray.cluster.ray_internals import CHECKPOINT_SNAPSHOT, unreadable_snapshot_error
 
     assert constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME == CHECKPOINT_SNAPSHOT
     assert issubclass(unreadable_snapshot_error(), Exception)

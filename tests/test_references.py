@@ -7,10 +7,11 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from paceray.errors import PacerayError
+from paceray.base.errors import PacerayError
 from trainables.denoiser.config import Config
-from trainables.denoiser.curriculum import CurriculumSampler, from_config
+from trainables.diffusion.curriculum import CurriculumSampler, from_config
 from trainables.denoiser.reporting import schedule_json
+from paceray.trial.prepare import prepare_context
 from trainables.denoiser.references import resolve_shuffled_reference
 
 
@@ -32,7 +33,7 @@ def test_a_schedule_file_gives_the_allocation_and_is_copied_by_content(tmp_path)
     schedule = finished_easy_to_hard()
     ref.write_text(json.dumps(schedule))
     storage = tmp_path / "storage"
-    resolved = resolve_shuffled_reference(shuffled_config(str(ref)), storage, None)
+    resolved = resolve_shuffled_reference(shuffled_config(str(ref)), storage, prepare_context(storage, None))
     copy = resolved["curriculum"]["reference"]
     assert copy.startswith(str(storage / "schedules")) and json.loads(open(copy).read()) == schedule
     sampler = from_config(Config.model_validate(resolved).curriculum, 1000)
@@ -46,11 +47,11 @@ def test_a_run_id_resolves_through_the_tracking_store(tmp_path):
     exp = c.create_experiment("ref", artifact_location=str(tmp_path / "artifacts"))
     run = c.create_run(exp).info.run_id
     c.log_dict(run, finished_easy_to_hard(), "curriculum/schedule.json")
-    resolved = resolve_shuffled_reference(shuffled_config(run), tmp_path / "storage", uri)
+    resolved = resolve_shuffled_reference(shuffled_config(run), tmp_path / "storage", prepare_context(tmp_path / "storage", uri))
     assert json.loads(open(resolved["curriculum"]["reference"]).read())["order"] == "easy-to-hard"
     with pytest.raises(PacerayError, match="has no curriculum/schedule.json"):
         other = c.create_run(exp).info.run_id
-        resolve_shuffled_reference(shuffled_config(other), tmp_path / "storage", uri)
+        resolve_shuffled_reference(shuffled_config(other), tmp_path / "storage", prepare_context(tmp_path / "storage", uri))
 
 
 @pytest.mark.parametrize("content, message", [
@@ -64,7 +65,7 @@ def test_a_bad_reference_is_one_line_and_writes_nothing(tmp_path, content, messa
     ref.write_text(content)
     storage = tmp_path / "storage"
     with pytest.raises(PacerayError, match=message) as e:
-        resolve_shuffled_reference(shuffled_config(str(ref)), storage, None)
+        resolve_shuffled_reference(shuffled_config(str(ref)), storage, prepare_context(storage, None))
     assert "\n" not in str(e.value) and str(e.value).startswith("curriculum.reference: ")
     assert not storage.exists()
 

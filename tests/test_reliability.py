@@ -15,8 +15,8 @@ import yaml
 from conftest import (REPO, Started, checkpoint_dirs, checkpoint_step, experiment_runs, history, kill_session,
                       mlflow_client, prelaunched, registered_checkpoint_step, run_paceray, tiny_base,
                       wait_for_checkpoint, write_spec)
-from paceray.mlflow_server import LocalServer
-from paceray.ui_view import VIEW_TAG
+from paceray.tracking.server import LocalServer
+from paceray.protocol.keys import VIEW_TAG
 
 pytestmark = pytest.mark.slow
 
@@ -210,7 +210,7 @@ def test_wrong_mlflow_credentials_are_one_line_before_anything_is_written(tmp_pa
     # a user. A wrong password is one line at once, not a traceback at the first write.
     import urllib.request
 
-    from paceray.mlflow_server import SERVER_ENV, free_port, server_argv
+    from paceray.tracking.server import SERVER_ENV, free_port, server_argv
 
     port = free_port()
     root = tmp_path / "auth"
@@ -245,7 +245,7 @@ def test_wrong_mlflow_credentials_are_one_line_before_anything_is_written(tmp_pa
 def test_a_truncated_train_shard_is_one_line_before_any_trial(tmp_path):
     # As a full disk or a kill mid-write on a shared volume leaves a prepared shard: one line
     # naming the file before Ray starts, not a worker traceback on each of Ray's retries.
-    from trainables.denoiser import data
+    from trainables.diffusion import data
 
     env = {"PACERAY_STORAGE": str(tmp_path / "storage")}  # the session's own storage stays whole
     data.prepare("digits", tmp_path / "storage")  # as `paceray data prepare digits` writes it
@@ -288,7 +288,7 @@ def test_a_corrupted_latest_checkpoint_resumes_from_the_newest_earlier_one(tmp_p
     """Ray's record of the run is left as it is; the trainable loads the earlier checkpoint
     instead of the one Ray names, trains on from there to its end, and its new checkpoints do
     not reuse the skipped one's folder (Ray still keeps that one and may delete it later)."""
-    from paceray.trial import latest_checkpoint
+    from paceray.trial.trainer import latest_checkpoint
     from trainables.denoiser.export import check_checkpoint
 
     run_dir = _copy_of_crashed_run(tmp_path, crashed_trial, shared)

@@ -13,9 +13,9 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from conftest import PACERAY
-from paceray import report
-from paceray.commands.report import run_report
-from paceray.errors import PacerayError
+from paceray.report import search as report
+from paceray.report.command import run_report
+from paceray.base.errors import PacerayError
 from trainables.denoiser import study_report
 
 FEATURES = "classifier:digits@8px(d=128); 256 samples vs 1438 reference images"

@@ -5,10 +5,10 @@ import optuna
 import pytest
 
 from conftest import tiny_base, write_spec
-from paceray import space
-from paceray.errors import PacerayError
-from paceray.spec import load
-from paceray.tuning import grace_period
+from paceray.spec import space
+from paceray.base.errors import PacerayError
+from paceray.spec.specfile import load
+from paceray.search.tuner import grace_period
 
 ORDER_X_N = {"curriculum.order": {"grid": ["none", "easy-to-hard", "random"]},
              "curriculum.num_clusters": {"grid": [2, 4, 8]},

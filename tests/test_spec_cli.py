@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from paceray.errors import PacerayError
-from paceray.spec import flatten, load, parse_overrides
+from paceray.base.errors import PacerayError
+from paceray.base.dotted import flatten
+from paceray.spec.specfile import load, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 PACERAY = [str(Path(sys.executable).parent / "paceray")]
@@ -121,7 +122,7 @@ def test_every_command_answers_help(cmd):
 
 def test_help_imports_no_torch_ray_or_mlflow():
     code = (
-        "import sys; from paceray.cli import main; "
+        "import sys; from paceray.cli.main import main; "
         "bad = [m for m in ('torch', 'ray', 'mlflow', 'diffusers') if m in sys.modules]; print(bad)"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

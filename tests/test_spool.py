@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from paceray import spool
+from paceray.tracking import spool
 
 
 class FlakyServer:
@@ -251,8 +251,8 @@ def test_a_4xx_entry_against_a_real_store_is_set_aside_and_the_rest_delivered(tm
 
 
 def test_a_transient_error_stops_replay_and_says_so(tmp_path, monkeypatch):
-    from paceray.errors import PacerayError
-    from paceray.runlog import FAST_FAIL_ENV
+    from paceray.base.errors import PacerayError
+    from paceray.tracking.runlog import FAST_FAIL_ENV
 
     for k, v in FAST_FAIL_ENV.items():
         monkeypatch.setenv(k, v)
@@ -303,7 +303,7 @@ def test_two_processes_at_once_deliver_each_entry_once(tmp_path):
         spool.append(q, {"n": n})
     script = textwrap.dedent(f"""
         import os, time
-        from paceray import spool
+        from paceray.tracking import spool
         def deliver(entry):
             time.sleep(0.002)
             with open({str(out)!r}, "a") as f:
@@ -386,7 +386,7 @@ def test_a_restarted_logger_does_not_relog_a_step_only_the_spool_holds(tmp_path,
     # restarted worker re-trains that step: it must not log it a second time.
     from mlflow.tracking import MlflowClient
 
-    from paceray.runlog import RunLogger, spool_dir
+    from paceray.tracking.runlog import RunLogger, spool_dir
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -413,7 +413,7 @@ def test_system_metrics_continue_after_a_restart_without_overwriting(tmp_path, m
     # step 0 (the run logger would drop them as already logged).
     from mlflow.tracking import MlflowClient
 
-    from paceray.runlog import RunLogger
+    from paceray.tracking.runlog import RunLogger
 
     monkeypatch.setenv("PACERAY_SYSTEM_METRICS_INTERVAL", "0.2")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

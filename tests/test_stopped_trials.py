@@ -6,8 +6,11 @@ pin the outcome for each, on a real MLflow store and Tune's own Result objects."
 
 from __future__ import annotations
 
-from paceray import runlog, spool, tracking
-from paceray.commands.tune import _close_orphans, _mark_stopped_trials
+from paceray.protocol import keys
+from paceray.tracking import runlog
+from paceray.tracking import spool
+from paceray.tracking import client as tracking
+from paceray.search.driver import _close_orphans, _mark_stopped_trials
 from trainables.denoiser import TRAINABLE
 
 
@@ -21,13 +24,13 @@ def _result(trial_id: str, step: int, steps: int = 300, error: Exception | None 
 
 def test_stopped_trials_become_killed_whatever_status_the_stop_left(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    parent = tracking.create_run(uri, "exp", "search", {tracking.KIND_TAG: "search"})
+    parent = tracking.create_run(uri, "exp", "search", {keys.KIND_TAG: "search"})
     c = tracking.client(uri)
 
     def child(tid: str, status: str, error: str | None = None) -> str:
-        rid = tracking.create_run(uri, "exp", tid, {tracking.TRIAL_TAG: tid, tracking.PARENT_TAG: parent})
+        rid = tracking.create_run(uri, "exp", tid, {keys.TRIAL_TAG: tid, keys.PARENT_TAG: parent})
         if error:
-            c.set_tag(rid, tracking.ERROR_TAG, error)
+            c.set_tag(rid, keys.ERROR_TAG, error)
         if status != "RUNNING":
             c.set_terminated(rid, status=status)
         return rid
@@ -55,21 +58,21 @@ def test_stopped_trials_become_killed_whatever_status_the_stop_left(tmp_path):
         run = c.get_run(rid)
         assert run.info.status == "KILLED"
         assert run.data.tags.get("paceray.stopped_early") == "asha"
-        assert tracking.ERROR_TAG not in run.data.tags  # a stop is not a crash
+        assert keys.ERROR_TAG not in run.data.tags  # a stop is not a crash
     for rid in (stopped_at_end, finished):
         run = c.get_run(rid)
         assert run.info.status == "FINISHED" and "paceray.stopped_early" not in run.data.tags
     run = c.get_run(crashed)  # Tune saw its error: it stays failed, with its reason
-    assert run.info.status == "FAILED" and run.data.tags[tracking.ERROR_TAG].startswith("non-finite")
+    assert run.info.status == "FAILED" and run.data.tags[keys.ERROR_TAG].startswith("non-finite")
 
 
 def test_orphans_get_their_queued_writes_then_fail(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    parent = tracking.create_run(uri, "exp", "search", {tracking.KIND_TAG: "search"})
-    orphan = tracking.create_run(uri, "exp", "t", {tracking.TRIAL_TAG: "t", tracking.PARENT_TAG: parent})
+    parent = tracking.create_run(uri, "exp", "search", {keys.KIND_TAG: "search"})
+    orphan = tracking.create_run(uri, "exp", "t", {keys.TRIAL_TAG: "t", keys.PARENT_TAG: parent})
     spool.append(runlog.spool_dir(tmp_path, orphan), {"kind": "metrics", "run_id": orphan, "step": 5,
                                                       "timestamp": spool.now_ms(), "metrics": {"train/loss": 1.0}})
     _close_orphans(uri, "exp", parent, tmp_path)
     run = tracking.client(uri).get_run(orphan)
-    assert run.info.status == "FAILED" and "did not finish" in run.data.tags[tracking.ERROR_TAG]
+    assert run.info.status == "FAILED" and "did not finish" in run.data.tags[keys.ERROR_TAG]
     assert run.data.metrics == {"train/loss": 1.0}

@@ -89,9 +89,10 @@ def test_t_min_steps_down_exactly_as_the_preview_says(two_worker_trial):
 def test_fid_in_the_loop_with_two_workers_equals_one_process(two_worker_trial, storage):
     """Regenerate both ranks' images from the last checkpoint in one process: same FID."""
     from trainables.denoiser.config import Config
-    from trainables.denoiser.diffusion import GaussianDiffusion
+    from trainables.diffusion.diffusion import GaussianDiffusion
     from trainables.denoiser.export import load_checkpoint_model
-    from trainables.denoiser.features import dataset_path, fid_evaluator
+    from trainables.diffusion.assets import dataset_path
+    from trainables.denoiser.features import fid_evaluator
     from trainables.denoiser.train import Sampling, generate_share
 
     run_dir, _, shared = two_worker_trial
@@ -209,7 +210,7 @@ def test_resume_after_a_kill_continues_the_same_run(tmp_path, storage):
 def fashion_mnist_trial(shared, tmp):
     # A fifth of an epoch of the Fashion-MNIST FID network (the default 6 take ~3 min on one core):
     # this test checks the path, not the net's accuracy (tests/test_fid.py and the note measure that).
-    from trainables.denoiser.datasets_sources import FASHION_MNIST_DIR
+    from trainables.diffusion.datasets_sources import FASHION_MNIST_DIR
 
     if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
         return None  # the test's fashion_mnist fixture says why (skip here, fail in CI)

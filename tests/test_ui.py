@@ -10,7 +10,7 @@ import urllib.request
 import psutil
 
 from conftest import PACERAY
-from paceray.mlflow_server import free_port
+from paceray.tracking.server import free_port
 
 
 def _answers(url: str) -> bool:
@@ -23,7 +23,7 @@ def _answers(url: str) -> bool:
 def test_ui_serves_the_store_and_sigterm_stops_every_process(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from paceray import ui_view
+    from paceray.tracking import ui_view
 
     store = tmp_path / "mlflow.db"
     client = MlflowClient(tracking_uri=f"sqlite:///{store}")
@@ -84,7 +84,7 @@ def test_the_shared_view_decodes_as_mlflow_reads_it():
     import json
     import zlib
 
-    from paceray import ui_view
+    from paceray.tracking import ui_view
 
     value = json.loads(ui_view.encode("paceray search q", ui_view.comparison_state(
         "P1", "eval/fid", "min", ["curriculum.order"], ["train/loss", "eval/fid", "system/cpu_utilization_percentage"])))

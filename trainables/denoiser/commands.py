@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from trainables.denoiser.config import Clustering, Dataset, Order
+from trainables.diffusion.config import Clustering, Dataset, Order
 
 
 def _choices(literal) -> click.Choice:
@@ -50,7 +50,8 @@ def preview(timesteps, clusters, order, clustering, schedule, pacing, stage_step
             cumulative, seed, difficulty, measure, reference, distribution, logit_mean, logit_std, draws, as_json):
     """Show the clusters (C1 = lowest noise, hardest) and the stages a curriculum will run."""
     from paceray.protocol import PacerayError
-    from trainables.denoiser.preview import build_sampler, preview as make_preview, render_table
+    from trainables.denoiser.preview import build_sampler, render_table
+    from trainables.denoiser.preview import preview as make_preview
 
     if clusters > timesteps:
         raise PacerayError(f"--clusters: {clusters} clusters cannot split {timesteps} timesteps")
@@ -58,7 +59,8 @@ def preview(timesteps, clusters, order, clustering, schedule, pacing, stage_step
     if order == "measured":
         if difficulty is None:
             raise PacerayError("--order measured needs --difficulty PATH (a probe search's difficulty.json)")
-        from trainables.difficulty_probe.difficulty import check_setting, load_difficulty, ranking as rank_clusters
+        from trainables.diffusion.difficulty import check_setting, load_difficulty
+        from trainables.diffusion.difficulty import ranking as rank_clusters
 
         try:
             data = load_difficulty(difficulty)
@@ -72,7 +74,7 @@ def preview(timesteps, clusters, order, clustering, schedule, pacing, stage_step
         if reference is None:
             raise PacerayError("--order shuffled with --pacing patience needs --reference PATH (an easy-to-hard "
                                "trial's curriculum/schedule.json)")
-        from trainables.denoiser.curriculum import reference_stage_lengths
+        from trainables.diffusion.curriculum import reference_stage_lengths
 
         try:
             reference_lengths = reference_stage_lengths(reference)
@@ -106,8 +108,9 @@ def data() -> None:
 def prepare(dataset, source, storage):
     """Write DATASET once as Parquet shards plus a manifest; a second call is a no-op."""
     from paceray.protocol import storage_root
-    from trainables.denoiser.data import prepare as prepare_dataset, read_manifest
-    from trainables.denoiser.features import preparing
+    from trainables.diffusion.assets import preparing
+    from trainables.diffusion.data import prepare as prepare_dataset
+    from trainables.diffusion.data import read_manifest
 
     root = Path(storage).resolve() if storage else storage_root()
     with preparing(dataset, root):
@@ -132,7 +135,7 @@ def fid_net() -> None:
 def train_fid_net_command(dataset, source, storage, epochs, seed):
     """Train the small classifier whose penultimate features give the `classifier` FID."""
     from paceray.protocol import storage_root
-    from trainables.denoiser.features import preparing, train_dataset_fid_net
+    from trainables.diffusion.assets import preparing, train_dataset_fid_net
 
     root = Path(storage).resolve() if storage else storage_root()
     with preparing(dataset, root):

@@ -9,9 +9,9 @@ from diffusers import DDPMPipeline
 
 from paceray.protocol import PacerayError, one_line
 from trainables.denoiser.config import Config
-from trainables.denoiser.diffusion import GaussianDiffusion
-from trainables.denoiser.model import EMA, build_model
 from trainables.denoiser.train import CHECKPOINT_FILE
+from trainables.diffusion.diffusion import GaussianDiffusion
+from trainables.diffusion.model import EMA, build_model
 
 
 def load_checkpoint_model(checkpoint_dir: str | Path, config: dict):

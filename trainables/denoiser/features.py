@@ -9,71 +9,18 @@ together on a fresh root would otherwise both train the same FID network.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
 
-from paceray.protocol import PacerayError, storage_lock
-from trainables.denoiser.config import Config, DataConfig
-from trainables.denoiser.data import dataset_dir, prepare as prepare_dataset
+from paceray.protocol import PacerayError
+from trainables.denoiser.config import Config
+from trainables.diffusion.assets import dataset_path, fid_net_path, fingerprinted, preparing, train_dataset_fid_net
 
 REFERENCE_SPLIT = "train"  # FID against the training distribution, as for CIFAR-10 in the literature
 PREPARE_WAIT_S = 4 * 3600.0  # an FID network on a large dataset trains for a while on a CPU
 
 
-@contextmanager
-def preparing(dataset: str, storage: Path) -> Iterator[None]:
-    """One command at a time makes a dataset's shared files in a storage root (shards, FID
-    network, reference statistics); another waits for it, then finds them made. Not re-entrant:
-    only the commands' entry points take it."""
-    with storage_lock(Path(storage) / "locks" / f"prepare-{dataset}", f"preparing {dataset}",
-                      wait=PREPARE_WAIT_S):
-        yield
-
-
-def dataset_path(data: DataConfig, storage: Path, make: bool = True) -> Path:
-    path = dataset_dir(data.dataset, storage, data.source, data.fingerprint)
-    if make:  # prepared once; checked (Parquet footers only) each time it is reused
-        return prepare_dataset(data.dataset, storage, source=data.source, fingerprint=data.fingerprint)
-    return path
-
-
-def fingerprinted(config: dict) -> dict:
-    """An image folder's config with the folder's content fingerprint (data.fingerprint), taken
-    once on the driver: every trial then reads the shards of exactly this content."""
-    data = config["data"]
-    if data["dataset"] != "imagefolder" or not data.get("source"):
-        return config
-    from trainables.denoiser.data import folder_fingerprint
-
-    return {**config, "data": {**data, "fingerprint": folder_fingerprint(data["source"])}}
-
-
-def fid_net_path(dataset: str, storage: Path, data_dir: Path) -> Path:
-    """One FID network per prepared content (two image folders never share one); retraining it
-    replaces the file, and its FIDs then carry another weights digest (see fid_net)."""
-    from trainables.denoiser.data import read_manifest
-
-    return storage / "fid-nets" / f"{dataset}-{read_manifest(data_dir)['content_hash'][:12]}.pt"
-
-
-def train_dataset_fid_net(dataset: str, storage: Path, source: Optional[str] = None, epochs: Optional[float] = None,
-                          seed: int = 0) -> tuple[Path, dict[str, Any]]:
-    """Train the classifier FID network of `dataset` (on CPU or the local GPU) into the storage root."""
-    import torch
-
-    from trainables.denoiser.fid_net import train_fid_net
-
-    data_dir = dataset_path(DataConfig(dataset=dataset, source=source), storage)
-    out = fid_net_path(dataset, storage, data_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"training the {dataset} FID network once (saved to {out}) …", flush=True)
-    info = train_fid_net(data_dir, out, epochs=epochs, seed=seed, device=device)
-    return out, info
-
-
 def extractor(cfg: Config, storage: Path, data_dir: Path):
-    from trainables.denoiser.fid import load_extractor
+    from trainables.diffusion.fid import load_extractor
 
     if cfg.eval.features == "classifier":
         path = fid_net_path(cfg.data.dataset, storage, data_dir)
@@ -85,7 +32,7 @@ def extractor(cfg: Config, storage: Path, data_dir: Path):
 
 
 def reference(cfg: Config, storage: Path, data_dir: Path, ext=None, device="cpu"):
-    from trainables.denoiser.fid import reference_statistics
+    from trainables.diffusion.fid import reference_statistics
 
     ext = ext if ext is not None else extractor(cfg, storage, data_dir)
     return reference_statistics(ext.to(device), data_dir, storage / "fid-stats", split=REFERENCE_SPLIT,
@@ -96,7 +43,7 @@ def fid_evaluator(cfg: Config, storage: Path, data_dir: Path, device):
     """The in-loop FID: rank 0 holds the cached reference statistics, every rank its samples."""
     import torch.distributed as dist
 
-    from trainables.denoiser.fid import FIDEvaluator
+    from trainables.diffusion.fid import FIDEvaluator
 
     ext = extractor(cfg, storage, data_dir).to(device)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -110,7 +57,7 @@ def prepare(config: dict, context) -> dict:
     config = fingerprinted(config)
     cfg = Config.model_validate(config)
     root = Path(context.storage)
-    from trainables.denoiser.model import check_image_size
+    from trainables.diffusion.model import check_image_size
 
     try:
         check_image_size(cfg.model.preset, cfg.data.image_size)  # a bad preset/size fails here, not on a worker
@@ -121,5 +68,5 @@ def prepare(config: dict, context) -> dict:
     from trainables.denoiser.measured import resolve
     from trainables.denoiser.references import resolve_shuffled_reference
 
-    config = resolve(config, root, context.tracking_uri)
-    return resolve_shuffled_reference(config, root, context.tracking_uri)
+    config = resolve(config, root, context)
+    return resolve_shuffled_reference(config, root, context)

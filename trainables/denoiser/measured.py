@@ -10,21 +10,20 @@ path. `Config` only checks that a reference is given.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
-from paceray.protocol import PacerayError, one_line
+from paceray.protocol import PacerayError, PrepareContext, one_line
 from trainables.denoiser.references import fetch, store
-from trainables.difficulty_probe.difficulty import DIFFICULTY_FILE, check_setting, load_difficulty, ranking
+from trainables.diffusion.difficulty import DIFFICULTY_FILE, check_setting, load_difficulty, ranking
 
 ARTIFACT = f"report/{DIFFICULTY_FILE}"
 
 
-def resolve(config: dict, storage: Path, tracking_uri: Optional[str]) -> dict:
+def resolve(config: dict, storage: Path, context: PrepareContext) -> dict:
     """The config with `curriculum.difficulty` replaced by the checked file in the storage root."""
     c, d = config["curriculum"], config["diffusion"]
     if c["order"] != "measured":
         return config
-    dst = store(storage, "difficulty", fetch("curriculum.difficulty", c["difficulty"], ARTIFACT, tracking_uri,
+    dst = store(storage, "difficulty", fetch("curriculum.difficulty", c["difficulty"], ARTIFACT, context,
                                              "a finished difficulty-probe search"))
     try:
         data = load_difficulty(dst)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from trainables.denoiser.curriculum import CurriculumSampler, degenerate_warning
+from trainables.diffusion.curriculum import CurriculumSampler, degenerate_warning
 
 DISTRIBUTION_NOTES = {
     "logit-normal": "t = ⌊sigmoid(m + s·z)·T⌋ (SD3), renormalised over each stage's active timesteps",
@@ -43,7 +43,7 @@ def build_sampler(
 ) -> CurriculumSampler:
     log_snr = None
     if clustering != "uniform":
-        from trainables.denoiser.diffusion import GaussianDiffusion
+        from trainables.diffusion.diffusion import GaussianDiffusion
 
         log_snr = GaussianDiffusion(timesteps, schedule).log_snr()
     return CurriculumSampler(

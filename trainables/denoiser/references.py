@@ -10,39 +10,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Optional
 
-from paceray.protocol import PacerayError, one_line, write_atomic
+from paceray.protocol import PacerayError, PrepareContext, one_line, write_atomic
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 SCHEDULE_ARTIFACT = "curriculum/schedule.json"
 
 
-def fetch(field: str, ref: str, artifact: str, tracking_uri: Optional[str], what: str) -> bytes:
-    """The bytes `ref` names: a file, or `artifact` of the run `ref`; `what` says which run it must be."""
+def fetch(field: str, ref: str, artifact: str, context: PrepareContext, what: str) -> bytes:
+    """The bytes `ref` names: a file, or `artifact` of the run `ref` in the tracking store the
+    platform reads (`context.fetch_artifact`); `what` says which run it must be."""
     path = Path(ref).expanduser()
     if path.is_file():
         return path.read_bytes()
     if not RUN_ID.match(ref):
         raise PacerayError(f"{field}: {ref}: no such file, and not an MLflow run id")
-    if tracking_uri is None:
+    if context.tracking_uri is None or context.fetch_artifact is None:
         raise PacerayError(f"{field}: run {ref} needs the tracking store {what} logged to "
                            f"(--tracking-uri, or the --run-dir of its embedded store)")
-    import mlflow.artifacts
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no bar
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(run_id=ref, artifact_path=artifact, tracking_uri=tracking_uri,
-                                                        dst_path=tmp)
-        except Exception as e:  # MlflowException: no such run or artifact
-            raise PacerayError(one_line(f"{field}: run {ref} at {tracking_uri} has no {artifact} "
-                                        f"(is it {what}?): {str(e)[:200]}")) from None
-        return Path(local).read_bytes()
+    try:
+        return context.fetch_artifact(ref, artifact)
+    except LookupError as e:  # no such run or artifact
+        raise PacerayError(one_line(f"{field}: run {ref} at {context.tracking_uri} has no {artifact} "
+                                    f"(is it {what}?): {str(e)[:200]}")) from None
 
 
 def store(storage: Path, folder: str, raw: bytes) -> Path:
@@ -53,16 +45,16 @@ def store(storage: Path, folder: str, raw: bytes) -> Path:
     return dst
 
 
-def resolve_shuffled_reference(config: dict, storage: Path, tracking_uri: Optional[str]) -> dict:
+def resolve_shuffled_reference(config: dict, storage: Path, context: PrepareContext) -> dict:
     """`curriculum.reference` of a `shuffled` trial, checked to give the stage lengths its
     allocation needs, replaced by the copy in the storage root."""
     c = config["curriculum"]
     if c["order"] != "shuffled" or not c.get("reference"):
         return config
-    from trainables.denoiser.curriculum import CurriculumSampler, reference_stage_lengths
+    from trainables.diffusion.curriculum import CurriculumSampler, reference_stage_lengths
 
     field = "curriculum.reference"
-    raw = fetch(field, c["reference"], SCHEDULE_ARTIFACT, tracking_uri, "a finished easy-to-hard trial")
+    raw = fetch(field, c["reference"], SCHEDULE_ARTIFACT, context, "a finished easy-to-hard trial")
     try:  # checked before anything is written
         lengths = reference_stage_lengths(c["reference"], raw)
         ran = json.loads(raw)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from paceray.protocol import TrialContext
-from trainables.denoiser.data import from_unit_range
+from trainables.diffusion.data import from_unit_range
 
 
 def sample_grid(images: torch.Tensor) -> np.ndarray:

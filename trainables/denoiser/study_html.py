@@ -15,8 +15,15 @@ from typing import Optional
 import pandas as pd
 
 from paceray.protocol import html_report as H
-from trainables.denoiser.study_report import (FID_METRIC, KID_METRIC, Report, _feature_lines, _verdict_lines, display_summary,
-                                              display_table)
+from trainables.denoiser.study_report import (
+    FID_METRIC,
+    KID_METRIC,
+    Report,
+    _feature_lines,
+    _verdict_lines,
+    display_summary,
+    display_table,
+)
 
 GRID = re.compile(r"^samples[+%]step[+%](\d+)[+%]timestamp[+%]\d+[+%][0-9a-f-]+\.png$")
 

@@ -18,13 +18,14 @@ import torch
 import torch.distributed as dist
 
 from paceray.protocol import TrialContext
-from trainables.denoiser import curriculum as curriculum_lib
 from trainables.denoiser.config import Config
-from trainables.denoiser.data import ImageBatches, load_split, read_manifest
-from trainables.denoiser.diffusion import GaussianDiffusion
-from trainables.denoiser.features import dataset_path, fid_evaluator
-from trainables.denoiser.model import EMA, build_model, drop_labels, null_label, unwrap
+from trainables.denoiser.features import fid_evaluator
 from trainables.denoiser.reporting import TrialLog, sample_grid
+from trainables.diffusion import curriculum as curriculum_lib
+from trainables.diffusion.assets import dataset_path
+from trainables.diffusion.data import ImageBatches, load_split, read_manifest
+from trainables.diffusion.diffusion import GaussianDiffusion
+from trainables.diffusion.model import EMA, build_model, drop_labels, null_label, unwrap
 
 CHECKPOINT_FILE = "state.pt"
 

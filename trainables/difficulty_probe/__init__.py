@@ -21,9 +21,9 @@ def prepare(config: dict, context: PrepareContext) -> dict:
     """The dataset in the storage root, once, before any trial (the denoiser's data code)."""
     from pathlib import Path
 
-    from trainables.denoiser.data import read_manifest
-    from trainables.denoiser.features import dataset_path, fingerprinted
-    from trainables.denoiser.model import check_image_size
+    from trainables.diffusion.assets import dataset_path, fingerprinted
+    from trainables.diffusion.data import read_manifest
+    from trainables.diffusion.model import check_image_size
 
     config = fingerprinted(config)
     cfg = Config.model_validate(config)

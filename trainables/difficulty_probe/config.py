@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trainables.denoiser.config import Clustering, DataConfig, DiffusionConfig, ModelConfig
+from trainables.diffusion.config import Clustering, DataConfig, DiffusionConfig, ModelConfig
 
 
 class _Section(BaseModel):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from paceray.protocol import ERROR_TAG, TRIAL_TAG
-from trainables.difficulty_probe.difficulty import DIFFICULTY_FILE, FORMAT, MEASURES
+from trainables.diffusion.difficulty import DIFFICULTY_FILE, FORMAT, MEASURES
 
 METRICS = {"convergence_steps": "probe/convergence_steps", "relative_final_loss": "probe/relative_final_loss",
            "kl": "probe/kl", "t_lo": "probe/t_lo", "t_hi": "probe/t_hi"}

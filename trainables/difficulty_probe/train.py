@@ -16,13 +16,13 @@ import numpy as np
 import torch
 
 from paceray.protocol import TrialContext
-from trainables.denoiser.curriculum import cluster_edges
-from trainables.denoiser.data import ImageBatches, load_split, read_manifest, resize_images, to_unit_range
-from trainables.denoiser.diffusion import GaussianDiffusion
-from trainables.denoiser.features import dataset_path
-from trainables.denoiser.model import build_model, unwrap
 from trainables.difficulty_probe import analysis
 from trainables.difficulty_probe.config import Config
+from trainables.diffusion.assets import dataset_path
+from trainables.diffusion.curriculum import cluster_edges
+from trainables.diffusion.data import ImageBatches, load_split, read_manifest, resize_images, to_unit_range
+from trainables.diffusion.diffusion import GaussianDiffusion
+from trainables.diffusion.model import build_model, unwrap
 
 CHECKPOINT_FILE = "probe.pt"
 HELDOUT = "probe/heldout_loss"

@@ -1,1 +1,0 @@
-"""The work behind each `paceray` subcommand (imported only when that subcommand runs)."""

@@ -1,0 +1,135 @@
+"""The search space a spec describes, as trials: grid points expanded once on the driver and made
+canonical (settings a point's other settings make irrelevant take the base's value, so points
+differing only there run once), `tune.seeds` as replicates of every arm, Optuna's conditional
+(define-by-run) space, and the step before which no trial of the space may be judged.
+
+The trainable says what is irrelevant (`Trainable.irrelevant`) and which path is its seed
+(`Trainable.seed_path`); everything here is generic.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from typing import Optional
+
+from paceray.base.dotted import get_path, set_path
+from paceray.spec.specfile import LoadedSpec
+
+
+def canonical(loaded: LoadedSpec, config: dict) -> dict:
+    """`config` with the trainable's irrelevant settings at the base's values."""
+    hook = loaded.trainable.irrelevant
+    if hook is None:
+        return config
+    out = copy.deepcopy(config)
+    for path in hook(config):
+        set_path(out, path, copy.deepcopy(get_path(loaded.base, path)))
+    return out
+
+
+def _with(base: dict, point: dict) -> dict:
+    config = copy.deepcopy(base)
+    for key, value in point.items():
+        set_path(config, key, value)
+    return config
+
+
+def seeds(loaded: LoadedSpec) -> list:
+    return list(loaded.spec.tune.seeds or [])
+
+
+def grid_points(loaded: LoadedSpec) -> list[dict]:
+    """Every distinct grid point (dotted path -> value), canonical, times every seed of
+    `tune.seeds` (seed-major: all arms of the first seed come first, so a search cut short still
+    pairs its arms). Non-grid distributions are not here: Tune samples them per trial."""
+    keys = [k for k, d in loaded.search.items() if d.kind == "grid"]
+    points, seen = [], set()
+    for values in itertools.product(*(loaded.search[k].args for k in keys)):
+        config = canonical(loaded, _with(loaded.base, dict(zip(keys, values))))
+        point = {k: get_path(config, k) for k in keys}
+        key = json.dumps(point, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            points.append(point)
+    if seeds(loaded):
+        path = loaded.trainable.seed_path
+        points = [{**p, path: s} for s in seeds(loaded) for p in points]
+    return points
+
+
+def trial_count(loaded: LoadedSpec) -> Optional[int]:
+    """Trials a grid search runs (None for random and Optuna searches, which sample)."""
+    if loaded.spec.tune.algorithm != "grid":
+        return None
+    return len(grid_points(loaded)) * loaded.spec.tune.num_samples
+
+
+def define_by_run(loaded: LoadedSpec):
+    """Optuna's define-by-run space: each searched setting is suggested only when the settings
+    suggested before it leave it relevant. Settings that decide others' relevance go first."""
+    order = _gates_first(loaded)
+
+    def space(trial) -> dict:
+        chosen: dict = {}
+        for key in order:
+            if _irrelevant_given(loaded, chosen, key):
+                continue
+            d = loaded.search[key]
+            name = key.replace(".", "/")  # Tune unflattens Optuna's names on "/"
+            if d.kind in ("grid", "choice"):
+                chosen[key] = trial.suggest_categorical(name, list(d.args))
+            elif d.kind == "randint":
+                chosen[key] = trial.suggest_int(name, d.args[0], d.args[1] - 1)
+            else:
+                chosen[key] = trial.suggest_float(name, *d.args, log=d.kind == "loguniform")
+        return None
+
+    return space
+
+
+def _irrelevant_given(loaded: LoadedSpec, chosen: dict, key: str) -> bool:
+    """Whether `key` is irrelevant once `chosen` is set (the rest at the base's values)."""
+    hook = loaded.trainable.irrelevant
+    return hook is not None and key in set(hook(_with(loaded.base, chosen)))
+
+
+def _gates_first(loaded: LoadedSpec) -> list[str]:
+    """Searched paths ordered so that a path whose value can make another irrelevant comes first."""
+    keys = list(loaded.search)
+    hook = loaded.trainable.irrelevant
+    if hook is None:
+        return keys
+    gates = {k: set() for k in keys}  # k -> the keys that k can switch off
+    for k in keys:
+        for value in loaded.search[k].probe_values():
+            for other in hook(_with(loaded.base, {k: value})):
+                if other in gates and other != k:
+                    gates[k].add(other)
+    ordered: list[str] = []
+    while len(ordered) < len(keys):
+        ready = [k for k in keys if k not in ordered and not any(k in gates[g] for g in keys if g not in ordered
+                                                                 and g != k)]
+        ordered.append(ready[0] if ready else next(k for k in keys if k not in ordered))
+    return ordered
+
+
+def probe_configs(loaded: LoadedSpec) -> list[dict]:
+    """Configs at every listed value and both ends of every range of the space (all combinations
+    up to 4,096, else each value alone), canonical."""
+    probes = [[(k, v) for v in d.probe_values()] for k, d in loaded.search.items()]
+    size = 1
+    for p in probes:
+        size *= max(1, len(p))
+    combos = itertools.product(*probes) if size <= 4096 else ([p] for ps in probes for p in ps)
+    return [canonical(loaded, _with(loaded.base, dict(combo))) for combo in combos] or [loaded.base]
+
+
+def judged_from(loaded: LoadedSpec) -> Optional[int]:
+    """The largest step before which some trial of the space cannot be judged fairly."""
+    hook = loaded.trainable.judged_from
+    if hook is None:
+        return None
+    steps = [hook(c) for c in probe_configs(loaded)]
+    return max((s for s in steps if s is not None), default=None)
