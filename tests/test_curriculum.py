@@ -1,6 +1,7 @@
 """Curriculum semantics: clusters, orders, pacing, cumulative/exclusive, sampling, resume, DDP."""
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -11,8 +12,19 @@ import torch.multiprocessing as mp
 from scipy.stats import chisquare
 
 from paceray.tracking.server import free_port
-from trainables.diffusion.curriculum import CurriculumSampler, cluster_edges, merge_ranges, sigma_quantile_log_edges, degenerate_warning, stage_order
+from trainables.diffusion.config import CurriculumConfig
+from trainables.diffusion.curriculum import CurriculumSampler, SamplerInputs, cluster_edges, merge_ranges, sigma_quantile_log_edges, degenerate_warning, stage_order
 from trainables.diffusion.diffusion import GaussianDiffusion
+
+INPUTS = {f.name for f in dataclasses.fields(SamplerInputs)}
+
+
+def sampler(T, N, order="easy-to-hard", *, log_snr=None, rank=0, **fields):
+    """A sampler over T timesteps in N clusters: `fields` are CurriculumConfig's, or SamplerInputs'
+    (what the config's files would hold, and patience's DDP batching)."""
+    inputs = SamplerInputs(**{k: fields.pop(k) for k in INPUTS & fields.keys()})
+    return CurriculumSampler(CurriculumConfig(num_clusters=N, order=order, **fields), T, log_snr=log_snr, rank=rank,
+                             inputs=inputs)
 
 
 def linear_log_snr(T=1000):
@@ -93,7 +105,7 @@ def run_fixed(sampler, steps):
 
 
 def test_easy_to_hard_cumulative_fixed_pacing():
-    s = CurriculumSampler(1000, 4, "easy-to-hard", stage_steps=10)
+    s = sampler(1000, 4, "easy-to-hard", stage_steps=10)
     seen = run_fixed(s, 60)
     assert seen[0] == (1, (4,), 750, 999)
     assert seen[10] == (2, (3, 4), 500, 999)
@@ -105,7 +117,7 @@ def test_easy_to_hard_cumulative_fixed_pacing():
 
 
 def test_hard_to_easy_exclusive_fixed_pacing():
-    s = CurriculumSampler(100, 4, "hard-to-easy", stage_steps=5, cumulative=False)
+    s = sampler(100, 4, "hard-to-easy", stage_steps=5, cumulative=False)
     seen = run_fixed(s, 25)
     assert [x[1] for x in seen[::5]] == [(1,), (2,), (3,), (4,), (1, 2, 3, 4)]
     assert [(x[2], x[3]) for x in seen[::5]] == [(0, 24), (25, 49), (50, 74), (75, 99), (0, 99)]
@@ -114,14 +126,14 @@ def test_hard_to_easy_exclusive_fixed_pacing():
 
 
 def test_random_order_stages_follow_the_seeded_permutation():
-    s = CurriculumSampler(100, 5, "random", stage_steps=1, seed=3, cumulative=False)
+    s = sampler(100, 5, "random", stage_steps=1, seed=3, cumulative=False)
     expected = [k + 1 for k in stage_order("random", 5, seed=3)]
     got = [tuple(x[1]) for x in run_fixed(s, 5)]
     assert got == [(k,) for k in expected]
 
 
 def test_none_is_uniform_from_the_start():
-    s = CurriculumSampler(1000, 4, "none", stage_steps=1)
+    s = sampler(1000, 4, "none", stage_steps=1)
     assert s.in_final_phase and s.stage == 1 and s.active_ranges == [(0, 1000)]  # one stage, the final phase
     assert s.full_from_step == 1 and len(s.stages()) == 1
     s.advance()
@@ -137,7 +149,7 @@ def test_random_exclusive_ranges_are_merged_only_when_adjacent():
 
 
 def test_samples_stay_in_active_set_and_are_uniform_over_it():
-    s = CurriculumSampler(100, 4, "random", seed=1, stage_steps=1000, cumulative=True)
+    s = sampler(100, 4, "random", seed=1, stage_steps=1000, cumulative=True)
     for _ in range(2):  # two stages: a union of two non-adjacent clusters is possible
         s.stage_index += 1
         s._refresh()
@@ -149,13 +161,13 @@ def test_samples_stay_in_active_set_and_are_uniform_over_it():
 
 
 def test_sample_device_and_dtype():
-    s = CurriculumSampler(1000, 4)
+    s = sampler(1000, 4)
     t = s.sample(16, device="cpu")
     assert t.dtype == torch.long and t.shape == (16,)
 
 
 def test_cluster_of_maps_timesteps_to_their_cluster():
-    s = CurriculumSampler(1000, 4)
+    s = sampler(1000, 4)
     t = torch.tensor([0, 249, 250, 999])
     assert s.cluster_of(t).tolist() == [0, 0, 1, 3]
 
@@ -164,7 +176,7 @@ def test_cluster_of_maps_timesteps_to_their_cluster():
 
 
 def test_patience_advances_after_tau_steps_without_improvement():
-    s = CurriculumSampler(100, 3, "easy-to-hard", pacing="patience", patience=30, smoothing=0.5, sync_every=1)
+    s = sampler(100, 3, "easy-to-hard", pacing="patience", patience=30, smoothing=0.5, sync_every=1)
     for _ in range(50):  # improving loss: no advance
         s.advance(1.0 / (1 + s.step))
     assert s.stage == 1
@@ -204,7 +216,7 @@ def _loss_trace(n=1500):
 def test_patience_decides_at_exactly_tau_steps_with_batched_reductions(tau):
     losses = _loss_trace()
     expected = _reference_patience_changes(losses, tau, smoothing=0.9)
-    s = CurriculumSampler(1000, 40, "easy-to-hard", pacing="patience", patience=tau, smoothing=0.9, sync_every=10)
+    s = sampler(1000, 40, "easy-to-hard", pacing="patience", patience=tau, smoothing=0.9, sync_every=10)
     changes = []
     for loss in losses:
         if s.in_final_phase:
@@ -216,7 +228,7 @@ def test_patience_decides_at_exactly_tau_steps_with_batched_reductions(tau):
 
 
 def test_max_stage_steps_caps_a_patience_stage():
-    s = CurriculumSampler(1000, 4, "easy-to-hard", pacing="patience", patience=10_000, max_stage_steps=7)
+    s = sampler(1000, 4, "easy-to-hard", pacing="patience", patience=10_000, max_stage_steps=7)
     for i in range(40):
         s.advance(1.0 / (1 + i))  # always improving: only the cap ends a stage
     assert s.realised_lengths() == [7, 7, 7] and s.full_from_step == 22
@@ -224,7 +236,7 @@ def test_max_stage_steps_caps_a_patience_stage():
 
 
 def test_patience_full_from_step_is_unknown_until_reached_then_realised():
-    s = CurriculumSampler(1000, 3, "easy-to-hard", pacing="patience", patience=5, smoothing=0.0)
+    s = sampler(1000, 3, "easy-to-hard", pacing="patience", patience=5, smoothing=0.0)
     assert s.full_from_step is None and s.latest_full_from_step is None
     while not s.in_final_phase:
         s.advance(1.0)
@@ -251,8 +263,8 @@ def _analytic_allocation(n, cumulative, stage_steps, timesteps=1000):
 @pytest.mark.parametrize("n", [3, 5])
 @pytest.mark.parametrize("cumulative", [True, False])
 def test_shuffled_draws_match_easy_to_hard_allocation(n, cumulative):
-    s = CurriculumSampler(1000, n, "shuffled", stage_steps=40, cumulative=cumulative)
-    twin = CurriculumSampler(1000, n, "easy-to-hard", stage_steps=40, cumulative=cumulative)
+    s = sampler(1000, n, "shuffled", stage_steps=40, cumulative=cumulative)
+    twin = sampler(1000, n, "easy-to-hard", stage_steps=40, cumulative=cumulative)
     assert [st.number for st in s.stages()] == [1, 2] and s.stages()[-1].final
     assert s.full_from_step == twin.full_from_step == 1 + 40 * (n - 1 if cumulative else n)
     expected = _analytic_allocation(n, cumulative, 40)
@@ -271,8 +283,11 @@ def test_shuffled_draws_match_easy_to_hard_allocation(n, cumulative):
 
 def test_shuffled_under_patience_needs_the_reference_lengths():
     with pytest.raises(ValueError, match="curriculum.reference"):
-        CurriculumSampler(1000, 4, "shuffled", pacing="patience")
-    s = CurriculumSampler(1000, 4, "shuffled", pacing="patience", reference_lengths=[10, 30, 60])
+        sampler(1000, 4, "shuffled", pacing="patience")
+    with pytest.raises(ValueError, match="curriculum.reference"):  # named, but its lengths not given
+        sampler(1000, 4, "shuffled", pacing="patience", reference="schedule.json")
+    # the lengths given stand for what the reference's file holds (from_config reads it)
+    s = sampler(1000, 4, "shuffled", pacing="patience", reference="schedule.json", reference_lengths=[10, 30, 60])
     assert s.full_from_step == 101
     shares = s.stages()[0].shares  # stage lengths weight the allocation: C4 in all three, C2 only the last
     assert shares[0] == 0 and shares[1] == pytest.approx(0.6 / 3)
@@ -283,14 +298,14 @@ def test_degenerate_clusterings_are_named():
     from trainables.diffusion.diffusion import GaussianDiffusion
 
     cosine = GaussianDiffusion(1000, "cosine").log_snr()
-    narrow = CurriculumSampler(1000, 20, clustering="log-snr", log_snr=cosine)
+    narrow = sampler(1000, 20, clustering="log-snr", log_snr=cosine)
     warning = degenerate_warning(narrow, "cosine")
     assert warning and "log-snr on the cosine schedule with N=20" in warning and "1 timestep(s)" in warning
-    assert degenerate_warning(CurriculumSampler(1000, 20), "linear") is None
+    assert degenerate_warning(sampler(1000, 20), "linear") is None
 
 
 def test_fixed_pacing_ignores_loss():
-    s = CurriculumSampler(100, 2, "easy-to-hard", pacing="fixed", stage_steps=3)
+    s = sampler(100, 2, "easy-to-hard", pacing="fixed", stage_steps=3)
     for _ in range(3):
         s.advance(123.0)
     assert s.stage == 2
@@ -302,7 +317,7 @@ def test_fixed_pacing_ignores_loss():
 @pytest.mark.parametrize("pacing", ["fixed", "patience"])
 def test_resume_mid_stage_gives_the_same_future(pacing):
     def make():
-        return CurriculumSampler(1000, 5, "random", pacing=pacing, stage_steps=7, patience=9, seed=5,
+        return sampler(1000, 5, "random", pacing=pacing, stage_steps=7, patience=9, seed=5,
                                  smoothing=0.9, sync_every=3)
 
     losses = [1.0 / (1 + (i % 13)) for i in range(200)]
@@ -330,7 +345,7 @@ def test_every_rank_resumes_its_own_stream_from_rank_0s_state():
     """Only rank 0 writes the checkpoint; every rank (on any worker count) must continue its own
     draws, not rank 0's."""
     def make(rank):
-        return CurriculumSampler(1000, 4, "easy-to-hard", stage_steps=10, seed=3, rank=rank)
+        return sampler(1000, 4, "easy-to-hard", stage_steps=10, seed=3, rank=rank)
 
     uninterrupted = {}
     for rank in range(3):
@@ -361,8 +376,8 @@ def _roundtrip(state):
 
 
 def test_state_from_another_curriculum_is_refused():
-    a = CurriculumSampler(100, 4)
-    b = CurriculumSampler(100, 5)
+    a = sampler(100, 4)
+    b = sampler(100, 5)
     with pytest.raises(ValueError, match="different curriculum"):
         b.load_state_dict(a.state_dict())
 
@@ -374,7 +389,7 @@ def _patience_rank(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(rank)
-    s = CurriculumSampler(1000, 4, "easy-to-hard", pacing="patience", patience=20, smoothing=0.8, rank=rank)
+    s = sampler(1000, 4, "easy-to-hard", pacing="patience", patience=20, smoothing=0.8, rank=rank)
     trace = []
     for step in range(400):
         # Each rank sees a different local loss: noisy, and on rank 1 biased and flatter.

@@ -14,7 +14,13 @@ import torch.multiprocessing as mp
 from scipy.stats import chisquare, norm
 
 from paceray.tracking.server import free_port
+from trainables.diffusion.config import CurriculumConfig
 from trainables.diffusion.curriculum import CurriculumSampler
+
+
+def sampler(T, N, order, *, rank=0, **fields):
+    """A sampler over T timesteps in N clusters; `fields` are CurriculumConfig's."""
+    return CurriculumSampler(CurriculumConfig(num_clusters=N, order=order, **fields), T, rank=rank)
 
 
 def toy_loss(t):
@@ -31,7 +37,7 @@ def warmed(sampler, steps=400, batch=256):
 
 
 def test_logit_normal_is_the_mass_of_floor_sigmoid_times_t_renormalised_over_the_active_set():
-    s = CurriculumSampler(1000, 4, "easy-to-hard", stage_steps=10 ** 6, distribution="logit-normal",
+    s = sampler(1000, 4, "easy-to-hard", stage_steps=10 ** 6, distribution="logit-normal",
                           logit_mean=0.5, logit_std=0.8)
     t = s.sample(100_000)
     assert bool(((t >= 750) & (t < 1000)).all())  # stage 1: C4 only
@@ -45,7 +51,7 @@ def test_logit_normal_is_the_mass_of_floor_sigmoid_times_t_renormalised_over_the
 
 
 def test_loss_second_moment_is_uniform_until_warm_then_weights_keep_the_loss_unbiased():
-    s = CurriculumSampler(1000, 1, "none", distribution="loss-second-moment")
+    s = sampler(1000, 1, "none", distribution="loss-second-moment")
     assert s.importance(s.sample(64)) is None  # warm-up: uniform, no weights
     warmed(s)
     assert s.distribution.warmed_up(s._active_t)
@@ -63,18 +69,18 @@ def test_loss_second_moment_is_uniform_until_warm_then_weights_keep_the_loss_unb
 
 
 def test_loss_second_moment_under_a_curriculum_warms_up_over_the_active_set_only():
-    s = CurriculumSampler(1000, 4, "easy-to-hard", stage_steps=10 ** 6, distribution="loss-second-moment")
+    s = sampler(1000, 4, "easy-to-hard", stage_steps=10 ** 6, distribution="loss-second-moment")
     warmed(s, steps=60)  # C4's 250 timesteps fill their histories; the rest stay empty
     assert s.distribution.warmed_up(s._active_t) and s.importance(s.sample(8)) is not None
     assert int(s.distribution.counts[:750].sum()) == 0
 
 
 def test_loss_second_moment_state_survives_a_checkpoint():
-    a = warmed(CurriculumSampler(1000, 4, "random", stage_steps=200, distribution="loss-second-moment"), steps=120)
+    a = warmed(sampler(1000, 4, "random", stage_steps=200, distribution="loss-second-moment"), steps=120)
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
     buf.seek(0)
-    b = CurriculumSampler(1000, 4, "random", stage_steps=200, distribution="loss-second-moment")
+    b = sampler(1000, 4, "random", stage_steps=200, distribution="loss-second-moment")
     b.load_state_dict(torch.load(buf, weights_only=True))
     weighted = 0
     for _ in range(30):
@@ -91,13 +97,13 @@ def test_loss_second_moment_state_survives_a_checkpoint():
 
 def test_shuffled_takes_only_the_uniform_distribution():
     with pytest.raises(ValueError, match="takes distribution 'uniform'"):
-        CurriculumSampler(1000, 4, "shuffled", distribution="logit-normal")
+        sampler(1000, 4, "shuffled", distribution="logit-normal")
 
 
 def _lsm_rank(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    s = CurriculumSampler(100, 1, "none", distribution="loss-second-moment", rank=rank)
+    s = sampler(100, 1, "none", distribution="loss-second-moment", rank=rank)
     for step in range(150):
         t = s.sample(16)
         # each rank sees its own losses: rank 1's are noisier and larger

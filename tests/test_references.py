@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from paceray.base.errors import PacerayError
 from trainables.denoiser.config import Config
+from trainables.diffusion.config import CurriculumConfig
 from trainables.diffusion.curriculum import CurriculumSampler, from_config
 from trainables.denoiser.reporting import schedule_json
 from paceray.trial.prepare import prepare_context
@@ -22,7 +23,7 @@ def shuffled_config(reference):
 
 def finished_easy_to_hard(n=4):
     """The schedule.json a real easy-to-hard patience trial writes, from a sampler run to the end."""
-    s = CurriculumSampler(1000, n, "easy-to-hard", pacing="patience", patience=4, smoothing=0.0)
+    s = CurriculumSampler(CurriculumConfig(num_clusters=n, pacing="patience", patience=4, smoothing=0.0), 1000)
     for i in range(200):
         s.advance(1.0 if i % 10 else 0.5)  # an improvement every 10 steps, then flat
     return schedule_json(s)

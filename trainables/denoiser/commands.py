@@ -1,18 +1,90 @@
 """The denoiser's own CLI tools, mounted under `paceray`: curriculum preview, data prepare,
-fid-net train. Only click is imported here; each command loads torch when it runs."""
+fid-net train. Only click and the (torch-free) config sections are imported here; each command
+loads torch when it runs."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin
 
 import click
+from pydantic import ValidationError
 
-from trainables.diffusion.config import Clustering, Dataset, Order
+from trainables.diffusion.config import NEEDS_PATH, CurriculumConfig, Dataset, DiffusionConfig
+
+# `curriculum preview`'s word for a path field that the curriculum needs and the flags do not give.
+NEEDS_FLAG = {
+    "difficulty": "--order measured needs --difficulty PATH (a probe search's difficulty.json)",
+    "reference": ("--order shuffled with --pacing patience needs --reference PATH (an easy-to-hard "
+                  "trial's curriculum/schedule.json)"),
+}
 
 
 def _choices(literal) -> click.Choice:
-    return click.Choice(list(literal.__args__))
+    return click.Choice(list(get_args(literal)))
+
+
+def _field_type(info):
+    """The click type of a config field: its choices, or its number type within the field's bounds."""
+    kind = info.annotation
+    if get_origin(kind) in (Union, UnionType):  # Optional[X]: None is the default, never a flag's value
+        kind = next(a for a in get_args(kind) if a is not type(None))
+    if get_origin(kind) is Literal:
+        return _choices(kind)
+    bounds = {k: getattr(m, k) for m in info.metadata for k in ("ge", "gt", "le", "lt") if hasattr(m, k)}
+    if kind not in (int, float) or not bounds:
+        return kind
+    number = click.IntRange if kind is int else click.FloatRange
+    return number(bounds.get("ge", bounds.get("gt")), bounds.get("le", bounds.get("lt")),
+                  min_open="gt" in bounds, max_open="lt" in bounds)
+
+
+def _field(section, name: str, *flags: str, **kwargs):
+    """A click option for field `name` of a config section: its default and help are the field's,
+    and so is its type unless `kwargs` gives one, so a flag cannot drift from the config it builds."""
+    info = section.model_fields[name]
+    if info.annotation is not bool:
+        kwargs.setdefault("type", _field_type(info))
+    return click.option(*flags, name, default=info.default, show_default=info.default is not None,
+                        help=info.description, **kwargs)
+
+
+def _curriculum(fields: dict):
+    """The CurriculumConfig the flags give; PacerayError naming the flag when it is not one."""
+    from paceray.protocol import PacerayError
+
+    try:
+        return CurriculumConfig(**fields)
+    except ValidationError as e:
+        error = e.errors()[0]
+        if error["type"] == NEEDS_PATH:
+            raise PacerayError(NEEDS_FLAG[error["ctx"]["field"]]) from None
+        raise PacerayError(f"--order {fields['order']}: {error['msg'].removeprefix('Value error, ')}") from None
+
+
+def _inputs(config: CurriculumConfig, timesteps: int, schedule: str):
+    """What the flags' files hold, read and checked: measured's ranking, shuffled's stage lengths."""
+    from paceray.protocol import PacerayError
+    from trainables.diffusion.curriculum import SamplerInputs, reference_stage_lengths
+    from trainables.diffusion.difficulty import check_setting, load_difficulty, ranking
+
+    c, ranked, lengths = config, None, None
+    if c.order == "measured":
+        try:
+            data = load_difficulty(c.difficulty)
+            check_setting(data, f"--difficulty {c.difficulty}", timesteps=timesteps, num_clusters=c.num_clusters,
+                          clustering=c.clustering, schedule=schedule)
+            ranked = ranking(data, c.difficulty_measure, c.num_clusters)
+        except ValueError as e:
+            raise PacerayError(str(e)) from None
+    if c.order == "shuffled" and c.pacing == "patience":
+        try:
+            lengths = reference_stage_lengths(c.reference)
+        except (ValueError, OSError) as e:
+            raise PacerayError(f"--reference {e}") from None
+    return SamplerInputs(ranking=ranked, reference_lengths=lengths)
 
 
 @click.group()
@@ -21,74 +93,40 @@ def curriculum() -> None:
 
 
 @curriculum.command()
-@click.option("--timesteps", "-T", type=click.IntRange(2, 100_000), default=1000, show_default=True)
-@click.option("--clusters", "-N", type=click.IntRange(1), default=20, show_default=True)
-@click.option("--order", type=_choices(Order), default="easy-to-hard", show_default=True)
-@click.option("--clustering", type=_choices(Clustering), default="uniform", show_default=True)
-@click.option("--schedule", type=click.Choice(["linear", "cosine"]), default="linear", show_default=True,
-              help="Noise schedule (log-snr and quantile clustering depend on it). linear: DDPM's β 1e-4 → 0.02.")
-@click.option("--pacing", type=click.Choice(["fixed", "patience"]), default="fixed", show_default=True)
-@click.option("--stage-steps", type=click.IntRange(1), default=100, show_default=True, help="Fixed pacing: steps per stage.")
-@click.option("--patience", type=click.IntRange(1), default=200, show_default=True, help="Patience pacing: τ.")
-@click.option("--max-stage-steps", type=click.IntRange(1), default=None, help="Patience pacing: the longest a stage may run.")
-@click.option("--cumulative/--no-cumulative", default=True, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Permutation seed of the random order.")
-@click.option("--difficulty", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Order measured: a difficulty probe's difficulty.json (its search's report/ artifact).")
-@click.option("--measure", type=click.Choice(["convergence_steps", "kl"]), default="convergence_steps",
-              show_default=True, help="Order measured: the probe's measure, clusters easiest (smallest) first.")
-@click.option("--reference", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Order shuffled under patience pacing: an easy-to-hard trial's curriculum/schedule.json.")
-@click.option("--distribution", type=click.Choice(["uniform", "logit-normal", "loss-second-moment"]), default="uniform",
-              show_default=True, help="What t is drawn from inside the active set.")
-@click.option("--logit-mean", type=float, default=0.0, show_default=True, help="logit-normal: m.")
-@click.option("--logit-std", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
-              help="logit-normal: s.")
+@_field(DiffusionConfig, "timesteps", "--timesteps", "-T")
+@_field(CurriculumConfig, "num_clusters", "--clusters", "-N")
+@_field(CurriculumConfig, "order", "--order")
+@_field(CurriculumConfig, "clustering", "--clustering")
+@_field(DiffusionConfig, "schedule", "--schedule")
+@_field(CurriculumConfig, "pacing", "--pacing")
+@_field(CurriculumConfig, "stage_steps", "--stage-steps")
+@_field(CurriculumConfig, "patience", "--patience")
+@_field(CurriculumConfig, "max_stage_steps", "--max-stage-steps")
+@_field(CurriculumConfig, "cumulative", "--cumulative/--no-cumulative")
+@_field(CurriculumConfig, "seed", "--seed")
+@_field(CurriculumConfig, "difficulty", "--difficulty", type=click.Path(dir_okay=False, exists=True))
+@_field(CurriculumConfig, "difficulty_measure", "--measure")
+@_field(CurriculumConfig, "reference", "--reference", type=click.Path(dir_okay=False, exists=True))
+@_field(CurriculumConfig, "distribution", "--distribution")
+@_field(CurriculumConfig, "logit_mean", "--logit-mean")
+@_field(CurriculumConfig, "logit_std", "--logit-std")
 @click.option("--sample", "draws", type=click.IntRange(1), default=None, help="Draw M timesteps per stage with the real sampler.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
-def preview(timesteps, clusters, order, clustering, schedule, pacing, stage_steps, patience, max_stage_steps,
-            cumulative, seed, difficulty, measure, reference, distribution, logit_mean, logit_std, draws, as_json):
+def preview(timesteps, schedule, draws, as_json, **fields):
     """Show the clusters (C1 = lowest noise, hardest) and the stages a curriculum will run."""
     from paceray.protocol import PacerayError
     from trainables.denoiser.preview import build_sampler, render_table
     from trainables.denoiser.preview import preview as make_preview
 
-    if clusters > timesteps:
-        raise PacerayError(f"--clusters: {clusters} clusters cannot split {timesteps} timesteps")
-    ranking = None
-    if order == "measured":
-        if difficulty is None:
-            raise PacerayError("--order measured needs --difficulty PATH (a probe search's difficulty.json)")
-        from trainables.diffusion.difficulty import check_setting, load_difficulty
-        from trainables.diffusion.difficulty import ranking as rank_clusters
-
-        try:
-            data = load_difficulty(difficulty)
-            check_setting(data, f"--difficulty {difficulty}", timesteps=timesteps, num_clusters=clusters,
-                          clustering=clustering, schedule=schedule)
-            ranking = rank_clusters(data, measure, clusters)
-        except ValueError as e:
-            raise PacerayError(str(e)) from None
-    reference_lengths = None
-    if order == "shuffled" and pacing == "patience":
-        if reference is None:
-            raise PacerayError("--order shuffled with --pacing patience needs --reference PATH (an easy-to-hard "
-                               "trial's curriculum/schedule.json)")
-        from trainables.diffusion.curriculum import reference_stage_lengths
-
-        try:
-            reference_lengths = reference_stage_lengths(reference)
-        except (ValueError, OSError) as e:
-            raise PacerayError(f"--reference {e}") from None
+    if fields["num_clusters"] > timesteps:
+        raise PacerayError(f"--clusters: {fields['num_clusters']} clusters cannot split {timesteps} timesteps")
+    config = _curriculum(fields)
+    inputs = _inputs(config, timesteps, schedule)
     try:
-        sampler = build_sampler(timesteps, clusters, order, clustering=clustering, schedule=schedule, pacing=pacing,
-                                stage_steps=stage_steps, patience=patience, cumulative=cumulative, seed=seed,
-                                ranking=ranking, max_stage_steps=max_stage_steps,
-                                reference_lengths=reference_lengths, distribution=distribution,
-                                logit_mean=logit_mean, logit_std=logit_std)
+        sampler = build_sampler(config, timesteps, schedule, inputs)
     except ValueError as e:
-        raise PacerayError(f"--order {order}: {e}") from None
-    result = make_preview(sampler, schedule, clustering, draws)
+        raise PacerayError(f"--order {config.order}: {e}") from None
+    result = make_preview(sampler, schedule, draws)
     if result["warning"] and not as_json:
         click.echo(f"warning: {result['warning']}", err=True)
     click.echo(json.dumps(result, indent=2) if as_json else render_table(result))

@@ -50,21 +50,13 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
+        # The curriculum's own checks (e.g. that `measured` names a difficulty file) are
+        # CurriculumConfig's; those that need the diffusion timesteps too are here.
         if self.curriculum.num_clusters > self.diffusion.timesteps:
             raise ValueError(
                 f"curriculum.num_clusters ({self.curriculum.num_clusters}) must be at most "
                 f"diffusion.timesteps ({self.diffusion.timesteps})"
             )
-        if self.curriculum.order == "measured" and not self.curriculum.difficulty:
-            raise ValueError("curriculum.order=measured needs curriculum.difficulty: a difficulty.json or the "
-                             "run id of a difficulty-probe search")
-        if self.curriculum.order == "shuffled" and self.curriculum.pacing == "patience" and not self.curriculum.reference:
-            raise ValueError("curriculum.order=shuffled with pacing=patience needs curriculum.reference: the "
-                             "curriculum/schedule.json or run id of a finished easy-to-hard trial, whose realised "
-                             "stage lengths give the allocation")
-        if self.curriculum.order == "shuffled" and self.curriculum.distribution != "uniform":
-            raise ValueError("curriculum.order=shuffled draws easy-to-hard's allocation with t uniform within each "
-                             "stage: curriculum.distribution must be uniform")
         if self.diffusion.schedule == "linear" and self.diffusion.timesteps < 21:
             # DDPM's β_T = 0.02 rescaled by 1000/T must stay below 1.
             raise ValueError(f"diffusion.timesteps ({self.diffusion.timesteps}) must be at least 21 for the "

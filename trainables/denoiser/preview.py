@@ -10,7 +10,8 @@ from typing import Optional
 
 import torch
 
-from trainables.diffusion.curriculum import CurriculumSampler, degenerate_warning
+from trainables.diffusion.config import CurriculumConfig
+from trainables.diffusion.curriculum import CurriculumSampler, SamplerInputs, degenerate_warning
 
 DISTRIBUTION_NOTES = {
     "logit-normal": "t = ⌊sigmoid(m + s·z)·T⌋ (SD3), renormalised over each stage's active timesteps",
@@ -22,62 +23,29 @@ QUANTILE_NOTE = ("quantile: EDM's continuous training distribution of ln σ mapp
                  "not the paper's discrete-time setting (which is `uniform`)")
 
 
-def build_sampler(
-    timesteps: int,
-    clusters: int,
-    order: str,
-    *,
-    clustering: str = "uniform",
-    schedule: str = "linear",
-    pacing: str = "fixed",
-    stage_steps: int = 100,
-    patience: int = 200,
-    cumulative: bool = True,
-    seed: int = 0,
-    ranking=None,
-    max_stage_steps=None,
-    reference_lengths=None,
-    distribution: str = "uniform",
-    logit_mean: float = 0.0,
-    logit_std: float = 1.0,
-) -> CurriculumSampler:
+def build_sampler(config: CurriculumConfig, timesteps: int, schedule: str = "linear",
+                  inputs: Optional[SamplerInputs] = None) -> CurriculumSampler:
+    """The sampler a trial with this curriculum, T and schedule would train with."""
     log_snr = None
-    if clustering != "uniform":
+    if config.clustering != "uniform":
         from trainables.diffusion.diffusion import GaussianDiffusion
 
         log_snr = GaussianDiffusion(timesteps, schedule).log_snr()
-    return CurriculumSampler(
-        timesteps=timesteps,
-        num_clusters=clusters,
-        order=order,
-        clustering=clustering,
-        pacing=pacing,
-        stage_steps=stage_steps,
-        patience=patience,
-        cumulative=cumulative,
-        seed=seed,
-        log_snr=log_snr,
-        ranking=ranking,
-        max_stage_steps=max_stage_steps,
-        reference_lengths=reference_lengths,
-        distribution=distribution,
-        logit_mean=logit_mean,
-        logit_std=logit_std,
-    )
+    return CurriculumSampler(config, timesteps, log_snr=log_snr, inputs=inputs)
 
 
 def sampled_counts(sampler: CurriculumSampler, stage_index: int, draws: int) -> list[int]:
     """Per-cluster counts of `draws` timesteps from the sampler placed in that stage."""
     probe = CurriculumSampler.__new__(CurriculumSampler)
     probe.__dict__.update(sampler.__dict__)
-    probe.generator = torch.Generator().manual_seed(sampler.seed)
+    probe.generator = torch.Generator().manual_seed(sampler.config.seed)
     probe.stage_index = stage_index
     probe._refresh()
     t = probe.sample(draws)
     return torch.bincount(probe.cluster_of(t), minlength=sampler.num_clusters).tolist()
 
 
-def preview(sampler: CurriculumSampler, schedule: str, clustering: str, sample: Optional[int] = None) -> dict:
+def preview(sampler: CurriculumSampler, schedule: str, sample: Optional[int] = None) -> dict:
     stages = []
     for i, (stage, start, end) in enumerate(sampler.fixed_schedule()):
         stages.append({
@@ -90,17 +58,17 @@ def preview(sampler: CurriculumSampler, schedule: str, clustering: str, sample: 
             "shares": list(stage.shares) if stage.shares else None,
             "sampled_counts": sampled_counts(sampler, i, sample) if sample else None,
         })
-    patience = sampler.pacing == "patience"
+    cfg, patience = sampler.config, sampler.pacing == "patience"
     return {
         "timesteps": sampler.timesteps,
         "num_clusters": sampler.num_clusters,
         "order": sampler.order_name,
-        "clustering": clustering,
+        "clustering": sampler.clustering,
         "schedule": schedule,
         "pacing": sampler.pacing,
-        "stage_steps": sampler.stage_steps if not patience else None,
-        "patience": sampler.patience if patience else None,
-        "max_stage_steps": sampler.max_stage_steps if patience else None,
+        "stage_steps": cfg.stage_steps if not patience else None,
+        "patience": cfg.patience if patience else None,
+        "max_stage_steps": cfg.max_stage_steps if patience else None,
         "cumulative": sampler.cumulative,
         "introduction_order": [k + 1 for k in sampler.order],  # 1-based clusters, first introduced first
         "clusters": [list(c) for c in sampler.clusters],
@@ -111,7 +79,7 @@ def preview(sampler: CurriculumSampler, schedule: str, clustering: str, sample: 
         "distribution": sampler.distribution.name,
         "distribution_note": DISTRIBUTION_NOTES.get(sampler.distribution.name),
         "warning": degenerate_warning(sampler, schedule),
-        "note": QUANTILE_NOTE if clustering == "quantile" else None,
+        "note": QUANTILE_NOTE if sampler.clustering == "quantile" else None,
     }
 
 

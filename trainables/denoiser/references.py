@@ -51,7 +51,8 @@ def resolve_shuffled_reference(config: dict, storage: Path, context: PrepareCont
     c = config["curriculum"]
     if c["order"] != "shuffled" or not c.get("reference"):
         return config
-    from trainables.diffusion.curriculum import CurriculumSampler, reference_stage_lengths
+    from trainables.diffusion.config import CurriculumConfig
+    from trainables.diffusion.curriculum import CurriculumSampler, SamplerInputs, reference_stage_lengths
 
     field = "curriculum.reference"
     raw = fetch(field, c["reference"], SCHEDULE_ARTIFACT, context, "a finished easy-to-hard trial")
@@ -62,8 +63,10 @@ def resolve_shuffled_reference(config: dict, storage: Path, context: PrepareCont
             raise ValueError(f"{c['reference']}: the reference must be an easy-to-hard trial with "
                              f"{c['num_clusters']} clusters, got order {ran.get('order')!r} with "
                              f"{len(ran.get('clusters', []))}")
-        CurriculumSampler(config["diffusion"]["timesteps"], c["num_clusters"], "shuffled", pacing=c["pacing"],
-                          patience=c["patience"], cumulative=c["cumulative"], reference_lengths=lengths)
+        # The stage count (N, cumulative), not the clusters' widths, decides whether the lengths are
+        # enough: uniform clusters check it without the schedule's ln SNR.
+        curriculum = CurriculumConfig.model_validate({**c, "clustering": "uniform"})
+        CurriculumSampler(curriculum, config["diffusion"]["timesteps"], inputs=SamplerInputs(reference_lengths=lengths))
     except ValueError as e:
         raise PacerayError(one_line(f"{field}: {e}")) from None
     return {**config, "curriculum": {**c, "reference": str(store(storage, "schedules", raw))}}

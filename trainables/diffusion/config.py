@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 Order = Literal["none", "easy-to-hard", "hard-to-easy", "random", "measured", "shuffled"]
 DifficultyMeasure = Literal["convergence_steps", "kl"]
@@ -15,6 +16,11 @@ Pacing = Literal["fixed", "patience"]
 Weighting = Literal["uniform", "min-snr", "p2"]
 Dataset = Literal["digits", "fashion-mnist", "mnist", "cifar10", "imagefolder"]
 Preset = Literal["tiny", "small", "base", "ddpm-cifar10"]
+
+
+# The error type of a check that a path field is given: `curriculum preview` asks for the flag
+# that gives it (its context names the field) instead of quoting the spec's message.
+NEEDS_PATH = "needs_path"
 
 
 class Section(BaseModel):
@@ -38,37 +44,64 @@ class ModelConfig(Section):
 
 
 class DiffusionConfig(Section):
-    timesteps: int = Field(1000, ge=2, le=100_000)
-    schedule: Literal["linear", "cosine"] = "linear"
+    timesteps: int = Field(1000, ge=2, le=100_000, description="Diffusion timesteps T.")
+    schedule: Literal["linear", "cosine"] = Field("linear", description=(
+        "Noise schedule (log-snr and quantile clustering depend on it). linear: DDPM's β 1e-4 → 0.02."))
 
 
 class CurriculumConfig(Section):
-    order: Order = "easy-to-hard"
-    num_clusters: int = Field(20, ge=1)
-    clustering: Clustering = "uniform"
-    pacing: Pacing = "fixed"
-    stage_steps: int = Field(100, ge=1)  # fixed pacing: steps per stage
-    patience: int = Field(200, ge=1)  # patience pacing: τ steps without improvement
-    max_stage_steps: Optional[int] = Field(None, ge=1)  # patience pacing: no stage runs longer
+    """Every field, default and check of the timestep curriculum: a trial's spec, `curriculum
+    preview`'s flags and the sampler (trainables/diffusion/curriculum.py) all take it from here.
+    Checks that need the diffusion timesteps (num_clusters ≤ T) are the trial config's."""
+
+    order: Order = Field("easy-to-hard", description="The order in which clusters join the active set.")
+    num_clusters: int = Field(20, ge=1, description="Clusters N of the timesteps.")
+    clustering: Clustering = Field("uniform", description="How the timesteps are cut into clusters.")
+    pacing: Pacing = Field("fixed", description="What ends a stage: a fixed step count, or patience.")
+    stage_steps: int = Field(100, ge=1, description="Fixed pacing: steps per stage.")
+    patience: int = Field(200, ge=1, description="Patience pacing: τ, steps without improvement that end a stage.")
+    max_stage_steps: Optional[int] = Field(None, ge=1, description="Patience pacing: the longest a stage may run.")
     # What patience watches: the raw ε-prediction loss (comparable across loss weightings) or
     # the weighted loss the optimiser minimises.
-    patience_loss: Literal["raw", "weighted"] = "raw"
-    # What t is drawn from inside the active set (trainables/diffusion/distributions.py).
-    distribution: Literal["uniform", "logit-normal", "loss-second-moment"] = "uniform"
-    logit_mean: float = 0.0  # logit-normal: t = ⌊sigmoid(m + s·z)·T⌋
-    logit_std: float = Field(1.0, gt=0.0)
-    smoothing: float = Field(0.99, ge=0.0, lt=1.0)  # EMA of the loss that patience watches
-    min_delta: float = Field(0.0, ge=0.0)  # relative improvement that counts as one
-    cumulative: bool = True
-    seed: int = 0  # the permutation of `random`
-    # order `measured`: clusters easiest first by a difficulty probe's measure. `difficulty` is a
-    # difficulty.json or a probe search's parent run id; `prepare` resolves it to a file in the
-    # storage root (checking that the probe measured this T, N, clustering and schedule).
-    difficulty: Optional[str] = None
-    difficulty_measure: DifficultyMeasure = "convergence_steps"
-    # order `shuffled` under patience pacing: the easy-to-hard trial whose realised stage lengths
-    # give the allocation, a `curriculum/schedule.json` or that trial's run id (`prepare` resolves it).
-    reference: Optional[str] = None
+    patience_loss: Literal["raw", "weighted"] = Field("raw", description="Patience pacing: the loss it watches.")
+    # trainables/diffusion/distributions.py
+    distribution: Literal["uniform", "logit-normal", "loss-second-moment"] = Field(
+        "uniform", description="What t is drawn from inside the active set.")
+    logit_mean: float = Field(0.0, description="logit-normal: m.")  # t = ⌊sigmoid(m + s·z)·T⌋
+    logit_std: float = Field(1.0, gt=0, description="logit-normal: s.")
+    smoothing: float = Field(0.99, ge=0.0, lt=1.0, description="Patience pacing: the EMA of the loss it watches.")
+    min_delta: float = Field(0.0, ge=0.0, description="Patience pacing: the relative improvement that counts as one.")
+    cumulative: bool = Field(True, description="Stage n trains on the first n clusters of the order (else the n-th).")
+    seed: int = Field(0, description="Permutation seed of the random order.")
+    # `prepare` resolves `difficulty` to a file in the storage root, checking that the probe
+    # measured this T, N, clustering and schedule.
+    difficulty: Optional[str] = Field(None, description=(
+        "Order measured: a difficulty probe's difficulty.json (its search's report/ artifact; a spec may name "
+        "that search's parent run id instead)."))
+    difficulty_measure: DifficultyMeasure = Field(
+        "convergence_steps", description="Order measured: the probe's measure, clusters easiest (smallest) first.")
+    # `prepare` resolves `reference` to a file in the storage root, as it does `difficulty`.
+    reference: Optional[str] = Field(None, description=(
+        "Order shuffled under patience pacing: an easy-to-hard trial's curriculum/schedule.json (a spec may name "
+        "that trial's run id instead); its realised stage lengths give the allocation."))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CurriculumConfig":
+        if self.order == "measured" and not self.difficulty:
+            raise PydanticCustomError(NEEDS_PATH, "curriculum.order=measured needs curriculum.difficulty: a "
+                                      "difficulty.json or the run id of a difficulty-probe search",
+                                      {"field": "difficulty"})
+        # Only the path is checked here: the sampler takes the lengths it names already read, and
+        # checks that they are enough (trainables/diffusion/curriculum.py).
+        if self.order == "shuffled" and self.pacing == "patience" and not self.reference:
+            raise PydanticCustomError(NEEDS_PATH, "curriculum.order=shuffled with pacing=patience needs "
+                                      "curriculum.reference: the curriculum/schedule.json or run id of a finished "
+                                      "easy-to-hard trial, whose realised stage lengths give the allocation",
+                                      {"field": "reference"})
+        if self.order == "shuffled" and self.distribution != "uniform":
+            raise ValueError("order 'shuffled' draws easy-to-hard's allocation with t uniform within each stage; "
+                             f"it takes distribution 'uniform', not {self.distribution!r}")
+        return self
 
 
 class LossConfig(Section):

@@ -3,7 +3,8 @@
 Timesteps [0, T) are split into N clusters C1..CN, C1 the lowest noise (hardest to denoise),
 CN the highest (easiest). A `CurriculumSampler` is asked for timesteps each step, like
 improved-diffusion's `ScheduleSampler.sample`; `advance()` moves it one training step on and
-decides when the next cluster joins. Pure PyTorch: no Ray, no diffusers.
+decides when the next cluster joins. Pure PyTorch: no Ray, no diffusers. What it does is a
+`CurriculumConfig` (trainables/diffusion/config.py), which holds every field, default and check.
 """
 
 from __future__ import annotations
@@ -11,16 +12,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Optional, Sequence
+from typing import Optional, Sequence, get_args
 
 import torch
 import torch.distributed as dist
 
+from trainables.diffusion.config import Clustering, CurriculumConfig, Order, Pacing
 from trainables.diffusion.distributions import make_distribution
 
-ORDERS = ("none", "easy-to-hard", "hard-to-easy", "random", "measured", "shuffled")
-CLUSTERINGS = ("uniform", "log-snr", "quantile")
-PACINGS = ("fixed", "patience")
+ORDERS, CLUSTERINGS, PACINGS = get_args(Order), get_args(Clustering), get_args(Pacing)
 
 # EDM's training distribution of ln σ (Karras et al. 2022): N(P_mean, P_std²).
 EDM_P_MEAN, EDM_P_STD = -1.2, 1.2
@@ -136,8 +136,6 @@ class FixedPacing:
     wants_loss = False
 
     def __init__(self, stage_steps: int):
-        if stage_steps < 1:
-            raise ValueError("stage_steps must be ≥ 1")
         self.stage_steps = stage_steps
 
     @property
@@ -170,12 +168,8 @@ class PatiencePacing:
     name = "patience"
     wants_loss = True
 
-    def __init__(self, patience: int, smoothing: float = 0.99, min_delta: float = 0.0,
-                 max_stage_steps: Optional[int] = None, sync_every: int = 10):
-        if patience < 1:
-            raise ValueError("patience must be ≥ 1")
-        if max_stage_steps is not None and max_stage_steps < 1:
-            raise ValueError("max_stage_steps must be ≥ 1")
+    def __init__(self, patience: int, smoothing: float, min_delta: float, max_stage_steps: Optional[int],
+                 sync_every: int):
         self.patience, self.smoothing, self.min_delta = patience, smoothing, min_delta
         self.max_stage_steps, self.sync_every = max_stage_steps, max(1, sync_every)
         self.start_stage()
@@ -233,13 +227,14 @@ class PatiencePacing:
         self._pending = [torch.tensor(v) for v in state["pending"]]
 
 
-def make_pacing(pacing: str, stage_steps: int = 100, patience: int = 200, smoothing: float = 0.99,
-                min_delta: float = 0.0, max_stage_steps: Optional[int] = None, sync_every: int = 10):
-    if pacing == "fixed":
-        return FixedPacing(stage_steps)
-    if pacing == "patience":
-        return PatiencePacing(patience, smoothing, min_delta, max_stage_steps, sync_every)
-    raise ValueError(f"unknown pacing {pacing!r}; choose one of {', '.join(PACINGS)}")
+def make_pacing(config: CurriculumConfig, sync_every: int):
+    """The pacing strategy `config.pacing` names, from its fields (their checks are the config's);
+    `sync_every`: the most steps patience's losses wait for their DDP all-reduce."""
+    if config.pacing == "fixed":
+        return FixedPacing(config.stage_steps)
+    if config.pacing == "patience":
+        return PatiencePacing(config.patience, config.smoothing, config.min_delta, config.max_stage_steps, sync_every)
+    raise ValueError(f"unknown pacing {config.pacing!r}; choose one of {', '.join(PACINGS)}")
 
 
 # --------------------------------------------------------------------------- stages
@@ -277,6 +272,17 @@ def allocation(edges: Sequence[int], stages: Sequence[tuple[tuple, tuple]], leng
     return shares
 
 
+@dataclass(frozen=True)
+class SamplerInputs:
+    """What the sampler takes besides its config: what the config's paths name, already read
+    (`from_config` reads them; tests and `references.py` give them directly), and how often
+    patience pacing all-reduces its losses under DDP."""
+
+    ranking: Optional[Sequence[int]] = None  # order measured: the probe's clusters, easiest first (0-based)
+    reference_lengths: Optional[Sequence[int]] = None  # order shuffled, patience: the reference's stage lengths
+    sync_every: int = 10
+
+
 class CurriculumSampler:
     """Draws timesteps from the active set of the current stage and paces the stages.
 
@@ -288,44 +294,22 @@ class CurriculumSampler:
     curriculum gives over that span, then the final phase.
     """
 
-    def __init__(
-        self,
-        timesteps: int,
-        num_clusters: int,
-        order: str = "easy-to-hard",
-        clustering: str = "uniform",
-        pacing: str = "fixed",
-        stage_steps: int = 100,
-        patience: int = 200,
-        cumulative: bool = True,
-        smoothing: float = 0.99,
-        min_delta: float = 0.0,
-        seed: int = 0,
-        rank: int = 0,
-        log_snr: Optional[torch.Tensor] = None,
-        sync_every: int = 10,
-        ranking: Optional[Sequence[int]] = None,
-        max_stage_steps: Optional[int] = None,
-        reference_lengths: Optional[Sequence[int]] = None,
-        distribution: str = "uniform",
-        logit_mean: float = 0.0,
-        logit_std: float = 1.0,
-    ):
-        self.timesteps = timesteps
-        self.edges = cluster_edges(timesteps, num_clusters, clustering, log_snr)
-        self.num_clusters = num_clusters
-        self.order_name, self.clustering = order, clustering
-        self.pacer = make_pacing(pacing, stage_steps, patience, smoothing, min_delta, max_stage_steps, sync_every)
-        self.pacing, self.stage_steps, self.patience = pacing, stage_steps, patience
-        self.max_stage_steps, self.cumulative = max_stage_steps, cumulative
-        self.seed, self.rank = seed, rank
-        self.order = [] if order == "shuffled" else stage_order(order, num_clusters, seed, ranking)
-        if order == "shuffled" and distribution != "uniform":
-            raise ValueError("order 'shuffled' draws easy-to-hard's allocation with t uniform within each stage; "
-                             f"it takes distribution 'uniform', not {distribution!r}")
-        self.distribution = make_distribution(distribution, timesteps, logit_mean, logit_std)
+    def __init__(self, config: CurriculumConfig, timesteps: int, *, log_snr: Optional[torch.Tensor] = None,
+                 rank: int = 0, inputs: Optional[SamplerInputs] = None):
+        """`timesteps`: the diffusion's T; `log_snr`: its ln SNR at each t (log-snr and quantile
+        clustering need it); `rank`: the DDP rank, which draws timesteps of its own."""
+        inputs = inputs or SamplerInputs()
+        self.config, self.timesteps, self.rank = config, timesteps, rank
+        self.num_clusters, self.order_name, self.clustering = config.num_clusters, config.order, config.clustering
+        self.pacing, self.cumulative = config.pacing, config.cumulative
+        self.edges = cluster_edges(timesteps, config.num_clusters, config.clustering, log_snr)
+        self.pacer = make_pacing(config, inputs.sync_every)
+        # `shuffled` introduces no cluster of its own: its plan draws easy-to-hard's allocation.
+        self.order = ([] if config.order == "shuffled"
+                      else stage_order(config.order, config.num_clusters, config.seed, inputs.ranking))
+        self.distribution = make_distribution(config.distribution, timesteps, config.logit_mean, config.logit_std)
         self._last_probs: Optional[torch.Tensor] = None
-        self.plan = self._plan(reference_lengths)
+        self.plan = self._plan(inputs.reference_lengths)
         self.full_index = self._full_index()  # the plan never changes, nor does this
         self._edges_t = torch.tensor(self.edges[1:-1], dtype=torch.long)
         # Mutable state: everything here goes into the checkpoint.
@@ -345,7 +329,7 @@ class CurriculumSampler:
             control = _curriculum_stages(stage_order("easy-to-hard", self.num_clusters), self.cumulative, self.edges)
             before_full = [s for s in control if s[1] != full] if self.cumulative else control
             if self.pacing == "fixed":
-                lengths = [self.stage_steps] * len(before_full)
+                lengths = [self.config.stage_steps] * len(before_full)
             elif reference_lengths is None:
                 raise ValueError("order 'shuffled' with patience pacing needs the realised stage lengths of an "
                                  "easy-to-hard trial (curriculum.reference)")
@@ -452,7 +436,7 @@ class CurriculumSampler:
     def _reseed(self) -> None:
         # Seeded from (seed, rank, step): each rank draws its own timesteps, and a resume on any
         # number of ranks continues the same stream without gathering per-rank RNG states.
-        self.generator.manual_seed((self.seed * 1_000_003 + self.rank) * 10_000_019 + self.step)
+        self.generator.manual_seed((self.config.seed * 1_000_003 + self.rank) * 10_000_019 + self.step)
 
     def sample(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
         """`batch_size` timesteps from the active set: uniformly, from the stage's allocation, or
@@ -568,35 +552,18 @@ def measured_ranking(path: str, measure: str, num_clusters: int) -> list[int]:
     return ranking(load_difficulty(path), measure, num_clusters)
 
 
-def from_config(curriculum, diffusion_timesteps: int, log_snr=None, rank: int = 0) -> CurriculumSampler:
-    """Build the sampler from a `CurriculumConfig` (pydantic) section."""
+def from_config(curriculum: CurriculumConfig, diffusion_timesteps: int, log_snr=None,
+                rank: int = 0) -> CurriculumSampler:
+    """Build the sampler from a trial's `CurriculumConfig`, reading the files its paths name
+    (`prepare` has resolved them to files in the storage root)."""
     ranking = None
     if curriculum.order == "measured":
         ranking = measured_ranking(curriculum.difficulty, curriculum.difficulty_measure, curriculum.num_clusters)
     reference_lengths = None
     if curriculum.order == "shuffled" and curriculum.reference:
         reference_lengths = reference_stage_lengths(curriculum.reference)
-    return CurriculumSampler(
-        timesteps=diffusion_timesteps,
-        num_clusters=curriculum.num_clusters,
-        order=curriculum.order,
-        clustering=curriculum.clustering,
-        pacing=curriculum.pacing,
-        stage_steps=curriculum.stage_steps,
-        patience=curriculum.patience,
-        cumulative=curriculum.cumulative,
-        smoothing=curriculum.smoothing,
-        min_delta=curriculum.min_delta,
-        seed=curriculum.seed,
-        rank=rank,
-        log_snr=log_snr,
-        ranking=ranking,
-        max_stage_steps=curriculum.max_stage_steps,
-        reference_lengths=reference_lengths,
-        distribution=curriculum.distribution,
-        logit_mean=curriculum.logit_mean,
-        logit_std=curriculum.logit_std,
-    )
+    return CurriculumSampler(curriculum, diffusion_timesteps, log_snr=log_snr, rank=rank,
+                             inputs=SamplerInputs(ranking=ranking, reference_lengths=reference_lengths))
 
 
 def reference_stage_lengths(path: str, raw: Optional[bytes] = None) -> list[int]:
