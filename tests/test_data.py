@@ -283,7 +283,7 @@ def batch_ids(batch: torch.Tensor) -> list[int]:
 @pytest.mark.parametrize("image_size", [2, 4, 9])
 def test_batches_range_size_and_labels(image_size):
     images, labels = indexed_images(20)
-    batches = data.ImageBatches(images, labels, batch_size=6, image_size=image_size, seed=3)
+    batches = data.ImageBatches(images, labels, batch_size=6, image_size=image_size, order=data.BatchOrder(seed=3))
     x, y = next(batches)
     assert x.shape == (6, 1, image_size, image_size) and x.dtype == torch.float32
     assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
@@ -305,26 +305,26 @@ def test_resize_downscale_antialiases_and_upscale_is_smooth():
 
 def test_each_epoch_is_a_fresh_permutation_per_seed_and_rank():
     images, labels = indexed_images(12)
-    batches = data.ImageBatches(images, labels, batch_size=4, image_size=4, seed=7, rank=0)
+    batches = data.ImageBatches(images, labels, batch_size=4, image_size=4, order=data.BatchOrder(seed=7, rank=0))
     epochs = [sum((batch_ids(next(batches)[0]) for _ in range(3)), []) for _ in range(2)]
     assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(12))
     assert epochs[0] != epochs[1] and batches.epoch == 1
-    same = data.ImageBatches(images, labels, batch_size=12, image_size=4, seed=7, rank=0)
-    other_rank = data.ImageBatches(images, labels, batch_size=12, image_size=4, seed=7, rank=1)
+    same = data.ImageBatches(images, labels, batch_size=12, image_size=4, order=data.BatchOrder(seed=7, rank=0))
+    other_rank = data.ImageBatches(images, labels, batch_size=12, image_size=4, order=data.BatchOrder(seed=7, rank=1))
     assert batch_ids(next(same)[0]) == epochs[0]
     assert batch_ids(next(other_rank)[0]) != epochs[0]
 
 
 def test_resume_continues_the_same_stream():
     images, labels = indexed_images(10)
-    batches = data.ImageBatches(images, labels, batch_size=4, image_size=4, seed=11)
+    batches = data.ImageBatches(images, labels, batch_size=4, image_size=4, order=data.BatchOrder(seed=11))
     for _ in range(3):  # 12 draws: into the second epoch
         next(batches)
     expected = [batch_ids(next(batches)[0]) for _ in range(5)]
-    resumed = data.ImageBatches(images, labels, batch_size=4, image_size=4, seed=11)
+    resumed = data.ImageBatches(images, labels, batch_size=4, image_size=4, order=data.BatchOrder(seed=11))
     resumed.seek(3)
     assert [batch_ids(next(resumed)[0]) for _ in range(5)] == expected
-    other_seed = data.ImageBatches(images, labels, batch_size=4, image_size=4, seed=999)
+    other_seed = data.ImageBatches(images, labels, batch_size=4, image_size=4, order=data.BatchOrder(seed=999))
     other_seed.seek(3)
     assert [batch_ids(next(other_seed)[0]) for _ in range(5)] != expected
 
@@ -333,9 +333,9 @@ def test_a_resharded_resume_starts_mid_stream_not_at_the_opening_batches():
     """On another worker count a rank's shard is new: seek puts it at the same position of its
     stream an uninterrupted run on that shard would have, not back at the first batches."""
     images, labels = indexed_images(12)
-    uninterrupted = data.ImageBatches(images, labels, batch_size=4, image_size=4, seed=1)
+    uninterrupted = data.ImageBatches(images, labels, batch_size=4, image_size=4, order=data.BatchOrder(seed=1))
     stream = [batch_ids(next(uninterrupted)[0]) for _ in range(13)]
-    b = data.ImageBatches(images, labels, batch_size=4, image_size=4, seed=1)
+    b = data.ImageBatches(images, labels, batch_size=4, image_size=4, order=data.BatchOrder(seed=1))
     b.seek(10)  # step 10: 40 draws = epoch 3, position 4; the next batches cross into epoch 4
     again = [batch_ids(next(b)[0]) for _ in range(3)]
     assert again == stream[10:13] and b.epoch == 4

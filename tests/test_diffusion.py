@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainables.diffusion.diffusion import GaussianDiffusion, guided_epsilon, min_snr_weight, p2_weight, predict_epsilon, weight_from_snr
+from trainables.diffusion.diffusion import (GaussianDiffusion, SampleOptions, guided_epsilon, min_snr_weight, p2_weight,
+                                            predict_epsilon, weight_from_snr)
 from trainables.diffusion.model import EMA, build_model, drop_labels
 
 
@@ -157,7 +158,7 @@ def test_ddim_recovers_the_single_data_point(schedule, steps):
     d = GaussianDiffusion(1000, schedule)
     x0 = torch.rand(3, 2, 4, 4, generator=torch.Generator().manual_seed(2)) * 1.8 - 0.9
     exact = ExactEpsilon(x0, d.alphas_cumprod)
-    out = d.sample(exact, 3, (2, 4, 4), steps, generator=torch.Generator().manual_seed(3))
+    out = d.sample(exact, 3, (2, 4, 4), steps, SampleOptions(generator=torch.Generator().manual_seed(3)))
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
 
 
@@ -168,7 +169,7 @@ def test_ddim_sample_shape_range_and_determinism():
     d = GaussianDiffusion(1000, "linear")
 
     def draw(seed):
-        return d.sample(model, 4, (1, 8, 8), 5, generator=torch.Generator().manual_seed(seed))
+        return d.sample(model, 4, (1, 8, 8), 5, SampleOptions(generator=torch.Generator().manual_seed(seed)))
 
     a, b, c = draw(0), draw(0), draw(1)
     assert a.shape == (4, 1, 8, 8)
@@ -220,7 +221,7 @@ def test_guided_sampling_wiring():
     labels = torch.tensor([0, 1, 2, 0])
 
     def draw(**kw):
-        return d.sample(model, 4, (1, 8, 8), 4, generator=torch.Generator().manual_seed(5), **kw)
+        return d.sample(model, 4, (1, 8, 8), 4, SampleOptions(generator=torch.Generator().manual_seed(5), **kw))
 
     unconditional = draw()  # a conditional model without labels samples with the null label
     without_guidance = draw(labels=labels, guidance_scale=0.0)
@@ -230,7 +231,7 @@ def test_guided_sampling_wiring():
     assert not torch.allclose(conditional, unconditional, atol=1e-3)
     assert not torch.allclose(guided, conditional, atol=1e-3)
     with pytest.raises(ValueError, match="class-conditional"):
-        d.sample(Zero(), 4, (1, 8, 8), 4, labels=labels, guidance_scale=2.0)
+        d.sample(Zero(), 4, (1, 8, 8), 4, SampleOptions(labels=labels, guidance_scale=2.0))
 
 
 def test_label_dropout_fraction():
@@ -277,7 +278,7 @@ def test_denoiser_learns_digits():
     assert last < 0.6 * first
 
     with ema.applied_to(model) as averaged:
-        samples = d.sample(averaged, 64, (1, 8, 8), 20, generator=torch.Generator().manual_seed(0))
+        samples = d.sample(averaged, 64, (1, 8, 8), 20, SampleOptions(generator=torch.Generator().manual_seed(0)))
     assert torch.isfinite(samples).all() and samples.min() >= -1 and samples.max() <= 1
     # Digits are mostly background (-1): samples should be far darker than clipped noise (mean 0).
     data_mean, sample_mean = images.mean().item(), samples.mean().item()

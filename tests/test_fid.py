@@ -16,8 +16,9 @@ from torch import nn
 from paceray.base.errors import PacerayError
 from paceray.tracking.server import free_port
 from trainables.diffusion.data import load_split, prepare, resize_images, to_unit_range
-from trainables.diffusion.fid import INCEPTION_ENV, FIDEvaluator, ReferenceStats, kid_score, load_extractor, load_inception, reference_statistics
-from trainables.diffusion.fid_net import train_fid_net
+from trainables.diffusion.fid import (INCEPTION_ENV, FIDEvaluator, ReferenceImages, ReferenceStats, kid_score,
+                                      load_extractor, load_inception, reference_statistics)
+from trainables.diffusion.fid_net import FidNetRecipe, train_fid_net
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def digits(tmp_path_factory):
     root = tmp_path_factory.mktemp("fid")
     dataset_dir = prepare("digits", root)
     net_path = root / "fid-net-digits.pt"
-    info = train_fid_net(dataset_dir, net_path, epochs=15, seed=0)
+    info = train_fid_net(dataset_dir, net_path, FidNetRecipe(epochs=15, seed=0))
     extractor = load_extractor("classifier", dataset_dir=dataset_dir, fid_net_path=net_path)
     return {"root": root, "dataset_dir": dataset_dir, "net_path": net_path, "info": info, "extractor": extractor}
 
@@ -52,7 +53,8 @@ def _fid(extractor, reference, images, batch=128):
 
 def test_fid_is_low_on_held_out_images_and_grows_with_noise(digits):
     extractor = digits["extractor"]
-    reference = reference_statistics(extractor, digits["dataset_dir"], digits["root"] / "stats", split="train")
+    reference = reference_statistics(extractor, digits["dataset_dir"], digits["root"] / "stats",
+                                     ReferenceImages(split="train"))
     held_out = to_unit_range(load_split(digits["dataset_dir"], "test")[0])
     noise = torch.randn(held_out.shape, generator=torch.Generator().manual_seed(0))
     clean = _fid(extractor, reference, held_out)
@@ -63,7 +65,8 @@ def test_fid_is_low_on_held_out_images_and_grows_with_noise(digits):
     assert all(a < b for a, b in zip([clean["fid"]] + noisy, noisy)), (clean["fid"], noisy)
     assert noisy[2] > 4 * clean["fid"], (clean["fid"], noisy)  # noise at 0.4 is far from the data
     # training at 16 px: reference and generated images are both 16 px, the extractor takes them to 8
-    reference16 = reference_statistics(extractor, digits["dataset_dir"], digits["root"] / "stats", image_size=16)
+    reference16 = reference_statistics(extractor, digits["dataset_dir"], digits["root"] / "stats",
+                                       ReferenceImages(image_size=16))
     held_out16 = to_unit_range(resize_images(load_split(digits["dataset_dir"], "test")[0], 16))
     assert _fid(extractor, reference16, held_out16)["fid"] < noisy[0]
 
@@ -111,16 +114,18 @@ def test_reference_statistics_are_cached(digits):
     calls = []
     hook = extractor.register_forward_hook(lambda module, args, out: calls.append(len(out)))
     try:
-        first = reference_statistics(extractor, digits["dataset_dir"], cache, split="test", batch_size=100)
+        first = reference_statistics(extractor, digits["dataset_dir"], cache,
+                                     ReferenceImages(split="test", batch_size=100))
         assert sum(calls) == 359 and len(list(cache.iterdir())) == 1
         calls.clear()
-        second = reference_statistics(extractor, digits["dataset_dir"], cache, split="test", batch_size=100)
+        second = reference_statistics(extractor, digits["dataset_dir"], cache,
+                                      ReferenceImages(split="test", batch_size=100))
         assert calls == []  # read from disk: the extractor did not run
         assert second.num_samples == first.num_samples == 359
         assert torch.equal(second.feature_sum, first.feature_sum) and torch.equal(second.outer_sum, first.outer_sum)
         assert second.feature_sum.dtype == torch.float64
         # another image size is another cache entry
-        reference_statistics(extractor, digits["dataset_dir"], cache, split="test", image_size=16)
+        reference_statistics(extractor, digits["dataset_dir"], cache, ReferenceImages(split="test", image_size=16))
         assert sum(calls) == 359 and len(list(cache.iterdir())) == 2
     finally:
         hook.remove()
@@ -282,11 +287,11 @@ def test_two_commands_preparing_one_storage_root_train_its_fid_net_once(tmp_path
 
 
 def test_a_fraction_of_an_epoch_trains_that_share_of_the_batches(digits, tmp_path):
-    info = train_fid_net(digits["dataset_dir"], tmp_path / "quick.pt", epochs=0.5, seed=0)
+    info = train_fid_net(digits["dataset_dir"], tmp_path / "quick.pt", FidNetRecipe(epochs=0.5, seed=0))
     assert info["epochs"] == 0.5 and 0.0 < info["accuracy"] <= 1.0
     assert torch.load(tmp_path / "quick.pt", weights_only=True)["epochs"] == 0.5
     with pytest.raises(ValueError, match="epochs must be > 0"):
-        train_fid_net(digits["dataset_dir"], tmp_path / "none.pt", epochs=0)
+        train_fid_net(digits["dataset_dir"], tmp_path / "none.pt", FidNetRecipe(epochs=0))
 
 
 def test_a_retrained_fid_network_is_another_feature_space(digits, tmp_path):

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -141,7 +142,7 @@ def test_reads_latest_search_sorted_by_best_fid_missing_last(quick, store):
 def test_steps_to_baseline_final_fid(quick):
     assert quick.baselines[FEATURES].fid == pytest.approx(42.0)  # mean of 40 and 44
     steps = quick.table.set_index("trial")["steps_to_baseline"]
-    got = {t: (None if s is None or s is study_report.pd.NA else int(s)) for t, s in steps.items()}
+    got = {t: (None if s is None or s is pd.NA else int(s)) for t, s in steps.items()}
     assert got == {"e2h-n4": 200, "rnd-n8": 300, "e2h-n8": 200, "base-s0": 400, "base-s1": None,
                    "h2e-n4": None, "e2h-n2": None, "fresh": None}
 
@@ -237,7 +238,7 @@ def test_out_writes_files(store, tmp_path, capsys):
     out = tmp_path / "out"
     run_report("quick", run_dir=str(store["run_dir"]), out=str(out))
     assert sorted(p.name for p in out.iterdir()) == sorted(study_report.FILES)  # no temp files left
-    trials = study_report.pd.read_csv(out / "trials.csv")
+    trials = pd.read_csv(out / "trials.csv")
     assert trials["trial"].iloc[0] == "e2h-n4" and "steps_to_baseline" in trials
     assert (out / "fid_by_order.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "fid_by_clusters.png").stat().st_size > 10_000

@@ -32,11 +32,11 @@ def extractor(cfg: Config, storage: Path, data_dir: Path):
 
 
 def reference(cfg: Config, storage: Path, data_dir: Path, ext=None, device="cpu"):
-    from trainables.diffusion.fid import reference_statistics
+    from trainables.diffusion.fid import ReferenceImages, reference_statistics
 
     ext = ext if ext is not None else extractor(cfg, storage, data_dir)
-    return reference_statistics(ext.to(device), data_dir, storage / "fid-stats", split=REFERENCE_SPLIT,
-                                image_size=cfg.data.image_size, device=device)
+    return reference_statistics(ext.to(device), data_dir, storage / "fid-stats",
+                                ReferenceImages(split=REFERENCE_SPLIT, image_size=cfg.data.image_size), device=device)
 
 
 def fid_evaluator(cfg: Config, storage: Path, data_dir: Path, device):

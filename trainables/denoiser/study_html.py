@@ -15,12 +15,12 @@ from typing import Optional
 import pandas as pd
 
 from paceray.protocol import html_report as H
-from trainables.denoiser.study_report import (
+from trainables.denoiser.study_model import (
     FID_METRIC,
     KID_METRIC,
     Report,
-    _feature_lines,
-    _verdict_lines,
+    feature_lines,
+    verdict_lines,
     display_summary,
     display_table,
 )
@@ -82,7 +82,7 @@ def render_html(rep: Report) -> str:
     counts = ", ".join(f"{n} {s.lower()}" for s, n in status.items()) or "none yet"
     sections = []
 
-    what = [H.esc(line) for line in _feature_lines(rep)]
+    what = [H.esc(line) for line in feature_lines(rep)]
     best = ""
     if rep.best_trial is not None:
         row = rep.table[rep.table["trial"] == rep.best_trial].iloc[0]
@@ -93,7 +93,7 @@ def render_html(rep: Report) -> str:
     sections.append(("summary", f"<h2>What was compared</h2><p>{len(rep.table)} trials ({H.esc(counts)}).</p>"
                                 f"<p class=\"{'note' if rep.comparable else 'warn'}\">{'<br>'.join(what)}</p>{best}"))
 
-    verdicts = "<br>".join(H.esc(line.strip()) for line in _verdict_lines(rep) if line.strip())
+    verdicts = "<br>".join(H.esc(line.strip()) for line in verdict_lines(rep) if line.strip())
     sections.append(("arms", "<h2>Arms against the baseline, paired by seed</h2>"
                              f"{H.table(display_summary(rep))}<p class=\"note\">{verdicts}</p>"))
 

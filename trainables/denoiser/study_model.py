@@ -1,7 +1,7 @@
-"""The denoiser's report hook: the curriculum comparison read back from MLflow — the trial table
-sorted by best FID, the per-arm summary (order -> final FID over seeds), steps-to-baseline and
-FID-vs-step plots. The platform's `paceray report` (and the end of `paceray tune`) calls it
-through `Trainable.report` with the search's runs (paceray.report.SearchRuns).
+"""The denoiser's curriculum comparison read back from MLflow, as data and text: the trial table
+sorted by best FID, the per-arm summary (order -> final FID over seeds), steps-to-baseline, and
+the tags of the search's parent run. Its files (tables, plots, report.html) are study_report's,
+which builds it as the report hook (`Trainable.report`, with paceray's `SearchRuns`).
 
 FIDs measured with different feature extractors or sample counts are different quantities.
 Trials are grouped by their `paceray.fid_features` tag; when there is more than one group the
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import pandas as pd
 
@@ -52,6 +52,8 @@ class Report:
     best_trial: Optional[str]  # None when FIDs are not comparable across trials
     best_fid: Optional[float]
     search: object = None  # the SearchRuns it was built from (KID histories, artifacts for report.html)
+    # file name -> writer(path), given the report: study_report's (tables, plots, report.html)
+    file_writers: Optional[Callable[["Report"], dict]] = None
 
     @property
     def comparable(self) -> bool:
@@ -66,7 +68,7 @@ class Report:
         return render(self)
 
     def files(self) -> dict:
-        return files(self)
+        return self.file_writers(self) if self.file_writers is not None else {}
 
     def parent_tags(self) -> dict:
         return parent_tags(self)
@@ -74,7 +76,7 @@ class Report:
 
 # ---------------------------------------------------------------- the table
 
-def _finite(values: pd.Series) -> pd.Series:
+def finite_mask(values: pd.Series) -> pd.Series:
     # bool dtype even when empty: an empty object Series used as a mask would select columns
     return pd.to_numeric(values, errors="coerce").map(math.isfinite).astype(bool)
 
@@ -94,7 +96,7 @@ def steps_to_reach(history: pd.Series, threshold: float) -> Optional[int]:
 
 def _row(run, history: pd.Series) -> dict:
     p, tags = run.data.params, run.data.tags
-    finite = history[_finite(history)]
+    finite = history[finite_mask(history)]
     pacing = p.get("curriculum.pacing")
     stage = {"fixed": p.get("curriculum.stage_steps"), "patience": f"τ={p.get('curriculum.patience')}"}.get(pacing)
     return {
@@ -122,7 +124,7 @@ def _row(run, history: pd.Series) -> dict:
 def _baselines(table: pd.DataFrame) -> dict:
     out = {}
     for group, sub in table[table["arm"] == BASELINE_ARM].groupby("features"):
-        usable = sub[_finite(sub["final_fid"])]
+        usable = sub[finite_mask(sub["final_fid"])]
         finished = usable[usable["status"] == "FINISHED"]
         provisional = finished.empty
         chosen = usable[~usable["status"].isin(ENDED_BADLY)] if provisional else finished
@@ -165,11 +167,11 @@ def _summary(table: pd.DataFrame, histories: dict, by_features: bool) -> pd.Data
     from trainables.denoiser import paired
 
     keys = ["features", "arm"] if by_features else ["arm"]
-    finished = table[(table["status"] == "FINISHED") & _finite(table["final_fid"])]
+    finished = table[(table["status"] == "FINISHED") & finite_mask(table["final_fid"])]
     rows = []
     for key, sub in table.groupby(keys, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
-        counted = sub[~sub["status"].isin(ENDED_BADLY) & _finite(sub["final_fid"])]
+        counted = sub[~sub["status"].isin(ENDED_BADLY) & finite_mask(sub["final_fid"])]
         fids = counted["final_fid"]
         row = {**dict(zip(keys, key)), "order": sub["order"].iloc[0], "n": len(fids),
                "final_fid_mean": fids.mean() if len(fids) else math.nan,
@@ -192,7 +194,7 @@ def _summary(table: pd.DataFrame, histories: dict, by_features: bool) -> pd.Data
     return summary.sort_values(keys[:-1] + ["_rank", "arm"]).drop(columns="_rank").reset_index(drop=True)
 
 
-def build(search) -> Report:
+def build(search, file_writers: Optional[Callable[[Report], dict]] = None) -> Report:
     """The report of `search` (paceray.report.SearchRuns): its runs' FID histories and params."""
     experiment, source, parent_run_id = search.experiment, search.source, search.parent_run_id
     histories, rows = {}, []
@@ -214,14 +216,14 @@ def build(search) -> Report:
     table["group"] = table["features"].map(lambda g: groups.index(g) if g in groups else len(groups))
     table = table.sort_values(["group", "best_fid", "trial"], na_position="last").reset_index(drop=True)
     # The best trial of each feature group; one overall best only when all FIDs are comparable.
-    ranked = table[_finite(table["best_fid"])]
+    ranked = table[finite_mask(table["best_fid"])]
     table["best"] = table.index.isin(ranked.groupby("group").head(1).index)
     table = table.drop(columns="group")
     best_trial = best_fid = None
     if len(groups) <= 1 and not ranked.empty:
         best_trial, best_fid = str(ranked.iloc[0]["trial"]), float(ranked.iloc[0]["best_fid"])
     return Report(experiment, source, parent_run_id, table, _summary(table, histories, len(groups) > 1), histories,
-                  groups, baselines, best_trial, best_fid, search)
+                  groups, baselines, best_trial, best_fid, search, file_writers)
 
 
 # ---------------------------------------------------------------- text
@@ -232,7 +234,7 @@ def _fmt(x, digits: int = 2) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-def _feature_lines(rep: Report) -> list:
+def feature_lines(rep: Report) -> list:
     counts = rep.table["features"].value_counts()
     if not rep.feature_groups:
         return ["FID features: none yet (no trial has logged eval/fid)"]
@@ -321,7 +323,7 @@ def render(rep: Report) -> str:
     status = rep.table["status"].value_counts()
     counts = ", ".join(f"{n} {s.lower()}" for s, n in status.items())
     lines = [f"paceray report {rep.experiment}: {rep.source}; {len(rep.table)} trials ({counts or 'none yet'})"]
-    lines += _feature_lines(rep) + _baseline_lines(rep) + [""]
+    lines += feature_lines(rep) + _baseline_lines(rep) + [""]
     if rep.table.empty:
         return "\n".join(lines + ["(no trials yet)"])
     lines += [line.rstrip() for line in _left_aligned(display_table(rep), ("trial", "note")).splitlines()]
@@ -334,11 +336,11 @@ def render(rep: Report) -> str:
         lines.append("* best trial of each FID group (not comparable across groups)")
     lines += ["", "per arm (final FID over seeds; failed trials not counted):",
               _left_aligned(display_summary(rep), ("arm",))]
-    lines += _verdict_lines(rep)
+    lines += verdict_lines(rep)
     return "\n".join(lines)
 
 
-def _verdict_lines(rep: Report) -> list:
+def verdict_lines(rep: Report) -> list:
     """In words, each arm against the baseline, from the paired intervals."""
     s = rep.summary[rep.summary["arm"] != BASELINE_ARM]
     if s.empty or not (rep.summary["arm"] == BASELINE_ARM).any():
@@ -358,21 +360,7 @@ def _verdict_lines(rep: Report) -> list:
     return lines
 
 
-# ---------------------------------------------------------------- files and the parent run
-
-def files(rep: Report) -> dict:
-    """trials.csv, summary.csv, fid_by_order.png, fid_by_clusters.png: file name -> writer(path)."""
-    from trainables.denoiser.study_html import render_html
-    from trainables.denoiser.study_plots import plot_fid
-
-    return {
-        FILES[0]: lambda p: rep.table.to_csv(p, index=False),
-        FILES[1]: lambda p: rep.summary.to_csv(p, index=False),
-        FILES[2]: lambda p: plot_fid(rep, "order").savefig(p, format="png"),
-        FILES[3]: lambda p: plot_fid(rep, "N").savefig(p, format="png"),
-        FILES[4]: lambda p: p.write_text(render_html(rep)),
-    }
-
+# ---------------------------------------------------------------- the parent run
 
 def parent_tags(rep: Report) -> dict:
     """The best trial and its FID, or a warning when FIDs are not comparable."""
@@ -383,10 +371,3 @@ def parent_tags(rep: Report) -> dict:
         tags["paceray.report_warning"] = (f"trials used {len(rep.feature_groups)} different FID feature extractors: "
                                           f"not comparable")
     return tags
-
-
-class StudyReportHook:
-    """`Trainable.report` of the denoiser."""
-
-    def build(self, search) -> Report:
-        return build(search)

@@ -1,8 +1,8 @@
 """The Ray Train per-worker loop: curriculum-sampled timesteps, weighted ε loss, EMA, FID evals.
 
-Reads top to bottom: set-up, resume, then one loop whose body is a training step, a log every
-`train.log_every` steps and an eval + checkpoint every `eval.every` steps. Rank 0 alone talks
-to MLflow; every rank samples its share of the FID images.
+Reads top to bottom: set-up and resume (`_build`), then one loop whose body is a training step,
+a log every `train.log_every` steps and an eval + checkpoint every `eval.every` steps. Rank 0
+alone talks to MLflow; every rank samples its share of the FID images.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,8 +23,8 @@ from trainables.denoiser.features import fid_evaluator
 from trainables.denoiser.reporting import TrialLog, sample_grid
 from trainables.diffusion import curriculum as curriculum_lib
 from trainables.diffusion.assets import dataset_path
-from trainables.diffusion.data import ImageBatches, load_split, read_manifest
-from trainables.diffusion.diffusion import GaussianDiffusion
+from trainables.diffusion.data import BatchOrder, ImageBatches, load_split, read_manifest
+from trainables.diffusion.diffusion import GaussianDiffusion, SampleOptions
 from trainables.diffusion.model import EMA, build_model, drop_labels, null_label, unwrap
 
 CHECKPOINT_FILE = "state.pt"
@@ -44,19 +44,92 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def train_loop(config: dict, context: TrialContext) -> None:
     import ray.train
+
+    trial, restored = _build(Config.model_validate(config), context)
+    cfg, log = trial.cfg, trial.log
+    start_step = restored.step if restored is not None else 0
+    if start_step >= cfg.train.steps and restored is not None and restored.metrics is not None:
+        # Killed after its last checkpoint but before its caller heard it finished: say the final
+        # result again (a Tune trial that reports nothing fails the whole search), then end.
+        ray.train.report(restored.metrics)
+        if log:
+            log.finish()
+        return
+
+    interval, last_fid = _Interval.begin(trial), None
+    for step in range(start_step + 1, cfg.train.steps + 1):
+        trained = _train_step(trial, interval, step)
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            if not _log_interval(trial, interval, trained, step, last_fid):
+                return  # a non-finite loss ended the trial as failed
+        if step % cfg.eval.every == 0 or step == cfg.train.steps:
+            last_fid = _eval_and_checkpoint(trial, trained, step)
+            interval.start = time.perf_counter()  # eval time is not training throughput
+    if log:
+        log.finish()
+
+
+# ---------------------------------------------------------------- set-up and resume
+
+@dataclass(frozen=True)
+class _Trial:
+    """One worker's trial, built once (`_build`): where it runs, its data, diffusion, curriculum,
+    model, EMA and optimizer, the FID evaluation and, on rank 0, its log."""
+
+    cfg: Config
+    context: TrialContext
+    rank: int
+    world: int
+    device: torch.device
+    bf16: bool
+    num_classes: Optional[int]  # None: unconditional
+    batches: ImageBatches
+    diffusion: GaussianDiffusion
+    sampler: curriculum_lib.CurriculumSampler
+    weights_by_t: torch.Tensor  # the loss weighting w(t) of every timestep, on the device
+    model: torch.nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    train_model: torch.nn.Module  # what the step runs: the model, DDP-wrapped and compiled as configured
+    evaluator: Any  # fid.FIDEvaluator
+    log: Optional[TrialLog]  # rank 0's
+    null: Optional[int]  # the label that means "no class" (label dropout); None: unconditional
+    label_gen: torch.Generator  # the label dropout's draws, per rank
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up over `train.warmup_steps`, then `train.lr`."""
+        warmup = max(1, self.cfg.train.warmup_steps)
+        return self.cfg.train.lr * min(1.0, (step + 1) / warmup)
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.cfg, self.diffusion, self.rank, self.world, self.device, self.num_classes, self.bf16)
+
+    @property
+    def resumable(self) -> Resumable:
+        return Resumable(self.model, self.ema, self.optimizer, self.sampler)
+
+
+@dataclass(frozen=True)
+class _Restored:
+    """What a resume reads from its checkpoint beside the state it loads."""
+
+    step: int
+    world: int  # the worker count that wrote it
+    metrics: Optional[dict]  # its report, said again by a resume that finds nothing left to train
+
+
+def _build(cfg: Config, context: TrialContext) -> tuple[_Trial, Optional[_Restored]]:
+    """The trial, and what its checkpoint (if any) said. The order is the random draws' order:
+    seed, data, curriculum, the model's initial weights, the checkpoint's state, then the FID
+    evaluator (training a missing FID network reseeds)."""
     import ray.train.torch
 
-    cfg = Config.model_validate(config)
     rank, world = _world()
     device = ray.train.torch.get_device()
-    use_cuda = device.type == "cuda"
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_cuda)
-    if use_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    bf16 = _use_precision(cfg, device)
     torch.manual_seed(cfg.train.seed * 1000 + rank)
 
-    # ---------------------------------------------------------------- data, model, curriculum
     storage = Path(context.storage)
     data_dir = dataset_path(cfg.data, storage)
     manifest = read_manifest(data_dir)
@@ -64,7 +137,7 @@ def train_loop(config: dict, context: TrialContext) -> None:
     num_classes = manifest["num_classes"] if cfg.data.class_conditional else None
     images, labels = load_split(data_dir, "train", rank, world)
     batches = ImageBatches(images, labels, cfg.train.batch_size, cfg.data.image_size, device=device,
-                           seed=cfg.train.seed, rank=rank)
+                           order=BatchOrder(seed=cfg.train.seed, rank=rank))
     diffusion = GaussianDiffusion(cfg.diffusion.timesteps, cfg.diffusion.schedule)
     sampler = curriculum_lib.from_config(cfg.curriculum, cfg.diffusion.timesteps, diffusion.log_snr(), rank)
     weights_by_t = diffusion.loss_weight(torch.arange(cfg.diffusion.timesteps), cfg.loss.weighting,
@@ -74,139 +147,188 @@ def train_loop(config: dict, context: TrialContext) -> None:
     model = build_model(cfg.model.preset, cfg.data.image_size, channels, num_classes).to(device)
     ema = EMA(model, decay=cfg.train.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    warmup = max(1, cfg.train.warmup_steps)
-    lr_at = lambda step: cfg.train.lr * min(1.0, (step + 1) / warmup)  # noqa: E731
-
-    # ---------------------------------------------------------------- resume
-    start_step, last_report, saved_world = 0, None, world
     checkpoint = context.checkpoint()  # Ray's latest, or the platform's fallback
+    restored = None
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            # weights_only: a checkpoint on a volume every pod can write runs no pickled code on load.
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["curriculum"])
-        start_step = int(state["step"])
-        last_report = state.get("metrics")
-        saved_world = int(state["world"])
-        batches.seek(start_step)  # the data stream is a function of (seed, rank, step), like the curriculum's
+        restored = _restore(checkpoint, Resumable(model, ema, optimizer, sampler), batches)
     ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
     train_model = torch.compile(ddp_model) if cfg.train.compile else ddp_model
 
     evaluator = fid_evaluator(cfg, storage, data_dir, device)
-    sampling = Sampling(cfg, diffusion, rank, world, device, num_classes, bf16)
-    resumable = Resumable(model, ema, optimizer, sampler)
     log = TrialLog(context, cfg, sampler) if rank == 0 else None
-    if log and checkpoint is None:
-        warning = curriculum_lib.degenerate_warning(sampler, cfg.diffusion.schedule)
+    trial = _Trial(cfg, context, rank, world, device, bf16, num_classes, batches, diffusion, sampler, weights_by_t,
+                  model, ema, optimizer, train_model, evaluator, log, null=null_label(model),
+                  label_gen=torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + rank))
+    if log:
+        _note_start(trial, restored)
+    return trial, restored
+
+
+def _use_precision(cfg: Config, device: torch.device) -> bool:
+    """Whether the step runs under bf16 autocast; on CUDA, TF32 matmuls are allowed too."""
+    use_cuda = device.type == "cuda"
+    if use_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_cuda)
+
+
+def _restore(checkpoint, state: Resumable, batches: ImageBatches) -> _Restored:
+    """Load a checkpoint (written by `report_with_checkpoint`) into `state` and put the data
+    stream where the checkpointed run was."""
+    with checkpoint.as_directory() as d:
+        # weights_only: a checkpoint on a volume every pod can write runs no pickled code on load.
+        saved = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    state.model.load_state_dict(saved["model"])
+    state.ema.load_state_dict(saved["ema"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.sampler.load_state_dict(saved["curriculum"])
+    restored = _Restored(step=int(saved["step"]), world=int(saved["world"]), metrics=saved.get("metrics"))
+    batches.seek(restored.step)  # the data stream is a function of (seed, rank, step), like the curriculum's
+    return restored
+
+
+def _note_start(trial: _Trial, restored: Optional[_Restored]) -> None:
+    """Rank 0's first lines: a fresh trial's curriculum warning, or where a resumed one resumed."""
+    log = trial.log
+    if restored is None:
+        warning = curriculum_lib.degenerate_warning(trial.sampler, trial.cfg.diffusion.schedule)
         if warning:
             log.note(f"warning: {warning}")
-    if log and checkpoint is not None:
-        log.note_resume(start_step)
-        if saved_world != world:
-            log.note(f"the checkpoint was written by {saved_world} worker(s), this run has {world}: "
-                     f"the data is resharded and each worker's data order starts afresh")
-    if start_step >= cfg.train.steps and last_report is not None:
-        # Killed after its last checkpoint but before its caller heard it finished: say the final
-        # result again (a Tune trial that reports nothing fails the whole search), then end.
-        ray.train.report(last_report)
-        if log:
-            log.finish()
         return
+    log.note_resume(restored.step)
+    if restored.world != trial.world:
+        log.note(f"the checkpoint was written by {restored.world} worker(s), this run has {trial.world}: "
+                 f"the data is resharded and each worker's data order starts afresh")
 
-    # ---------------------------------------------------------------- the loop
-    n_clusters = sampler.num_clusters
-    # The cluster of every timestep, on the device once: no CPU bucketing or copy per step.
-    cluster_by_t = sampler.cluster_of(torch.arange(cfg.diffusion.timesteps)).to(device)
-    cluster_loss = torch.zeros(n_clusters, device=device, dtype=torch.float64)
-    cluster_count = torch.zeros(n_clusters, device=device, dtype=torch.float64)
-    interval_start, interval_images, last_fid = time.perf_counter(), 0, None
-    null = null_label(model)
-    label_gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + rank)
 
-    for step in range(start_step + 1, cfg.train.steps + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step - 1)
-        x0, y = next(batches)
-        if log and sampler.stage_index >= sampler.full_index and step == sampler.full_from_step:
-            log.full_from(step)
-        t = sampler.sample(x0.shape[0], device)
-        y = drop_labels(y, cfg.data.label_dropout, null, label_gen) if num_classes else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            per_sample = diffusion.training_losses(train_model, x0, t, y)
-        importance = sampler.importance(t)  # loss-second-moment: keeps the objective unbiased
-        weights = weights_by_t[t] if importance is None else weights_by_t[t] * importance
-        loss = (weights * per_sample).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        ema.update(model)
+# ---------------------------------------------------------------- a step, a log, an eval
 
-        raw = per_sample.detach()
-        sampler.observe(t, raw.float())
-        k = cluster_by_t[t]
-        cluster_loss.index_add_(0, k, raw.double())
-        cluster_count += torch.bincount(k, minlength=n_clusters)
-        # What this step trained on, before `advance` may open the next stage.
-        stage_before, t_lo, t_hi = sampler.stage, sampler.t_min, sampler.t_max
-        if sampler.wants_loss:
-            sampler.advance(raw.mean() if cfg.curriculum.patience_loss == "raw" else loss.detach())
-        else:
-            sampler.advance()
-        interval_images += x0.shape[0]
+@dataclass(frozen=True)
+class _Trained:
+    """What a step trained on, read before `advance` may open the next stage."""
 
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            # One device-to-host copy per log; train/loss is the mean over every sample of the interval.
-            totals = _all_reduce_sum(torch.cat([cluster_loss, cluster_count])).cpu()
-            loss_by_cluster, count_by_cluster = totals[:n_clusters], totals[n_clusters:]
-            mean_loss = float(loss_by_cluster.sum() / count_by_cluster.sum())
-            if not math.isfinite(mean_loss):
-                # Every rank sees the same all-reduced value, so all stop together. Retrying from
-                # the last checkpoint would meet the same NaN: a final report ends the trial as
-                # failed, with why (every rank reports: it is a barrier), and no exception retries it.
-                reason = (f"non-finite loss: train/loss is {mean_loss} at step {step} (stage {stage_before}); "
-                          f"lower train.lr or check the data")
-                if log:
-                    log.fail(reason)
-                context.fail(reason, step=step)
-                return
-            elapsed = time.perf_counter() - interval_start
-            per_cluster = loss_by_cluster / count_by_cluster.clamp(min=1)
-            sampled = count_by_cluster > 0
-            metrics = {
-                "train/loss": mean_loss,
-                "curriculum/stage": stage_before,
-                "curriculum/t_min": t_lo,
-                "curriculum/t_max": t_hi,
-                "perf/img_per_s": interval_images * world / max(elapsed, 1e-9),
-                "train/lr": lr_at(step - 1),
-                **{f"train/loss_c{i + 1}": float(per_cluster[i]) for i in range(n_clusters) if sampled[i]},
-            }
-            if log:
-                log.metrics(metrics, step, last_fid)
-            cluster_loss.zero_(), cluster_count.zero_()
-            interval_start, interval_images = time.perf_counter(), 0
+    stage: int
+    t_min: int
+    t_max: int
 
-        if step % cfg.eval.every == 0 or step == cfg.train.steps:
-            eval_start = time.perf_counter()
-            fid, grid = evaluate(sampling, model, ema, evaluator)
-            last_fid = fid["fid"]
-            eval_seconds = time.perf_counter() - eval_start
-            metrics = {"eval/fid": last_fid, "eval/kid": fid["kid"], "eval/seconds": eval_seconds, "step": step,
-                       "curriculum/stage": stage_before, "fid_features": fid["features"],
-                       "fid_samples": fid["num_fake"]}
-            if log:
-                log.eval(fid, grid, step, eval_seconds)
-            report_with_checkpoint(resumable, metrics, step, rank, world, context.checkpoint_dir_name(step))
-            interval_start = time.perf_counter()  # eval time is not training throughput
 
-    if log:
-        log.finish()
+@dataclass
+class _Interval:
+    """The steps since the last log: each cluster's summed raw loss and sample count (on the
+    device: no copy per step), the images trained on, and when the interval began."""
 
+    cluster_by_t: torch.Tensor  # the cluster of every timestep, on the device once: no CPU bucketing per step
+    loss: torch.Tensor
+    count: torch.Tensor
+    start: float
+    images: int = 0
+
+    @classmethod
+    def begin(cls, trial: _Trial) -> _Interval:
+        n_clusters, device = trial.sampler.num_clusters, trial.device
+        cluster_by_t = trial.sampler.cluster_of(torch.arange(trial.cfg.diffusion.timesteps)).to(device)
+        return cls(cluster_by_t, torch.zeros(n_clusters, device=device, dtype=torch.float64),
+                   torch.zeros(n_clusters, device=device, dtype=torch.float64), time.perf_counter())
+
+    def add(self, t: torch.Tensor, raw: torch.Tensor) -> None:
+        k = self.cluster_by_t[t]
+        self.loss.index_add_(0, k, raw.double())
+        self.count += torch.bincount(k, minlength=len(self.count))
+
+    def restart(self) -> None:
+        self.loss.zero_(), self.count.zero_()
+        self.start, self.images = time.perf_counter(), 0
+
+
+def _train_step(trial: _Trial, interval: _Interval, step: int) -> _Trained:
+    """One optimizer step on a batch, its losses tallied, the curriculum advanced."""
+    cfg, sampler, model, optimizer = trial.cfg, trial.sampler, trial.model, trial.optimizer
+    for group in optimizer.param_groups:
+        group["lr"] = trial.lr_at(step - 1)
+    x0, y = next(trial.batches)
+    if trial.log and sampler.stage_index >= sampler.full_index and step == sampler.full_from_step:
+        trial.log.full_from(step)
+    t = sampler.sample(x0.shape[0], trial.device)
+    y = drop_labels(y, cfg.data.label_dropout, trial.null, trial.label_gen) if trial.num_classes else None
+    with torch.autocast(trial.device.type, dtype=torch.bfloat16, enabled=trial.bf16):
+        per_sample = trial.diffusion.training_losses(trial.train_model, x0, t, y)
+    importance = sampler.importance(t)  # loss-second-moment: keeps the objective unbiased
+    weights = trial.weights_by_t[t] if importance is None else trial.weights_by_t[t] * importance
+    loss = (weights * per_sample).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    optimizer.step()
+    trial.ema.update(model)
+
+    raw = per_sample.detach()
+    sampler.observe(t, raw.float())
+    interval.add(t, raw)
+    # What this step trained on, before `advance` may open the next stage.
+    trained = _Trained(sampler.stage, sampler.t_min, sampler.t_max)
+    if sampler.wants_loss:
+        sampler.advance(raw.mean() if cfg.curriculum.patience_loss == "raw" else loss.detach())
+    else:
+        sampler.advance()
+    interval.images += x0.shape[0]
+    return trained
+
+
+def _log_interval(trial: _Trial, interval: _Interval, trained: _Trained, step: int,
+                  last_fid: Optional[float]) -> bool:
+    """The interval's metrics to rank 0's log, then a fresh interval; False (the trial then ends
+    as failed) when its loss is not finite."""
+    n_clusters = len(interval.loss)
+    # One device-to-host copy per log; train/loss is the mean over every sample of the interval.
+    totals = _all_reduce_sum(torch.cat([interval.loss, interval.count])).cpu()
+    loss_by_cluster, count_by_cluster = totals[:n_clusters], totals[n_clusters:]
+    mean_loss = float(loss_by_cluster.sum() / count_by_cluster.sum())
+    if not math.isfinite(mean_loss):
+        # Every rank sees the same all-reduced value, so all stop together. Retrying from
+        # the last checkpoint would meet the same NaN: a final report ends the trial as
+        # failed, with why (every rank reports: it is a barrier), and no exception retries it.
+        reason = (f"non-finite loss: train/loss is {mean_loss} at step {step} (stage {trained.stage}); "
+                  f"lower train.lr or check the data")
+        if trial.log:
+            trial.log.fail(reason)
+        trial.context.fail(reason, step=step)
+        return False
+    elapsed = time.perf_counter() - interval.start
+    per_cluster = loss_by_cluster / count_by_cluster.clamp(min=1)
+    sampled = count_by_cluster > 0
+    metrics = {
+        "train/loss": mean_loss,
+        "curriculum/stage": trained.stage,
+        "curriculum/t_min": trained.t_min,
+        "curriculum/t_max": trained.t_max,
+        "perf/img_per_s": interval.images * trial.world / max(elapsed, 1e-9),
+        "train/lr": trial.lr_at(step - 1),
+        **{f"train/loss_c{i + 1}": float(per_cluster[i]) for i in range(n_clusters) if sampled[i]},
+    }
+    if trial.log:
+        trial.log.metrics(metrics, step, last_fid)
+    interval.restart()
+    return True
+
+
+def _eval_and_checkpoint(trial: _Trial, trained: _Trained, step: int) -> float:
+    """FID and KID of the EMA model's samples, logged and reported with a checkpoint; returns the FID."""
+    eval_start = time.perf_counter()
+    fid, grid = evaluate(trial.sampling, trial.model, trial.ema, trial.evaluator)
+    eval_seconds = time.perf_counter() - eval_start
+    metrics = {"eval/fid": fid["fid"], "eval/kid": fid["kid"], "eval/seconds": eval_seconds, "step": step,
+               "curriculum/stage": trained.stage, "fid_features": fid["features"],
+               "fid_samples": fid["num_fake"]}
+    if trial.log:
+        trial.log.eval(fid, grid, step, eval_seconds)
+    report_with_checkpoint(trial.resumable, metrics, step, trial.rank, trial.world,
+                           trial.context.checkpoint_dir_name(step))
+    return fid["fid"]
+
+
+# ---------------------------------------------------------------- sampling and checkpoints
 
 @dataclass(frozen=True)
 class Sampling:
@@ -236,8 +358,9 @@ def generate_share(s: Sampling, ema_model):
         n = min(cfg.eval.batch_size, share - done)
         y = torch.randint(s.num_classes, (n,), generator=gen, device=s.device) if s.num_classes else None
         with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.bf16):
-            x = s.diffusion.sample(ema_model, n, shape, cfg.eval.sampler_steps, labels=y,
-                                   guidance_scale=cfg.eval.guidance_scale, generator=gen, device=s.device)
+            x = s.diffusion.sample(ema_model, n, shape, cfg.eval.sampler_steps,
+                                   SampleOptions(labels=y, guidance_scale=cfg.eval.guidance_scale, generator=gen,
+                                                 device=s.device))
         yield x.float()
         done += n
 

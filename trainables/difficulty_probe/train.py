@@ -10,6 +10,7 @@ between consecutive forward marginals of a Gaussian fitted to the data (analysis
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from trainables.difficulty_probe import analysis
 from trainables.difficulty_probe.config import Config
 from trainables.diffusion.assets import dataset_path
 from trainables.diffusion.curriculum import cluster_edges
-from trainables.diffusion.data import ImageBatches, load_split, read_manifest, resize_images, to_unit_range
+from trainables.diffusion.data import BatchOrder, ImageBatches, load_split, read_manifest, resize_images, to_unit_range
 from trainables.diffusion.diffusion import GaussianDiffusion
 from trainables.diffusion.model import build_model, unwrap
 
@@ -78,7 +79,7 @@ def train_loop(config: dict, context: TrialContext) -> None:
     channels = read_manifest(data_dir)["image_shape"][0]
     images, labels = load_split(data_dir, "train", rank, world)
     batches = ImageBatches(images, labels, cfg.train.batch_size, cfg.data.image_size, device=device,
-                           seed=cfg.train.seed, rank=rank)
+                           order=BatchOrder(seed=cfg.train.seed, rank=rank))
     diffusion = GaussianDiffusion(cfg.diffusion.timesteps, cfg.diffusion.schedule)
     edges = cluster_edges(cfg.diffusion.timesteps, cfg.probe.num_clusters, cfg.probe.clustering, diffusion.log_snr())
     lo, hi = edges[cfg.probe.cluster - 1], edges[cfg.probe.cluster]
@@ -93,6 +94,7 @@ def train_loop(config: dict, context: TrialContext) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start, history = int(state["step"]), [tuple(p) for p in state["history"].tolist()]
         batches.seek(start)
+    resumable = Resumable(model, optimizer, history)
     train_model = ray.train.torch.prepare_model(model) if world > 1 else model
     heldout = heldout_batch(data_dir, cfg, lo, hi)
     run = context.run_logger() if rank == 0 else None
@@ -120,7 +122,7 @@ def train_loop(config: dict, context: TrialContext) -> None:
                 metrics.update(final_metrics(cfg, history, data_dir, diffusion, edges) if rank == 0 else {})
                 if run:
                     run.log_metrics({k: v for k, v in metrics.items() if k.startswith("probe/")}, step)
-            _report(metrics, step, model, optimizer, history, rank, context.checkpoint_dir_name(step))
+            _report(metrics, step, resumable, rank, context.checkpoint_dir_name(step))
     if run:
         left = run.close()
         if left and context.console_progress:
@@ -140,7 +142,17 @@ def final_metrics(cfg: Config, history, data_dir: Path, diffusion, edges) -> dic
     }
 
 
-def _report(metrics: dict, step: int, model, optimizer, history, rank: int, name: str) -> None:
+@dataclass(frozen=True)
+class Resumable:
+    """What a checkpoint holds besides the step: weights, optimizer and the held-out history (the
+    loop's own list, appended to as it goes)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    history: list  # (step, held-out loss)
+
+
+def _report(metrics: dict, step: int, state: Resumable, rank: int, name: str) -> None:
     """Every rank reports (a barrier); rank 0 writes the checkpoint: weights, optimizer, history."""
     import ray.train
 
@@ -148,7 +160,8 @@ def _report(metrics: dict, step: int, model, optimizer, history, rank: int, name
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save({"step": step, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                    "history": torch.tensor(np.asarray(history, dtype=np.float64))}, Path(tmp) / CHECKPOINT_FILE)
+        torch.save({"step": step, "model": unwrap(state.model).state_dict(),
+                    "optimizer": state.optimizer.state_dict(),
+                    "history": torch.tensor(np.asarray(state.history, dtype=np.float64))}, Path(tmp) / CHECKPOINT_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=name)

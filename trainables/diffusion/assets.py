@@ -58,11 +58,11 @@ def train_dataset_fid_net(dataset: str, storage: Path, source: Optional[str] = N
     """Train the classifier FID network of `dataset` (on CPU or the local GPU) into the storage root."""
     import torch
 
-    from trainables.diffusion.fid_net import train_fid_net
+    from trainables.diffusion.fid_net import FidNetRecipe, train_fid_net
 
     data_dir = dataset_path(DataConfig(dataset=dataset, source=source), storage)
     out = fid_net_path(dataset, storage, data_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"training the {dataset} FID network once (saved to {out}) …", flush=True)
-    info = train_fid_net(data_dir, out, epochs=epochs, seed=seed, device=device)
+    info = train_fid_net(data_dir, out, FidNetRecipe(epochs=epochs, seed=seed), device=device)
     return out, info

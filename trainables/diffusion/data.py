@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -106,45 +107,54 @@ def _content_hash_update(digest: hashlib._Hash, split: str, images: np.ndarray, 
     digest.update(labels.astype("<i8").tobytes())
 
 
-def _write_split(name: str, split: str, images, labels, out: Path, digest, splits: dict,
-                 image_shape: Optional[list]) -> tuple[int, list]:
-    """One split's shards into `out` and its entry into `splits`; returns its largest label and
-    its image shape [C, H, W] (every split's must match `image_shape`, the first's)."""
-    images = np.ascontiguousarray(images, dtype=np.uint8)
-    labels = np.ascontiguousarray(labels, dtype=np.int64)
-    if images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
-        raise PacerayError(f"{name}/{split}: images {images.shape} and labels {labels.shape} do not form a dataset")
-    if image_shape not in (None, list(images.shape[1:])):
-        raise PacerayError(f"{name}: split {split} has images {list(images.shape[1:])}, others {image_shape}")
-    _content_hash_update(digest, split, images, labels)
-    shards = []
-    for start in range(0, len(images), SHARD_ROWS):
-        file = f"{split}-{len(shards):05d}.parquet"
-        pq.write_table(_to_table(images[start:start + SHARD_ROWS], labels[start:start + SHARD_ROWS]),
-                       out / file, compression="zstd")
-        shards.append(file)
-    splits[split] = {"count": len(images), "shards": shards}
-    return int(labels.max()), list(images.shape[1:])
+@dataclass
+class _PreparedWriter:
+    """What writing a dataset's splits into `out` gathers: the content digest, each split's entry,
+    the image shape [C, H, W] (every split's must match the first's) and the largest label."""
+
+    name: str
+    out: Path
+    digest: Any = field(default_factory=hashlib.sha256)
+    splits: dict[str, Any] = field(default_factory=dict)
+    image_shape: Optional[list] = None
+    max_label: int = -1
+
+    def write_split(self, split: str, images, labels) -> None:
+        """One split's shards into `out` and its entry into `splits`."""
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        labels = np.ascontiguousarray(labels, dtype=np.int64)
+        if images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
+            raise PacerayError(f"{self.name}/{split}: images {images.shape} and labels {labels.shape} "
+                               f"do not form a dataset")
+        if self.image_shape not in (None, list(images.shape[1:])):
+            raise PacerayError(f"{self.name}: split {split} has images {list(images.shape[1:])}, "
+                               f"others {self.image_shape}")
+        _content_hash_update(self.digest, split, images, labels)
+        shards = []
+        for start in range(0, len(images), SHARD_ROWS):
+            file = f"{split}-{len(shards):05d}.parquet"
+            pq.write_table(_to_table(images[start:start + SHARD_ROWS], labels[start:start + SHARD_ROWS]),
+                           self.out / file, compression="zstd")
+            shards.append(file)
+        self.splits[split] = {"count": len(images), "shards": shards}
+        self.max_label = max(self.max_label, int(labels.max()))
+        self.image_shape = list(images.shape[1:])
 
 
 def _write_prepared(raw: RawDataset, name: str, out: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    image_shape = None
-    splits: dict[str, Any] = {}
-    max_label = -1
+    writer = _PreparedWriter(name, out)
     with progress_bar(f"writing {name}", sum(len(labels) for _, labels in raw.splits.values()), "images") as advance:
         for split, (images, labels) in raw.splits.items():
-            top, image_shape = _write_split(name, split, images, labels, out, digest, splits, image_shape)
-            max_label = max(max_label, top)
+            writer.write_split(split, images, labels)
             advance(len(labels))
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": name,
-        "splits": splits,
-        "image_shape": image_shape,  # [C, H, W]
-        "num_classes": len(raw.class_names) if raw.class_names else max_label + 1,
+        "splits": writer.splits,
+        "image_shape": writer.image_shape,  # [C, H, W]
+        "num_classes": len(raw.class_names) if raw.class_names else writer.max_label + 1,
         "class_names": raw.class_names,
-        "content_hash": digest.hexdigest(),  # sha256 over split names, shapes, pixels, labels
+        "content_hash": writer.digest.hexdigest(),  # sha256 over split names, shapes, pixels, labels
         "source": raw.source,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -285,6 +295,14 @@ def stream_seed(seed: int, rank: int, salt: str = "") -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
 
 
+@dataclass(frozen=True)
+class BatchOrder:
+    """Whose shuffles order an `ImageBatches` stream: the trial's seed and the worker's rank."""
+
+    seed: int = 0
+    rank: int = 0
+
+
 class ImageBatches:
     """Endless random minibatches of (float images in [-1, 1], int64 labels) on `device`.
 
@@ -296,15 +314,15 @@ class ImageBatches:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, image_size: int,
-                 device: str | torch.device = "cpu", seed: int = 0, rank: int = 0):
+                 device: str | torch.device = "cpu", order: BatchOrder = BatchOrder()):
         if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != len(labels):
             raise ValueError(f"want uint8 images (N, C, H, W) and N labels, got {images.dtype} {tuple(images.shape)}, {len(labels)}")
         if len(images) == 0:
-            raise PacerayError(f"rank {rank} has no images: the split holds fewer rows than there are workers")
+            raise PacerayError(f"rank {order.rank} has no images: the split holds fewer rows than there are workers")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
-        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+        self.batch_size, self.seed, self.rank = batch_size, order.seed, order.rank
         self.images = resize_images(images.to(self.device), image_size)
         self.labels = labels.to(self.device, torch.int64)
         self.epoch, self._order = -1, None

@@ -10,6 +10,8 @@ this module keeps ᾱ in float64 so log-SNR stays exact near t = 0, where float3
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
@@ -95,6 +97,17 @@ def guided_epsilon(
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
+@dataclass(frozen=True)
+class SampleOptions:
+    """How `GaussianDiffusion.sample` draws beyond its size and step count: the class labels and
+    the classifier-free guidance scale, the noise generator, and the device (default the model's)."""
+
+    labels: torch.Tensor | None = None
+    guidance_scale: float = 1.0
+    generator: torch.Generator | None = None
+    device: torch.device | str | None = None
+
+
 class GaussianDiffusion:
     """The forward process q(x_t | x_0), the ε-prediction loss and a DDIM sampler for T steps."""
 
@@ -169,10 +182,7 @@ class GaussianDiffusion:
         num: int,
         shape: tuple[int, int, int],
         steps: int,
-        labels: torch.Tensor | None = None,
-        guidance_scale: float = 1.0,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
+        options: SampleOptions = SampleOptions(),
     ) -> torch.Tensor:
         """`num` images of `shape` (C, H, W) in [-1, 1] by deterministic DDIM (η = 0) in `steps` steps.
 
@@ -180,6 +190,8 @@ class GaussianDiffusion:
         A class-conditional model given no labels samples with the null label (unconditionally).
         `device` defaults to the model's.
         """
+        labels, guidance_scale, generator = options.labels, options.guidance_scale, options.generator
+        device = options.device
         if device is None:
             device = next(model.parameters(), torch.empty(0)).device
         device = torch.device(device)

@@ -192,17 +192,29 @@ def _metric(extractor: nn.Module):
     return metric
 
 
+@dataclass(frozen=True)
+class ReferenceImages:
+    """Which real images `reference_statistics` describes: those of `split`, resized to
+    `image_size` (the size the generator makes; None: the dataset's own), fed to the extractor
+    `batch_size` at a time."""
+
+    split: str = "train"
+    image_size: int | None = None
+    batch_size: int = 256
+
+
 def reference_statistics(extractor: nn.Module, dataset_dir: str | Path, cache_dir: str | Path,
-                         split: str = "train", image_size: int | None = None, batch_size: int = 256,
+                         which: ReferenceImages = ReferenceImages(),
                          device: str | torch.device = "cpu") -> ReferenceStats:
     """The real images' feature statistics, from `cache_dir` if computed before.
 
-    The images of `split` are resized to `image_size` (the size the generator makes, default the
-    dataset's own) with `data.resize_images`, exactly as training sees them, then fed in [-1, 1]
-    to the extractor. Under DDP only rank 0 needs these (see FIDEvaluator).
+    The images of `which.split` are resized to `which.image_size` with `data.resize_images`,
+    exactly as training sees them, then fed in [-1, 1] to the extractor. Under DDP only rank 0
+    needs these (see FIDEvaluator).
     """
+    split, batch_size = which.split, which.batch_size
     manifest = read_manifest(dataset_dir)
-    image_size = image_size or manifest["image_shape"][-1]
+    image_size = which.image_size or manifest["image_shape"][-1]
     key = {"version": STATS_VERSION, "dataset": manifest["name"], "dataset_hash": manifest["content_hash"],
            "split": split, "features": extractor.feature_name, "weights": extractor.weights_id,
            "image_size": image_size}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,13 +127,25 @@ def accuracy(net: FIDNet, images: torch.Tensor, labels: torch.Tensor, batch_size
     return correct / len(images)
 
 
-def train_fid_net(dataset_dir: str | Path, out_path: str | Path, epochs: float | None = None, seed: int = 0,
-                  batch_size: int = 128, lr: float = 3e-3, width: int = 16, feature_dim: int = 128,
+@dataclass(frozen=True)
+class FidNetRecipe:
+    """How the FID network is trained: `epochs` (None: `default_epochs`; a fraction such as 0.25
+    trains on that share of one epoch's batches), the seed, the batch size and learning rate,
+    and the network's width and feature size."""
+
+    epochs: float | None = None
+    seed: int = 0
+    batch_size: int = 128
+    lr: float = 3e-3
+    width: int = 16
+    feature_dim: int = 128
+
+
+def train_fid_net(dataset_dir: str | Path, out_path: str | Path, recipe: FidNetRecipe = FidNetRecipe(),
                   device: str | torch.device = "cpu") -> dict[str, Any]:
     """Train on the train split, measure on the test split, save to `out_path` atomically.
 
     Returns accuracy (test), epochs, seconds, train/test image counts, the dataset and the path.
-    `epochs` may be a fraction (0.25: a quarter of the train split's batches), for a quick net.
     """
     start = time.perf_counter()
     dataset_dir = Path(dataset_dir)
@@ -145,36 +158,14 @@ def train_fid_net(dataset_dir: str | Path, out_path: str | Path, epochs: float |
     channels, height, width_px = manifest["image_shape"]
     if height != width_px:
         raise PacerayError(f"{dataset_dir}: images are {height}x{width_px}; the FID network wants square images")
-    epochs = default_epochs(len(train_x)) if epochs is None else epochs
+    epochs = default_epochs(len(train_x)) if recipe.epochs is None else recipe.epochs
     if not epochs > 0:
         raise ValueError(f"epochs must be > 0, got {epochs}")
 
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(recipe.seed)
     device = torch.device(device)
-    net = FIDNet(channels, height, manifest["num_classes"], width, feature_dim).to(device)
-    steps_per_epoch = math.ceil(len(train_x) / batch_size)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
-    total_steps = max(1, round(epochs * steps_per_epoch))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps)
-    max_shift = max(1, height // 8)
-    step = 0
-    with progress_bar(f"training the {manifest['name']} FID network", total_steps, "steps") as advance:
-        for _ in range(math.ceil(epochs)):
-            net.train()
-            order = torch.randperm(len(train_x), generator=generator)
-            for first in range(0, len(order), batch_size):
-                if step == total_steps:  # a fractional last epoch
-                    break
-                step += 1
-                index = order[first:first + batch_size]
-                x = _shifted(to_unit_range(train_x[index]), generator, max_shift).to(device)
-                loss = F.cross_entropy(net(x), train_y[index].to(device), label_smoothing=0.1)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                advance(1)
+    net = FIDNet(channels, height, manifest["num_classes"], recipe.width, recipe.feature_dim).to(device)
+    _fit(net, (train_x, train_y), replace(recipe, epochs=epochs), device, manifest["name"])
     net = net.cpu()
     test_accuracy = accuracy(net, test_x, test_y)
     record = {
@@ -186,13 +177,43 @@ def train_fid_net(dataset_dir: str | Path, out_path: str | Path, epochs: float |
         "image_size": height,
         "accuracy": test_accuracy,
         "epochs": epochs,
-        "seed": seed,
+        "seed": recipe.seed,
     }
     out_path = Path(out_path)
     atomic_torch_save(record, out_path)
     return {"accuracy": test_accuracy, "epochs": epochs, "seconds": time.perf_counter() - start,
             "train_images": len(train_x), "test_images": len(test_x), "dataset": manifest["name"],
             "dataset_hash": manifest["content_hash"], "path": str(out_path)}
+
+
+def _fit(net: FIDNet, train: tuple[torch.Tensor, torch.Tensor], recipe: FidNetRecipe, device: torch.device,
+         dataset: str) -> None:
+    """`recipe.epochs` passes over the shuffled, randomly shifted train split (the last pass may
+    be a fraction), with a one-cycle learning rate."""
+    train_x, train_y = train
+    generator = torch.Generator().manual_seed(recipe.seed)
+    steps_per_epoch = math.ceil(len(train_x) / recipe.batch_size)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=5e-4)
+    total_steps = max(1, round(recipe.epochs * steps_per_epoch))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=total_steps)
+    max_shift = max(1, train_x.shape[-2] // 8)
+    step = 0
+    with progress_bar(f"training the {dataset} FID network", total_steps, "steps") as advance:
+        for _ in range(math.ceil(recipe.epochs)):
+            net.train()
+            order = torch.randperm(len(train_x), generator=generator)
+            for first in range(0, len(order), recipe.batch_size):
+                if step == total_steps:  # a fractional last epoch
+                    break
+                step += 1
+                index = order[first:first + recipe.batch_size]
+                x = _shifted(to_unit_range(train_x[index]), generator, max_shift).to(device)
+                loss = F.cross_entropy(net(x), train_y[index].to(device), label_smoothing=0.1)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                advance(1)
 
 
 def load_fid_net(path: str | Path, dataset_dir: str | Path | None = None) -> ClassifierFeatures:
