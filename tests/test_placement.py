@@ -87,7 +87,8 @@ def test_a_trainer_gets_the_placement_elasticity_and_bounded_retries(tmp_path):
                            metric="eval/fid")
     resources = ResourcesSection(workers=4, min_workers=2, placement="strict-spread", socket_ifname="eth0",
                                  worker_wait_s=120)
-    t = trial.trainer_for(resolve("denoiser"), {"train": {"checkpoint_keep": 2}}, context, resources, tmp_path, name="t", mode="min")
+    plan = trial.FitPlan(resolve("denoiser"), {"train": {"checkpoint_keep": 2}}, resources, tmp_path, "t", context={})
+    t = trial.trainer_for(plan, context)
     assert t.scaling_config.num_workers == (2, 4) and t.scaling_config.placement_strategy == "STRICT_SPREAD"
     assert t.run_config.failure_config.controller_failure_limit == 1  # 2 tries of Ray's 60 s
     assert t.backend_config.socket_ifname == "eth0"

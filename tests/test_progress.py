@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 from types import SimpleNamespace
 
-from paceray.search.live_view import SearchView
+from paceray.search.live_view import SearchShape, SearchView
 
 
 def _trial(tid: str, order: str, error_file=None):
@@ -14,9 +14,9 @@ def _trial(tid: str, order: str, error_file=None):
 
 
 def _view(out, live=False, total=3):
-    return SearchView("quick", total, [("step", "step"), ("stage", "curriculum/stage"), ("FID", "eval/fid")],
-                      "eval/fid", "min", lambda c: c["steps"], lambda c, tid: f"{c['order']}-{tid}",
-                      worker_log=None, live=live, out=out)
+    shape = SearchShape("quick", total, [("step", "step"), ("stage", "curriculum/stage"), ("FID", "eval/fid")],
+                        "eval/fid", "min", lambda c: c["steps"], lambda c, tid: f"{c['order']}-{tid}")
+    return SearchView(shape, worker_log=None, live=live, out=out)
 
 
 def test_plain_lines_one_per_event_with_best_stopped_and_failed(tmp_path):

@@ -24,7 +24,7 @@ def test_a_grid_over_order_and_n_runs_none_once_per_seed(tmp_path):
     points = space.grid_points(s)
     nones = [p for p in points if p["curriculum.order"] == "none"]
     # 2 curriculum orders × 3 N × 2 pacings + none, per seed
-    assert len(points) == 3 * (2 * 3 * 2 + 1) == s.trial_configs_preview() == space.trial_count(s)
+    assert len(points) == 3 * (2 * 3 * 2 + 1) == space.trial_count_preview(s) == space.trial_count(s)
     assert len(nones) == 3 and sorted(p["train.seed"] for p in nones) == [0, 1, 2]
     # the baseline's irrelevant settings take the base's values, whatever the grid said
     assert {(p["curriculum.num_clusters"], p["curriculum.pacing"]) for p in nones} == {(4, "fixed")}
@@ -35,7 +35,7 @@ def test_a_grid_over_order_and_n_runs_none_once_per_seed(tmp_path):
 def test_without_seeds_or_a_hook_the_grid_is_the_full_product(tmp_path):
     s = spec(tmp_path, search={"train.lr": {"grid": [0.001, 0.002]}, "curriculum.order": {"grid": ["none", "random"]}})
     assert len(space.grid_points(s)) == 4  # lr matters to every order
-    assert s.trial_configs_preview() == 4
+    assert space.trial_count_preview(s) == 4
 
 
 def test_patience_settings_do_not_multiply_fixed_trials(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 from paceray.base.errors import PacerayError
 from paceray.base.dotted import flatten
+from paceray.spec import space
 from paceray.spec.specfile import load, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def test_good_spec_fills_defaults_and_resolves_paths(tmp_path):
     assert s.base["diffusion"]["timesteps"] == 1000  # default from the trainable's Config
     assert set(s.search) == {"curriculum.order", "train.lr"}
     assert s.run_dir.is_absolute()
-    assert s.trial_configs_preview() == 2
+    assert space.trial_count_preview(s) == 2
 
 
 def test_set_overrides_base_and_pins_searched_paths(tmp_path):

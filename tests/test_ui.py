@@ -29,7 +29,7 @@ def test_ui_serves_the_store_and_sigterm_stops_every_process(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{store}")
     exp = client.create_experiment("seen-in-the-ui")
     search = client.create_run(exp, run_name="search-seen", tags={"paceray.kind": "search"}).info.run_id
-    key = ui_view.save_comparison(client, exp, search, "seen", "eval/fid", "min", ["curriculum.order"])
+    key = ui_view.save_comparison(client, exp, search, ui_view.Comparison("seen", "eval/fid", "min", ("curriculum.order",)))
     port = free_port()
     # Its output to a file, not a pipe: reading the pipe of a server that is still running would
     # block the failure message for ever.

@@ -56,9 +56,10 @@ def main(debug: bool) -> None:
 @user_errors
 def train(spec, overrides, address, tracking_uri, resume, run_dir):
     """Run one trial (the spec's base config plus --set) through Ray Train, without Tune."""
+    from paceray.spec.invocation import Invocation
     from paceray.trial.standalone import run_train
 
-    run_train(spec, overrides, address=address, tracking_uri=tracking_uri, resume=resume, run_dir=run_dir)
+    run_train(Invocation(spec, tuple(overrides), address, tracking_uri, resume, run_dir))
 
 
 @main.command()
@@ -74,9 +75,9 @@ def train(spec, overrides, address, tracking_uri, resume, run_dir):
 def tune(spec, overrides, address, tracking_uri, resume, run_dir, verbose):
     """Search the spec's space with Ray Tune: one MLflow child run per trial."""
     from paceray.search.driver import run_tune
+    from paceray.spec.invocation import Invocation
 
-    run_tune(spec, overrides, address=address, tracking_uri=tracking_uri, resume=resume, run_dir=run_dir,
-             verbose=verbose)
+    run_tune(Invocation(spec, tuple(overrides), address, tracking_uri, resume, run_dir, verbose))
 
 
 @main.command()

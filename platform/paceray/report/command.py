@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from paceray.base.errors import PacerayError
-from paceray.base.paths import default_run_dir
+from paceray.base.paths import RunDir, default_run_dir
 from paceray.tracking import server as mlflow_server
 
 
@@ -21,7 +21,7 @@ def resolve_tracking_uri(tracking_uri: Optional[str], run_dir: Optional[str]) ->
         mlflow_server.check_reachable(uri)
         return uri
     rd = Path(run_dir).expanduser().resolve() if run_dir else default_run_dir()
-    db = rd / "mlflow.db"
+    db = RunDir(rd).store_db
     if not db.is_file():
         raise PacerayError(f"{db}: no embedded MLflow store here; pass --run-dir of a paceray run, "
                            f"or --tracking-uri / MLFLOW_TRACKING_URI of the server the search logged to")

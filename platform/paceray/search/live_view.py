@@ -63,17 +63,29 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-class SearchView:
-    """The view of one search. `columns`: (header, result key) pairs from the trainable's
-    `progress` hook; `steps_of(config)` a trial's step budget; `name_of(config, trial_id)` its
-    run name."""
+@dataclass(frozen=True)
+class SearchShape:
+    """What the view shows of one search: its name and trial count (None: unknown), `columns`
+    ((header, result key) pairs from the trainable's `progress` hook), the metric and its mode,
+    `steps_of(config)` a trial's step budget and `name_of(config, trial_id)` its run name."""
 
-    def __init__(self, search: str, total: Optional[int], columns: Sequence[tuple[str, str]], metric: str, mode: str,
-                 steps_of: Callable[[dict], int], name_of: Callable[[dict, str], str], worker_log: Optional[Path],
-                 live: Optional[bool] = None, out: Optional[TextIO] = None):
-        self.search, self.total, self.columns = search, total, list(columns)
-        self.metric, self.mode = metric, mode
-        self.steps_of, self.name_of = steps_of, name_of
+    search: str
+    total: Optional[int]
+    columns: Sequence[tuple[str, str]]
+    metric: str
+    mode: str
+    steps_of: Callable[[dict], int]
+    name_of: Callable[[dict, str], str]
+
+
+class SearchView:
+    """The view of one search (`shape`); Ray's worker output goes to `worker_log`."""
+
+    def __init__(self, shape: SearchShape, worker_log: Optional[Path], live: Optional[bool] = None,
+                 out: Optional[TextIO] = None):
+        self.search, self.total, self.columns = shape.search, shape.total, list(shape.columns)
+        self.metric, self.mode = shape.metric, shape.mode
+        self.steps_of, self.name_of = shape.steps_of, shape.name_of
         self.worker_log = worker_log
         self.out = out or sys.stdout
         self.live = self.out.isatty() if live is None else live

@@ -13,13 +13,13 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from paceray.base.dotted import set_path
+from paceray.base.dotted import set_path, unflatten
 from paceray.base.errors import PacerayError
+from paceray.base.paths import RunDir
 from paceray.cluster.connect import HEAD_RESOURCE, PRESENT, describe_resources
 from paceray.protocol import STEP_KEY
 from paceray.search.trial_fn import SearchContext, run_trial
-from paceray.spec.specfile import LoadedSpec
-from paceray.trial.trainer import trial_storage
+from paceray.spec.specfile import Distribution, LoadedSpec
 
 
 def param_space(loaded: LoadedSpec, algorithm: str, points: list) -> dict:
@@ -42,12 +42,32 @@ def param_space(loaded: LoadedSpec, algorithm: str, points: list) -> dict:
             used = list(dict.fromkeys(json_key(p[key]) for p in points))
             value = tune.grid_search([json.loads(v) for v in used])
         else:
-            value = dist.to_tune()
+            value = tune_distribution(dist)
         set_path(config, key, value)
     seeds = space_lib.seeds(loaded)
     if seeds:
         set_path(config, loaded.trainable.seed_path, tune.grid_search(seeds))
     return config
+
+
+def tune_distribution(dist: Distribution):
+    """A spec's distribution as Ray Tune's."""
+    from ray import tune
+
+    kind, args = dist.kind, dist.args
+    if kind == "grid":
+        return tune.grid_search(list(args))
+    if kind == "choice":
+        return tune.choice(list(args))
+    return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[kind](*args)
+
+
+TUNE_TRIAL_ID = "trial_id"  # Tune puts the trial's id into every result it reports
+
+
+def trial_id_of(result) -> Optional[str]:
+    """The Tune trial id of a Tune `Result` (the id the trial's own process read from its context)."""
+    return (getattr(result, "metrics", None) or {}).get(TUNE_TRIAL_ID)
 
 
 def json_key(value) -> str:
@@ -106,7 +126,7 @@ def search_alg(loaded: LoadedSpec, concurrent: int, points: list):
 
     if t.algorithm == "grid":
         # Each canonical grid point (× seed) once per num_samples; Tune samples the rest.
-        presets = [space_lib.unflatten(p) for p in points] * t.num_samples
+        presets = [unflatten(p) for p in points] * t.num_samples
         return BasicVariantGenerator(points_to_evaluate=presets, random_state=t.seed, max_concurrent=concurrent)
     # random: a sample's values stay the same over the seeds' grid (its replicates)
     return BasicVariantGenerator(constant_grid_search=bool(t.seeds), random_state=t.seed, max_concurrent=concurrent)
@@ -180,7 +200,7 @@ def build_tuner(loaded: LoadedSpec, context: SearchContext, concurrent: int, tun
             max_concurrent_trials=concurrent if t.algorithm == "optuna" else None,
         ),
         run_config=tune.RunConfig(
-            name=loaded.spec.name, storage_path=str(trial_storage(Path(context.run_dir))),
+            name=loaded.spec.name, storage_path=str(RunDir(context.run_dir).ray_results),
             failure_config=tune.FailureConfig(max_failures=0),
             callbacks=[ProgressCallback()], verbose=0,
         ),

@@ -66,6 +66,20 @@ def trial_count(loaded: LoadedSpec) -> Optional[int]:
     return len(grid_points(loaded)) * loaded.spec.tune.num_samples
 
 
+def trial_count_preview(loaded: LoadedSpec) -> int:
+    """How many trials the search makes: distinct canonical grid points × seeds × num_samples
+    (a random or Optuna search: num_samples × seeds, times the grid for random)."""
+    count = trial_count(loaded)
+    if count is not None:
+        return count
+    n = loaded.spec.tune.num_samples * max(1, len(loaded.spec.tune.seeds or []))
+    if loaded.spec.tune.algorithm == "random":
+        for d in loaded.search.values():
+            if d.kind == "grid":
+                n *= len(d.args)
+    return n
+
+
 def define_by_run(loaded: LoadedSpec):
     """Optuna's define-by-run space: each searched setting is suggested only when the settings
     suggested before it leave it relevant. Settings that decide others' relevance go first."""

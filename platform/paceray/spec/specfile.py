@@ -79,16 +79,6 @@ class Distribution(_Strict):
             return math.exp(math.log(low) + 0.37 * (math.log(high) - math.log(low)))
         return low + 0.37 * (high - low)
 
-    def to_tune(self):
-        from ray import tune  # only when a search really starts
-
-        kind, args = self.kind, self.args
-        if kind == "grid":
-            return tune.grid_search(list(args))
-        if kind == "choice":
-            return tune.choice(list(args))
-        return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[kind](*args)
-
 
 class TuneSection(_Strict):
     metric: Optional[str] = None  # default: the trainable's
@@ -342,18 +332,3 @@ class LoadedSpec(BaseModel):
     @property
     def name(self) -> str:
         return self.spec.name
-
-    def trial_configs_preview(self) -> int:
-        """How many trials the search makes: distinct canonical grid points × seeds × num_samples
-        (a random or Optuna search: num_samples × seeds, times the grid for random)."""
-        from paceray.spec import space
-
-        count = space.trial_count(self)
-        if count is not None:
-            return count
-        n = self.spec.tune.num_samples * max(1, len(self.spec.tune.seeds or []))
-        if self.spec.tune.algorithm == "random":
-            for d in self.search.values():
-                if d.kind == "grid":
-                    n *= len(d.args)
-        return n

@@ -1,6 +1,6 @@
-"""One owner of an MLflow run's life: found or created by its identity tags, resumed, and ended
-once — finished, failed with its reason, or killed by a scheduler — by `paceray train`, by each
-Tune trial and by the search driver alike.
+"""An MLflow run's life as the tracking store sees it: found or created by its identity tags,
+resumed, and ended with the status and tags its owner decided (a trial's runs: paceray.trial.runner;
+a search's parent run: paceray.search.driver).
 
 Ending a run first delivers what the run's processes queued on disk and did not send (a worker
 killed mid-write); if the server is away, the end itself joins that queue (paceray.spool) and
@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from paceray.base.errors import one_line
-from paceray.protocol.keys import ERROR_TAG, STOPPED_TAG
 from paceray.tracking import client as tracking
 from paceray.tracking import runlog, spool
 from paceray.tracking import server as mlflow_server
@@ -38,14 +36,6 @@ class Run:
     def create(cls, uri: str, experiment: str, name: str, tags: Mapping[str, str], run_dir: Path,
                params: Optional[Mapping[str, Any]] = None) -> "Run":
         return cls(uri, tracking.create_run(uri, experiment, name, tags, params), run_dir)
-
-    @classmethod
-    def find_or_create(cls, uri: str, experiment: str, identity: Mapping[str, str], name: str,
-                       tags: Mapping[str, str], run_dir: Path, params: Optional[Mapping[str, Any]] = None) -> "Run":
-        """The run carrying `identity` (a restarted trial, a resumed search), else a new one: a
-        trial never gets a second run."""
-        return (cls.find(uri, experiment, identity, run_dir)
-                or cls.create(uri, experiment, name, {**identity, **tags}, run_dir, params))
 
     # ------------------------------------------------------------------ state
 
@@ -74,30 +64,18 @@ class Run:
 
     # ------------------------------------------------------------------ ending
 
-    def finish(self) -> Optional[str]:
-        return self.end("FINISHED")
-
-    def fail(self, reason: str) -> Optional[str]:
-        """FAILED, with the reason's last line in the run (Ray wraps a worker's error in its traceback)."""
-        text = str(reason).strip()
-        return self.end("FAILED", {ERROR_TAG: one_line(text.splitlines()[-1] if text else "failed")[:4000]})
-
-    def kill(self, stopped_by: str) -> Optional[str]:
-        """KILLED by a scheduler before its last step: not a crash, so a stale error tag goes."""
-        if mlflow_server.answers(self.uri) and self.deliver_leftovers():
-            try:
-                if ERROR_TAG in self.info().data.tags:
-                    tracking.client(self.uri).delete_tag(self.run_id, ERROR_TAG)
-            except Exception:
-                pass
-        return self.end("KILLED", {STOPPED_TAG: stopped_by})
-
-    def end(self, status: str, tags: Optional[Mapping[str, str]] = None) -> Optional[str]:
-        """Set `tags` and end the run; if the server is away, queue both behind the run's other
-        writes and return the command that replays them."""
+    def end(self, status: str, tags: Optional[Mapping[str, str]] = None, remove_tags: tuple[str, ...] = ()) -> Optional[str]:
+        """Set `tags`, delete `remove_tags` and end the run, after what its processes queued; if the
+        server is away, queue the tags and the end behind the run's other writes and return the
+        command that replays them. What the status is, and why, is the trial runner's to say
+        (paceray.trial.runner); this is how a run is ended."""
         if mlflow_server.answers(self.uri) and self.deliver_leftovers():
             try:
                 c = tracking.client(self.uri)
+                present = self.info().data.tags if remove_tags else {}
+                for k in remove_tags:
+                    if k in present:
+                        c.delete_tag(self.run_id, k)
                 for k, v in (tags or {}).items():
                     c.set_tag(self.run_id, k, v)
                 c.set_terminated(self.run_id, status=status)
@@ -108,13 +86,6 @@ class Run:
             spool.append(self.queue, {"kind": "tags", "run_id": self.run_id, "tags": dict(tags)})
         spool.append(self.queue, {"kind": "terminate", "run_id": self.run_id, "status": status})
         return runlog.replay_command(self.queue, self.uri)
-
-    def end_and_say(self, status: str, reason: Optional[str] = None,
-                    tags: Optional[Mapping[str, str]] = None) -> Optional[str]:
-        """`fail(reason)` or `end(status, tags)`, warning on stderr when the end waits on disk."""
-        left = self.fail(reason) if status == "FAILED" and reason else self.end(status, tags)
-        self.say_waiting(left)
-        return left
 
     def say_waiting(self, left: Optional[str]) -> None:
         """Warn on stderr that the run's last writes wait on disk (`left`: the replay command)."""

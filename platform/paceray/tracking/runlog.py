@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from paceray.base.atomic import write_text_atomic
+from paceray.base.paths import RunDir
 from paceray.tracking import spool
 
 # A write must fail fast when the server is away (the spool retries it), not block training
@@ -24,7 +25,7 @@ FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TI
 
 
 def spool_dir(run_dir: str | Path, run_id: str) -> Path:
-    return Path(run_dir) / "mlflow-spool" / run_id
+    return RunDir(run_dir).queue(run_id)
 
 
 def replay_command(folder: Path, tracking_uri: Optional[str]) -> str:
@@ -54,7 +55,8 @@ class RunLogger:
             from paceray.tracking import system_metrics as sm
 
             if sm.interval() > 0:
-                self.system = sm.SystemSampler(self)
+                first = 1 + max((s for k, s in self.floor.items() if k.startswith(sm.PREFIX)), default=-1)
+                self.system = sm.SystemSampler(self.log_metrics, first)
 
     def _server_steps(self) -> dict[str, int]:
         try:

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
 from paceray.base.errors import PacerayError, one_line
+from paceray.base.paths import RunDir
 
 
 def embedded_store(run_dir: Path) -> tuple[str, Path]:
     run_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{run_dir / 'mlflow.db'}", run_dir / "mlartifacts"
+    return RunDir(run_dir).store_uri, RunDir(run_dir).artifacts
 
 
 # No job runner: its eight huey consumers serve GenAI jobs we never submit, and cost seconds.
@@ -150,7 +151,7 @@ class LocalServer:
 
     def start(self, timeout: float = 180.0) -> "LocalServer":
         backend, _ = embedded_store(self.run_dir)
-        log = open(self.run_dir / "mlflow-server.log", "ab")
+        log = open(RunDir(self.run_dir).server_log, "ab")
         # One worker: uvicorn then serves in the `mlflow server` process's own child, with no
         # supervisor process and no second copy of MLflow's app to import (a start took 22 CPU-s
         # with 2 workers, 14 with 1); requests still run concurrently in its thread pool, and one
@@ -161,7 +162,7 @@ class LocalServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise PacerayError(f"mlflow server for {backend} exited at start; see {self.run_dir / 'mlflow-server.log'}")
+                raise PacerayError(f"mlflow server for {backend} exited at start; see {RunDir(self.run_dir).server_log}")
             try:
                 urllib.request.urlopen(self.uri + "/health", timeout=2).read()
                 return self
@@ -169,7 +170,7 @@ class LocalServer:
                 time.sleep(0.3)
         self.stop()
         raise PacerayError(f"mlflow server for {backend} did not answer within {timeout:.0f}s; see "
-                           f"{self.run_dir / 'mlflow-server.log'}")
+                           f"{RunDir(self.run_dir).server_log}")
 
     def stop(self) -> None:
         """Ask the supervisor to end the server: it stops the server's whole process group (after
@@ -229,8 +230,8 @@ def serve_ui(run_dir: Optional[str], port: int, experiment: Optional[str] = None
     from paceray.base.paths import default_run_dir
 
     rd = Path(run_dir).expanduser().resolve() if run_dir else default_run_dir()
-    if not (rd / "mlflow.db").exists():
-        raise PacerayError(f"{rd / 'mlflow.db'}: no embedded MLflow store here; pass --run-dir of a paceray run")
+    if not RunDir(rd).store_db.exists():
+        raise PacerayError(f"{RunDir(rd).store_db}: no embedded MLflow store here; pass --run-dir of a paceray run")
     landing = _landing(rd, ui_base(port), experiment)
     print(f"MLflow UI on {ui_base(port)} (Ctrl-C to stop)", flush=True)
     if landing:
@@ -256,7 +257,7 @@ def _landing(run_dir: Path, base: str, experiment: Optional[str]) -> Optional[st
     client = MlflowClient(tracking_uri=embedded_store(run_dir)[0])
     if experiment and client.get_experiment_by_name(experiment) is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise PacerayError(f"{run_dir / 'mlflow.db'}: no experiment {experiment!r} (there: {', '.join(names) or 'none'})")
+        raise PacerayError(f"{RunDir(run_dir).store_db}: no experiment {experiment!r} (there: {', '.join(names) or 'none'})")
     run = ui_view.latest_search(client, experiment)
     if run is None:
         return None

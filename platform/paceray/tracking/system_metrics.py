@@ -3,7 +3,7 @@ GPU, each GPU's utilisation and memory, sampled by MLflow's own monitors on rank
 
 MLflow's `SystemMetricsMonitor` logs straight to the server and stops at the first failed call,
 so an outage would end the series for good. Here the same monitors are sampled, and each sample is
-queued through the run's spool like every other write (paceray.runlog): an outage loses none and
+queued through the run's spool like every other write (paceray.tracking.runlog): an outage loses none and
 blocks nothing. Names are MLflow's, under `system/` (the UI's "System metrics" section); the step
 is the sample's index, continued after the run's last sample across restarts.
 """
@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING, Optional
-
-if TYPE_CHECKING:
-    from paceray.tracking.runlog import RunLogger
+from typing import Any, Callable, Optional
 
 PREFIX = "system/"
 INTERVAL_ENV = "PACERAY_SYSTEM_METRICS_INTERVAL"  # seconds between samples; 0 turns sampling off
@@ -47,16 +44,17 @@ def monitors() -> list:
 
 
 class SystemSampler:
-    """A daemon thread sampling `monitors()` every `every` seconds into `logger`, and once more at
-    stop, so even a short trial has a sample."""
+    """A daemon thread sampling `monitors()` every `every` seconds into `log(metrics, step)` (a
+    run logger's log_metrics), and once more at stop, so even a short trial has a sample. Steps
+    count from `first_step`: after the run's last sample (a restarted worker's run already has
+    some), since the run logger drops a sample at a step the run has."""
 
-    def __init__(self, logger: "RunLogger", every: Optional[float] = None):
-        self.logger = logger
+    def __init__(self, log: Callable[[dict[str, float], int], Any], first_step: int = 0,
+                 every: Optional[float] = None):
+        self.log = log
         self.every = interval() if every is None else every
         self.monitors = monitors()
-        # After the run's last sample (a restarted worker's run already has some): the run logger
-        # would drop a sample at a step the run has.
-        self.step = 1 + max((s for k, s in logger.floor.items() if k.startswith(PREFIX)), default=-1)
+        self.step = first_step
         # psutil's CPU figure is the load since its previous call: the first would read 0.
         self._collect()
         self._stop = threading.Event()
@@ -78,7 +76,7 @@ class SystemSampler:
     def sample(self) -> None:
         values = self._collect()
         if values:
-            self.logger.log_metrics({PREFIX + k: v for k, v in values.items()}, self.step)
+            self.log({PREFIX + k: v for k, v in values.items()}, self.step)
             self.step += 1
 
     def _run(self) -> None:

@@ -24,6 +24,7 @@ import json
 import time
 import urllib.parse
 import zlib
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from paceray.protocol.keys import VIEW_TAG
@@ -72,13 +73,25 @@ def encode(name: str, state: dict) -> str:
     return json.dumps({"name": name, "createdAt": int(time.time() * 1000), "state": packed})
 
 
-def save_comparison(client, experiment_id: str, parent_run_id: str, search: str, metric: str, mode: str,
-                    params: Iterable[str], other_metrics: Iterable[str] = ()) -> str:
+@dataclass(frozen=True)
+class Comparison:
+    """What a search's view compares: its trials' metric (and its mode), the searched params as
+    columns, and the other metrics they logged (charted too, so the UI adds none of its own)."""
+
+    search: str
+    metric: str
+    mode: str
+    params: tuple[str, ...]
+    other_metrics: tuple[str, ...] = ()
+
+
+def save_comparison(client, experiment_id: str, parent_run_id: str, view: Comparison) -> str:
     """Write the search's shared view (and its key on the parent run); returns the key."""
-    params, other = list(params), list(other_metrics)
-    value = encode(f"paceray search {search}", comparison_state(parent_run_id, metric, mode, params, other))
+    params, other = list(view.params), list(view.other_metrics)
+    name = f"paceray search {view.search}"
+    value = encode(name, comparison_state(parent_run_id, view.metric, view.mode, params, other))
     if len(value) > MAX_TAG_VALUE:  # thousands of metric keys: let the UI add their charts instead
-        value = encode(f"paceray search {search}", comparison_state(parent_run_id, metric, mode, params))
+        value = encode(name, comparison_state(parent_run_id, view.metric, view.mode, params))
     key = view_key(parent_run_id)
     client.set_experiment_tag(experiment_id, SHARED_VIEW_PREFIX + key, value)
     client.set_tag(parent_run_id, VIEW_TAG, key)

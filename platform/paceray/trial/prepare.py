@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 from paceray.base.errors import PacerayError
-from paceray.tracking import client
+from paceray.base.paths import RunDir
 from paceray.protocol import CheckpointFallback, PrepareContext
 from paceray.spec.specfile import LoadedSpec
+from paceray.tracking import client
 from paceray.trial import trainer as trial
 
 
@@ -19,8 +20,7 @@ def readable_store(external: Optional[str], run_dir: Path) -> Optional[str]:
     the user named, else the embedded SQLite file if one exists (reading it directly is safe)."""
     if external:
         return external
-    db = run_dir / "mlflow.db"
-    return f"sqlite:///{db}" if db.is_file() else None
+    return RunDir(run_dir).store_uri if RunDir(run_dir).store_db.is_file() else None
 
 
 def check_same_store(previous: dict, external: Optional[str], what: str, state: Path, or_else: str = "") -> None:

@@ -8,8 +8,9 @@ restarted trial continues from its latest checkpoint instead of starting over.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from paceray.base.errors import PacerayError, one_line
 from paceray.cluster.placement import gather_placement
@@ -24,22 +25,41 @@ GROUP_START_TIMEOUT_ENV, GROUP_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIM
 RESIZE_INTERVAL_ENV = "PACERAY_ELASTIC_RESIZE_INTERVAL"  # s between an elastic trial's looks for more workers
 
 
-def trainer_for(trainable: Trainable, config: dict, context: TrialContext, resources: ResourcesSection,
-                storage_path: Path, name: str, mode: str, callbacks: Optional[list] = None):
+@dataclass(frozen=True)
+class FitPlan:
+    """What one fit of a trial needs beside its runner: the trainable and its config, the resources
+    of its worker group, where Ray Train keeps it (`storage_path`/`name`), and the context fields
+    its workers are told."""
+
+    trainable: Trainable
+    config: dict
+    resources: ResourcesSection
+    storage_path: Path
+    name: str
+    context: Mapping[str, Any]  # TrialContext fields besides trial_id and run_id
+    mode: str = "min"
+    callbacks: tuple = ()
+
+
+def trainer_for(plan: FitPlan, context: TrialContext):
     """A TorchTrainer for one trial; `fit()` it to run (or resume) the trial. The config goes to
     the workers as the trial's config alone; the context travels beside it, as its own argument."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     from paceray.cluster.ray_internals import node_aware_torch_config, torch_trainer_class
 
-    loop = trainable.train_loop  # a module-level function: pickled by reference, imported on the worker
+    # Only these travel to the workers: the loop (a module-level function, pickled by reference and
+    # imported on the worker) and the context.
+    loop, resources, config = plan.trainable.train_loop, plan.resources, plan.config
 
     def train_loop_per_worker(trial_config: dict) -> Optional[dict]:
         placement = gather_placement()
-        loop(trial_config, context)
+        returned = loop(trial_config, context)
         # Rank 0's return value is the Result's: an in-band failure reaches the platform this way
-        # (Ray Train V2's Result.metrics holds only reports that carried a checkpoint).
-        return {FAILURE_KEY: context.failed, PLACEMENT_KEY: placement}
+        # (Ray Train V2's Result.metrics holds only reports that carried a checkpoint), beside what
+        # the loop itself returned, if a mapping (benchmarks/throughput.py's timings).
+        extra = dict(returned) if isinstance(returned, Mapping) else {}
+        return {**extra, FAILURE_KEY: context.failed, PLACEMENT_KEY: placement}
 
     use_gpu = resources.gpus_per_worker > 0
     per_worker = {"CPU": resources.cpus_per_worker}
@@ -57,15 +77,15 @@ def trainer_for(trainable: Trainable, config: dict, context: TrialContext, resou
         torch_config=node_aware_torch_config("nccl" if use_gpu else "gloo", resources.socket_ifname),
         scaling_config=scaling,
         run_config=RunConfig(
-            name=name,
-            storage_path=str(storage_path),
+            name=plan.name,
+            storage_path=str(plan.storage_path),
             failure_config=FailureConfig(max_failures=resources.max_failures,
                                          controller_failure_limit=_group_start_retries(resources.worker_wait_s)),
             # Ray keeps the latest checkpoint besides the best K by the search metric.
-            checkpoint_config=CheckpointConfig(num_to_keep=trainable.checkpoints_to_keep(config),
+            checkpoint_config=CheckpointConfig(num_to_keep=plan.trainable.checkpoints_to_keep(config),
                                                checkpoint_score_attribute=context.metric,
-                                               checkpoint_score_order=mode),
-            callbacks=callbacks or [],
+                                               checkpoint_score_order=plan.mode),
+            callbacks=list(plan.callbacks),
         ),
     )
 
@@ -78,10 +98,6 @@ def _group_start_retries(wait_s: float) -> int:
 
     per_try = float(os.environ.get(GROUP_START_TIMEOUT_ENV, GROUP_START_TIMEOUT))
     return max(0, math.ceil(wait_s / per_try) - 1)
-
-
-def trial_storage(run_dir: Path) -> Path:
-    return run_dir / "ray"
 
 
 def _registered(trial_dir: Path):
