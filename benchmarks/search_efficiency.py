@@ -37,6 +37,10 @@ from throughput import bare_images_per_s  # benchmarks/, beside this script
 
 REPO = Path(__file__).resolve().parent.parent
 GOAL = 0.50
+# --smoke: one trial (the grid pinned) of a few steps, one eval at its end, in an experiment of
+# its own (a shared tracking server may hold the spec's).
+SMOKE = ("tracking.experiment=search-efficiency-smoke", "curriculum.order=none", "train.steps=4", "eval.every=4", "eval.fid_samples=8", "eval.sampler_steps=2",
+         "train.log_every=2", "eval.sample_grid=0")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,7 +53,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bare-steps", type=int, default=200)
     p.add_argument("--storage", help="storage root (datasets, FID nets, statistics); default: a temp dir")
     p.add_argument("--json", dest="json_out", help="write every figure to this JSON file")
-    return p.parse_args(argv)
+    p.add_argument("--address", help="a running Ray cluster to search on (`paceray tune --address`); default: a "
+                                     "local Ray started by the command")
+    p.add_argument("--tracking-uri", help="the MLflow server to track into (`paceray tune --tracking-uri`); "
+                                          "default: the embedded store under a scratch run directory")
+    p.add_argument("--smoke", action="store_true", help=f"a few steps of one trial, to prove the script runs: "
+                                                        f"{' '.join(SMOKE)}; its figures mean nothing")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.overrides = [*args.overrides, *SMOKE]
+        args.repeats, args.bare_repeats, args.bare_steps = 1, 1, 5
+    return args
 
 
 def search_shape(loaded) -> dict:
@@ -58,7 +72,9 @@ def search_shape(loaded) -> dict:
     if searched & {"train.steps", "train.batch_size"}:
         raise SystemExit("search_efficiency: the spec searches train.steps or train.batch_size; "
                          "images per trial would differ (pin them with --set)")
-    trials = loaded.trial_configs_preview()
+    from paceray.spec.space import trial_count_preview
+
+    trials = trial_count_preview(loaded)
     train, res = loaded.base["train"], loaded.spec.resources
     cpus = os.cpu_count() or 1
     at_once = min(trials, max(1, int(cpus // (res.cpus_per_worker * res.workers))))
@@ -69,9 +85,12 @@ def search_shape(loaded) -> dict:
             "cpus": cpus}
 
 
-def timed_search(spec: str, overrides: list[str], storage: Path, scratch: Path, i: int) -> float:
+def timed_search(args: argparse.Namespace, storage: Path, scratch: Path, i: int) -> float:
     paceray = str(Path(sys.executable).parent / "paceray")
-    cmd = [paceray, "tune", spec, "--run-dir", str(scratch / f"runs-{i}")]
+    cmd = [paceray, "tune", args.spec, "--run-dir", str(scratch / f"runs-{i}")]
+    cmd += ["--address", args.address] if args.address else []
+    cmd += ["--tracking-uri", args.tracking_uri] if args.tracking_uri else []
+    overrides = args.overrides
     for o in overrides:
         cmd += ["--set", o]
     start = time.perf_counter()
@@ -92,7 +111,7 @@ def main(argv=None) -> int:
     try:
         loaded = load(args.spec, parse_overrides(args.overrides))
         shape = search_shape(loaded)
-        loaded.trainable.prepare(loaded.base, PrepareContext(storage=str(storage), tracking_uri=None))
+        loaded.base = loaded.trainable.prepare(loaded.base, PrepareContext(storage=str(storage), tracking_uri=None))
         torch.set_num_threads(1)
         bare = [bare_images_per_s(loaded.base, storage, torch.device("cpu"), 10, args.bare_steps)
                 for _ in range(args.bare_repeats)]
@@ -104,7 +123,7 @@ def main(argv=None) -> int:
               f"core(s) of {shape['cpus']}: ideal {ideal:.1f} s", flush=True)
         walls = []
         for i in range(args.repeats):
-            walls.append(timed_search(args.spec, args.overrides, storage, scratch, i))
+            walls.append(timed_search(args, storage, scratch, i))
             print(f"search {i + 1}: wall {walls[-1]:.1f} s, efficiency {ideal / walls[-1]:.1%}", flush=True)
         wall = statistics.median(walls)
         eff = ideal / wall

@@ -48,6 +48,11 @@ GOAL_EVAL_SHARE = 0.10
 SETTLE_S = 5.0  # before each bare run: Ray winds the previous fit's worker down in the background
 EVAL_NEVER = 10**9  # eval.every past the end: only the loop's obligatory final eval runs
 QUICK = dict(warmup=10, steps=200, repeats=3)
+# --smoke: every part at a few steps, to prove the script runs against the code as it is now
+# (tests/test_benchmarks.py); its figures mean nothing.
+SMOKE = dict(warmup=2, steps=4, repeats=1)
+SMOKE_TRIAL = ["train.steps=4", "eval.every=4", "eval.fid_samples=8", "eval.sampler_steps=2", "train.log_every=2",
+               "eval.sample_grid=0"]
 DEFAULT = dict(warmup=30, steps=400, repeats=3)
 
 
@@ -80,8 +85,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prepare-only", action="store_true",
                    help="prepare the assets of the benchmark and trial configs in --storage, then exit")
     p.add_argument("--json", dest="json_out", help="write every figure to this JSON file")
+    p.add_argument("--address", help="a running Ray cluster to fit on; default: a local Ray started here")
+    p.add_argument("--smoke", action="store_true", help=f"a few steps of every part ({SMOKE}; the trial with "
+                                                        f"{' '.join(SMOKE_TRIAL)}): proves the script runs")
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else DEFAULT).items():
+    if args.smoke:
+        args.trial_set = [*SMOKE_TRIAL, *args.trial_set]
+    for key, value in (SMOKE if args.smoke else QUICK if args.quick else DEFAULT).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -225,14 +235,16 @@ class Fit:
 
 
 class RayPath:
-    """Fits through `paceray.trial.trainer_for` on the connected Ray, tracking off, each under a
+    """Fits through `paceray.trial.trainer.trainer_for` on the connected Ray, tracking off, each under a
     fresh name (a reused name would resume the earlier fit)."""
 
     def __init__(self, storage: Path, run_dir: Path):
         self.storage, self.run_dir, self.count = storage, run_dir, 0
 
     def fit(self, config: dict, resources, timed_from_step: int, keep: int = 2) -> Fit:
-        from paceray.trial.trainer import TrialContext, trainer_for, trial_storage
+        from paceray.base.paths import RunDir
+        from paceray.protocol import TrialContext
+        from paceray.trial.trainer import FitPlan, trainer_for
 
         self.count += 1
         name = f"bench-{self.count:03d}"
@@ -241,13 +253,14 @@ class RayPath:
         config = {**config, BENCH_KEY: {"timed_from_step": timed_from_step}}
         # max_failures=0: a retried worker would resume from a checkpoint and skew the timing.
         bench = SimpleNamespace(train_loop=timed_train_loop, checkpoints_to_keep=lambda _config: keep)
-        trainer = trainer_for(bench, config, ctx, resources, trial_storage(self.run_dir), name=name, mode="min",
-                              max_failures=0)
+        plan = FitPlan(bench, config, resources.model_copy(update={"max_failures": 0}),
+                       RunDir(self.run_dir).ray_results, name, context={})
+        trainer = trainer_for(plan, ctx)
         start = time.perf_counter()
         result = trainer.fit()
         wall = time.perf_counter() - start
         evals = sorted((m["step"], m["eval/seconds"]) for _, m in result.best_checkpoints or [])
-        shutil.rmtree(trial_storage(self.run_dir) / name, ignore_errors=True)  # big models: GBs of checkpoints
+        shutil.rmtree(RunDir(self.run_dir).ray_results / name, ignore_errors=True)  # big models: GBs of checkpoints
         return Fit(wall, result.return_value, evals, result.metrics)
 
 
@@ -402,7 +415,7 @@ def run(args, storage: Path, run_dir: Path, device: torch.device) -> dict:
 
     threads = cpu_threads(args, device)
     torch.set_num_threads(threads)
-    raycluster.connect(num_cpus=os.cpu_count())
+    raycluster.connect(args.address) if args.address else raycluster.connect(num_cpus=os.cpu_count())
     ray_path = RayPath(storage, run_dir)
     report = {"environment": environment(args, threads)}
     print_environment(report["environment"])
