@@ -206,6 +206,33 @@ def test_resume_after_a_kill_continues_the_same_run(tmp_path, storage):
     assert exposure["token_mode"] == "0o600" and exposure["token_dir_mode"] == "0o700", exposure
 
 
+# Class-conditional: the label dropout draws too. Every step logged, an eval (and a checkpoint) at 4.
+KEYED_BASE = tiny_base(data={"class_conditional": True}, train={"steps": 8, "log_every": 1},
+                       eval={"every": 4, "fid_samples": 16, "sampler_steps": 2, "sample_grid": 0})
+
+
+@prelaunched
+def resumed_and_uninterrupted(shared, tmp):
+    """The same trial twice: 8 steps at once, and 4 steps then `--resume` to 8."""
+    whole = write_spec(tmp / "whole.yaml", "keyed-whole", KEYED_BASE)
+    shared.paceray("train", whole, "--run-dir", tmp / "whole")
+    parts = write_spec(tmp / "parts.yaml", "keyed-parts", KEYED_BASE)
+    shared.paceray("train", parts, "--run-dir", tmp / "parts", "--set", "train.steps=4")
+    shared.paceray("train", parts, "--run-dir", tmp / "parts", "--resume")
+    return shared
+
+
+def test_a_resumed_trial_draws_what_an_uninterrupted_one_draws(resumed_and_uninterrupted):
+    """Noise, label dropout and dropout are keyed by (seed, rank, step) like the data and the
+    timesteps, and the weights start from the seed: the resumed half's losses are the
+    uninterrupted run's, bit for bit (fp32, one worker, one thread)."""
+    shared = resumed_and_uninterrupted
+    (client, whole), (_, parts) = only_run(shared, "keyed-whole"), only_run(shared, "keyed-parts")
+    a, b = history(client, whole.info.run_id, "train/loss"), history(client, parts.info.run_id, "train/loss")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 9))
+    assert a == b
+
+
 @prelaunched
 def fashion_mnist_trial(shared, tmp):
     # A fifth of an epoch of the Fashion-MNIST FID network (the default 6 take ~3 min on one core):

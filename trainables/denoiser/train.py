@@ -25,6 +25,7 @@ from trainables.diffusion import curriculum as curriculum_lib
 from trainables.diffusion.assets import dataset_path
 from trainables.diffusion.data import BatchOrder, ImageBatches, load_split, read_manifest
 from trainables.diffusion.diffusion import GaussianDiffusion, SampleOptions
+from trainables.diffusion.draws import StepDraws, initial_seed
 from trainables.diffusion.model import EMA, build_model, drop_labels, null_label, unwrap
 
 CHECKPOINT_FILE = "state.pt"
@@ -94,7 +95,7 @@ class _Trial:
     evaluator: Any  # fid.FIDEvaluator
     log: Optional[TrialLog]  # rank 0's
     null: Optional[int]  # the label that means "no class" (label dropout); None: unconditional
-    label_gen: torch.Generator  # the label dropout's draws, per rank
+    draws: StepDraws  # the step's noise, label dropout and network dropout, keyed by (seed, rank, step)
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up over `train.warmup_steps`, then `train.lr`."""
@@ -144,7 +145,8 @@ def _build(cfg: Config, context: TrialContext) -> tuple[_Trial, Optional[_Restor
                                          cfg.loss.gamma if cfg.loss.weighting == "min-snr" else cfg.loss.p2_gamma,
                                          cfg.loss.p2_k).to(device)
 
-    model = build_model(cfg.model.preset, cfg.data.image_size, channels, num_classes).to(device)
+    with initial_seed(cfg.train.seed):  # the seed's weights, on every rank (and every arm of the seed)
+        model = build_model(cfg.model.preset, cfg.data.image_size, channels, num_classes).to(device)
     ema = EMA(model, decay=cfg.train.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     checkpoint = context.checkpoint()  # Ray's latest, or the platform's fallback
@@ -158,7 +160,7 @@ def _build(cfg: Config, context: TrialContext) -> tuple[_Trial, Optional[_Restor
     log = TrialLog(context, cfg, sampler) if rank == 0 else None
     trial = _Trial(cfg, context, rank, world, device, bf16, num_classes, batches, diffusion, sampler, weights_by_t,
                   model, ema, optimizer, train_model, evaluator, log, null=null_label(model),
-                  label_gen=torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + rank))
+                  draws=StepDraws(cfg.train.seed, rank, device))
     if log:
         _note_start(trial, restored)
     return trial, restored
@@ -250,9 +252,11 @@ def _train_step(trial: _Trial, interval: _Interval, step: int) -> _Trained:
     if trial.log and sampler.stage_index >= sampler.full_index and step == sampler.full_from_step:
         trial.log.full_from(step)
     t = sampler.sample(x0.shape[0], trial.device)
-    y = drop_labels(y, cfg.data.label_dropout, trial.null, trial.label_gen) if trial.num_classes else None
+    y = drop_labels(y, cfg.data.label_dropout, trial.null, trial.draws.labels(step)) if trial.num_classes else None
+    noise = trial.draws.noise(step, x0)
+    trial.draws.seed_dropout(step)
     with torch.autocast(trial.device.type, dtype=torch.bfloat16, enabled=trial.bf16):
-        per_sample = trial.diffusion.training_losses(trial.train_model, x0, t, y)
+        per_sample = trial.diffusion.training_losses(trial.train_model, x0, t, y, noise=noise)
     importance = sampler.importance(t)  # loss-second-moment: keeps the objective unbiased
     weights = trial.weights_by_t[t] if importance is None else trial.weights_by_t[t] * importance
     loss = (weights * per_sample).mean()

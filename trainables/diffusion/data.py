@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from paceray.protocol import PacerayError, one_line, progress_bar
 from trainables.diffusion.datasets_sources import RawDataset, read_raw
+from trainables.diffusion.draws import stream_seed
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
 FORMAT_VERSION = 1
@@ -287,12 +288,6 @@ def resize_images(images: torch.Tensor, image_size: int, chunk: int = 4096) -> t
                              align_corners=False, antialias=downscale)
         out[start:start + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
     return out
-
-
-def stream_seed(seed: int, rank: int, salt: str = "") -> int:
-    """A well-mixed 63-bit seed per (seed, rank[, salt]): nearby seeds and ranks share no stream."""
-    key = f"{seed}:{rank}" + (f":{salt}" if salt else "")
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
 
 
 @dataclass(frozen=True)
