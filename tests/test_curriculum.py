@@ -11,7 +11,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from scipy.stats import chisquare
 
-from paceray.tracking.server import free_port
 from trainables.diffusion.config import CurriculumConfig
 from trainables.diffusion.curriculum import CurriculumSampler, SamplerInputs, cluster_edges, merge_ranges, sigma_quantile_log_edges, degenerate_warning, stage_order
 from trainables.diffusion.diffusion import GaussianDiffusion
@@ -385,9 +384,9 @@ def test_state_from_another_curriculum_is_refused():
 # ----------------------------------------------------------------- DDP: identical decisions
 
 
-def _patience_rank(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _patience_rank(rank, world, rendezvous, out_dir):
+    # A file, not a free port: a port found free can be taken before the rank binds it (seen in CI).
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.manual_seed(rank)
     s = sampler(1000, 4, "easy-to-hard", pacing="patience", patience=20, smoothing=0.8, rank=rank)
     trace = []
@@ -403,7 +402,7 @@ def _patience_rank(rank, world, port, out_dir):
 
 @pytest.mark.slow
 def test_patience_decisions_are_identical_on_two_gloo_ranks(tmp_path):
-    mp.spawn(_patience_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_patience_rank, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0["trace"] == r1["trace"]

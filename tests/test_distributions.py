@@ -13,7 +13,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from scipy.stats import chisquare, norm
 
-from paceray.tracking.server import free_port
 from trainables.diffusion.config import CurriculumConfig
 from trainables.diffusion.curriculum import CurriculumSampler
 
@@ -100,9 +99,9 @@ def test_shuffled_takes_only_the_uniform_distribution():
         sampler(1000, 4, "shuffled", distribution="logit-normal")
 
 
-def _lsm_rank(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _lsm_rank(rank, world, rendezvous, out_dir):
+    # A file, not a free port: a port found free can be taken before the rank binds it.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     s = sampler(100, 1, "none", distribution="loss-second-moment", rank=rank)
     for step in range(150):
         t = s.sample(16)
@@ -116,7 +115,7 @@ def _lsm_rank(rank, world, port, out_dir):
 
 @pytest.mark.slow
 def test_loss_second_moment_histories_agree_on_two_gloo_ranks(tmp_path):
-    mp.spawn(_lsm_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_lsm_rank, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["probs"] == r1["probs"] and max(r0["probs"]) > 1.5 / 100  # the same, and not uniform
     assert r0["t"] != r1["t"]  # each rank still draws its own timesteps

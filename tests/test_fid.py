@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from paceray.base.errors import PacerayError
-from paceray.tracking.server import free_port
 from trainables.diffusion.data import load_split, prepare, resize_images, to_unit_range
 from trainables.diffusion.fid import (INCEPTION_ENV, FIDEvaluator, ReferenceImages, ReferenceStats, kid_score,
                                       load_extractor, load_inception, reference_statistics)
@@ -131,9 +130,10 @@ def test_reference_statistics_are_cached(digits):
         hook.remove()
 
 
-def _fid_on_rank(rank, world, port, net_path, dataset_dir, cache, images_path, out_dir):
+def _fid_on_rank(rank, world, rendezvous, net_path, dataset_dir, cache, images_path, out_dir):
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file, not a free port: a port found free can be taken before the rank binds it.
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         extractor = load_extractor("classifier", dataset_dir=dataset_dir, fid_net_path=net_path)
         # every rank passes the reference; the evaluator must count it once (rank 0), not twice
@@ -160,7 +160,7 @@ def test_fid_from_two_gloo_ranks_equals_one_process(digits, tmp_path):
     torch.save(images, tmp_path / "images.pt")
     single = _fid(extractor, reference, images)
     mp.spawn(_fid_on_rank, nprocs=2, join=True,
-             args=(2, free_port(), digits["net_path"], digits["dataset_dir"], cache, tmp_path / "images.pt", tmp_path))
+             args=(2, str(tmp_path / "rendezvous"), digits["net_path"], digits["dataset_dir"], cache, tmp_path / "images.pt", tmp_path))
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for result in results:
         assert result["num_fake"] == len(images) and result["num_real"] == single["num_real"]
