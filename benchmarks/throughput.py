@@ -8,7 +8,7 @@
 Prints, for one model/batch/size, alternating A B A B:
   bare  the peer a user writes by hand: same model, AdamW, grad clip, EMA and ε loss, uniform
         timesteps, no curriculum, no Ray, no logging;
-  ours  the real `trainables.denoiser.train_loop`, run by `paceray.trial.trainer_for(...).fit()`
+  ours  the real `trainables.denoiser.train_loop`, run by `paceray.trial.trainer.trainer_for(...).fit()`
         on a local Ray with one worker and tracking off;
 then the median images/s of each and ratio = median over repeats of ours/bare; the data path
 alone (ImageBatches + curriculum sampler); the share of a real trial's wall time spent in

@@ -79,7 +79,7 @@ def alive_nodes(dashboard: str, env: dict[str, str]) -> list[dict]:
 
 def _inherited_env() -> dict[str, str]:
     """This process's environment less what would pin every node to one interface: a node's
-    process group must choose its own (paceray.ray_internals.choose_socket_ifname)."""
+    process group must choose its own (paceray.cluster.ray_internals.choose_socket_ifname)."""
     from paceray.cluster.ray_internals import SOCKET_IFNAME_VARS
 
     return {k: v for k, v in os.environ.items() if k not in SOCKET_IFNAME_VARS}

@@ -1,4 +1,4 @@
-"""One command per search and per `paceray train` run (paceray.command_lock): a second is refused
+"""One command per search and per `paceray train` run (paceray.base.locks): a second is refused
 in one line naming the holder; a lock whose holder died is taken over; folders made for the
 lock alone do not outlive it. The end-to-end case (a second `paceray tune` on a live search) is
 in tests/test_tune_e2e.py::test_killed_search_resumes_without_rerunning_finished_trials."""

@@ -1,4 +1,4 @@
-"""The live view of a search (paceray.progress) fed Tune-like events: its plain lines off a
+"""The live view of a search (paceray.search.live_view) fed Tune-like events: its plain lines off a
 terminal, and the panel it renders on one. The real search's lines are checked in test_tune_e2e."""
 
 from __future__ import annotations

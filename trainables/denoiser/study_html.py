@@ -1,4 +1,4 @@
-"""The denoiser's sections of `report.html` (paceray.html_report builds the page): what the FIDs
+"""The denoiser's sections of `report.html` (paceray.protocol.html builds the page): what the FIDs
 are, the arms with their paired intervals, FID and KID by arm with bands over seeds, each arm's
 curriculum as it ran, the last sample grid of each arm side by side, the best trial, and the
 searched parameters' importance (the platform's fANOVA) for searches of ≥ 8 finished trials."""

@@ -195,7 +195,7 @@ def _summary(table: pd.DataFrame, histories: dict, by_features: bool) -> pd.Data
 
 
 def build(search, file_writers: Optional[Callable[[Report], dict]] = None) -> Report:
-    """The report of `search` (paceray.report.SearchRuns): its runs' FID histories and params."""
+    """The report of `search` (paceray.protocol.report_hook.SearchRuns): its runs' FID histories and params."""
     experiment, source, parent_run_id = search.experiment, search.source, search.parent_run_id
     histories, rows = {}, []
     for run in search.runs:

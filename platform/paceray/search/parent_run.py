@@ -34,7 +34,7 @@ def log_spec(uri: str, parent: str, loaded) -> None:
 
 
 def save_comparison(uri: str, parent: str, loaded, with_metrics: bool) -> None:
-    """The search's view in MLflow's UI (paceray.ui_view); at the end, with every metric its
+    """The search's view in MLflow's UI (paceray.tracking.ui_view); at the end, with every metric its
     trials logged, so that the UI adds no chart of its own for them."""
     from paceray.tracking import ui_view
 

@@ -168,7 +168,7 @@ def grace_period(loaded: LoadedSpec, warn=print) -> int:
 def build_tuner(loaded: LoadedSpec, context: SearchContext, concurrent: int, tuner_path: Optional[Path]):
     """A fresh Tuner and its trial count, or the restored one (count None: Tune knows it) when
     `tuner_path` holds an interrupted search. Tune's own trial table is off: the command's live
-    view (paceray.progress) shows the search, fed by the ProgressCallback."""
+    view (paceray.search.live_view) shows the search, fed by the ProgressCallback."""
     from ray import tune
 
     # Tune's newer output engine prints its configuration box and TensorBoard hint even at

@@ -1,8 +1,8 @@
 """MLflow runs the platform owns: the experiment, one parent run per search, one child per trial.
 
 The tracking URI is `--tracking-uri` > `MLFLOW_TRACKING_URI` > the embedded store
-(paceray.mlflow_server, which also runs the server). A run's life — find, create, resume, end —
-is paceray.runs.Run's.
+(paceray.tracking.server, which also runs the server). A run's life — find, create, resume, end —
+is paceray.tracking.run.Run's, its status the trial runner's (paceray.trial.runner).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ resumed, and ended with the status and tags its owner decided (a trial's runs: p
 a search's parent run: paceray.search.driver).
 
 Ending a run first delivers what the run's processes queued on disk and did not send (a worker
-killed mid-write); if the server is away, the end itself joins that queue (paceray.spool) and
+killed mid-write); if the server is away, the end itself joins that queue (paceray.tracking.spool) and
 the owner returns the command that replays it, so the run's writes arrive in order, end last.
 """
 
@@ -55,7 +55,7 @@ class Run:
 
     @property
     def queue(self) -> Path:
-        """Where this run's processes queue their writes (paceray.runlog)."""
+        """Where this run's processes queue their writes (paceray.tracking.runlog)."""
         return runlog.spool_dir(self.run_dir, self.run_id)
 
     def deliver_leftovers(self) -> bool:

@@ -1,7 +1,7 @@
 """What a trial's rank 0 writes to its MLflow run: metrics by step, images, figures, tags.
 
 The run is created by the platform (one per trial, its id kept across restarts); the trainable
-only logs into it. Every write goes through a spool on disk (paceray.spool), so a tracking server
+only logs into it. Every write goes through a spool on disk (paceray.tracking.spool), so a tracking server
 that goes away stalls nothing and loses nothing. A restarted worker re-trains the steps after its
 last checkpoint: steps already queued or in the run are not logged a second time.
 """

@@ -30,7 +30,7 @@ from paceray.tracking import runlog
 from paceray.tracking import server as mlflow_server
 from paceray.tracking.client import log_params
 from paceray.tracking.run import Run
-from paceray.trial.trainer import FitPlan, trainer_for
+from paceray.trial.trainer import FitPlan, resume_point, trainer_for
 
 ONLY_ARM = "a0"  # the arm of a trial that trains one
 
@@ -180,8 +180,6 @@ class TrialRunner:
     def resume_point(self, trial_dir: Path, check: Optional[Callable[[str], None]]):
         """Where a resumed trial starts (paceray.trial.trainer.resume_point); a trial none of whose
         checkpoints loads ends FAILED here, with the one line that says so, which is raised."""
-        from paceray.trial.trainer import resume_point
-
         try:
             return resume_point(trial_dir, check)
         except PacerayError as e:
