@@ -1,6 +1,8 @@
 """The search space as trials: canonical grid points (`none` once per seed whatever N and
 pacing), `tune.seeds` replicates, Optuna's conditional space, and ASHA's curriculum-aware grace."""
 
+import json
+
 import optuna
 import pytest
 
@@ -89,3 +91,71 @@ def test_asha_grace_waits_for_the_latest_curriculum_to_show_every_timestep(tmp_p
                   curriculum={"pacing": "patience", "max_stage_steps": 20, "num_clusters": 5},
                   train={"steps": 400}, eval={"every": 50})
     assert grace_period(capped) == (1 + 4 * 20) + 50  # patience: from the cap
+
+
+# ----------------------------------------------------------------- packed arms (tune.pack)
+
+def _packed_spec(tmp_path, tune: dict, search: dict | None = None):
+    search = search or {"curriculum.order": {"grid": ["none", "easy-to-hard", "hard-to-easy"]},
+                        "loss.weighting": {"grid": ["uniform", "min-snr"]}}
+    return load(write_spec(tmp_path / "p.yaml", "p", tiny_base(), search=search, tune=tune))
+
+
+def test_packs_group_arms_that_differ_only_in_curriculum_and_loss(tmp_path):
+    from paceray.spec import packs
+
+    loaded = _packed_spec(tmp_path, {"pack": 4, "seeds": [0, 1]})
+    arms = packs.arm_configs(loaded)
+    assert len(arms) == 12  # 3 orders × 2 weightings × 2 seeds
+    grouped = packs.packs(loaded, arms)
+    # Arms of different seeds never share a pack; each seed's 6 arms fill a pack of 4 and one of 2.
+    assert [len(p) for p in grouped] == [4, 2, 4, 2]
+    for pack in grouped:
+        assert len({a["train"]["seed"] for a in pack}) == 1
+    assert sorted(json.dumps(a, sort_keys=True) for p in grouped for a in p) == sorted(
+        json.dumps(a, sort_keys=True) for a in arms)
+
+
+def test_points_differing_outside_curriculum_and_loss_form_packs_of_their_own(tmp_path):
+    from paceray.spec import packs
+
+    loaded = _packed_spec(tmp_path, {"pack": 8}, {"curriculum.order": {"grid": ["none", "easy-to-hard"]},
+                                                  "train.lr": {"grid": [0.001, 0.002]}})
+    grouped = packs.packs(loaded, packs.arm_configs(loaded))
+    assert sorted(len(p) for p in grouped) == [2, 2]
+    for pack in grouped:
+        assert len({a["train"]["lr"] for a in pack}) == 1
+
+
+def test_pack_auto_asks_the_trainable_and_pack_one_is_unpacked(tmp_path):
+    from paceray.spec import packs
+
+    loaded = _packed_spec(tmp_path, {"pack": "auto"})
+    assert packs.pack_size(loaded) == "auto"
+    assert [len(p) for p in packs.packs(loaded, packs.arm_configs(loaded))] == [6]  # tiny: up to 16 per pack
+    assert packs.pack_size(_packed_spec(tmp_path, {})) is None
+
+
+def test_a_packed_random_search_draws_its_points_on_the_driver(tmp_path):
+    from paceray.spec import packs
+
+    search = {"curriculum.order": {"grid": ["none", "easy-to-hard"]}, "curriculum.num_clusters": {"randint": [2, 6]}}
+    loaded = _packed_spec(tmp_path, {"pack": 2, "algorithm": "random", "num_samples": 3, "seed": 7}, search)
+    arms = packs.arm_configs(loaded)
+    assert len(arms) == 6
+    again = packs.arm_configs(_packed_spec(tmp_path, {"pack": 2, "algorithm": "random", "num_samples": 3, "seed": 7},
+                                           search))
+    assert arms == again  # seeded by tune.seed
+    assert all(2 <= a["curriculum"]["num_clusters"] < 6 for a in arms if a["curriculum"]["order"] != "none")
+
+
+@pytest.mark.parametrize("tune, says", [
+    ({"pack": 2, "scheduler": "asha"}, "tune.pack: scheduler asha stops whole trials"),
+    ({"pack": 2, "algorithm": "optuna"}, "tune.pack: an Optuna search does not pack yet"),
+    ({"pack": 0}, "pack must be a whole number of at least 1 or 'auto'"),
+    ({"pack": "some"}, "tune.pack"),
+])
+def test_what_a_packed_search_cannot_do_is_one_line(tmp_path, tune, says):
+    with pytest.raises(PacerayError) as e:
+        _packed_spec(tmp_path, tune)
+    assert says in str(e.value) and "\n" not in str(e.value)

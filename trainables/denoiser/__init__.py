@@ -5,15 +5,16 @@ registered as the entry point `denoiser` of the group `paceray.trainables`. Impo
 package imports no torch: each hook loads its code when called.
 """
 
-from paceray.protocol import Horizon, PrepareContext, Trainable, TrialContext
+from paceray.protocol import Horizon, Packing, PrepareContext, Trainable, TrialContext
 from trainables.denoiser.config import Config
 
 
-def train_loop(config: dict, context: TrialContext) -> None:
-    """Ray Train per-worker function (trainables/denoiser/train.py)."""
+def train_loop(config: dict, context: TrialContext):
+    """Ray Train per-worker function (trainables/denoiser/train.py); a packed trial's returns the
+    arms that failed on their own."""
     from trainables.denoiser.train import train_loop as _train_loop
 
-    _train_loop(config, context)
+    return _train_loop(config, context)
 
 
 def prepare(config: dict, context: PrepareContext) -> dict:
@@ -67,6 +68,18 @@ def judged_from(config: dict):
     return _judged_from(config)
 
 
+def pack_key(config: dict) -> str:
+    from trainables.denoiser.search_hooks import pack_key as _pack_key
+
+    return _pack_key(config)
+
+
+def max_pack(config: dict) -> int:
+    from trainables.denoiser.search_hooks import max_pack as _max_pack
+
+    return _max_pack(config)
+
+
 TRAINABLE = Trainable(
     name="denoiser",
     description="a diffusers UNet trained with a timestep curriculum; FID tracked over training",
@@ -90,6 +103,8 @@ TRAINABLE = Trainable(
     irrelevant=irrelevant,
     seed_path="train.seed",
     judged_from=judged_from,
+    # Arms equal but for their curriculum and loss weighting train packed (tune.pack).
+    packing=Packing(key=pack_key, max_pack=max_pack),
 )
 
 __all__ = ["TRAINABLE", "Config"]

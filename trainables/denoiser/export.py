@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -9,7 +10,7 @@ from diffusers import DDPMPipeline
 
 from paceray.protocol import PacerayError, one_line
 from trainables.denoiser.config import Config
-from trainables.denoiser.train import CHECKPOINT_FILE
+from trainables.denoiser.train import CHECKPOINT_FILE, PACK_FILE
 from trainables.diffusion.diffusion import GaussianDiffusion
 from trainables.diffusion.model import EMA, build_model
 
@@ -40,8 +41,26 @@ REQUIRED = ("step", "model", "ema", "optimizer", "curriculum", "world")
 
 
 def check_checkpoint(checkpoint_dir: str | Path) -> None:
-    """Readable, and holding everything a resume restores; else one line naming the file."""
-    path = Path(checkpoint_dir) / CHECKPOINT_FILE
+    """Readable, and holding everything a resume restores (for a packed trial's: every live arm's
+    state); else one line naming the file."""
+    pack_file = Path(checkpoint_dir) / PACK_FILE
+    if pack_file.exists():
+        try:
+            pack = json.loads(pack_file.read_text())
+            failed = set(pack.get("failed", {}))
+        except (ValueError, AttributeError):
+            raise PacerayError(f"{pack_file}: corrupted (not the JSON a packed checkpoint writes)") from None
+        arms = sorted(p.name for p in Path(checkpoint_dir).iterdir() if p.is_dir())
+        if not arms and not failed:
+            raise PacerayError(f"{checkpoint_dir}: a packed checkpoint without any arm's state")
+        for arm in arms:
+            _check_state(Path(checkpoint_dir) / arm)
+        return
+    _check_state(Path(checkpoint_dir))
+
+
+def _check_state(folder: Path) -> None:
+    path = folder / CHECKPOINT_FILE
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

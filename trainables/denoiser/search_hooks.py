@@ -64,3 +64,38 @@ def judged_from(config: dict) -> Optional[int]:
         return min(steps, 1 + k * c["stage_steps"])
     cap = c.get("max_stage_steps")
     return steps if cap is None else min(steps, 1 + k * cap)
+
+
+# What arms of one pack may differ in: how timesteps are drawn and how the loss weights them.
+# Everything else (data, model, diffusion, train, eval; the seed included) they share.
+PACKABLE = ("curriculum", "loss")
+PACK_BUDGET_ENV = "PACERAY_PACK_BUDGET_GB"  # model state one packed trial may hold, for `tune.pack: auto`
+PACK_BUDGET_GB = 4.0
+MAX_PACK = 16
+# Bytes of state per parameter an arm holds beside the others: fp32 weights, EMA, gradient and
+# AdamW's two moments. Activations are not multiplied: the arms' steps run one after another.
+STATE_BYTES_PER_PARAM = 4 * 5
+
+
+def pack_key(config: dict) -> str:
+    """Configs with equal keys may train in one packed trial: equal outside curriculum.* and loss.*."""
+    import json
+
+    return json.dumps({k: v for k, v in config.items() if k not in PACKABLE}, sort_keys=True, default=str)
+
+
+def max_pack(config: dict) -> int:
+    """How many arms of this config one trial holds under `tune.pack: auto`: the model state the
+    pack budget (PACERAY_PACK_BUDGET_GB, default 4 GiB) takes, at most MAX_PACK."""
+    import os
+
+    import torch
+
+    from trainables.diffusion.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(config["model"]["preset"], config["data"]["image_size"], 3,
+                            10 if config["data"].get("class_conditional") else None)
+    params = sum(p.numel() for p in model.parameters())
+    budget = float(os.environ.get(PACK_BUDGET_ENV, PACK_BUDGET_GB)) * 2**30
+    return max(1, min(MAX_PACK, int(budget // (params * STATE_BYTES_PER_PARAM))))

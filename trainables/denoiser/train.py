@@ -1,23 +1,27 @@
 """The Ray Train per-worker loop: curriculum-sampled timesteps, weighted ε loss, EMA, FID evals.
 
-Reads top to bottom: set-up and resume (`_build`), then one loop whose body is a training step,
-a log every `train.log_every` steps and an eval + checkpoint every `eval.every` steps. Rank 0
-alone talks to MLflow; every rank samples its share of the FID images.
+A trial trains one config, or several in lockstep (packed arms: paceray.protocol.packing): they
+share this worker's data stream, its noise and its FID evaluator; each arm has its own model, EMA,
+optimizer, curriculum and run. Reads top to bottom: set-up and resume (`_build`), then one loop
+whose body is a step of every live arm on one batch, a log every `train.log_every` steps and an
+eval + checkpoint every `eval.every` steps. Rank 0 alone talks to MLflow; every rank samples its
+share of the FID images.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from paceray.protocol import TrialContext
+from paceray.protocol import ARM_FAILURES_KEY, TrialContext, arm_key, arms_of, is_packed, pack_report
 from trainables.denoiser.config import Config
 from trainables.denoiser.features import fid_evaluator
 from trainables.denoiser.reporting import TrialLog, sample_grid
@@ -29,6 +33,7 @@ from trainables.diffusion.draws import StepDraws, initial_seed
 from trainables.diffusion.model import EMA, build_model, drop_labels, null_label, unwrap
 
 CHECKPOINT_FILE = "state.pt"
+PACK_FILE = "pack.json"  # in a packed trial's checkpoint: its step, and the arms that had failed
 
 
 def _world() -> tuple[int, int]:
@@ -43,39 +48,71 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def train_loop(config: dict, context: TrialContext) -> None:
+def train_loop(config: dict, context: TrialContext) -> Optional[dict]:
     import ray.train
 
-    trial, restored = _build(Config.model_validate(config), context)
-    cfg, log = trial.cfg, trial.log
+    trial, restored = _build([Config.model_validate(c) for c in arms_of(config)], context, is_packed(config))
+    cfg = trial.cfg
     start_step = restored.step if restored is not None else 0
     if start_step >= cfg.train.steps and restored is not None and restored.metrics is not None:
         # Killed after its last checkpoint but before its caller heard it finished: say the final
         # result again (a Tune trial that reports nothing fails the whole search), then end.
         ray.train.report(restored.metrics)
-        if log:
-            log.finish()
-        return
+        trial.finish()
+        return trial.returned()
 
-    interval, last_fid = _Interval.begin(trial), None
     for step in range(start_step + 1, cfg.train.steps + 1):
-        trained = _train_step(trial, interval, step)
+        x0, y = next(trial.batches)  # one batch per step serves every arm
+        noise = trial.draws.noise(step, x0)  # and one noise tensor: arms share their random numbers
+        for arm in trial.live:
+            arm.trained = _train_step(trial, arm, step, (x0, y, noise))
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            if not _log_interval(trial, interval, trained, step, last_fid):
-                return  # a non-finite loss ended the trial as failed
+            if not _log_interval(trial, step):
+                return trial.returned()  # a non-finite loss ended every arm as failed
         if step % cfg.eval.every == 0 or step == cfg.train.steps:
-            last_fid = _eval_and_checkpoint(trial, trained, step)
-            interval.start = time.perf_counter()  # eval time is not training throughput
-    if log:
-        log.finish()
+            _eval_and_checkpoint(trial, step)
+            trial.restart_clock()  # eval time is not training throughput
+    trial.finish()
+    return trial.returned()
 
 
 # ---------------------------------------------------------------- set-up and resume
 
-@dataclass(frozen=True)
+@dataclass
+class _Arm:
+    """One arm a worker trains: its config, curriculum, loss weighting, model, EMA and optimizer,
+    its run's log (rank 0), what its last step trained on, its last FID and, once its loss is not
+    finite, why it failed."""
+
+    key: str
+    cfg: Config
+    sampler: curriculum_lib.CurriculumSampler
+    weights_by_t: torch.Tensor  # the loss weighting w(t) of every timestep, on the device
+    model: torch.nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    train_model: Optional[torch.nn.Module] = None  # what the step runs: DDP-wrapped and compiled as configured
+    log: Optional[TrialLog] = None  # rank 0's
+    interval: Optional["_Interval"] = None
+    trained: Optional["_Trained"] = None
+    last_fid: Optional[float] = None
+    failed: Optional[str] = None
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up over `train.warmup_steps`, then `train.lr`."""
+        warmup = max(1, self.cfg.train.warmup_steps)
+        return self.cfg.train.lr * min(1.0, (step + 1) / warmup)
+
+    @property
+    def resumable(self) -> Resumable:
+        return Resumable(self.model, self.ema, self.optimizer, self.sampler)
+
+
+@dataclass
 class _Trial:
-    """One worker's trial, built once (`_build`): where it runs, its data, diffusion, curriculum,
-    model, EMA and optimizer, the FID evaluation and, on rank 0, its log."""
+    """One worker's trial, built once (`_build`): where it runs, what its arms share (the data,
+    the diffusion, the step's draws, the FID evaluation; `cfg` is the first arm's config, whose
+    shared settings every arm has) and its arms."""
 
     cfg: Config
     context: TrialContext
@@ -86,29 +123,34 @@ class _Trial:
     num_classes: Optional[int]  # None: unconditional
     batches: ImageBatches
     diffusion: GaussianDiffusion
-    sampler: curriculum_lib.CurriculumSampler
-    weights_by_t: torch.Tensor  # the loss weighting w(t) of every timestep, on the device
-    model: torch.nn.Module
-    ema: EMA
-    optimizer: torch.optim.Optimizer
-    train_model: torch.nn.Module  # what the step runs: the model, DDP-wrapped and compiled as configured
     evaluator: Any  # fid.FIDEvaluator
-    log: Optional[TrialLog]  # rank 0's
-    null: Optional[int]  # the label that means "no class" (label dropout); None: unconditional
     draws: StepDraws  # the step's noise, label dropout and network dropout, keyed by (seed, rank, step)
+    packed: bool
+    arms: list[_Arm] = field(default_factory=list)
+    null: Optional[int] = None  # the label that means "no class" (label dropout); None: unconditional
 
-    def lr_at(self, step: int) -> float:
-        """Linear warm-up over `train.warmup_steps`, then `train.lr`."""
-        warmup = max(1, self.cfg.train.warmup_steps)
-        return self.cfg.train.lr * min(1.0, (step + 1) / warmup)
+    @property
+    def live(self) -> list[_Arm]:
+        return [arm for arm in self.arms if arm.failed is None]
 
     @property
     def sampling(self) -> Sampling:
         return Sampling(self.cfg, self.diffusion, self.rank, self.world, self.device, self.num_classes, self.bf16)
 
-    @property
-    def resumable(self) -> Resumable:
-        return Resumable(self.model, self.ema, self.optimizer, self.sampler)
+    def restart_clock(self) -> None:
+        for arm in self.live:
+            arm.interval.start = time.perf_counter()
+
+    def finish(self) -> None:
+        for arm in self.live:
+            if arm.log:
+                arm.log.finish()
+
+    def returned(self) -> Optional[dict]:
+        """What rank 0 returns: a packed trial's arms that failed on their own, and why."""
+        if not self.packed:
+            return None
+        return {ARM_FAILURES_KEY: {arm.key: arm.failed for arm in self.arms if arm.failed is not None}}
 
 
 @dataclass(frozen=True)
@@ -118,14 +160,16 @@ class _Restored:
     step: int
     world: int  # the worker count that wrote it
     metrics: Optional[dict]  # its report, said again by a resume that finds nothing left to train
+    failed: dict = field(default_factory=dict)  # a packed trial's arms that had failed: key -> why
 
 
-def _build(cfg: Config, context: TrialContext) -> tuple[_Trial, Optional[_Restored]]:
+def _build(cfgs: list[Config], context: TrialContext, packed: bool) -> tuple[_Trial, Optional[_Restored]]:
     """The trial, and what its checkpoint (if any) said. The order is the random draws' order:
     seed, data, curriculum, the model's initial weights, the checkpoint's state, then the FID
     evaluator (training a missing FID network reseeds)."""
     import ray.train.torch
 
+    cfg = cfgs[0]
     rank, world = _world()
     device = ray.train.torch.get_device()
     bf16 = _use_precision(cfg, device)
@@ -134,36 +178,53 @@ def _build(cfg: Config, context: TrialContext) -> tuple[_Trial, Optional[_Restor
     storage = Path(context.storage)
     data_dir = dataset_path(cfg.data, storage)
     manifest = read_manifest(data_dir)
-    channels = manifest["image_shape"][0]
     num_classes = manifest["num_classes"] if cfg.data.class_conditional else None
     images, labels = load_split(data_dir, "train", rank, world)
     batches = ImageBatches(images, labels, cfg.train.batch_size, cfg.data.image_size, device=device,
                            order=BatchOrder(seed=cfg.train.seed, rank=rank))
     diffusion = GaussianDiffusion(cfg.diffusion.timesteps, cfg.diffusion.schedule)
-    sampler = curriculum_lib.from_config(cfg.curriculum, cfg.diffusion.timesteps, diffusion.log_snr(), rank)
-    weights_by_t = diffusion.loss_weight(torch.arange(cfg.diffusion.timesteps), cfg.loss.weighting,
-                                         cfg.loss.gamma if cfg.loss.weighting == "min-snr" else cfg.loss.p2_gamma,
-                                         cfg.loss.p2_k).to(device)
+    trial = _Trial(cfg, context, rank, world, device, bf16, num_classes, batches, diffusion, evaluator=None,
+                   draws=StepDraws(cfg.train.seed, rank, device), packed=packed)
+    with initial_seed(cfg.train.seed):  # the seed's weights, built once, on every rank
+        model = build_model(cfg.model.preset, cfg.data.image_size, manifest["image_shape"][0], num_classes).to(device)
+    trial.arms = [_new_arm(trial, arm_key(i), c, model) for i, c in enumerate(cfgs)]
+    trial.null = null_label(model)
+    checkpoint = context.checkpoint()  # Ray's latest, or the platform's fallback
+    restored = _restore(checkpoint, trial) if checkpoint is not None else None
+    for arm in trial.live:
+        ddp_model = ray.train.torch.prepare_model(arm.model) if world > 1 else arm.model
+        arm.train_model = torch.compile(ddp_model) if cfg.train.compile else ddp_model
+    trial.evaluator = fid_evaluator(cfg, storage, data_dir, device)
+    _open_logs(trial, restored)
+    return trial, restored
 
-    with initial_seed(cfg.train.seed):  # the seed's weights, on every rank (and every arm of the seed)
-        model = build_model(cfg.model.preset, cfg.data.image_size, channels, num_classes).to(device)
+
+def _new_arm(trial: _Trial, key: str, cfg: Config, model: torch.nn.Module) -> _Arm:
+    """An arm of the trial: its own copy of the seed's initial model (every arm of a seed starts
+    from the same weights), its curriculum, loss weighting, EMA and optimizer."""
+    import copy
+
+    T = cfg.diffusion.timesteps
+    sampler = curriculum_lib.from_config(cfg.curriculum, T, trial.diffusion.log_snr(), trial.rank)
+    weights_by_t = trial.diffusion.loss_weight(torch.arange(T), cfg.loss.weighting,
+                                               cfg.loss.gamma if cfg.loss.weighting == "min-snr" else cfg.loss.p2_gamma,
+                                               cfg.loss.p2_k).to(trial.device)
+    model = copy.deepcopy(model)
     ema = EMA(model, decay=cfg.train.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    checkpoint = context.checkpoint()  # Ray's latest, or the platform's fallback
-    restored = None
-    if checkpoint is not None:
-        restored = _restore(checkpoint, Resumable(model, ema, optimizer, sampler), batches)
-    ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
-    train_model = torch.compile(ddp_model) if cfg.train.compile else ddp_model
+    return _Arm(key, cfg, sampler, weights_by_t, model, ema, optimizer)
 
-    evaluator = fid_evaluator(cfg, storage, data_dir, device)
-    log = TrialLog(context, cfg, sampler) if rank == 0 else None
-    trial = _Trial(cfg, context, rank, world, device, bf16, num_classes, batches, diffusion, sampler, weights_by_t,
-                  model, ema, optimizer, train_model, evaluator, log, null=null_label(model),
-                  draws=StepDraws(cfg.train.seed, rank, device))
-    if log:
-        _note_start(trial, restored)
-    return trial, restored
+
+def _open_logs(trial: _Trial, restored: Optional[_Restored]) -> None:
+    """Each live arm's interval and, on rank 0, its run's log (an arm of a pack logs into its own)."""
+    by_key = {arm.key: arm for arm in trial.context.arms}
+    for arm in trial.live:
+        arm.interval = _Interval.begin(trial, arm)
+        if trial.rank != 0:
+            continue
+        context = trial.context.arm_context(by_key[arm.key]) if arm.key in by_key else trial.context
+        arm.log = TrialLog(context, arm.cfg, arm.sampler)
+        _note_start(trial, arm, restored)
 
 
 def _use_precision(cfg: Config, device: torch.device) -> bool:
@@ -175,26 +236,41 @@ def _use_precision(cfg: Config, device: torch.device) -> bool:
     return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_cuda)
 
 
-def _restore(checkpoint, state: Resumable, batches: ImageBatches) -> _Restored:
-    """Load a checkpoint (written by `report_with_checkpoint`) into `state` and put the data
-    stream where the checkpointed run was."""
+def _restore(checkpoint, trial: _Trial) -> _Restored:
+    """Load a checkpoint (written by `report_with_checkpoint`) into the trial's arms and put the
+    data stream where the checkpointed run was. A packed trial's checkpoint holds a folder per
+    live arm and which arms had failed (those stay failed)."""
     with checkpoint.as_directory() as d:
-        # weights_only: a checkpoint on a volume every pod can write runs no pickled code on load.
-        saved = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        if not trial.packed:
+            saved = _load_state(Path(d), trial.arms[0].resumable)
+            restored = _Restored(step=int(saved["step"]), world=int(saved["world"]), metrics=saved.get("metrics"))
+        else:
+            pack = json.loads((Path(d) / PACK_FILE).read_text())
+            restored = _Restored(step=int(pack["step"]), world=int(pack["world"]), metrics=pack.get("metrics"),
+                                 failed=dict(pack.get("failed", {})))
+            for arm in trial.arms:
+                arm.failed = restored.failed.get(arm.key)
+                if arm.failed is None:
+                    _load_state(Path(d) / arm.key, arm.resumable)
+    trial.batches.seek(restored.step)  # the data stream is a function of (seed, rank, step), like the curriculum's
+    return restored
+
+
+def _load_state(folder: Path, state: Resumable) -> dict:
+    # weights_only: a checkpoint on a volume every pod can write runs no pickled code on load.
+    saved = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     state.model.load_state_dict(saved["model"])
     state.ema.load_state_dict(saved["ema"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.sampler.load_state_dict(saved["curriculum"])
-    restored = _Restored(step=int(saved["step"]), world=int(saved["world"]), metrics=saved.get("metrics"))
-    batches.seek(restored.step)  # the data stream is a function of (seed, rank, step), like the curriculum's
-    return restored
+    return saved
 
 
-def _note_start(trial: _Trial, restored: Optional[_Restored]) -> None:
-    """Rank 0's first lines: a fresh trial's curriculum warning, or where a resumed one resumed."""
-    log = trial.log
+def _note_start(trial: _Trial, arm: _Arm, restored: Optional[_Restored]) -> None:
+    """Rank 0's first lines: a fresh arm's curriculum warning, or where a resumed one resumed."""
+    log = arm.log
     if restored is None:
-        warning = curriculum_lib.degenerate_warning(trial.sampler, trial.cfg.diffusion.schedule)
+        warning = curriculum_lib.degenerate_warning(arm.sampler, arm.cfg.diffusion.schedule)
         if warning:
             log.note(f"warning: {warning}")
         return
@@ -217,7 +293,7 @@ class _Trained:
 
 @dataclass
 class _Interval:
-    """The steps since the last log: each cluster's summed raw loss and sample count (on the
+    """An arm's steps since its last log: each cluster's summed raw loss and sample count (on the
     device: no copy per step), the images trained on, and when the interval began."""
 
     cluster_by_t: torch.Tensor  # the cluster of every timestep, on the device once: no CPU bucketing per step
@@ -227,9 +303,9 @@ class _Interval:
     images: int = 0
 
     @classmethod
-    def begin(cls, trial: _Trial) -> _Interval:
-        n_clusters, device = trial.sampler.num_clusters, trial.device
-        cluster_by_t = trial.sampler.cluster_of(torch.arange(trial.cfg.diffusion.timesteps)).to(device)
+    def begin(cls, trial: _Trial, arm: _Arm) -> _Interval:
+        n_clusters, device = arm.sampler.num_clusters, trial.device
+        cluster_by_t = arm.sampler.cluster_of(torch.arange(arm.cfg.diffusion.timesteps)).to(device)
         return cls(cluster_by_t, torch.zeros(n_clusters, device=device, dtype=torch.float64),
                    torch.zeros(n_clusters, device=device, dtype=torch.float64), time.perf_counter())
 
@@ -243,63 +319,77 @@ class _Interval:
         self.start, self.images = time.perf_counter(), 0
 
 
-def _train_step(trial: _Trial, interval: _Interval, step: int) -> _Trained:
-    """One optimizer step on a batch, its losses tallied, the curriculum advanced."""
-    cfg, sampler, model, optimizer = trial.cfg, trial.sampler, trial.model, trial.optimizer
+def _train_step(trial: _Trial, arm: _Arm, step: int, batch: tuple) -> _Trained:
+    """One optimizer step of one arm on the step's batch and noise, its losses tallied, its
+    curriculum advanced. Its timesteps, label dropout and dropout are drawn as its trial alone
+    would draw them (keyed by seed, rank and step), whatever arms ran before it."""
+    cfg, sampler, model, optimizer = arm.cfg, arm.sampler, arm.model, arm.optimizer
+    x0, y, noise = batch
     for group in optimizer.param_groups:
-        group["lr"] = trial.lr_at(step - 1)
-    x0, y = next(trial.batches)
-    if trial.log and sampler.stage_index >= sampler.full_index and step == sampler.full_from_step:
-        trial.log.full_from(step)
+        group["lr"] = arm.lr_at(step - 1)
+    if arm.log and sampler.stage_index >= sampler.full_index and step == sampler.full_from_step:
+        arm.log.full_from(step)
     t = sampler.sample(x0.shape[0], trial.device)
     y = drop_labels(y, cfg.data.label_dropout, trial.null, trial.draws.labels(step)) if trial.num_classes else None
-    noise = trial.draws.noise(step, x0)
     trial.draws.seed_dropout(step)
     with torch.autocast(trial.device.type, dtype=torch.bfloat16, enabled=trial.bf16):
-        per_sample = trial.diffusion.training_losses(trial.train_model, x0, t, y, noise=noise)
+        per_sample = trial.diffusion.training_losses(arm.train_model, x0, t, y, noise=noise)
     importance = sampler.importance(t)  # loss-second-moment: keeps the objective unbiased
-    weights = trial.weights_by_t[t] if importance is None else trial.weights_by_t[t] * importance
+    weights = arm.weights_by_t[t] if importance is None else arm.weights_by_t[t] * importance
     loss = (weights * per_sample).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
     optimizer.step()
-    trial.ema.update(model)
+    arm.ema.update(model)
 
     raw = per_sample.detach()
     sampler.observe(t, raw.float())
-    interval.add(t, raw)
+    arm.interval.add(t, raw)
     # What this step trained on, before `advance` may open the next stage.
     trained = _Trained(sampler.stage, sampler.t_min, sampler.t_max)
     if sampler.wants_loss:
         sampler.advance(raw.mean() if cfg.curriculum.patience_loss == "raw" else loss.detach())
     else:
         sampler.advance()
-    interval.images += x0.shape[0]
+    arm.interval.images += x0.shape[0]
     return trained
 
 
-def _log_interval(trial: _Trial, interval: _Interval, trained: _Trained, step: int,
-                  last_fid: Optional[float]) -> bool:
-    """The interval's metrics to rank 0's log, then a fresh interval; False (the trial then ends
-    as failed) when its loss is not finite."""
+def _log_interval(trial: _Trial, step: int) -> bool:
+    """Every live arm's interval to its log, then a fresh interval; an arm whose loss is not finite
+    fails (the others go on). False when no arm is left: the trial then ends as failed."""
+    live = trial.live
+    # Pack-wide: every arm's images, over the interval's wall time (the pack's throughput).
+    images = sum(arm.interval.images for arm in live) * trial.world
+    elapsed = time.perf_counter() - min(arm.interval.start for arm in live)
+    for arm in live:
+        _log_arm_interval(trial, arm, step, images / max(elapsed, 1e-9))
+    if trial.live:
+        return True
+    reasons = [f"{arm.key}: {arm.failed}" for arm in trial.arms] if trial.packed else [live[0].failed]
+    # Every rank sees the same all-reduced values, so all stop together. Retrying from the last
+    # checkpoint would meet the same NaN: a final report ends the trial as failed, with why (every
+    # rank reports: it is a barrier), and no exception retries it.
+    trial.context.fail("; ".join(reasons) if not trial.packed else "every arm failed: " + "; ".join(reasons),
+                       step=step)
+    return False
+
+
+def _log_arm_interval(trial: _Trial, arm: _Arm, step: int, img_per_s: float) -> None:
+    interval, trained = arm.interval, arm.trained
     n_clusters = len(interval.loss)
     # One device-to-host copy per log; train/loss is the mean over every sample of the interval.
     totals = _all_reduce_sum(torch.cat([interval.loss, interval.count])).cpu()
     loss_by_cluster, count_by_cluster = totals[:n_clusters], totals[n_clusters:]
     mean_loss = float(loss_by_cluster.sum() / count_by_cluster.sum())
     if not math.isfinite(mean_loss):
-        # Every rank sees the same all-reduced value, so all stop together. Retrying from
-        # the last checkpoint would meet the same NaN: a final report ends the trial as
-        # failed, with why (every rank reports: it is a barrier), and no exception retries it.
-        reason = (f"non-finite loss: train/loss is {mean_loss} at step {step} (stage {trained.stage}); "
-                  f"lower train.lr or check the data")
-        if trial.log:
-            trial.log.fail(reason)
-        trial.context.fail(reason, step=step)
-        return False
-    elapsed = time.perf_counter() - interval.start
+        arm.failed = (f"non-finite loss: train/loss is {mean_loss} at step {step} (stage {trained.stage}); "
+                      f"lower train.lr or check the data")
+        if arm.log:
+            arm.log.fail(arm.failed)
+        return
     per_cluster = loss_by_cluster / count_by_cluster.clamp(min=1)
     sampled = count_by_cluster > 0
     metrics = {
@@ -307,29 +397,35 @@ def _log_interval(trial: _Trial, interval: _Interval, trained: _Trained, step: i
         "curriculum/stage": trained.stage,
         "curriculum/t_min": trained.t_min,
         "curriculum/t_max": trained.t_max,
-        "perf/img_per_s": interval.images * trial.world / max(elapsed, 1e-9),
-        "train/lr": trial.lr_at(step - 1),
+        "perf/img_per_s": img_per_s,
+        "train/lr": arm.lr_at(step - 1),
+        "data/batches_drawn": trial.batches.batches_drawn,  # one per step, however many arms share it
         **{f"train/loss_c{i + 1}": float(per_cluster[i]) for i in range(n_clusters) if sampled[i]},
     }
-    if trial.log:
-        trial.log.metrics(metrics, step, last_fid)
+    if arm.log:
+        arm.log.metrics(metrics, step, arm.last_fid)
     interval.restart()
-    return True
 
 
-def _eval_and_checkpoint(trial: _Trial, trained: _Trained, step: int) -> float:
-    """FID and KID of the EMA model's samples, logged and reported with a checkpoint; returns the FID."""
-    eval_start = time.perf_counter()
-    fid, grid = evaluate(trial.sampling, trial.model, trial.ema, trial.evaluator)
-    eval_seconds = time.perf_counter() - eval_start
-    metrics = {"eval/fid": fid["fid"], "eval/kid": fid["kid"], "eval/seconds": eval_seconds, "step": step,
-               "curriculum/stage": trained.stage, "fid_features": fid["features"],
-               "fid_samples": fid["num_fake"]}
-    if trial.log:
-        trial.log.eval(fid, grid, step, eval_seconds)
-    report_with_checkpoint(trial.resumable, metrics, step, trial.rank, trial.world,
-                           trial.context.checkpoint_dir_name(step))
-    return fid["fid"]
+def _eval_and_checkpoint(trial: _Trial, step: int) -> None:
+    """FID and KID of every live arm's EMA model's samples, logged and reported with one
+    checkpoint of the trial (of every live arm, for a pack)."""
+    by_arm = {}
+    for arm in trial.live:
+        eval_start = time.perf_counter()
+        fid, grid = evaluate(trial.sampling, arm.model, arm.ema, trial.evaluator)
+        eval_seconds = time.perf_counter() - eval_start
+        by_arm[arm.key] = {"eval/fid": fid["fid"], "eval/kid": fid["kid"], "eval/seconds": eval_seconds,
+                           "step": step, "curriculum/stage": arm.trained.stage, "fid_features": fid["features"],
+                           "fid_samples": fid["num_fake"]}
+        if arm.log:
+            arm.log.eval(fid, grid, step, eval_seconds)
+        arm.last_fid = fid["fid"]
+    if not by_arm:
+        return
+    metrics = pack_report(by_arm, trial.context.metric, trial.context.mode) if trial.packed \
+        else next(iter(by_arm.values()))
+    report_with_checkpoint(trial, metrics, step)
 
 
 # ---------------------------------------------------------------- sampling and checkpoints
@@ -393,24 +489,36 @@ class Resumable:
     sampler: curriculum_lib.CurriculumSampler
 
 
-def report_with_checkpoint(state: Resumable, metrics: dict, step: int, rank: int, world: int, name: str) -> None:
-    """Every rank reports (it is a barrier); rank 0 writes the checkpoint: model, EMA, optimizer,
-    curriculum, step and the worker count (the data stream needs nothing more: see ImageBatches)."""
+def report_with_checkpoint(trial: _Trial, metrics: dict, step: int) -> None:
+    """Every rank reports (it is a barrier); rank 0 writes the checkpoint: each live arm's model,
+    EMA, optimizer and curriculum, the step and the worker count (the data stream needs nothing
+    more: see ImageBatches). A packed trial's holds a folder per live arm (each laid out as an
+    unpacked trial's) and PACK_FILE, which names the arms that had failed."""
     import ray.train
 
-    if rank != 0:
+    if trial.rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        saved = {
-            "step": step,
-            "model": unwrap(state.model).state_dict(),
-            "ema": state.ema.state_dict(),
-            "optimizer": state.optimizer.state_dict(),
-            "curriculum": state.sampler.state_dict(),
-            "world": world,
-            "metrics": metrics,  # re-reported by a resume that finds nothing left to train
-        }
-        torch.save(saved, Path(tmp) / CHECKPOINT_FILE)
+        for arm in trial.live:
+            folder = Path(tmp) / arm.key if trial.packed else Path(tmp)
+            folder.mkdir(exist_ok=True)
+            torch.save(_state(arm, step, trial.world, metrics), folder / CHECKPOINT_FILE)
+        if trial.packed:
+            (Path(tmp) / PACK_FILE).write_text(json.dumps(
+                {"step": step, "world": trial.world, "metrics": metrics,
+                 "failed": {arm.key: arm.failed for arm in trial.arms if arm.failed is not None}}, default=str))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=name)
+                         checkpoint_dir_name=trial.context.checkpoint_dir_name(step))
+
+
+def _state(arm: _Arm, step: int, world: int, metrics: dict) -> dict:
+    return {
+        "step": step,
+        "model": unwrap(arm.model).state_dict(),
+        "ema": arm.ema.state_dict(),
+        "optimizer": arm.optimizer.state_dict(),
+        "curriculum": arm.sampler.state_dict(),
+        "world": world,
+        "metrics": metrics,  # re-reported by a resume that finds nothing left to train
+    }

@@ -330,6 +330,11 @@ class ImageBatches:
         """Continue after `step` batches have been drawn."""
         self._drawn = step * self.batch_size
 
+    @property
+    def batches_drawn(self) -> int:
+        """The stream's position in batches: the steps trained, when each step draws one."""
+        return self._drawn // self.batch_size
+
     def _order_of(self, epoch: int) -> torch.Tensor:
         if epoch != self.epoch:
             gen = torch.Generator().manual_seed(stream_seed(self.seed, self.rank, f"epoch{epoch}"))

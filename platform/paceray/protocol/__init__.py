@@ -23,6 +23,15 @@ from paceray.protocol.keys import (
                                    STEP_KEY,
                                    TRIAL_TAG,
 )
+from paceray.protocol.packing import (
+                                   ARM_FAILURES_KEY,
+                                   Arm,
+                                   Packing,
+                                   arm_key,
+                                   arms_of,
+                                   is_packed,
+                                   pack_report,
+)
 from paceray.protocol.run_log import RunLog
 from paceray.protocol.trainable import (
                                    CheckpointFallback,
@@ -34,7 +43,8 @@ from paceray.protocol.trainable import (
                                    failure_of,
 )
 
-__all__ = ["BEST_TRIAL_TAG", "CHECKPOINT_PREFIX", "ENTRY_POINT_GROUP", "ERROR_TAG", "FAILURE_KEY", "STEP_KEY",
+__all__ = ["ARM_FAILURES_KEY", "Arm", "Packing", "arm_key", "arms_of", "is_packed", "pack_report",
+           "BEST_TRIAL_TAG", "CHECKPOINT_PREFIX", "ENTRY_POINT_GROUP", "ERROR_TAG", "FAILURE_KEY", "STEP_KEY",
            "TRIAL_TAG", "CheckpointFallback", "Horizon", "PacerayError", "PrepareContext", "RunLog", "Trainable",
            "TrialContext", "default_run_name", "failure_of", "html_report", "one_line", "progress_bar",
            "storage_lock", "storage_root", "write_atomic", "write_text_atomic"]

@@ -18,6 +18,10 @@ ERROR_TAG = "paceray.error"  # why a trial failed
 STOPPED_TAG = "paceray.stopped_early"  # who stopped it before its last step (a scheduler)
 PLACEMENT_TAG = "paceray.placement"  # where its ranks ran, as JSON
 NODES_TAG = "paceray.nodes"  # how many nodes its ranks ran on
+PACK_TAG = "paceray.pack"  # on an arm of a packed trial: the Tune trial id of its pack
+# On an arm of a packed trial: the metrics measured for the whole pack, not the arm (perf/img_per_s
+# counts every arm's images; system/* is the pack's node).
+PACK_WIDE_TAG = "paceray.pack_wide_metrics"
 
 # ------------------------------------------------------------------ on every run the platform makes
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting of a trial's run under its search's

@@ -13,11 +13,12 @@ module imports no torch, Ray or MLflow.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 from paceray.base.errors import one_line
 from paceray.protocol.keys import CHECKPOINT_PREFIX, FAILURE_KEY
+from paceray.protocol.packing import Arm, Packing
 from paceray.protocol.run_log import RunLog
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,6 +76,7 @@ class TrialContext:
     storage: str  # storage root: datasets, feature nets, cached statistics
     run_dir: str
     metric: str  # the search metric, which the failure report must carry
+    mode: str = "min"  # its direction: a packed trial reports its best arm's (paceray.protocol.packing)
     console_progress: bool = True
     failed: Optional[str] = None  # set by fail(); what the worker function returns to the platform
     # Set when the latest checkpoint Ray registered does not load: the newest earlier one that
@@ -83,6 +85,12 @@ class TrialContext:
     # How the trial's run logger is made: the platform's tracking layer sets it (a module-level
     # function, pickled by reference to every worker), so this layer imports no MLflow.
     open_run_log: Optional[Callable[["TrialContext"], RunLog]] = None
+    # A packed trial's arms, in the order of its config's (paceray.protocol.packing); () unpacked.
+    arms: tuple[Arm, ...] = ()
+
+    def arm_context(self, arm: Arm) -> "TrialContext":
+        """The context of one arm of a packed trial: its id and run (its run logger logs there)."""
+        return replace(self, trial_id=arm.trial_id, run_id=arm.run_id, arms=())
 
     def checkpoint(self):
         """The checkpoint to resume from: Ray Train's `get_checkpoint()`, unless that is the
@@ -166,6 +174,9 @@ class Trainable:
                          the largest over the search space before stopping any
     progress             `(header, result key)` pairs: the columns of a running trial in a
                          search's live view, besides its step (default: the metric)
+    packing              `Packing`: which configs may share one trial (`tune.pack`) and how many;
+                         its train_loop then takes a packed config (paceray.protocol.packing).
+                         None: the trainable never packs
     resume_fixed         dotted config paths (a prefix covers everything under it) that a resumed
                          `paceray train` may not change: its checkpoint could not follow (e.g. the
                          architecture); a change is refused in one line before the run is touched
@@ -189,6 +200,7 @@ class Trainable:
     judged_from: Optional[Callable[[dict], Optional[int]]] = None
     progress: Sequence[tuple[str, str]] = ()
     resume_fixed: Sequence[str] = ()
+    packing: Optional[Packing] = None
     description: str = ""
 
     def __post_init__(self) -> None:

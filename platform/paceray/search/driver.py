@@ -21,11 +21,12 @@ from paceray.base.atomic import read_state, write_text_atomic
 from paceray.base.errors import PacerayError
 from paceray.base.paths import RunDir, storage_root
 from paceray.cluster import connect as raycluster
-from paceray.protocol import STEP_KEY, keys
+from paceray.protocol import STEP_KEY, keys, packing
 from paceray.search import endings, parent_run
 from paceray.search import live_view as progress
 from paceray.search import tuner as tuning
 from paceray.search.trial_fn import search_context
+from paceray.spec import packs as packs_lib
 from paceray.spec.invocation import Invocation
 from paceray.spec.specfile import LoadedSpec, load, parse_overrides
 from paceray.tracking import server as mlflow_server
@@ -71,9 +72,14 @@ def run_tune(asked: Invocation) -> None:
         print(f"MLflow UI: `{mlflow_server.ui_command(search.rd.root)}`" + (f", then open {comparison}" if comparison else ""))
     elif comparison:
         print(f"the trials compared in MLflow's UI: {comparison}")
+    # The search went on past failures, and its report is written; the exit code still says so.
+    if packs_lib.pack_size(search.loaded) is not None:  # its arms, not its packs, are what the user asked for
+        arms_failed, arms = endings.failed_arms(search.rd.trial_records(search.name))
+        if arms_failed:
+            raise PacerayError(f"{arms_failed} of {arms} arm(s) failed, in {len(results)} packed trial(s) "
+                               f"(see the report above for why)")
     failed = [r for r in results if r.error is not None]
     if failed:
-        # The search went on past them, and its report is written; the exit code still says so.
         raise PacerayError(f"{len(failed)} of {len(results)} trial(s) failed (see the report above for why)")
 
 
@@ -124,7 +130,8 @@ def _started(search: _Search):
         print(f"paceray tune {spec.name}: {where}; MLflow at {uri}; results in {search.tuner_dir}", flush=True)
         t = loaded.trainable
         shape = progress.SearchShape(spec.name, total, [("step", STEP_KEY), *(t.progress or [(loaded.metric,) * 2])],
-                                     loaded.metric, loaded.mode, lambda config: t.horizon(config).steps, t.run_name)
+                                     loaded.metric, loaded.mode, lambda config: horizon_of(t, config).steps,
+                                     lambda config, trial_id: name_of(t, config, trial_id))
         view = progress.SearchView(shape, worker_log, live=False if search.asked.verbose else None)
         results = _fitted(search, uri, parent, tuner, view)
         base = uri if search.external else mlflow_server.ui_base()
@@ -162,7 +169,7 @@ def _fitted(search: _Search, uri: str, parent: Run, tuner, view):
             results = tuner.fit()
         status = "FINISHED"  # failed trials are marked on their own runs
         unless_away(end, "marking the trials a scheduler stopped", endings.end_stopped_trials, results, records, uri,
-                    search.rd.root, spec.tune.scheduler, search.loaded.trainable.horizon)
+                    search.rd.root, spec.tune.scheduler, lambda config: horizon_of(search.loaded.trainable, config))
     finally:
         unless_away(end, "closing unfinished trials' runs", endings.close_interrupted_trials, records, uri,
                     search.rd.root)
@@ -178,6 +185,18 @@ def _fitted(search: _Search, uri: str, parent: Run, tuner, view):
     if left and not (end.server_back() and parent.deliver_leftovers()):
         parent.say_waiting(left)
     return results
+
+
+def horizon_of(trainable, config: dict):
+    """A trial's horizon; a packed trial's is its arms' (they share their steps: paceray.spec.packs)."""
+    return max((trainable.horizon(arm) for arm in packing.arms_of(config)), key=lambda h: h.steps)
+
+
+def name_of(trainable, config: dict, trial_id: str) -> str:
+    """A trial's name in the live view; a packed trial's names its arms."""
+    if not packing.is_packed(config):
+        return trainable.run_name(config, trial_id)
+    return f"{trial_id} (a pack of {len(packing.arms_of(config))} arms)"
 
 
 def _divert_worker_logs(path: Path) -> Path:

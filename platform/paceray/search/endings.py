@@ -41,3 +41,16 @@ def close_interrupted_trials(records: Path, uri: str, run_dir: Path) -> None:
         runner = TrialRunner.from_record(record, uri, run_dir)
         if runner is not None:
             runner.end(Ending(Outcome.INTERRUPTED, INTERRUPTED_REASON))
+
+
+def failed_arms(records: Path) -> tuple[int, int]:
+    """How many arms (runs) of a search's trials ended FAILED, and how many there are."""
+    failed = total = 0
+    for record in sorted(records.glob("*.json")) if records.is_dir() else []:
+        runner = TrialRunner.from_record(record, "", record.parent)
+        if runner is None:
+            continue
+        ended = runner.ended()
+        total += len(runner.runs)
+        failed += sum(1 for arm in runner.runs if ended.get(arm) == "FAILED")
+    return failed, total

@@ -10,7 +10,7 @@ from typing import Optional
 
 import yaml
 
-from paceray.protocol import keys
+from paceray.protocol import keys, packing
 from paceray.search.tuner import trial_id_of
 from paceray.tracking import client as tracking
 from paceray.tracking import server as mlflow_server
@@ -75,18 +75,18 @@ def finish(uri: str, parent: str, loaded, results) -> None:
         best = None
     if best is not None and best.config is not None:
         c = tracking.client(uri)
-        c.log_dict(parent, best.config, "best/config.json")
+        ckpt, value, config = best_arm(best, loaded.metric, loaded.mode)
+        c.log_dict(parent, config, "best/config.json")
         export = loaded.trainable.export
-        ckpt, value = best_checkpoint(best, loaded.metric, loaded.mode)
         if export is not None and ckpt is not None:
             with tempfile.TemporaryDirectory() as tmp:
-                export(ckpt, best.config, str(Path(tmp) / "pipeline"))
+                export(ckpt, config, str(Path(tmp) / "pipeline"))
                 c.log_artifacts(parent, str(Path(tmp) / "pipeline"), "best/pipeline")
             c.set_tag(parent, keys.BEST_CHECKPOINT_TAG, ckpt)
             from paceray.tracking.model_registry import register_best
 
             version = register_best(c, parent, loaded.spec.name, "best/pipeline",
-                                    {keys.TRIAL_TAG: trial_id_of(best) or "", loaded.metric: value})
+                                    {keys.TRIAL_TAG: _arm_id(best, ckpt), loaded.metric: value})
             if version:
                 print(f"best model registered: models:/{version}", flush=True)
     print()
@@ -94,6 +94,27 @@ def finish(uri: str, parent: str, loaded, results) -> None:
     where = report.html_location(uri, parent)
     if where:
         print(f"\nthe report as one page: {where}")
+
+
+def _arm_id(result, ckpt: str) -> str:
+    """The id of the trial (or of the arm of a pack) the best checkpoint belongs to."""
+    trial = trial_id_of(result) or ""
+    return f"{trial}-{Path(ckpt).name}" if packing.is_packed(result.config) else trial
+
+
+def best_arm(result, metric: str, mode: str) -> tuple[Optional[str], Optional[float], dict]:
+    """The best checkpoint of a trial, its metric and the config it was trained with: for a packed
+    trial, the best arm's folder within the pack's checkpoint and that arm's config (each report
+    names the arm whose metric it carries: paceray.protocol.packing.BEST_ARM_KEY)."""
+    ckpt, value = best_checkpoint(result, metric, mode)
+    if not packing.is_packed(result.config):
+        return ckpt, value, result.config
+    df = result.metrics_dataframe
+    arms = packing.arms_of(result.config)
+    arm = packing.arm_key(0)
+    if ckpt is not None and df is not None and packing.BEST_ARM_KEY in df:
+        arm = str(df.loc[df["checkpoint_path"].astype(str) == ckpt, packing.BEST_ARM_KEY].iloc[-1])
+    return (str(Path(ckpt) / arm) if ckpt else None), value, arms[int(arm.removeprefix("a"))]
 
 
 def best_checkpoint(result, metric: str, mode: str) -> tuple[Optional[str], Optional[float]]:

@@ -12,7 +12,7 @@ from paceray.base.dotted import flatten
 from paceray.base.errors import PacerayError
 from paceray.base.paths import RunDir
 from paceray.cluster.ray_internals import tune_stop_flag
-from paceray.protocol import keys
+from paceray.protocol import keys, packing
 from paceray.spec import registry
 from paceray.spec.specfile import LoadedSpec, ResourcesSection
 from paceray.tracking.server import apply_client_env
@@ -57,13 +57,10 @@ def run_trial(config: dict, search: SearchContext) -> None:
     apply_client_env(search.client_env)  # this process was started before the command set it
     trainable = registry.resolve(search.trainable)
     run_dir = RunDir(search.run_dir)
-    request = RunRequest(search.tracking_uri, search.experiment, trainable.run_name(config, trial_id),
-                         identity={keys.TRIAL_TAG: trial_id, keys.PARENT_TAG: search.parent_run_id},
-                         tags={keys.KIND_TAG: "trial", keys.TRAINABLE_TAG: search.trainable},
-                         params=flatten(config), run_dir=run_dir.root)
     try:
-        runner = TrialRunner.open(trial_id, request, run_dir.trial_records(search.name) / f"{trial_id}.json",
-                                  say=lambda line: print(line, flush=True))
+        runner = TrialRunner.open_arms(trial_id, arm_requests(config, trial_id, search, trainable),
+                                       run_dir.trial_records(search.name) / f"{trial_id}.json",
+                                       say=lambda line: print(line, flush=True))
     except RunUnavailable as e:
         raise TrialFailed(str(e)) from None
     name = f"trial-{trial_id}"
@@ -75,7 +72,7 @@ def run_trial(config: dict, search: SearchContext) -> None:
         print(f"paceray: trial {trial_id}: {fallback.message()}", flush=True)
     plan = FitPlan(trainable, config, ResourcesSection(**search.resources), run_dir.tune_trials(search.name), name,
                    context=dict(tracking_uri=search.tracking_uri, storage=search.storage, run_dir=search.run_dir,
-                                metric=search.metric, console_progress=search.console_progress, fallback=fallback),
+                                metric=search.metric, mode=search.mode, console_progress=search.console_progress, fallback=fallback),
                    mode=search.mode, callbacks=(TuneReportCallback(),))
     ending = runner.fit(plan, stop_flag=tune_stop_flag())
     if ending.outcome is Outcome.STOPPED:
@@ -85,6 +82,23 @@ def run_trial(config: dict, search: SearchContext) -> None:
         raise ending.error
     if ending.outcome is not Outcome.FINISHED:  # failed in-band (e.g. a NaN loss): Tune sees an error
         raise TrialFailed(ending.reason)
+
+
+def arm_requests(config: dict, trial_id: str, search: SearchContext, trainable) -> dict[str, RunRequest]:
+    """The run each arm of the trial opens: the trial's own, or for a packed trial one per arm,
+    named and identified by the arm's id and tagged with its pack (the Tune trial)."""
+    run_dir = RunDir(search.run_dir).root
+    if not packing.is_packed(config):
+        arms = {packing.arm_key(0): (trial_id, config, {})}
+    else:
+        pack_tags = {keys.PACK_TAG: trial_id, keys.PACK_WIDE_TAG: "perf/img_per_s, system/*"}
+        arms = {packing.arm_key(i): (packing.arm_trial_id(trial_id, i), arm, pack_tags)
+                for i, arm in enumerate(packing.arms_of(config))}
+    return {arm: RunRequest(search.tracking_uri, search.experiment, trainable.run_name(arm_config, arm_id),
+                            identity={keys.TRIAL_TAG: arm_id, keys.PARENT_TAG: search.parent_run_id},
+                            tags={keys.KIND_TAG: "trial", keys.TRAINABLE_TAG: search.trainable, **tags},
+                            params=flatten(arm_config), run_dir=run_dir)
+            for arm, (arm_id, arm_config, tags) in arms.items()}
 
 
 class TrialFailed(RuntimeError):

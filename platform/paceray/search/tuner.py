@@ -17,7 +17,7 @@ from paceray.base.dotted import set_path, unflatten
 from paceray.base.errors import PacerayError
 from paceray.base.paths import RunDir
 from paceray.cluster.connect import HEAD_RESOURCE, PRESENT, describe_resources
-from paceray.protocol import STEP_KEY
+from paceray.protocol import STEP_KEY, packing
 from paceray.search.trial_fn import SearchContext, run_trial
 from paceray.spec.specfile import Distribution, LoadedSpec
 
@@ -132,6 +132,20 @@ def search_alg(loaded: LoadedSpec, concurrent: int, points: list):
     return BasicVariantGenerator(constant_grid_search=bool(t.seeds), random_state=t.seed, max_concurrent=concurrent)
 
 
+def packed_space(loaded: LoadedSpec, concurrent: int):
+    """A packed search as Tune sees it: one grid value per pack, each a packed config (every
+    arm's config, expanded on the driver: paceray.spec.packs), run FIFO. Returns the param space,
+    the trial count, the search algorithm and the scheduler (None)."""
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    from paceray.spec import packs as packs_lib
+
+    packs = packs_lib.packs(loaded, packs_lib.arm_configs(loaded))
+    space = {packing.ARMS_KEY: tune.grid_search([packing.packed(p)[packing.ARMS_KEY] for p in packs])}
+    return space, len(packs), BasicVariantGenerator(max_concurrent=concurrent), None
+
+
 def scheduler(loaded: LoadedSpec):
     t = loaded.spec.tune
     if t.scheduler == "fifo":
@@ -187,16 +201,21 @@ def build_tuner(loaded: LoadedSpec, context: SearchContext, concurrent: int, tun
         # Finished trials stay finished; errored and unfinished ones continue from their checkpoints.
         return tune.Tuner.restore(str(tuner_path), trainable=trainable, resume_errored=True), None
     from paceray.search.live_view import ProgressCallback
+    from paceray.spec import packs as packs_lib
     from paceray.spec import space as space_lib
 
-    points = space_lib.grid_points(loaded) if t.algorithm == "grid" else []  # expanded once
-    total = num_samples(loaded, points)
+    if packs_lib.pack_size(loaded) is not None:
+        space, total, algorithm, sched = packed_space(loaded, concurrent)
+    else:
+        points = space_lib.grid_points(loaded) if t.algorithm == "grid" else []  # expanded once
+        space, total = param_space(loaded, t.algorithm, points), num_samples(loaded, points)
+        algorithm, sched = search_alg(loaded, concurrent, points), scheduler(loaded)
     return tune.Tuner(
         trainable,
-        param_space=param_space(loaded, t.algorithm, points),
+        param_space=space,
         tune_config=tune.TuneConfig(
-            metric=loaded.metric, mode=loaded.mode, num_samples=total,
-            search_alg=search_alg(loaded, concurrent, points), scheduler=scheduler(loaded),
+            metric=loaded.metric, mode=loaded.mode, num_samples=1 if packs_lib.pack_size(loaded) else total,
+            search_alg=algorithm, scheduler=sched,
             max_concurrent_trials=concurrent if t.algorithm == "optuna" else None,
         ),
         run_config=tune.RunConfig(

@@ -29,7 +29,7 @@ def canonical(loaded: LoadedSpec, config: dict) -> dict:
     return out
 
 
-def _with(base: dict, point: dict) -> dict:
+def with_point(base: dict, point: dict) -> dict:
     config = copy.deepcopy(base)
     for key, value in point.items():
         set_path(config, key, value)
@@ -47,7 +47,7 @@ def grid_points(loaded: LoadedSpec) -> list[dict]:
     keys = [k for k, d in loaded.search.items() if d.kind == "grid"]
     points, seen = [], set()
     for values in itertools.product(*(loaded.search[k].args for k in keys)):
-        config = canonical(loaded, _with(loaded.base, dict(zip(keys, values))))
+        config = canonical(loaded, with_point(loaded.base, dict(zip(keys, values))))
         point = {k: get_path(config, k) for k in keys}
         key = json.dumps(point, sort_keys=True, default=str)
         if key not in seen:
@@ -106,7 +106,7 @@ def define_by_run(loaded: LoadedSpec):
 def _irrelevant_given(loaded: LoadedSpec, chosen: dict, key: str) -> bool:
     """Whether `key` is irrelevant once `chosen` is set (the rest at the base's values)."""
     hook = loaded.trainable.irrelevant
-    return hook is not None and key in set(hook(_with(loaded.base, chosen)))
+    return hook is not None and key in set(hook(with_point(loaded.base, chosen)))
 
 
 def _gates_first(loaded: LoadedSpec) -> list[str]:
@@ -118,7 +118,7 @@ def _gates_first(loaded: LoadedSpec) -> list[str]:
     gates = {k: set() for k in keys}  # k -> the keys that k can switch off
     for k in keys:
         for value in loaded.search[k].probe_values():
-            for other in hook(_with(loaded.base, {k: value})):
+            for other in hook(with_point(loaded.base, {k: value})):
                 if other in gates and other != k:
                     gates[k].add(other)
     ordered: list[str] = []
@@ -137,7 +137,7 @@ def probe_configs(loaded: LoadedSpec) -> list[dict]:
     for p in probes:
         size *= max(1, len(p))
     combos = itertools.product(*probes) if size <= 4096 else ([p] for ps in probes for p in ps)
-    return [canonical(loaded, _with(loaded.base, dict(combo))) for combo in combos] or [loaded.base]
+    return [canonical(loaded, with_point(loaded.base, dict(combo))) for combo in combos] or [loaded.base]
 
 
 def judged_from(loaded: LoadedSpec) -> Optional[int]:

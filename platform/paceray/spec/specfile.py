@@ -12,7 +12,7 @@ import itertools
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -94,6 +94,15 @@ class TuneSection(_Strict):
     reduction_factor: int = Field(2, ge=2)
     max_concurrent: Optional[int] = Field(None, ge=1)
     seed: int = 0
+    # Packed arms: up to this many arms that the trainable lets share a trial train in one, in
+    # lockstep, each its own run (paceray.spec.packs); `auto`: as many as its memory estimate allows.
+    pack: Union[Literal["auto"], int] = 1
+
+    @model_validator(mode="after")
+    def _pack_at_least_one(self) -> "TuneSection":
+        if self.pack != "auto" and self.pack < 1:
+            raise ValueError(f"pack must be a whole number of at least 1 or 'auto', got {self.pack}")
+        return self
 
 
 class ResourcesSection(_Strict):
@@ -236,6 +245,7 @@ def load(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> "Loade
     config = check_config(trainable.config, base, str(path), "base.")
     check_search(trainable.config, config, search, str(path))
     check_seeds(spec, trainable, search, str(path))
+    check_pack(spec, trainable, str(path))
     # The metric and its mode: the spec's, else the trainable's (a spec naming another metric
     # says its mode too, or gets the trainable's).
     metric = spec.tune.metric or trainable.metric
@@ -274,6 +284,22 @@ def check_search(config_cls, base: dict, search: dict[str, "Distribution"], wher
             point = ", ".join(f"{k}={v!r}" for k, v in combo)
             err = _pydantic_error(where, e, "search: ")
             raise PacerayError(f"{err} (search point {point})") from None
+
+
+def check_pack(spec: Spec, trainable, where: str) -> None:
+    """What a packed search cannot do yet fails here, in one line, before anything starts."""
+    if spec.tune.pack == 1:
+        return
+    if trainable.packing is None:
+        print(f"paceray: note: {where}: tune.pack: trainable {trainable.name!r} does not train packed arms "
+              f"(Trainable.packing); every trial trains one", flush=True)
+        return
+    if spec.tune.algorithm == "optuna":
+        raise PacerayError(f"{where}: tune.pack: an Optuna search does not pack yet (it suggests one trial at a "
+                           f"time); use algorithm grid or random, or tune.pack: 1")
+    if spec.tune.scheduler != "fifo":
+        raise PacerayError(f"{where}: tune.pack: scheduler {spec.tune.scheduler} stops whole trials, and a packed "
+                           f"trial holds several arms; use scheduler fifo with tune.pack, or tune.pack: 1")
 
 
 def check_seeds(spec: Spec, trainable, search: dict, where: str) -> None:

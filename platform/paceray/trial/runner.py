@@ -25,7 +25,8 @@ from paceray.base.atomic import write_text_atomic
 from paceray.base.errors import PacerayError, one_line
 from paceray.cluster.placement import placement_failure, placement_tags
 from paceray.protocol import TrialContext, failure_of
-from paceray.protocol.keys import ERROR_TAG, STOPPED_TAG
+from paceray.protocol.keys import ERROR_TAG, STOPPED_TAG, TRIAL_TAG
+from paceray.protocol.packing import ARM_FAILURES_KEY, Arm
 from paceray.tracking import runlog
 from paceray.tracking import server as mlflow_server
 from paceray.tracking.client import log_params
@@ -59,10 +60,26 @@ class Ending:
     stopped_by: str = ""
     error: Optional[BaseException] = None  # the exception fit() raised, for the caller to raise on
     result: Any = None  # Ray Train's Result, when fit() returned
+    # Arms of a packed trial that failed in-band on their own (arm -> why): those end FAILED with
+    # their reason whatever the trial's outcome; the others end as the trial did.
+    arms_failed: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def status(self) -> str:
         return STATUS[self.outcome]
+
+    def for_arm(self, arm: str) -> "Ending":
+        """How one arm of the trial ended."""
+        if arm in self.arms_failed and self.outcome is not Outcome.INTERRUPTED:
+            return Ending(Outcome.FAILED, self.arms_failed[arm])
+        return self
+
+
+def arm_failures(result: Any) -> dict[str, str]:
+    """The arms of a packed trial that failed in-band, from rank 0's return value."""
+    found = getattr(result, "return_value", None)
+    failed = found.get(ARM_FAILURES_KEY) if isinstance(found, Mapping) else None
+    return {str(k): str(v) for k, v in failed.items()} if isinstance(failed, Mapping) else {}
 
 
 @dataclass(frozen=True)
@@ -89,11 +106,13 @@ class RunUnavailable(RuntimeError):
 
 class TrialRunner:
     def __init__(self, trial_id: str, runs: Mapping[str, Run], record: Optional[Path] = None,
-                 finished_before: bool = False):
+                 finished_before: bool = False, arm_ids: Optional[Mapping[str, str]] = None):
         self.trial_id = trial_id
         self.runs = dict(runs)
         self.record = record
-        self.finished_before = finished_before  # its run had finished already (a search killed just after)
+        self.finished_before = finished_before  # its runs had finished already (a search killed just after)
+        # arm -> the arm's own id (`<trial>-a<k>`) when the trial trains packed arms; empty unpacked
+        self.arm_ids = dict(arm_ids or {})
 
     @property
     def run(self) -> Run:
@@ -104,15 +123,23 @@ class TrialRunner:
     @classmethod
     def open(cls, trial_id: str, request: RunRequest, record: Optional[Path] = None,
              say: Callable[[str], None] = print) -> "TrialRunner":
-        """The trial's run, found by its identity or created; while the server is away the trial
-        waits, up to PACERAY_RUN_START_TIMEOUT seconds, and trains only once it has its run: its
-        writes need a run id to queue under. A retry finds a run created just before the outage
-        by its identity tags and logs its parameters again (the same values: MLflow accepts that)."""
+        """The trial's run, found by its identity or created (see `open_arms`)."""
+        return cls.open_arms(trial_id, {ONLY_ARM: request}, record, say)
+
+    @classmethod
+    def open_arms(cls, trial_id: str, requests: Mapping[str, RunRequest], record: Optional[Path] = None,
+                  say: Callable[[str], None] = print) -> "TrialRunner":
+        """The run of every arm (arm -> its request), each found by its identity or created; while
+        the server is away the trial waits, up to PACERAY_RUN_START_TIMEOUT seconds, and trains
+        only once it has its runs: their writes need a run id to queue under. A retry finds a run
+        created just before the outage by its identity tags and logs its parameters again (the same
+        values: MLflow accepts that). A packed trial's arms are named by their `TRIAL_TAG`."""
+        request = next(iter(requests.values()))
         timeout = float(os.environ.get(RUN_START_TIMEOUT_ENV, RUN_START_TIMEOUT))
         deadline, said = time.monotonic() + timeout, False
         while True:
             try:
-                runner = cls._find_or_create(trial_id, request, record)
+                runner = cls._find_or_create(trial_id, requests, record)
                 # A run that had finished stays ended as it was (its trial only re-reports its end).
                 runner._write_record({arm: "FINISHED" for arm in runner.runs} if runner.finished_before else {})
                 return runner
@@ -131,19 +158,27 @@ class TrialRunner:
                 time.sleep(2.0)
 
     @classmethod
-    def _find_or_create(cls, trial_id: str, request: RunRequest, record: Optional[Path]) -> "TrialRunner":
-        run = Run.find(request.uri, request.experiment, request.identity, request.run_dir) if request.identity else None
-        if run is not None:
+    def _find_or_create(cls, trial_id: str, requests: Mapping[str, RunRequest],
+                        record: Optional[Path]) -> "TrialRunner":
+        runs, finished = {}, []
+        for arm, request in requests.items():
+            run = Run.find(request.uri, request.experiment, request.identity, request.run_dir) if request.identity else None
+            if run is None:
+                runs[arm] = Run.create(request.uri, request.experiment, request.name,
+                                       {**request.identity, **request.tags}, request.run_dir, request.params)
+                continue
             # A trial whose run finished just before the search was killed (Tune had not recorded
             # it yet) is re-run by the restore: its TorchTrainer only re-reports the final result,
             # and its run stays as it was.
-            finished = run.resume()
-            if not finished:
+            finished.append(run.resume())
+            if not finished[-1]:
                 log_params(request.uri, run.run_id, request.params)
-            return cls(trial_id, {ONLY_ARM: run}, record, finished_before=finished)
-        run = Run.create(request.uri, request.experiment, request.name, {**request.identity, **request.tags},
-                         request.run_dir, request.params)
-        return cls(trial_id, {ONLY_ARM: run}, record)
+            runs[arm] = run
+        packed = len(requests) > 1 or next(iter(requests)) != ONLY_ARM or \
+            any(r.identity.get(TRIAL_TAG, trial_id) != trial_id for r in requests.values())
+        arm_ids = {arm: r.identity.get(TRIAL_TAG, trial_id) for arm, r in requests.items()} if packed else None
+        return cls(trial_id, runs, record, finished_before=bool(finished) and len(finished) == len(runs) and all(finished),
+                   arm_ids=arm_ids)
 
     @classmethod
     def resume(cls, trial_id: str, uri: str, run_id: str, run_dir: Path) -> "TrialRunner":
@@ -187,8 +222,10 @@ class TrialRunner:
             raise
 
     def context(self, plan: FitPlan) -> TrialContext:
-        return TrialContext(trial_id=self.trial_id, run_id=self.run.run_id, open_run_log=runlog.open_for_trial,
-                            **plan.context)
+        arms = tuple(Arm(arm, self.arm_ids[arm], run.run_id) for arm, run in self.runs.items()) if self.arm_ids else ()
+        first = next(iter(self.runs.values()))
+        return TrialContext(trial_id=self.trial_id, run_id=first.run_id, open_run_log=runlog.open_for_trial,
+                            arms=arms, **plan.context)
 
     def fit(self, plan: FitPlan, stop_flag=None) -> Ending:
         """Fit the trial's TorchTrainer once and say how it ended (nothing is ended here: `end`)."""
@@ -202,10 +239,10 @@ class TrialRunner:
                 return Ending(Outcome.STOPPED, error=e)
             why = placement_failure(e, plan.resources)
             return Ending(Outcome.NOT_PLACED if why else Outcome.CRASHED, why or str(e), error=e)
-        reason = failure_of(result)
+        reason, arms_failed = failure_of(result), arm_failures(result)
         if reason:  # the trainable ended the trial as failed, in-band (e.g. a NaN loss)
-            return Ending(Outcome.FAILED, reason, result=result)
-        return Ending(Outcome.FINISHED, tags=placement_tags(result), result=result)
+            return Ending(Outcome.FAILED, reason, result=result, arms_failed=arms_failed)
+        return Ending(Outcome.FINISHED, tags=placement_tags(result), result=result, arms_failed=arms_failed)
 
     # ------------------------------------------------------------------ the end
 
@@ -214,25 +251,31 @@ class TrialRunner:
         last line (Ray wraps a worker's error in its traceback) as the error tag of a failure, who
         stopped it for a scheduler's stop (a stale error tag then goes: a stop is not a crash).
         A run that finished before this process opened it stays as it was; a run already ended
-        with this status is not ended twice; an interrupted trial's run that ended keeps its end.
+        with this status is not ended twice; a run already ended keeps its end against a finished
+        or interrupted ending. An arm of a pack that failed on its own ends FAILED with its reason.
         Returns the replay command when the end waits on disk for the server (said on stderr)."""
         ended = self.ended()
         left = None
         for arm, run in self.runs.items():
-            if self.finished_before or ended.get(arm) == ending.status:
+            if self.finished_before:
                 continue
-            if ending.outcome is Outcome.INTERRUPTED and arm in ended:
+            # An arm its own process ended (an arm of a pack failed on its own, a trial that
+            # finished) keeps that end against the driver's after-the-fact finished or interrupted.
+            if ending.outcome in (Outcome.INTERRUPTED, Outcome.FINISHED) and arm in ended:
                 continue
-            tags, remove = dict(ending.tags), ()
-            if ending.status == "FAILED":
-                text = str(ending.reason).strip()
+            mine = ending.for_arm(arm)
+            if ended.get(arm) == mine.status:
+                continue
+            tags, remove = dict(mine.tags), ()
+            if mine.status == "FAILED":
+                text = str(mine.reason).strip()
                 tags[ERROR_TAG] = one_line(text.splitlines()[-1] if text else "failed")[:4000]
-            elif ending.outcome is Outcome.STOPPED:
-                tags[STOPPED_TAG] = ending.stopped_by
+            elif mine.outcome is Outcome.STOPPED:
+                tags[STOPPED_TAG] = mine.stopped_by
                 remove = (ERROR_TAG,)
-            left = run.end(ending.status, tags, remove) or left
+            left = run.end(mine.status, tags, remove) or left
             if say:
                 run.say_waiting(left)
-            ended[arm] = ending.status
+            ended[arm] = mine.status
         self._write_record(ended)
         return left

@@ -114,7 +114,7 @@ def _fit(s: _Session, runner: TrialRunner):
     trial_id = runner.trial_id
     plan = FitPlan(s.loaded.trainable, s.loaded.base, s.loaded.spec.resources, s.rd.ray_results, trial_id,
                    context=dict(tracking_uri=runner.run.uri, storage=str(s.storage), run_dir=str(s.rd.root),
-                                metric=s.loaded.metric, fallback=s.fallback),
+                                metric=s.loaded.metric, mode=s.loaded.mode, fallback=s.fallback),
                    mode=s.loaded.mode)
     ending = runner.fit(plan)
     runner.end(ending)  # a crash too: the run must not stay RUNNING

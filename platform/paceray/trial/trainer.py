@@ -16,6 +16,7 @@ from paceray.base.errors import PacerayError, one_line
 from paceray.cluster.placement import gather_placement
 from paceray.protocol import FAILURE_KEY, STEP_KEY, CheckpointFallback, Trainable, TrialContext
 from paceray.protocol.keys import PLACEMENT_KEY
+from paceray.protocol.packing import arms_of
 from paceray.spec.specfile import ResourcesSection
 
 PLACEMENT_STRATEGIES = {"pack": "PACK", "spread": "SPREAD", "strict-pack": "STRICT_PACK",
@@ -82,7 +83,8 @@ def trainer_for(plan: FitPlan, context: TrialContext):
             failure_config=FailureConfig(max_failures=resources.max_failures,
                                          controller_failure_limit=_group_start_retries(resources.worker_wait_s)),
             # Ray keeps the latest checkpoint besides the best K by the search metric.
-            checkpoint_config=CheckpointConfig(num_to_keep=plan.trainable.checkpoints_to_keep(config),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(plan.trainable.checkpoints_to_keep(arm)
+                                                               for arm in arms_of(config)),
                                                checkpoint_score_attribute=context.metric,
                                                checkpoint_score_order=plan.mode),
             callbacks=list(plan.callbacks),
