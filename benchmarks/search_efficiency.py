@@ -4,15 +4,21 @@ default) against the time its images would take at the bare loop's rate on the c
 
     python benchmarks/search_efficiency.py                       # quick.yaml, CPU: ~5 minutes
     python benchmarks/search_efficiency.py --spec search_spaces/quick.yaml --set train.steps=400
+    python benchmarks/search_efficiency.py --pack 2              # packed, unpacked and plain, side by side
 
-    ideal      = images ÷ bare img/s ÷ usable cores
+    ideal      = images ÷ bare img/s ÷ the machine's cores
     efficiency = ideal ÷ the search's measured wall time
+
+With --pack K (an integer or auto) one invocation times, back to back and `--repeats` times each:
+the search unpacked (tune.pack 1), the search packed (tune.pack K), and benchmarks/plain_search.py
+(a plain Ray Tune + Ray Train script of the same arms: no FID, MLflow or checkpoints); it prints
+each one's median wall and efficiency, packed ÷ unpacked, and each search ÷ the plain script.
 
 images: every trial's `train.steps × train.batch_size`; bare img/s: the hand-written loop of
 benchmarks/throughput.py (same model, optimizer, EMA and loss; no Ray, no curriculum, no
 logging) on one torch thread, as a trial's worker gets on CPU (median of `--bare-repeats`);
-usable cores: the trials that can run at once (the CPUs over `cpus_per_worker`, the trial count,
-`tune.max_concurrent`). The wall time is the whole command, as a user waits for it: start-up,
+cores: the machine's (a search that cannot use them all, fewer trials than cores, pays for it
+here). The wall time is the whole command, as a user waits for it: start-up,
 the embedded MLflow server, every trial's Ray Train start, evals, the report and the export.
 The search runs `--repeats` times on the embedded default (a local Ray, tracking under a
 scratch run directory); the median is reported, with each run's figure.
@@ -37,6 +43,7 @@ from throughput import bare_images_per_s  # benchmarks/, beside this script
 
 REPO = Path(__file__).resolve().parent.parent
 GOAL = 0.50
+PACKED_GOALS = {"packed ÷ unpacked": 0.70, "packed efficiency": 0.60}  # reported, not gating
 # --smoke: one trial (the grid pinned) of a few steps, one eval at its end, in an experiment of
 # its own (a shared tracking server may hold the spec's).
 SMOKE = ("tracking.experiment=search-efficiency-smoke", "curriculum.order=none", "train.steps=4", "eval.every=4", "eval.fid_samples=8", "eval.sampler_steps=2",
@@ -57,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      "local Ray started by the command")
     p.add_argument("--tracking-uri", help="the MLflow server to track into (`paceray tune --tracking-uri`); "
                                           "default: the embedded store under a scratch run directory")
+    p.add_argument("--pack", help="also time the search packed (tune.pack PACK: an integer or auto) and the "
+                                  "plain Ray script of the same arms, side by side")
     p.add_argument("--smoke", action="store_true", help=f"a few steps of one trial, to prove the script runs: "
                                                         f"{' '.join(SMOKE)}; its figures mean nothing")
     args = p.parse_args(argv)
@@ -75,22 +84,18 @@ def search_shape(loaded) -> dict:
     from paceray.spec.space import trial_count_preview
 
     trials = trial_count_preview(loaded)
-    train, res = loaded.base["train"], loaded.spec.resources
+    train = loaded.base["train"]
     cpus = os.cpu_count() or 1
-    at_once = min(trials, max(1, int(cpus // (res.cpus_per_worker * res.workers))))
-    if loaded.spec.tune.max_concurrent:
-        at_once = min(at_once, loaded.spec.tune.max_concurrent)
     return {"trials": trials, "steps": train["steps"], "batch": train["batch_size"],
-            "images": trials * train["steps"] * train["batch_size"], "usable_cores": at_once * res.workers,
-            "cpus": cpus}
+            "images": trials * train["steps"] * train["batch_size"], "usable_cores": cpus, "cpus": cpus}
 
 
-def timed_search(args: argparse.Namespace, storage: Path, scratch: Path, i: int) -> float:
+def timed_search(args: argparse.Namespace, storage: Path, scratch: Path, i: int, pack: str = "") -> float:
     paceray = str(Path(sys.executable).parent / "paceray")
-    cmd = [paceray, "tune", args.spec, "--run-dir", str(scratch / f"runs-{i}")]
+    cmd = [paceray, "tune", args.spec, "--run-dir", str(scratch / f"runs-{pack or 'spec'}-{i}")]
     cmd += ["--address", args.address] if args.address else []
     cmd += ["--tracking-uri", args.tracking_uri] if args.tracking_uri else []
-    overrides = args.overrides
+    overrides = [*args.overrides, *([f"tune.pack={pack}"] if pack else [])]
     for o in overrides:
         cmd += ["--set", o]
     start = time.perf_counter()
@@ -99,6 +104,44 @@ def timed_search(args: argparse.Namespace, storage: Path, scratch: Path, i: int)
     if r.returncode != 0:
         raise SystemExit(f"search {i + 1} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return wall
+
+
+def timed_plain(args: argparse.Namespace, storage: Path, scratch: Path, i: int) -> float:
+    """benchmarks/plain_search.py on the same arms, its whole wall (start-up included)."""
+    cmd = [sys.executable, str(Path(__file__).with_name("plain_search.py")), "--spec", args.spec,
+           "--storage", str(storage), "--results", str(scratch / f"plain-{i}")]
+    cmd += ["--address", args.address] if args.address else []
+    for o in args.overrides:
+        cmd += ["--set", o]
+    start = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PACERAY_STORAGE": str(storage)})
+    wall = time.perf_counter() - start
+    if r.returncode != 0:
+        raise SystemExit(f"plain script {i + 1} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return wall
+
+
+def side_by_side(args: argparse.Namespace, storage: Path, scratch: Path, ideal: float) -> dict:
+    """Unpacked, packed and plain, interleaved per repeat (so drift on a noisy machine hits all
+    three alike); medians, efficiencies and ratios."""
+    walls: dict[str, list[float]] = {"unpacked": [], "packed": [], "plain": []}
+    for i in range(args.repeats):
+        walls["unpacked"].append(timed_search(args, storage, scratch, i, pack="1"))
+        walls["packed"].append(timed_search(args, storage, scratch, i, pack=str(args.pack)))
+        walls["plain"].append(timed_plain(args, storage, scratch, i))
+        print(f"repeat {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in walls.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    ratio = med["packed"] / med["unpacked"]
+    for kind in ("unpacked", "packed"):
+        print(f"{kind:9s} median wall {med[kind]:.1f} s · efficiency {ideal / med[kind]:.1%} · "
+              f"{med[kind] / med['plain']:.2f}× the plain script's {med['plain']:.1f} s")
+    print(f"packed ÷ unpacked: {ratio:.2f} (goal <= {PACKED_GOALS['packed ÷ unpacked']}: "
+          f"{'met' if ratio <= PACKED_GOALS['packed ÷ unpacked'] else 'NOT met'}); packed efficiency "
+          f"{ideal / med['packed']:.1%} (goal >= {PACKED_GOALS['packed efficiency']:.0%}); tune.pack {args.pack}; "
+          f"{args.repeats} repeat(s); load average {os.getloadavg()[0]:.2f}")
+    return {"pack": args.pack, "walls": walls, "medians": med, "packed_over_unpacked": ratio,
+            "efficiency_packed": ideal / med["packed"], "efficiency_unpacked": ideal / med["unpacked"],
+            "packed_over_plain": med["packed"] / med["plain"], "unpacked_over_plain": med["unpacked"] / med["plain"]}
 
 
 def main(argv=None) -> int:
@@ -121,17 +164,20 @@ def main(argv=None) -> int:
               f"{shape['trials']} trials × {shape['steps']} steps × batch {shape['batch']} = {shape['images']:,} images; "
               f"bare {bare_rate:,.0f} img/s (median of {len(bare)}, 1 torch thread); {shape['usable_cores']} usable "
               f"core(s) of {shape['cpus']}: ideal {ideal:.1f} s", flush=True)
-        walls = []
-        for i in range(args.repeats):
-            walls.append(timed_search(args, storage, scratch, i))
-            print(f"search {i + 1}: wall {walls[-1]:.1f} s, efficiency {ideal / walls[-1]:.1%}", flush=True)
-        wall = statistics.median(walls)
-        eff = ideal / wall
-        print(f"efficiency {eff:.1%} (median wall {wall:.1f} s over {len(walls)} search(es); goal >= {GOAL:.0%}: "
-              f"{'met' if eff >= GOAL else 'NOT met'}); load average {os.getloadavg()[0]:.2f}")
         report = {**shape, "bare_img_per_s": bare, "bare_median": bare_rate, "ideal_seconds": ideal,
-                  "wall_seconds": walls, "efficiency": eff, "goal": GOAL, "spec": args.spec,
-                  "overrides": args.overrides}
+                  "goal": GOAL, "spec": args.spec, "overrides": args.overrides}
+        if args.pack:
+            report.update(side_by_side(args, storage, scratch, ideal))
+        else:
+            walls = []
+            for i in range(args.repeats):
+                walls.append(timed_search(args, storage, scratch, i))
+                print(f"search {i + 1}: wall {walls[-1]:.1f} s, efficiency {ideal / walls[-1]:.1%}", flush=True)
+            wall = statistics.median(walls)
+            eff = ideal / wall
+            print(f"efficiency {eff:.1%} (median wall {wall:.1f} s over {len(walls)} search(es); goal >= {GOAL:.0%}: "
+                  f"{'met' if eff >= GOAL else 'NOT met'}); load average {os.getloadavg()[0]:.2f}")
+            report.update({"wall_seconds": walls, "efficiency": eff})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if args.json_out:

@@ -150,7 +150,6 @@ def test_a_packed_random_search_draws_its_points_on_the_driver(tmp_path):
 
 
 @pytest.mark.parametrize("tune, says", [
-    ({"pack": 2, "scheduler": "asha"}, "tune.pack: scheduler asha stops whole trials"),
     ({"pack": 2, "algorithm": "optuna"}, "tune.pack: an Optuna search does not pack yet"),
     ({"pack": 0}, "pack must be a whole number of at least 1 or 'auto'"),
     ({"pack": "some"}, "tune.pack"),
@@ -159,3 +158,13 @@ def test_what_a_packed_search_cannot_do_is_one_line(tmp_path, tune, says):
     with pytest.raises(PacerayError) as e:
         _packed_spec(tmp_path, tune)
     assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_pack_auto_fills_the_trials_that_run_at_once(tmp_path):
+    from paceray.spec import packs
+
+    loaded = _packed_spec(tmp_path, {"pack": "auto"})
+    arms = packs.arm_configs(loaded)
+    assert [len(p) for p in packs.packs(loaded, arms, slots=2)] == [3, 3]
+    assert [len(p) for p in packs.packs(loaded, arms, slots=4)] == [2, 2, 2]
+    assert [len(p) for p in packs.packs(loaded, arms, slots=1)] == [6]

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from paceray.protocol import ARM_FAILURES_KEY, TrialContext, arm_key, arms_of, is_packed, pack_report
+from paceray.protocol import ARM_FAILURES_KEY, ARM_STOPPED_KEY, TrialContext, arm_key, arms_of, is_packed, pack_report
 from trainables.denoiser.config import Config
 from trainables.denoiser.features import fid_evaluator
 from trainables.denoiser.reporting import TrialLog, sample_grid
@@ -71,6 +71,8 @@ def train_loop(config: dict, context: TrialContext) -> Optional[dict]:
                 return trial.returned()  # a non-finite loss ended every arm as failed
         if step % cfg.eval.every == 0 or step == cfg.train.steps:
             _eval_and_checkpoint(trial, step)
+            if not trial.live:
+                break  # the arm scheduler stopped every arm
             trial.restart_clock()  # eval time is not training throughput
     trial.finish()
     return trial.returned()
@@ -78,7 +80,7 @@ def train_loop(config: dict, context: TrialContext) -> Optional[dict]:
 
 # ---------------------------------------------------------------- set-up and resume
 
-@dataclass
+@dataclass(eq=False)
 class _Arm:
     """One arm a worker trains: its config, curriculum, loss weighting, model, EMA and optimizer,
     its run's log (rank 0), what its last step trained on, its last FID and, once its loss is not
@@ -97,6 +99,7 @@ class _Arm:
     trained: Optional["_Trained"] = None
     last_fid: Optional[float] = None
     failed: Optional[str] = None
+    stopped_at: Optional[int] = None  # the step the search's arm scheduler stopped it at
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up over `train.warmup_steps`, then `train.lr`."""
@@ -131,7 +134,7 @@ class _Trial:
 
     @property
     def live(self) -> list[_Arm]:
-        return [arm for arm in self.arms if arm.failed is None]
+        return [arm for arm in self.arms if arm.failed is None and arm.stopped_at is None]
 
     @property
     def sampling(self) -> Sampling:
@@ -147,10 +150,12 @@ class _Trial:
                 arm.log.finish()
 
     def returned(self) -> Optional[dict]:
-        """What rank 0 returns: a packed trial's arms that failed on their own, and why."""
+        """What rank 0 returns: a packed trial's arms that failed on their own, and why, and
+        those the arm scheduler stopped, and when."""
         if not self.packed:
             return None
-        return {ARM_FAILURES_KEY: {arm.key: arm.failed for arm in self.arms if arm.failed is not None}}
+        return {ARM_FAILURES_KEY: {arm.key: arm.failed for arm in self.arms if arm.failed is not None},
+                ARM_STOPPED_KEY: {arm.key: arm.stopped_at for arm in self.arms if arm.stopped_at is not None}}
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,7 @@ class _Restored:
     world: int  # the worker count that wrote it
     metrics: Optional[dict]  # its report, said again by a resume that finds nothing left to train
     failed: dict = field(default_factory=dict)  # a packed trial's arms that had failed: key -> why
+    stopped: dict = field(default_factory=dict)  # and those the arm scheduler had stopped: key -> step
 
 
 def _build(cfgs: list[Config], context: TrialContext, packed: bool) -> tuple[_Trial, Optional[_Restored]]:
@@ -247,10 +253,10 @@ def _restore(checkpoint, trial: _Trial) -> _Restored:
         else:
             pack = json.loads((Path(d) / PACK_FILE).read_text())
             restored = _Restored(step=int(pack["step"]), world=int(pack["world"]), metrics=pack.get("metrics"),
-                                 failed=dict(pack.get("failed", {})))
+                                 failed=dict(pack.get("failed", {})), stopped=dict(pack.get("stopped", {})))
             for arm in trial.arms:
-                arm.failed = restored.failed.get(arm.key)
-                if arm.failed is None:
+                arm.failed, arm.stopped_at = restored.failed.get(arm.key), restored.stopped.get(arm.key)
+                if arm.failed is None and arm.stopped_at is None:
                     _load_state(Path(d) / arm.key, arm.resumable)
     trial.batches.seek(restored.step)  # the data stream is a function of (seed, rank, step), like the curriculum's
     return restored
@@ -423,9 +429,32 @@ def _eval_and_checkpoint(trial: _Trial, step: int) -> None:
         arm.last_fid = fid["fid"]
     if not by_arm:
         return
+    _judge_arms(trial, by_arm, step)
     metrics = pack_report(by_arm, trial.context.metric, trial.context.mode) if trial.packed \
         else next(iter(by_arm.values()))
     report_with_checkpoint(trial, metrics, step)
+
+
+def _judge_arms(trial: _Trial, by_arm: dict, step: int) -> None:
+    """A packed search's arm scheduler stops arms at its rungs (before the checkpoint, which then
+    holds only the arms that go on): rank 0 asks it, every rank hears the answer."""
+    judge, ids = trial.context.judge_arms, {arm.key: arm.trial_id for arm in trial.context.arms}
+    if judge is None or not trial.packed:
+        return
+    stops = None
+    if trial.rank == 0:
+        answer = judge(step, {ids[k]: float(v[trial.context.metric]) for k, v in by_arm.items()})
+        stops = sorted(k for k in by_arm if answer.get(ids[k]))
+    if trial.world > 1:
+        box = [stops]
+        dist.broadcast_object_list(box, src=0)
+        stops = box[0]
+    for arm in trial.live:
+        if arm.key in stops:
+            arm.stopped_at = step
+            if arm.log:
+                arm.log.note(f"stopped by the search's arm scheduler at step {step}")
+                arm.log.finish()
 
 
 # ---------------------------------------------------------------- sampling and checkpoints
@@ -507,7 +536,9 @@ def report_with_checkpoint(trial: _Trial, metrics: dict, step: int) -> None:
         if trial.packed:
             (Path(tmp) / PACK_FILE).write_text(json.dumps(
                 {"step": step, "world": trial.world, "metrics": metrics,
-                 "failed": {arm.key: arm.failed for arm in trial.arms if arm.failed is not None}}, default=str))
+                 "failed": {arm.key: arm.failed for arm in trial.arms if arm.failed is not None},
+                 "stopped": {arm.key: arm.stopped_at for arm in trial.arms if arm.stopped_at is not None}},
+                default=str))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=trial.context.checkpoint_dir_name(step))
 

@@ -93,6 +93,10 @@ class RunDir:
     def workers_log(self, name: str) -> Path:
         return self.search(name) / "workers.log"
 
+    def arm_scheduler(self, search: str) -> Path:
+        """A packed search's arm scheduler state (paceray.cluster.arm_scheduler)."""
+        return self.search(search) / "arm_scheduler.json"
+
     def trial_records(self, search: str) -> Path:
         return self.search(search) / "trials"
 

@@ -25,6 +25,7 @@ from paceray.protocol.keys import (
 )
 from paceray.protocol.packing import (
                                    ARM_FAILURES_KEY,
+                                   ARM_STOPPED_KEY,
                                    Arm,
                                    Packing,
                                    arm_key,
@@ -43,7 +44,7 @@ from paceray.protocol.trainable import (
                                    failure_of,
 )
 
-__all__ = ["ARM_FAILURES_KEY", "Arm", "Packing", "arm_key", "arms_of", "is_packed", "pack_report",
+__all__ = ["ARM_FAILURES_KEY", "ARM_STOPPED_KEY", "Arm", "Packing", "arm_key", "arms_of", "is_packed", "pack_report",
            "BEST_TRIAL_TAG", "CHECKPOINT_PREFIX", "ENTRY_POINT_GROUP", "ERROR_TAG", "FAILURE_KEY", "STEP_KEY",
            "TRIAL_TAG", "CheckpointFallback", "Horizon", "PacerayError", "PrepareContext", "RunLog", "Trainable",
            "TrialContext", "default_run_name", "failure_of", "html_report", "one_line", "progress_bar",

@@ -66,6 +66,7 @@ class Packing:
 # ------------------------------------------------------------------ what a packed trial reports
 BEST_ARM_KEY = "paceray_best_arm"  # in a packed trial's reports: the arm whose metric the report carries
 ARM_FAILURES_KEY = "paceray_arm_failures"  # in rank 0's return value: arm key -> why it failed in-band
+ARM_STOPPED_KEY = "paceray_arm_stopped"  # in rank 0's return value: arm key -> the step the arm scheduler stopped it
 
 
 def arm_metric(arm: str, key: str) -> str:

@@ -87,10 +87,13 @@ class TrialContext:
     open_run_log: Optional[Callable[["TrialContext"], RunLog]] = None
     # A packed trial's arms, in the order of its config's (paceray.protocol.packing); () unpacked.
     arms: tuple[Arm, ...] = ()
+    # A packed search's arm scheduler (ASHA over arms): rank 0 calls `judge_arms(step, {arm id:
+    # metric})` at each eval and stops the arms it answers True for; None: no early stopping.
+    judge_arms: Optional[Callable[[int, Mapping[str, float]], Mapping[str, bool]]] = None
 
     def arm_context(self, arm: Arm) -> "TrialContext":
         """The context of one arm of a packed trial: its id and run (its run logger logs there)."""
-        return replace(self, trial_id=arm.trial_id, run_id=arm.run_id, arms=())
+        return replace(self, trial_id=arm.trial_id, run_id=arm.run_id, arms=(), judge_arms=None)
 
     def checkpoint(self):
         """The checkpoint to resume from: Ray Train's `get_checkpoint()`, unless that is the

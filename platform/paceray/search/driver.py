@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +20,7 @@ from paceray.base import locks as command_lock
 from paceray.base.atomic import read_state, write_text_atomic
 from paceray.base.errors import PacerayError
 from paceray.base.paths import RunDir, storage_root
+from paceray.cluster import arm_scheduler
 from paceray.cluster import connect as raycluster
 from paceray.protocol import STEP_KEY, keys, packing
 from paceray.search import endings, parent_run
@@ -126,6 +127,7 @@ def _started(search: _Search):
         parent = _parent_run(search, uri)
         context = search_context(loaded, uri, parent.run_id, str(search.storage), search.rd.root,
                                  mlflow_server.client_env(embedded=search.external is None))
+        context = replace(context, arm_judge=_arm_judge(search))
         tuner, total = tuning.build_tuner(loaded, context, concurrent, search.tuner_dir if search.previous else None)
         print(f"paceray tune {spec.name}: {where}; MLflow at {uri}; results in {search.tuner_dir}", flush=True)
         t = loaded.trainable
@@ -185,6 +187,20 @@ def _fitted(search: _Search, uri: str, parent: Run, tuner, view):
     if left and not (end.server_back() and parent.deliver_leftovers()):
         parent.say_waiting(left)
     return results
+
+
+def _arm_judge(search: _Search):
+    """A packed search with `scheduler: asha` judges arms, not trials: its arm scheduler (a Ray
+    actor the driver owns; a resumed search continues from its saved state), or None."""
+    loaded, t = search.loaded, search.loaded.spec.tune
+    if packs_lib.pack_size(loaded) is None or t.scheduler != "asha":
+        return None
+    path = search.rd.arm_scheduler(search.name)
+    if not search.previous:
+        path.unlink(missing_ok=True)  # a new search judges afresh
+    actor = arm_scheduler.start(path, grace=tuning.grace_period(loaded), reduction_factor=t.reduction_factor,
+                                max_t=loaded.trainable.horizon(loaded.base).steps, mode=loaded.mode)
+    return arm_scheduler.ArmJudge(actor, by=t.scheduler)
 
 
 def horizon_of(trainable, config: dict):

@@ -37,6 +37,7 @@ class SearchContext:
     mode: str
     client_env: dict
     console_progress: bool = True
+    arm_judge: object = None  # a packed search's arm scheduler (paceray.cluster.arm_scheduler.ArmJudge)
 
 
 def search_context(loaded: LoadedSpec, uri: str, parent_run_id: str, storage: str, run_dir: Path,
@@ -72,7 +73,7 @@ def run_trial(config: dict, search: SearchContext) -> None:
         print(f"paceray: trial {trial_id}: {fallback.message()}", flush=True)
     plan = FitPlan(trainable, config, ResourcesSection(**search.resources), run_dir.tune_trials(search.name), name,
                    context=dict(tracking_uri=search.tracking_uri, storage=search.storage, run_dir=search.run_dir,
-                                metric=search.metric, mode=search.mode, console_progress=search.console_progress, fallback=fallback),
+                                metric=search.metric, mode=search.mode, judge_arms=search.arm_judge, console_progress=search.console_progress, fallback=fallback),
                    mode=search.mode, callbacks=(TuneReportCallback(),))
     ending = runner.fit(plan, stop_flag=tune_stop_flag())
     if ending.outcome is Outcome.STOPPED:

@@ -141,7 +141,7 @@ def packed_space(loaded: LoadedSpec, concurrent: int):
 
     from paceray.spec import packs as packs_lib
 
-    packs = packs_lib.packs(loaded, packs_lib.arm_configs(loaded))
+    packs = packs_lib.packs(loaded, packs_lib.arm_configs(loaded), slots=concurrent)
     space = {packing.ARMS_KEY: tune.grid_search([packing.packed(p)[packing.ARMS_KEY] for p in packs])}
     return space, len(packs), BasicVariantGenerator(max_concurrent=concurrent), None
 

@@ -62,17 +62,20 @@ def draw(dist: Distribution, rng: random.Random) -> Any:
     return rng.uniform(float(args[0]), float(args[1]))
 
 
-def packs(loaded: LoadedSpec, configs: list[dict]) -> list[list[dict]]:
+def packs(loaded: LoadedSpec, configs: list[dict], slots: Optional[int] = None) -> list[list[dict]]:
     """`configs` grouped by the trainable's pack key, in order of first appearance, each group cut
-    into packs of up to `tune.pack` arms (`auto`: its `max_pack`, at least 1)."""
+    into packs of up to `tune.pack` arms. `auto`: packs that fill the `slots` trials the cluster
+    runs at once (all arms ÷ slots, rounded up), none larger than the trainable's `max_pack`: on
+    2 slots, 4 arms train as 2 packs of 2 side by side, not one pack of 4 beside an idle slot."""
     packing, size = loaded.trainable.packing, pack_size(loaded)
     if size is None:
         return [[c] for c in configs]
     groups: dict[str, list[dict]] = {}
     for config in configs:
         groups.setdefault(packing.key(config), []).append(config)
+    fill = math.ceil(len(configs) / slots) if slots else len(configs)
     out = []
     for group in groups.values():
-        k = max(1, int(packing.max_pack(group[0]))) if size == "auto" else int(size)
+        k = min(max(1, int(packing.max_pack(group[0]))), max(1, fill)) if size == "auto" else int(size)
         out.extend(group[i:i + k] for i in range(0, len(group), k))
     return out

@@ -297,9 +297,6 @@ def check_pack(spec: Spec, trainable, where: str) -> None:
     if spec.tune.algorithm == "optuna":
         raise PacerayError(f"{where}: tune.pack: an Optuna search does not pack yet (it suggests one trial at a "
                            f"time); use algorithm grid or random, or tune.pack: 1")
-    if spec.tune.scheduler != "fifo":
-        raise PacerayError(f"{where}: tune.pack: scheduler {spec.tune.scheduler} stops whole trials, and a packed "
-                           f"trial holds several arms; use scheduler fifo with tune.pack, or tune.pack: 1")
 
 
 def check_seeds(spec: Spec, trainable, search: dict, where: str) -> None:

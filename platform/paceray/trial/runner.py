@@ -26,7 +26,7 @@ from paceray.base.errors import PacerayError, one_line
 from paceray.cluster.placement import placement_failure, placement_tags
 from paceray.protocol import TrialContext, failure_of
 from paceray.protocol.keys import ERROR_TAG, STOPPED_TAG, TRIAL_TAG
-from paceray.protocol.packing import ARM_FAILURES_KEY, Arm
+from paceray.protocol.packing import ARM_FAILURES_KEY, ARM_STOPPED_KEY, Arm
 from paceray.tracking import runlog
 from paceray.tracking import server as mlflow_server
 from paceray.tracking.client import log_params
@@ -68,17 +68,25 @@ class Ending:
     def status(self) -> str:
         return STATUS[self.outcome]
 
+    # Arms of a packed trial the search's arm scheduler stopped (arm -> who): they end KILLED.
+    arms_stopped: Mapping[str, str] = field(default_factory=dict)
+
     def for_arm(self, arm: str) -> "Ending":
         """How one arm of the trial ended."""
-        if arm in self.arms_failed and self.outcome is not Outcome.INTERRUPTED:
+        if self.outcome is Outcome.INTERRUPTED:
+            return self
+        if arm in self.arms_failed:
             return Ending(Outcome.FAILED, self.arms_failed[arm])
+        if arm in self.arms_stopped:
+            return Ending(Outcome.STOPPED, stopped_by=self.arms_stopped[arm])
         return self
 
 
-def arm_failures(result: Any) -> dict[str, str]:
-    """The arms of a packed trial that failed in-band, from rank 0's return value."""
+def arm_failures(result: Any, key: str = ARM_FAILURES_KEY) -> dict[str, str]:
+    """The arms of a packed trial that failed in-band (or, with ARM_STOPPED_KEY, that the arm
+    scheduler stopped), from rank 0's return value."""
     found = getattr(result, "return_value", None)
-    failed = found.get(ARM_FAILURES_KEY) if isinstance(found, Mapping) else None
+    failed = found.get(key) if isinstance(found, Mapping) else None
     return {str(k): str(v) for k, v in failed.items()} if isinstance(failed, Mapping) else {}
 
 
@@ -240,9 +248,12 @@ class TrialRunner:
             why = placement_failure(e, plan.resources)
             return Ending(Outcome.NOT_PLACED if why else Outcome.CRASHED, why or str(e), error=e)
         reason, arms_failed = failure_of(result), arm_failures(result)
+        by = getattr(plan.context.get("judge_arms"), "by", "arm scheduler")
+        arms_stopped = {arm: by for arm in arm_failures(result, ARM_STOPPED_KEY)}
         if reason:  # the trainable ended the trial as failed, in-band (e.g. a NaN loss)
-            return Ending(Outcome.FAILED, reason, result=result, arms_failed=arms_failed)
-        return Ending(Outcome.FINISHED, tags=placement_tags(result), result=result, arms_failed=arms_failed)
+            return Ending(Outcome.FAILED, reason, result=result, arms_failed=arms_failed, arms_stopped=arms_stopped)
+        return Ending(Outcome.FINISHED, tags=placement_tags(result), result=result, arms_failed=arms_failed,
+                      arms_stopped=arms_stopped)
 
     # ------------------------------------------------------------------ the end
 
