@@ -150,7 +150,6 @@ def test_a_packed_random_search_draws_its_points_on_the_driver(tmp_path):
 
 
 @pytest.mark.parametrize("tune, says", [
-    ({"pack": 2, "algorithm": "optuna"}, "tune.pack: an Optuna search does not pack yet"),
     ({"pack": 0}, "pack must be a whole number of at least 1 or 'auto'"),
     ({"pack": "some"}, "tune.pack"),
 ])

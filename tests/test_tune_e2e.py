@@ -16,7 +16,8 @@ from conftest import REPO, experiment_runs, history, kill_session, prelaunched
 
 pytestmark = pytest.mark.slow
 
-# quick.yaml, shortened: 4 trials (the four orders) of 30 steps, evals at 15 and 30.
+# quick.yaml, shortened: the four orders, 30 steps, evals at 15 and 30; packed (tune.pack auto: two
+# packs of two orders on the shared cluster's 2 CPUs) unless a test pins tune.pack=1.
 SHORT = ["--set", "train.steps=30", "--set", "eval.every=15", "--set", "curriculum.stage_steps=6",
          "--set", "eval.fid_samples=32", "--set", "eval.sampler_steps=4", "--set", "train.log_every=5"]
 
@@ -49,6 +50,7 @@ def test_search_makes_one_parent_and_a_child_per_order(quick_search):
     assert sorted(c.data.params["curriculum.order"] for c in children) == sorted(
         ["none", "easy-to-hard", "hard-to-easy", "random"])
     assert len({c.data.tags["paceray.trial_id"] for c in children}) == 4
+    assert len({c.data.tags["paceray.pack"] for c in children}) == 2  # two packs of two arms
     for child in children:
         assert child.info.status == "FINISHED"
         assert [s for s, _ in history(client, child.info.run_id, "eval/fid")] == [15, 30]
@@ -78,16 +80,18 @@ def test_search_progress_is_one_plain_line_per_trial_event_and_no_worker_lines(q
     run_dir, result, shared = quick_search
     lines = result.stdout.splitlines()
     events = [line for line in lines if re.match(r"\[\d+:\d\d\] trial ", line)]
-    assert sum(" started · " in line for line in events) == 4, events
-    assert len([line for line in events if re.search(r" at step (15|30)/30: stage \d+ · FID \d+\.?\d* · ", line)]) == 8
-    assert sum(" finished at step 30/30 · " in line for line in events) == 4
-    assert events[-1].endswith(" · 4/4 done")
-    assert len(events) == 16
+    # two packed trials of two arms each: the live view's rows are Tune's trials
+    assert sum(" started · " in line for line in events) == 2, events
+    assert all("(a pack of 2 arms)" in line for line in events), events
+    assert len([line for line in events if re.search(r" at step (15|30)/30: stage \d+ · FID \d+\.?\d* · ", line)]) == 4
+    assert sum(" finished at step 30/30 · " in line for line in events) == 2
+    assert events[-1].endswith(" · 2/2 done")
+    assert len(events) == 8
     assert not [line for line in lines + result.stderr.splitlines() if re.match(r"\(\w+ pid=\d+", line)]
     log = run_dir / "searches/quick/workers.log"
     assert f"Ray's worker output goes to {log}" in result.stdout
     assert re.search(r"^\(RayTrainWorker pid=\d+\) ", log.read_text(), re.M)
-    assert re.search(r"^search quick: 4 finished, 0 running, 0 stopped, 0 failed, 0 pending · best eval/fid ", result.stdout, re.M)
+    assert re.search(r"^search quick: 2 finished, 0 running, 0 stopped, 0 failed, 0 pending · best eval/fid ", result.stdout, re.M)
 
 
 def test_best_model_loads_as_a_diffusers_pipeline(quick_search):
@@ -131,7 +135,8 @@ def killed_search(shared, tmp_path):
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(spec))
     run_dir = tmp_path / "runs"
-    args = ["--run-dir", run_dir, *SHORT, "--set", "tune.max_concurrent=1"]
+    # Tune trials themselves are under test here: one arm each (tune.pack 1).
+    args = ["--run-dir", run_dir, *SHORT, "--set", "tune.max_concurrent=1", "--set", "tune.pack=1"]
     proc = shared.start("tune", path, *args, log=tmp_path / "tune.log")
     try:
         deadline = time.monotonic() + 600
@@ -230,7 +235,7 @@ def seeded_search(shared, tmp_path):
     spec["name"] = "seeded"
     spec["search"] = {"curriculum.order": {"grid": ["none", "easy-to-hard"]},
                       "curriculum.num_clusters": {"grid": [2, 4]}}
-    spec["tune"] = {"seeds": [0, 1]}
+    spec["tune"] = {"seeds": [0, 1], "pack": "auto"}  # packed: each seed's three arms in one trial
     path = tmp_path / "seeded.yaml"
     path.write_text(yaml.safe_dump(spec))
     run_dir = tmp_path / "runs"
@@ -245,6 +250,10 @@ def test_seeds_replicate_every_arm_and_none_runs_once_per_seed(seeded_search, sh
     assert arms == [("easy-to-hard", "2", "0"), ("easy-to-hard", "2", "1"), ("easy-to-hard", "4", "0"),
                     ("easy-to-hard", "4", "1"), ("none", "4", "0"), ("none", "4", "1")]
     assert all(c.info.status == "FINISHED" for c in children)
+    packs: dict = {}
+    for c in children:  # packed by seed: each seed's three arms in one trial, never two seeds in one
+        packs.setdefault(c.data.tags["paceray.pack"], set()).add(c.data.params["train.seed"])
+    assert sorted(packs.values(), key=sorted) == [{"0"}, {"1"}]
     out = seeded_search.stdout
     assert "easy-to-hard N=2" in out and "easy-to-hard N=4" in out
     assert "paired by seed against order=none" in out and "(2 seeds: 0;1)" in out

@@ -26,6 +26,10 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False
     checkpoint_keep: int = Field(2, ge=1)  # best K by eval/fid, plus the latest
+    # How a packed trial's arms step (tune.pack): one after another (`loop`, the default and the
+    # fallback), or as one vmapped computation over their stacked weights (`stacked`, for a GPU
+    # a small network leaves idle: trainables/denoiser/stacked.py).
+    pack_compute: Literal["loop", "stacked"] = "loop"
 
 
 class EvalConfig(Section):

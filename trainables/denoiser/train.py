@@ -25,6 +25,7 @@ from paceray.protocol import ARM_FAILURES_KEY, ARM_STOPPED_KEY, TrialContext, ar
 from trainables.denoiser.config import Config
 from trainables.denoiser.features import fid_evaluator
 from trainables.denoiser.reporting import TrialLog, sample_grid
+from trainables.denoiser.stacked import StackedArms
 from trainables.diffusion import curriculum as curriculum_lib
 from trainables.diffusion.assets import dataset_path
 from trainables.diffusion.data import BatchOrder, ImageBatches, load_split, read_manifest
@@ -64,8 +65,7 @@ def train_loop(config: dict, context: TrialContext) -> Optional[dict]:
     for step in range(start_step + 1, cfg.train.steps + 1):
         x0, y = next(trial.batches)  # one batch per step serves every arm
         noise = trial.draws.noise(step, x0)  # and one noise tensor: arms share their random numbers
-        for arm in trial.live:
-            arm.trained = _train_step(trial, arm, step, (x0, y, noise))
+        _step_arms(trial, step, (x0, y, noise))
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             if not _log_interval(trial, step):
                 return trial.returned()  # a non-finite loss ended every arm as failed
@@ -131,6 +131,10 @@ class _Trial:
     packed: bool
     arms: list[_Arm] = field(default_factory=list)
     null: Optional[int] = None  # the label that means "no class" (label dropout); None: unconditional
+    # train.pack_compute stacked: the live arms' weights as one stack, and which arms it holds
+    stack: Optional[StackedArms] = None
+    stack_keys: tuple = ()
+    stacked_arms: list = field(default_factory=list)
 
     @property
     def live(self) -> list[_Arm]:
@@ -152,10 +156,11 @@ class _Trial:
     def returned(self) -> Optional[dict]:
         """What rank 0 returns: a packed trial's arms that failed on their own, and why, and
         those the arm scheduler stopped, and when."""
-        if not self.packed:
-            return None
+        stopped = {arm.key: arm.stopped_at for arm in self.arms if arm.stopped_at is not None}
+        if not self.packed:  # a trial of one arm fails through its context; it may be stopped
+            return {ARM_STOPPED_KEY: stopped} if stopped else None
         return {ARM_FAILURES_KEY: {arm.key: arm.failed for arm in self.arms if arm.failed is not None},
-                ARM_STOPPED_KEY: {arm.key: arm.stopped_at for arm in self.arms if arm.stopped_at is not None}}
+                ARM_STOPPED_KEY: stopped}
 
 
 @dataclass(frozen=True)
@@ -325,41 +330,100 @@ class _Interval:
         self.start, self.images = time.perf_counter(), 0
 
 
+def _step_arms(trial: _Trial, step: int, batch: tuple) -> None:
+    """One optimizer step of every live arm on the step's batch and noise: one after another (the
+    loop), or as one stacked computation (`train.pack_compute: stacked`, stacked.py)."""
+    live = trial.live
+    if trial.packed and trial.cfg.train.pack_compute == "stacked" and len(live) > 1:
+        _stacked_step(trial, live, step, batch)
+        return
+    for arm in live:
+        arm.trained = _train_step(trial, arm, step, batch)
+
+
 def _train_step(trial: _Trial, arm: _Arm, step: int, batch: tuple) -> _Trained:
     """One optimizer step of one arm on the step's batch and noise, its losses tallied, its
     curriculum advanced. Its timesteps, label dropout and dropout are drawn as its trial alone
     would draw them (keyed by seed, rank and step), whatever arms ran before it."""
-    cfg, sampler, model, optimizer = arm.cfg, arm.sampler, arm.model, arm.optimizer
+    cfg, model, optimizer = arm.cfg, arm.model, arm.optimizer
     x0, y, noise = batch
     for group in optimizer.param_groups:
         group["lr"] = arm.lr_at(step - 1)
-    if arm.log and sampler.stage_index >= sampler.full_index and step == sampler.full_from_step:
-        arm.log.full_from(step)
-    t = sampler.sample(x0.shape[0], trial.device)
+    t = _timesteps(trial, arm, step, x0.shape[0])
     y = drop_labels(y, cfg.data.label_dropout, trial.null, trial.draws.labels(step)) if trial.num_classes else None
     trial.draws.seed_dropout(step)
     with torch.autocast(trial.device.type, dtype=torch.bfloat16, enabled=trial.bf16):
         per_sample = trial.diffusion.training_losses(arm.train_model, x0, t, y, noise=noise)
-    importance = sampler.importance(t)  # loss-second-moment: keeps the objective unbiased
-    weights = arm.weights_by_t[t] if importance is None else arm.weights_by_t[t] * importance
-    loss = (weights * per_sample).mean()
+    loss = _weighted(arm, t, per_sample)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
     optimizer.step()
     arm.ema.update(model)
+    return _tally(arm, t, per_sample.detach(), loss.detach(), x0.shape[0])
 
-    raw = per_sample.detach()
+
+def _stacked_step(trial: _Trial, live: list[_Arm], step: int, batch: tuple) -> None:
+    """The live arms' step as one vmapped forward and backward over their stacked weights; each
+    arm's draws, weighting, clipping and bookkeeping as in `_train_step`."""
+    x0, y, noise = batch
+    stack = _stack_of(trial, live)
+    ts = [_timesteps(trial, arm, step, x0.shape[0]) for arm in live]
+    cfg = trial.cfg
+    y = drop_labels(y, cfg.data.label_dropout, trial.null, trial.draws.labels(step)) if trial.num_classes else None
+    trial.draws.seed_dropout(step)
+    x_t = torch.stack([trial.diffusion.q_sample(x0, t, noise) for t in ts])
+    with torch.autocast(trial.device.type, dtype=torch.bfloat16, enabled=trial.bf16):
+        per_sample = stack.losses(x_t, torch.stack(ts), y, noise)
+    losses = torch.stack([_weighted(arm, t, per_sample[k]) for k, (arm, t) in enumerate(zip(live, ts))])
+    stack.step(losses, live[0].lr_at(step - 1), cfg.train.grad_clip)
+    for k, arm in enumerate(live):
+        arm.ema.update(arm.model)
+        arm.trained = _tally(arm, ts[k], per_sample[k].detach(), losses[k].detach(), x0.shape[0])
+
+
+def _stack_of(trial: _Trial, live: list[_Arm]) -> StackedArms:
+    """The stack of the live arms, rebuilt when an arm has ended since (its optimizer state kept)."""
+    keys = tuple(arm.key for arm in live)
+    if trial.stack is not None and trial.stack_keys == keys:
+        return trial.stack
+    if trial.stack is not None:
+        trial.stack.store_optimizers([a.optimizer for a in trial.stacked_arms])
+        trial.stack.release()
+    trial.stack = StackedArms([a.model for a in live], [a.optimizer for a in live], lr=live[0].cfg.train.lr,
+                              weight_decay=live[0].cfg.train.weight_decay)
+    trial.stack_keys, trial.stacked_arms = keys, list(live)
+    return trial.stack
+
+
+def _timesteps(trial: _Trial, arm: _Arm, step: int, batch_size: int) -> torch.Tensor:
+    sampler = arm.sampler
+    if arm.log and sampler.stage_index >= sampler.full_index and step == sampler.full_from_step:
+        arm.log.full_from(step)
+    return sampler.sample(batch_size, trial.device)
+
+
+def _weighted(arm: _Arm, t: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
+    """The loss the arm's optimizer minimises: its weighting w(t) (times the importance weight of
+    a loss-second-moment sampler, which keeps the objective unbiased), averaged."""
+    importance = arm.sampler.importance(t)
+    weights = arm.weights_by_t[t] if importance is None else arm.weights_by_t[t] * importance
+    return (weights * per_sample).mean()
+
+
+def _tally(arm: _Arm, t: torch.Tensor, raw: torch.Tensor, loss: torch.Tensor, images: int) -> _Trained:
+    """A step's losses into the arm's curriculum and interval; its curriculum advanced."""
+    sampler = arm.sampler
     sampler.observe(t, raw.float())
     arm.interval.add(t, raw)
     # What this step trained on, before `advance` may open the next stage.
     trained = _Trained(sampler.stage, sampler.t_min, sampler.t_max)
     if sampler.wants_loss:
-        sampler.advance(raw.mean() if cfg.curriculum.patience_loss == "raw" else loss.detach())
+        sampler.advance(raw.mean() if arm.cfg.curriculum.patience_loss == "raw" else loss)
     else:
         sampler.advance()
-    arm.interval.images += x0.shape[0]
+    arm.interval.images += images
     return trained
 
 
@@ -430,7 +494,8 @@ def _eval_and_checkpoint(trial: _Trial, step: int) -> None:
     if not by_arm:
         return
     _judge_arms(trial, by_arm, step)
-    metrics = pack_report(by_arm, trial.context.metric, trial.context.mode) if trial.packed \
+    failed = tuple(arm.key for arm in trial.arms if arm.failed is not None)
+    metrics = pack_report(by_arm, trial.context.metric, trial.context.mode, failed) if trial.packed \
         else next(iter(by_arm.values()))
     report_with_checkpoint(trial, metrics, step)
 
@@ -438,9 +503,11 @@ def _eval_and_checkpoint(trial: _Trial, step: int) -> None:
 def _judge_arms(trial: _Trial, by_arm: dict, step: int) -> None:
     """A packed search's arm scheduler stops arms at its rungs (before the checkpoint, which then
     holds only the arms that go on): rank 0 asks it, every rank hears the answer."""
-    judge, ids = trial.context.judge_arms, {arm.key: arm.trial_id for arm in trial.context.arms}
-    if judge is None or not trial.packed:
+    judge = trial.context.judge_arms
+    if judge is None:
         return
+    # a pack's arms by their ids; a trial of one arm (a pack of one) by the trial's
+    ids = {arm.key: arm.trial_id for arm in trial.context.arms} or {trial.arms[0].key: trial.context.trial_id}
     stops = None
     if trial.rank == 0:
         answer = judge(step, {ids[k]: float(v[trial.context.metric]) for k, v in by_arm.items()})
@@ -525,6 +592,8 @@ def report_with_checkpoint(trial: _Trial, metrics: dict, step: int) -> None:
     unpacked trial's) and PACK_FILE, which names the arms that had failed."""
     import ray.train
 
+    if trial.stack is not None:  # each arm's optimizer state, from the stack's
+        trial.stack.store_optimizers([a.optimizer for a in trial.stacked_arms])
     if trial.rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return

@@ -27,12 +27,14 @@ def arm_trial_id(trial_id: str, index: int) -> str:
 
 
 def is_packed(config: Mapping[str, Any]) -> bool:
-    return isinstance(config, Mapping) and ARMS_KEY in config
+    """Whether a trial trains several arms. A pack of one arm is an ordinary trial: its run is
+    named by the trial id, untagged, its checkpoint laid out as any unpacked trial's."""
+    return isinstance(config, Mapping) and ARMS_KEY in config and len(config[ARMS_KEY]) > 1
 
 
 def arms_of(config: Mapping[str, Any]) -> list[dict]:
     """The configs a trial trains: its arms' if packed, else its own."""
-    return [dict(c) for c in config[ARMS_KEY]] if is_packed(config) else [dict(config)]
+    return [dict(c) for c in config[ARMS_KEY]] if ARMS_KEY in config else [dict(config)]
 
 
 def packed(configs: list[dict]) -> dict:
@@ -66,6 +68,7 @@ class Packing:
 # ------------------------------------------------------------------ what a packed trial reports
 BEST_ARM_KEY = "paceray_best_arm"  # in a packed trial's reports: the arm whose metric the report carries
 ARM_FAILURES_KEY = "paceray_arm_failures"  # in rank 0's return value: arm key -> why it failed in-band
+ARM_FAILED_METRIC = "paceray_failed"  # `a<k>/paceray_failed: 1` in a pack's reports once arm a<k> has failed
 ARM_STOPPED_KEY = "paceray_arm_stopped"  # in rank 0's return value: arm key -> the step the arm scheduler stopped it
 
 
@@ -74,13 +77,15 @@ def arm_metric(arm: str, key: str) -> str:
     return f"{arm}/{key}"
 
 
-def pack_report(by_arm: Mapping[str, Mapping[str, Any]], metric: str, mode: str) -> dict:
+def pack_report(by_arm: Mapping[str, Mapping[str, Any]], metric: str, mode: str, failed: tuple = ()) -> dict:
     """A packed trial's report from its arms' (live arms only, all holding `metric`): the search
     metric is the best arm's (Tune ranks and checkpoints a pack by its best arm), named in
-    BEST_ARM_KEY; every arm's own values are kept under its prefix."""
+    BEST_ARM_KEY; every arm's own values are kept under its prefix; the arms in `failed` are
+    flagged (ARM_FAILED_METRIC), so a searcher told the pack's results knows them."""
     finite = [arm for arm, values in by_arm.items() if math.isfinite(float(values[metric]))] or list(by_arm)
     best = (min if mode == "min" else max)(finite, key=lambda arm: float(by_arm[arm][metric]))
     report = {arm_metric(arm, k): v for arm, values in by_arm.items() for k, v in values.items()}
     report.update(by_arm[best])
     report[BEST_ARM_KEY] = best
+    report.update({arm_metric(arm, ARM_FAILED_METRIC): 1 for arm in failed})
     return report

@@ -76,7 +76,7 @@ def run_tune(asked: Invocation) -> None:
     # The search went on past failures, and its report is written; the exit code still says so.
     if packs_lib.pack_size(search.loaded) is not None:  # its arms, not its packs, are what the user asked for
         arms_failed, arms = endings.failed_arms(search.rd.trial_records(search.name))
-        if arms_failed:
+        if arms_failed and arms > len(results):
             raise PacerayError(f"{arms_failed} of {arms} arm(s) failed, in {len(results)} packed trial(s) "
                                f"(see the report above for why)")
     failed = [r for r in results if r.error is not None]
@@ -211,7 +211,7 @@ def horizon_of(trainable, config: dict):
 def name_of(trainable, config: dict, trial_id: str) -> str:
     """A trial's name in the live view; a packed trial's names its arms."""
     if not packing.is_packed(config):
-        return trainable.run_name(config, trial_id)
+        return trainable.run_name(packing.arms_of(config)[0], trial_id)
     return f"{trial_id} (a pack of {len(packing.arms_of(config))} arms)"
 
 

@@ -108,7 +108,7 @@ def best_arm(result, metric: str, mode: str) -> tuple[Optional[str], Optional[fl
     names the arm whose metric it carries: paceray.protocol.packing.BEST_ARM_KEY)."""
     ckpt, value = best_checkpoint(result, metric, mode)
     if not packing.is_packed(result.config):
-        return ckpt, value, result.config
+        return ckpt, value, packing.arms_of(result.config)[0]
     df = result.metrics_dataframe
     arms = packing.arms_of(result.config)
     arm = packing.arm_key(0)

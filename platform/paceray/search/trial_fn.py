@@ -90,7 +90,7 @@ def arm_requests(config: dict, trial_id: str, search: SearchContext, trainable) 
     named and identified by the arm's id and tagged with its pack (the Tune trial)."""
     run_dir = RunDir(search.run_dir).root
     if not packing.is_packed(config):
-        arms = {packing.arm_key(0): (trial_id, config, {})}
+        arms = {packing.arm_key(0): (trial_id, packing.arms_of(config)[0], {})}
     else:
         pack_tags = {keys.PACK_TAG: trial_id, keys.PACK_WIDE_TAG: "perf/img_per_s, system/*"}
         arms = {packing.arm_key(i): (packing.arm_trial_id(trial_id, i), arm, pack_tags)

@@ -19,6 +19,7 @@ from paceray.base.paths import RunDir
 from paceray.cluster.connect import HEAD_RESOURCE, PRESENT, describe_resources
 from paceray.protocol import STEP_KEY, packing
 from paceray.search.trial_fn import SearchContext, run_trial
+from paceray.spec import packs as packs_lib
 from paceray.spec.specfile import Distribution, LoadedSpec
 
 
@@ -132,6 +133,14 @@ def search_alg(loaded: LoadedSpec, concurrent: int, points: list):
     return BasicVariantGenerator(constant_grid_search=bool(t.seeds), random_state=t.seed, max_concurrent=concurrent)
 
 
+def packed_samples(loaded: LoadedSpec, total: Optional[int]) -> int:
+    """Tune's num_samples: a packed grid's single pass over its packs; a packed Optuna search's
+    at most one trial per arm (its searcher says when it is done); else the trial count."""
+    if packs_lib.pack_size(loaded) is None:
+        return total
+    return loaded.spec.tune.num_samples if loaded.spec.tune.algorithm == "optuna" else 1
+
+
 def packed_space(loaded: LoadedSpec, concurrent: int):
     """A packed search as Tune sees it: one grid value per pack, each a packed config (every
     arm's config, expanded on the driver: paceray.spec.packs), run FIFO. Returns the param space,
@@ -141,9 +150,30 @@ def packed_space(loaded: LoadedSpec, concurrent: int):
 
     from paceray.spec import packs as packs_lib
 
+    if loaded.spec.tune.algorithm == "optuna":
+        return {}, None, packed_optuna(loaded, concurrent), None
     packs = packs_lib.packs(loaded, packs_lib.arm_configs(loaded), slots=concurrent)
     space = {packing.ARMS_KEY: tune.grid_search([packing.packed(p)[packing.ARMS_KEY] for p in packs])}
     return space, len(packs), BasicVariantGenerator(max_concurrent=concurrent), None
+
+
+def packed_optuna(loaded: LoadedSpec, concurrent: int):
+    """Optuna asked for K points per Tune trial (paceray.search.packed_searcher); `auto`: K fills
+    the trials that run at once, within the trainable's `max_pack`."""
+    import functools
+
+    from ray.tune.search.optuna import OptunaSearch
+
+    from paceray.search.packed_searcher import PackedSearcher
+    from paceray.spec import space as space_lib
+
+    t, hooks = loaded.spec.tune, loaded.trainable.packing
+    size = packs_lib.pack_size(loaded)
+    k = min(hooks.max_pack(loaded.base), math.ceil(t.num_samples / concurrent)) if size == "auto" else int(size)
+    # Metric and mode given here: Tune passes them to a searcher only with a non-empty param space.
+    inner = OptunaSearch(space=space_lib.define_by_run(loaded), metric=loaded.metric, mode=loaded.mode, seed=t.seed)
+    return PackedSearcher(inner, loaded.base, max(1, k),
+                          t.num_samples, canonical=functools.partial(space_lib.canonical, loaded), key=hooks.key)
 
 
 def scheduler(loaded: LoadedSpec):
@@ -201,7 +231,6 @@ def build_tuner(loaded: LoadedSpec, context: SearchContext, concurrent: int, tun
         # Finished trials stay finished; errored and unfinished ones continue from their checkpoints.
         return tune.Tuner.restore(str(tuner_path), trainable=trainable, resume_errored=True), None
     from paceray.search.live_view import ProgressCallback
-    from paceray.spec import packs as packs_lib
     from paceray.spec import space as space_lib
 
     if packs_lib.pack_size(loaded) is not None:
@@ -214,7 +243,7 @@ def build_tuner(loaded: LoadedSpec, context: SearchContext, concurrent: int, tun
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric=loaded.metric, mode=loaded.mode, num_samples=1 if packs_lib.pack_size(loaded) else total,
+            metric=loaded.metric, mode=loaded.mode, num_samples=packed_samples(loaded, total),
             search_alg=algorithm, scheduler=sched,
             max_concurrent_trials=concurrent if t.algorithm == "optuna" else None,
         ),

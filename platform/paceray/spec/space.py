@@ -12,7 +12,8 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from paceray.base.dotted import get_path, set_path
 from paceray.spec.specfile import LoadedSpec
@@ -80,17 +81,28 @@ def trial_count_preview(loaded: LoadedSpec) -> int:
     return n
 
 
-def define_by_run(loaded: LoadedSpec):
+def define_by_run(loaded: LoadedSpec) -> "DefineByRun":
     """Optuna's define-by-run space: each searched setting is suggested only when the settings
     suggested before it leave it relevant. Settings that decide others' relevance go first."""
-    order = _gates_first(loaded)
+    return DefineByRun(dict(loaded.search), loaded.base, _gates_first(loaded), loaded.trainable.irrelevant)
 
-    def space(trial) -> dict:
+
+@dataclass(frozen=True)
+class DefineByRun:
+    """The define-by-run space as an object, not a closure: Tune saves its searcher (and so this)
+    with pickle at every checkpoint of the search, and pickle refuses local functions."""
+
+    search: dict
+    base: dict
+    order: list
+    irrelevant: Optional[Callable[[dict], list]]  # the trainable's hook: a module-level function
+
+    def __call__(self, trial) -> None:
         chosen: dict = {}
-        for key in order:
-            if _irrelevant_given(loaded, chosen, key):
+        for key in self.order:
+            if self.irrelevant is not None and key in set(self.irrelevant(with_point(self.base, chosen))):
                 continue
-            d = loaded.search[key]
+            d = self.search[key]
             name = key.replace(".", "/")  # Tune unflattens Optuna's names on "/"
             if d.kind in ("grid", "choice"):
                 chosen[key] = trial.suggest_categorical(name, list(d.args))
@@ -99,14 +111,6 @@ def define_by_run(loaded: LoadedSpec):
             else:
                 chosen[key] = trial.suggest_float(name, *d.args, log=d.kind == "loguniform")
         return None
-
-    return space
-
-
-def _irrelevant_given(loaded: LoadedSpec, chosen: dict, key: str) -> bool:
-    """Whether `key` is irrelevant once `chosen` is set (the rest at the base's values)."""
-    hook = loaded.trainable.irrelevant
-    return hook is not None and key in set(hook(with_point(loaded.base, chosen)))
 
 
 def _gates_first(loaded: LoadedSpec) -> list[str]:

@@ -294,9 +294,6 @@ def check_pack(spec: Spec, trainable, where: str) -> None:
         print(f"paceray: note: {where}: tune.pack: trainable {trainable.name!r} does not train packed arms "
               f"(Trainable.packing); every trial trains one", flush=True)
         return
-    if spec.tune.algorithm == "optuna":
-        raise PacerayError(f"{where}: tune.pack: an Optuna search does not pack yet (it suggests one trial at a "
-                           f"time); use algorithm grid or random, or tune.pack: 1")
 
 
 def check_seeds(spec: Spec, trainable, search: dict, where: str) -> None:
