@@ -113,3 +113,30 @@ def test_an_arm_that_ends_leaves_the_stack_with_its_state(both):
     assert trial.stack_keys == ("a0", "a1") and len(trial.stack) == 2
     assert any(not torch.equal(p, q) for p, q in zip(before, trial.arms[0].model.parameters()))
     assert all(torch.isfinite(p).all() for p in ended.model.parameters())  # its own storage, untouched
+
+
+def test_a_packed_checkpoint_is_checked_arm_by_arm(tmp_path, both):
+    """A pack's checkpoint (a folder per live arm and pack.json) loads only if every live arm's
+    state does; one whose arms all ended (failed or stopped) holds none and is fine."""
+    import json
+
+    from paceray.protocol import PacerayError
+    from trainables.denoiser.export import check_checkpoint
+
+    loop, _, _, _ = both
+    pack = tmp_path / "checkpoint_step00000006"
+    for arm in loop.arms[:2]:
+        (pack / arm.key).mkdir(parents=True)
+        torch.save(T._state(arm, STEPS, 1, {}), pack / arm.key / T.CHECKPOINT_FILE)
+    (pack / T.PACK_FILE).write_text(json.dumps({"step": STEPS, "world": 1, "failed": {"a2": "non-finite"}}))
+    check_checkpoint(pack)
+    (pack / "a1" / T.CHECKPOINT_FILE).write_bytes(b"torn")
+    with pytest.raises(PacerayError, match=r"a1/state.pt: corrupted checkpoint"):
+        check_checkpoint(pack)
+    ended = tmp_path / "ended"
+    ended.mkdir()
+    (ended / T.PACK_FILE).write_text(json.dumps({"step": 4, "world": 1, "stopped": {"a0": 4, "a1": 4}}))
+    check_checkpoint(ended)
+    (ended / T.PACK_FILE).write_text("{torn")
+    with pytest.raises(PacerayError, match="pack.json: corrupted"):
+        check_checkpoint(ended)

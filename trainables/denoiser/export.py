@@ -47,11 +47,11 @@ def check_checkpoint(checkpoint_dir: str | Path) -> None:
     if pack_file.exists():
         try:
             pack = json.loads(pack_file.read_text())
-            failed = set(pack.get("failed", {}))
+            ended = set(pack.get("failed", {})) | set(pack.get("stopped", {}))
         except (ValueError, AttributeError):
             raise PacerayError(f"{pack_file}: corrupted (not the JSON a packed checkpoint writes)") from None
         arms = sorted(p.name for p in Path(checkpoint_dir).iterdir() if p.is_dir())
-        if not arms and not failed:
+        if not arms and not ended:
             raise PacerayError(f"{checkpoint_dir}: a packed checkpoint without any arm's state")
         for arm in arms:
             _check_state(Path(checkpoint_dir) / arm)
