@@ -61,3 +61,15 @@ def test_the_live_panel_shows_running_trials_their_columns_and_the_best(tmp_path
     row = next(line for line in text.splitlines() if line.startswith("hard-to-easy-t1"))
     assert row.split() == ["hard-to-easy-t1", "15/30", "2", "71.25"]
     assert f"worker logs: {tmp_path / 'workers.log'}" in text
+
+
+def test_a_packs_line_gives_each_arms_metric_and_the_best_is_an_arm():
+    out = io.StringIO()
+    pack = _trial("p0", "pack")
+    with _view(out, total=1) as view:
+        view.started(pack)
+        view.result(pack, {"step": 15, "curriculum/stage": 2, "eval/fid": 12.5, "paceray_best_arm": "a1",
+                           "a0/eval/fid": 20.0, "a1/eval/fid": 12.5, "a2/paceray_failed": 1})
+    lines = out.getvalue().splitlines()
+    assert "trial pack-p0 at step 15/30: stage 2 · FID 12.5 · arms: a0 20, a1 12.5, a2 failed · 0/1 done" in lines[1]
+    assert "best eval/fid 12.5 (p0-a1)" in lines[-1]

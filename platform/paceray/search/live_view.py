@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Sequence, TextIO
 
 from ray import tune
 
-from paceray.protocol import STEP_KEY
+from paceray.protocol import STEP_KEY, packing
 
 _active: Optional["SearchView"] = None
 
@@ -121,10 +121,24 @@ class SearchView:
         if not isinstance(value, (int, float)) or math.isnan(value):
             return
         better = self.best is None or (value < self.best[0] if self.mode == "min" else value > self.best[0])
+        best_arm = result.get(packing.BEST_ARM_KEY)  # a pack's metric is its best arm's: name the arm
         if better:
-            self.best = (float(value), state.name)
+            self.best = (float(value), f"{trial.trial_id}-{best_arm}" if best_arm else state.name)
         shown = " · ".join(f"{h} {_fmt(state.values.get(h))}" for h, key in self.columns if key != STEP_KEY)
-        self._event(f"trial {state.name} at step {self._step(state)}: {shown}")
+        self._event(f"trial {state.name} at step {self._step(state)}: {shown}{self._arms(result)}")
+
+    def _arms(self, result: dict) -> str:
+        """A pack's line also gives each arm's own metric (`a0 12.3, a1 14.1`), and which failed."""
+        if packing.BEST_ARM_KEY not in result:
+            return ""
+        arms, k = [], 0
+        while any(packing.arm_metric(packing.arm_key(k), key) in result
+                  for key in (self.metric, packing.ARM_FAILED_METRIC)):
+            arm = packing.arm_key(k)
+            failed = result.get(packing.arm_metric(arm, packing.ARM_FAILED_METRIC))
+            arms.append(f"{arm} {'failed' if failed else _fmt(result.get(packing.arm_metric(arm, self.metric)))}")
+            k += 1
+        return f" · arms: {', '.join(arms)}" if arms else ""
 
     def completed(self, trial) -> None:
         state = self._trial(trial)
