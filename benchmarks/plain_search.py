@@ -22,7 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def plain_train_loop(config: dict) -> None:
-    """Each rank: the bare step of benchmarks/throughput.py on its shard, `train.steps` times."""
+    """Each rank: the bare step of benchmarks/throughput.py on its shard, `train.steps` times.
+    Written out here, not imported: this runs on Ray's workers, whose path holds the installed
+    packages but not benchmarks/ (cloudpickle ships this function by value)."""
     import ray.train
     import ray.train.torch
     import torch

@@ -98,11 +98,16 @@ def timed_search(args: argparse.Namespace, storage: Path, scratch: Path, i: int,
     overrides = [*args.overrides, *([f"tune.pack={pack}"] if pack else [])]
     for o in overrides:
         cmd += ["--set", o]
+    return timed(cmd, storage, f"search {i + 1}")
+
+
+def timed(cmd: list[str], storage: Path, what: str) -> float:
+    """The whole wall of `cmd` (start-up included), with the storage root; its output if it fails."""
     start = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PACERAY_STORAGE": str(storage)})
     wall = time.perf_counter() - start
     if r.returncode != 0:
-        raise SystemExit(f"search {i + 1} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        raise SystemExit(f"{what} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return wall
 
 
@@ -113,12 +118,7 @@ def timed_plain(args: argparse.Namespace, storage: Path, scratch: Path, i: int) 
     cmd += ["--address", args.address] if args.address else []
     for o in args.overrides:
         cmd += ["--set", o]
-    start = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PACERAY_STORAGE": str(storage)})
-    wall = time.perf_counter() - start
-    if r.returncode != 0:
-        raise SystemExit(f"plain script {i + 1} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return wall
+    return timed(cmd, storage, f"plain script {i + 1}")
 
 
 def side_by_side(args: argparse.Namespace, storage: Path, scratch: Path, ideal: float) -> dict:

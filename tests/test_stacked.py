@@ -110,7 +110,7 @@ def test_an_arm_that_ends_leaves_the_stack_with_its_state(both):
     before = [p.detach().clone() for p in trial.arms[0].model.parameters()]
     x0, y = next(trial.batches)
     T._step_arms(trial, STEPS + 1, (x0, y, trial.draws.noise(STEPS + 1, x0)))
-    assert trial.stack_keys == ("a0", "a1") and len(trial.stack) == 2
+    assert tuple(a.key for a in trial.stacked_arms) == ("a0", "a1") and len(trial.stack) == 2
     assert any(not torch.equal(p, q) for p, q in zip(before, trial.arms[0].model.parameters()))
     assert all(torch.isfinite(p).all() for p in ended.model.parameters())  # its own storage, untouched
 

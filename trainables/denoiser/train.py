@@ -34,7 +34,7 @@ from trainables.diffusion.draws import StepDraws, initial_seed
 from trainables.diffusion.model import EMA, build_model, drop_labels, null_label, unwrap
 
 CHECKPOINT_FILE = "state.pt"
-PACK_FILE = "pack.json"  # in a packed trial's checkpoint: its step, and the arms that had failed
+PACK_FILE = "pack.json"  # in a packed trial's checkpoint: its step, and the arms that had ended
 
 
 def _world() -> tuple[int, int]:
@@ -133,7 +133,6 @@ class _Trial:
     null: Optional[int] = None  # the label that means "no class" (label dropout); None: unconditional
     # train.pack_compute stacked: the live arms' weights as one stack, and which arms it holds
     stack: Optional[StackedArms] = None
-    stack_keys: tuple = ()
     stacked_arms: list = field(default_factory=list)
 
     @property
@@ -385,15 +384,14 @@ def _stacked_step(trial: _Trial, live: list[_Arm], step: int, batch: tuple) -> N
 
 def _stack_of(trial: _Trial, live: list[_Arm]) -> StackedArms:
     """The stack of the live arms, rebuilt when an arm has ended since (its optimizer state kept)."""
-    keys = tuple(arm.key for arm in live)
-    if trial.stack is not None and trial.stack_keys == keys:
+    if trial.stack is not None and trial.stacked_arms == live:
         return trial.stack
     if trial.stack is not None:
         trial.stack.store_optimizers([a.optimizer for a in trial.stacked_arms])
         trial.stack.release()
     trial.stack = StackedArms([a.model for a in live], [a.optimizer for a in live], lr=live[0].cfg.train.lr,
                               weight_decay=live[0].cfg.train.weight_decay)
-    trial.stack_keys, trial.stacked_arms = keys, list(live)
+    trial.stacked_arms = list(live)
     return trial.stack
 
 

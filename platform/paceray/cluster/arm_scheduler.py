@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
@@ -61,15 +62,12 @@ class ArmAsha:
         return {arm: self.decided.get(arm, {}).get(str(rung), False) for arm in values}
 
     def _cutoff(self, values: list[float]) -> Optional[float]:
-        finite = sorted(v for v in values if math.isfinite(v))
+        finite = [v for v in values if math.isfinite(v)]
         if len(finite) < 2:
             return None
         # The 1/rf quantile from the better end (linear interpolation, as numpy's percentile).
-        q = 1 / self.reduction_factor if self.mode == "min" else 1 - 1 / self.reduction_factor
-        pos = q * (len(finite) - 1)
-        low = math.floor(pos)
-        high = min(low + 1, len(finite) - 1)
-        return finite[low] + (finite[high] - finite[low]) * (pos - low)
+        cuts = statistics.quantiles(finite, n=self.reduction_factor, method="inclusive")
+        return cuts[0] if self.mode == "min" else cuts[-1]
 
     def to_json(self) -> str:
         return json.dumps({"grace": self.grace, "reduction_factor": self.reduction_factor, "max_t": self.max_t,

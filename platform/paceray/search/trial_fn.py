@@ -73,7 +73,8 @@ def run_trial(config: dict, search: SearchContext) -> None:
         print(f"paceray: trial {trial_id}: {fallback.message()}", flush=True)
     plan = FitPlan(trainable, config, ResourcesSection(**search.resources), run_dir.tune_trials(search.name), name,
                    context=dict(tracking_uri=search.tracking_uri, storage=search.storage, run_dir=search.run_dir,
-                                metric=search.metric, mode=search.mode, judge_arms=search.arm_judge, console_progress=search.console_progress, fallback=fallback),
+                                metric=search.metric, mode=search.mode, judge_arms=search.arm_judge,
+                                console_progress=search.console_progress, fallback=fallback),
                    mode=search.mode, callbacks=(TuneReportCallback(),))
     ending = runner.fit(plan, stop_flag=tune_stop_flag())
     if ending.outcome is Outcome.STOPPED:

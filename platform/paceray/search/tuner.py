@@ -133,28 +133,19 @@ def search_alg(loaded: LoadedSpec, concurrent: int, points: list):
     return BasicVariantGenerator(constant_grid_search=bool(t.seeds), random_state=t.seed, max_concurrent=concurrent)
 
 
-def packed_samples(loaded: LoadedSpec, total: Optional[int]) -> int:
-    """Tune's num_samples: a packed grid's single pass over its packs; a packed Optuna search's
-    at most one trial per arm (its searcher says when it is done); else the trial count."""
-    if packs_lib.pack_size(loaded) is None:
-        return total
-    return loaded.spec.tune.num_samples if loaded.spec.tune.algorithm == "optuna" else 1
-
-
 def packed_space(loaded: LoadedSpec, concurrent: int):
-    """A packed search as Tune sees it: one grid value per pack, each a packed config (every
-    arm's config, expanded on the driver: paceray.spec.packs), run FIFO. Returns the param space,
-    the trial count, the search algorithm and the scheduler (None)."""
+    """A packed search as Tune sees it, run FIFO: one grid value per pack, each a packed config
+    (every arm's config, expanded on the driver: paceray.spec.packs), one pass; or, for Optuna,
+    at most one trial per arm (its searcher says when it is done). Returns the param space, the
+    trial count (None: not known ahead), Tune's num_samples and the search algorithm."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    from paceray.spec import packs as packs_lib
-
     if loaded.spec.tune.algorithm == "optuna":
-        return {}, None, packed_optuna(loaded, concurrent), None
+        return {}, None, loaded.spec.tune.num_samples, packed_optuna(loaded, concurrent)
     packs = packs_lib.packs(loaded, packs_lib.arm_configs(loaded), slots=concurrent)
-    space = {packing.ARMS_KEY: tune.grid_search([packing.packed(p)[packing.ARMS_KEY] for p in packs])}
-    return space, len(packs), BasicVariantGenerator(max_concurrent=concurrent), None
+    space = {packing.ARMS_KEY: tune.grid_search(packs)}
+    return space, len(packs), 1, BasicVariantGenerator(max_concurrent=concurrent)
 
 
 def packed_optuna(loaded: LoadedSpec, concurrent: int):
@@ -233,17 +224,18 @@ def build_tuner(loaded: LoadedSpec, context: SearchContext, concurrent: int, tun
     from paceray.search.live_view import ProgressCallback
     from paceray.spec import space as space_lib
 
-    if packs_lib.pack_size(loaded) is not None:
-        space, total, algorithm, sched = packed_space(loaded, concurrent)
+    if packs_lib.pack_size(loaded) is not None:  # FIFO in Tune; ASHA judges arms (cluster.arm_scheduler)
+        space, total, samples, algorithm = packed_space(loaded, concurrent)
+        sched = None
     else:
         points = space_lib.grid_points(loaded) if t.algorithm == "grid" else []  # expanded once
         space, total = param_space(loaded, t.algorithm, points), num_samples(loaded, points)
-        algorithm, sched = search_alg(loaded, concurrent, points), scheduler(loaded)
+        samples, algorithm, sched = total, search_alg(loaded, concurrent, points), scheduler(loaded)
     return tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric=loaded.metric, mode=loaded.mode, num_samples=packed_samples(loaded, total),
+            metric=loaded.metric, mode=loaded.mode, num_samples=samples,
             search_alg=algorithm, scheduler=sched,
             max_concurrent_trials=concurrent if t.algorithm == "optuna" else None,
         ),

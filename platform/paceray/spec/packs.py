@@ -3,8 +3,8 @@
 With `tune.pack` (K, or `auto`) a search's arms are expanded here — the grid's canonical points
 times `tune.seeds` times num_samples, or a random search's samples — and arms the trainable says
 may share a trial (`Packing.key`: for the denoiser, the same data, model, steps and seed) are
-grouped, in order, into packs of up to K (`auto`: the trainable's `max_pack` of the group's
-first arm). Arms that share nothing with others form packs of one. Each pack is one Tune trial.
+grouped, in order, into packs of up to K (`auto`: see `packs`). Arms that share nothing with
+others form packs of one (an ordinary trial). Each pack is one Tune trial.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def arm_configs(loaded: LoadedSpec) -> list[dict]:
 
 
 def draw(dist: Distribution, rng: random.Random) -> Any:
-    """One value of a non-grid distribution, as Tune's sampler of the same kind draws it."""
+    """One value of a non-grid distribution: from the distribution Tune's sampler of that kind
+    draws from (with Python's generator, so not Tune's values: an unpacked random search of the
+    same seed draws other points)."""
     kind, args = dist.kind, dist.args
     if kind == "choice":
         return rng.choice(list(args))

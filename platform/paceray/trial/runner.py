@@ -63,13 +63,12 @@ class Ending:
     # Arms of a packed trial that failed in-band on their own (arm -> why): those end FAILED with
     # their reason whatever the trial's outcome; the others end as the trial did.
     arms_failed: Mapping[str, str] = field(default_factory=dict)
+    # Arms the search's arm scheduler stopped (arm -> who): they end KILLED.
+    arms_stopped: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def status(self) -> str:
         return STATUS[self.outcome]
-
-    # Arms of a packed trial the search's arm scheduler stopped (arm -> who): they end KILLED.
-    arms_stopped: Mapping[str, str] = field(default_factory=dict)
 
     def for_arm(self, arm: str) -> "Ending":
         """How one arm of the trial ended."""
@@ -82,9 +81,9 @@ class Ending:
         return self
 
 
-def arm_failures(result: Any, key: str = ARM_FAILURES_KEY) -> dict[str, str]:
-    """The arms of a packed trial that failed in-band (or, with ARM_STOPPED_KEY, that the arm
-    scheduler stopped), from rank 0's return value."""
+def arms_listed(result: Any, key: str) -> dict[str, str]:
+    """Arm -> value of the mapping `key` in rank 0's return value: the arms that failed in-band
+    (ARM_FAILURES_KEY: why) or that the arm scheduler stopped (ARM_STOPPED_KEY: at which step)."""
     found = getattr(result, "return_value", None)
     failed = found.get(key) if isinstance(found, Mapping) else None
     return {str(k): str(v) for k, v in failed.items()} if isinstance(failed, Mapping) else {}
@@ -182,11 +181,11 @@ class TrialRunner:
             if not finished[-1]:
                 log_params(request.uri, run.run_id, request.params)
             runs[arm] = run
-        packed = len(requests) > 1 or next(iter(requests)) != ONLY_ARM or \
-            any(r.identity.get(TRIAL_TAG, trial_id) != trial_id for r in requests.values())
-        arm_ids = {arm: r.identity.get(TRIAL_TAG, trial_id) for arm, r in requests.items()} if packed else None
-        return cls(trial_id, runs, record, finished_before=bool(finished) and len(finished) == len(runs) and all(finished),
-                   arm_ids=arm_ids)
+        # A packed trial's arms carry ids of their own (`<trial>-a<k>`); an unpacked trial's, the trial's.
+        arm_ids = {arm: r.identity.get(TRIAL_TAG, trial_id) for arm, r in requests.items()}
+        packed = any(arm_id != trial_id for arm_id in arm_ids.values())
+        return cls(trial_id, runs, record, finished_before=len(finished) == len(runs) and all(finished),
+                   arm_ids=arm_ids if packed else None)
 
     @classmethod
     def resume(cls, trial_id: str, uri: str, run_id: str, run_dir: Path) -> "TrialRunner":
@@ -247,9 +246,9 @@ class TrialRunner:
                 return Ending(Outcome.STOPPED, error=e)
             why = placement_failure(e, plan.resources)
             return Ending(Outcome.NOT_PLACED if why else Outcome.CRASHED, why or str(e), error=e)
-        reason, arms_failed = failure_of(result), arm_failures(result)
+        reason, arms_failed = failure_of(result), arms_listed(result, ARM_FAILURES_KEY)
         by = getattr(plan.context.get("judge_arms"), "by", "arm scheduler")
-        arms_stopped = {arm: by for arm in arm_failures(result, ARM_STOPPED_KEY)}
+        arms_stopped = {arm: by for arm in arms_listed(result, ARM_STOPPED_KEY)}
         if reason:  # the trainable ended the trial as failed, in-band (e.g. a NaN loss)
             return Ending(Outcome.FAILED, reason, result=result, arms_failed=arms_failed, arms_stopped=arms_stopped)
         return Ending(Outcome.FINISHED, tags=placement_tags(result), result=result, arms_failed=arms_failed,
