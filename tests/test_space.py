@@ -167,3 +167,11 @@ def test_pack_auto_fills_the_trials_that_run_at_once(tmp_path):
     assert [len(p) for p in packs.packs(loaded, arms, slots=2)] == [3, 3]
     assert [len(p) for p in packs.packs(loaded, arms, slots=4)] == [2, 2, 2]
     assert [len(p) for p in packs.packs(loaded, arms, slots=1)] == [6]
+    # five arms of each of five seeds (the digits study) on 2 slots: 13 arms' time per slot in
+    # packs of 3 and 2, where five packs of 5 would leave a slot idle for the last one (15)
+    study = _packed_spec(tmp_path, {"pack": "auto", "seeds": [0, 1, 2, 3, 4]},
+                         {"curriculum.order": {"grid": ["none", "easy-to-hard", "hard-to-easy", "random", "shuffled"]}})
+    grouped = packs.packs(study, packs.arm_configs(study), slots=2)
+    assert [len(p) for p in grouped] == [3, 2] * 5
+    assert all(len({a["train"]["seed"] for a in pack}) == 1 for pack in grouped)
+    assert [len(p) for p in packs.packs(study, packs.arm_configs(study), slots=5)] == [5] * 5

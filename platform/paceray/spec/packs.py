@@ -66,18 +66,46 @@ def draw(dist: Distribution, rng: random.Random) -> Any:
 
 def packs(loaded: LoadedSpec, configs: list[dict], slots: Optional[int] = None) -> list[list[dict]]:
     """`configs` grouped by the trainable's pack key, in order of first appearance, each group cut
-    into packs of up to `tune.pack` arms. `auto`: packs that fill the `slots` trials the cluster
-    runs at once (all arms ÷ slots, rounded up), none larger than the trainable's `max_pack`: on
-    2 slots, 4 arms train as 2 packs of 2 side by side, not one pack of 4 beside an idle slot."""
+    into packs of up to `tune.pack` arms. `auto` (see `_auto_cap`): the packs, none larger than the
+    trainable's `max_pack`, that let the `slots` trials the cluster runs at once finish soonest:
+    on 2 slots, 4 arms train as 2 packs of 2 side by side, not one pack of 4 beside an idle slot."""
     packing, size = loaded.trainable.packing, pack_size(loaded)
     if size is None:
         return [[c] for c in configs]
     groups: dict[str, list[dict]] = {}
     for config in configs:
         groups.setdefault(packing.key(config), []).append(config)
-    fill = math.ceil(len(configs) / slots) if slots else len(configs)
-    out = []
-    for group in groups.values():
-        k = min(max(1, int(packing.max_pack(group[0]))), max(1, fill)) if size == "auto" else int(size)
-        out.extend(group[i:i + k] for i in range(0, len(group), k))
-    return out
+    if size != "auto":
+        return [g[i:i + int(size)] for g in groups.values() for i in range(0, len(g), int(size))]
+    limits = [max(1, int(packing.max_pack(g[0]))) for g in groups.values()]
+    cap = _auto_cap([len(g) for g in groups.values()], limits, slots)
+    return [part for g, limit in zip(groups.values(), limits) for part in _split(g, min(cap, limit))]
+
+
+def _split(group: list, cap: int) -> list[list]:
+    """`group` in order, cut into the fewest packs of at most `cap`, as equal in size as may be."""
+    n_packs = math.ceil(len(group) / cap)
+    sizes = [len(group) // n_packs + (1 if i < len(group) % n_packs else 0) for i in range(n_packs)]
+    starts = list(itertools.accumulate([0] + sizes))
+    return [group[a:b] for a, b in zip(starts, starts[1:])]
+
+
+def _auto_cap(group_sizes: list[int], limits: list[int], slots: Optional[int]) -> int:
+    """The largest pack a group is cut into under `auto`: the cap whose packs, started in order on
+    `slots` trials at a time (Tune's FIFO), end soonest, counting a pack's time as its arm count;
+    of equal ends, the one with the fewest packs (each pays a trial's start-up). Unknown slots:
+    the largest packs. The five arms of each of five seeds on 2 slots: packs of 3 and 2 (all
+    done after 13 arms' time per slot), not five packs of 5 (15, one slot idle at the end)."""
+    largest = max(min(n, limit) for n, limit in zip(group_sizes, limits))
+    if not slots:
+        return largest
+
+    def cost(cap: int) -> tuple[int, int]:
+        sizes = [len(part) for n, limit in zip(group_sizes, limits)
+                 for part in _split(list(range(n)), min(cap, limit))]
+        free = [0] * slots  # when each slot frees up
+        for size in sizes:
+            free[free.index(min(free))] += size
+        return max(free), len(sizes)
+
+    return min(range(1, largest + 1), key=cost)
