@@ -16,7 +16,7 @@ from torch import nn
 from paceray.base.errors import PacerayError
 from trainables.diffusion.data import load_split, prepare, resize_images, to_unit_range
 from trainables.diffusion.fid import (INCEPTION_ENV, FIDEvaluator, ReferenceImages, ReferenceStats, kid_score,
-                                      load_extractor, load_inception, reference_statistics)
+                                      load_extractor, load_inception, reference_statistics, update_together)
 from trainables.diffusion.fid_net import FidNetRecipe, train_fid_net
 
 
@@ -84,6 +84,33 @@ class VectorFeatures(nn.Module):
 
     def forward(self, x):
         return x.flatten(1)
+
+
+def test_arms_scored_in_one_feature_pass_get_the_fids_they_get_alone(digits):
+    """Packed arms' samples go through the feature network together (`update_together`): each
+    arm's FID and KID are those of scoring it alone, up to the network's reduction order over a
+    larger batch (relative 1e-4 here; the features themselves agree to ~1e-6), and the forks keep
+    their images apart."""
+    extractor = digits["extractor"]
+    reference = reference_statistics(extractor, digits["dataset_dir"], digits["root"] / "stats",
+                                     ReferenceImages(split="train"))
+    held_out = to_unit_range(load_split(digits["dataset_dir"], "test")[0])[:300]
+    noise = torch.randn(held_out.shape, generator=torch.Generator().manual_seed(1))
+    sets = [held_out, (held_out + 0.2 * noise).clamp(-1, 1), (held_out + 0.6 * noise).clamp(-1, 1)]
+    base = FIDEvaluator(extractor, reference)
+    forks = [base.fork() for _ in sets]
+    for start in range(0, 300, 100):
+        update_together(forks, [images[start:start + 100] for images in sets])
+    together = [e.compute() for e in forks]
+    alone = [_fid(extractor, reference, images, batch=100) for images in sets]
+    for got, want in zip(together, alone):
+        assert got["num_fake"] == want["num_fake"] == 300
+        assert got["fid"] == pytest.approx(want["fid"], rel=1e-4) and got["kid"] == pytest.approx(want["kid"], rel=1e-4)
+    assert together[0]["fid"] < together[1]["fid"] < together[2]["fid"]
+    assert int(base.metric.fake_features_num_samples) == 0  # the base saw none of them
+    another = load_extractor("classifier", dataset_dir=digits["dataset_dir"], fid_net_path=digits["net_path"])
+    with pytest.raises(ValueError, match="forked from one"):
+        update_together([base, FIDEvaluator(another, reference)], [held_out[:4], held_out[:4]])
 
 
 def test_frechet_distance_matches_scipy_on_known_gaussians():

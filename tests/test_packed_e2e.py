@@ -103,8 +103,10 @@ def test_arms_end_on_their_own_failed_stopped_or_finished(packed_and_alone):
 def test_each_arm_trains_exactly_as_its_trial_alone(packed_and_alone):
     """Same seed, same batches, timesteps, noise and initial weights: on the loop path (fp32, the
     same batch shapes and threads) every logged loss is equal bit for bit, over the steps the arm
-    ran (the one the arm scheduler stopped, up to its stop). The FID too: each arm samples and is
-    scored alone, with the same generator seeds, so no tolerance is needed."""
+    ran (the one the arm scheduler stopped, up to its stop). The FID to 1e-6 relative: each arm
+    draws the images it draws alone (its own generator, seeded alike), but a pack's arms go through
+    the feature network in one pass, a larger batch whose floating-point reduction order may
+    differ in the last bits (equal here so far; tests/test_fid.py bounds it on real images)."""
     (_, (packed_client, packed_runs), _), (alone_result, (alone_client, alone_runs), _) = packed_and_alone
     assert alone_result.returncode == 0, alone_result.stdout[-3000:]
     packed, alone = _trials(packed_runs), _trials(alone_runs)
@@ -112,9 +114,12 @@ def test_each_arm_trains_exactly_as_its_trial_alone(packed_and_alone):
     for order in ORDERS:
         p, a = packed[(order, "uniform")], alone[(order, "uniform")]
         last = max(s for s, _ in history(packed_client, p.info.run_id, "train/loss"))
-        for key in ("train/loss", "train/loss_c1", "curriculum/stage", "eval/fid"):
+        for key in ("train/loss", "train/loss_c1", "curriculum/stage"):
             got, want = history(packed_client, p.info.run_id, key), history(alone_client, a.info.run_id, key)
             assert got == [(s, v) for s, v in want if s <= last], (order, key, got, want)
+        got, want = history(packed_client, p.info.run_id, "eval/fid"), history(alone_client, a.info.run_id, "eval/fid")
+        assert [s for s, _ in got] == [s for s, _ in want if s <= last]
+        assert [v for _, v in got] == pytest.approx([v for s, v in want if s <= last], rel=1e-6), (order, got, want)
 
 
 # ----------------------------------------------------------------- a killed worker, a killed driver

@@ -10,6 +10,7 @@ share of the FID images.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -478,19 +479,20 @@ def _log_arm_interval(trial: _Trial, arm: _Arm, step: int, img_per_s: float) -> 
 def _eval_and_checkpoint(trial: _Trial, step: int) -> None:
     """FID and KID of every live arm's EMA model's samples, logged and reported with one
     checkpoint of the trial (of every live arm, for a pack)."""
+    live = trial.live
+    if not live:
+        return
+    eval_start = time.perf_counter()
+    scored = evaluate(trial.sampling, [(arm.model, arm.ema) for arm in live], trial.evaluator)
+    eval_seconds = time.perf_counter() - eval_start  # the pack's: its arms sample side by side
     by_arm = {}
-    for arm in trial.live:
-        eval_start = time.perf_counter()
-        fid, grid = evaluate(trial.sampling, arm.model, arm.ema, trial.evaluator)
-        eval_seconds = time.perf_counter() - eval_start
+    for arm, (fid, grid) in zip(live, scored):
         by_arm[arm.key] = {"eval/fid": fid["fid"], "eval/kid": fid["kid"], "eval/seconds": eval_seconds,
                            "step": step, "curriculum/stage": arm.trained.stage, "fid_features": fid["features"],
                            "fid_samples": fid["num_fake"]}
         if arm.log:
             arm.log.eval(fid, grid, step, eval_seconds)
         arm.last_fid = fid["fid"]
-    if not by_arm:
-        return
     _judge_arms(trial, by_arm, step)
     failed = tuple(arm.key for arm in trial.arms if arm.failed is not None)
     metrics = pack_report(by_arm, trial.context.metric, trial.context.mode, failed) if trial.packed \
@@ -560,17 +562,25 @@ def generate_share(s: Sampling, ema_model):
 
 
 @torch.no_grad()
-def evaluate(s: Sampling, model, ema, evaluator):
-    """Every rank samples its share with the EMA weights; the FID statistics are reduced across ranks."""
-    evaluator.reset()
-    first = None
-    with ema.applied_to(model) as ema_model:
-        for x in generate_share(s, ema_model):
-            evaluator.update(x)
-            if first is None and s.rank == 0:  # the sample grid is rank 0's to log
-                first = x[: s.cfg.eval.sample_grid].cpu()
-    result = evaluator.compute()
-    return result, (sample_grid(first) if s.rank == 0 and s.cfg.eval.sample_grid and first is not None else None)
+def evaluate(s: Sampling, arms: list, evaluator) -> list:
+    """(FID result, sample grid) of each (model, EMA) in `arms`: every rank samples its share with
+    each arm's EMA weights, the arms batch by batch side by side, and each round of batches goes
+    through the FID feature network in one pass (`update_together`); the statistics are reduced
+    across ranks. An arm's images are those it would draw alone (its own generator, seeded as
+    alone); its features are equal up to the network's floating-point reduction order."""
+    from trainables.diffusion.fid import update_together
+
+    evaluators = [evaluator.fork() for _ in arms]
+    firsts = None
+    with contextlib.ExitStack() as applied:
+        ema_models = [applied.enter_context(ema.applied_to(model)) for model, ema in arms]
+        for batch in zip(*(generate_share(s, m) for m in ema_models)):
+            update_together(evaluators, list(batch))
+            if firsts is None and s.rank == 0:  # the sample grids are rank 0's to log
+                firsts = [x[: s.cfg.eval.sample_grid].cpu() for x in batch]
+    grids = [sample_grid(x) if s.rank == 0 and s.cfg.eval.sample_grid and firsts is not None else None
+             for x in (firsts or [None] * len(arms))]
+    return [(e.compute(), grid) for e, grid in zip(evaluators, grids)]
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ FID from N ranks equals the one-process FID on the same images.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -298,9 +299,20 @@ class FIDEvaluator:
 
     @torch.no_grad()
     def update(self, fake: torch.Tensor) -> None:
-        features = self.extractor(fake.to(self.device))
+        self.update_features(self.extractor(fake.to(self.device)))
+
+    def update_features(self, features: torch.Tensor) -> None:
+        """Count generated images by their features (from this evaluator's extractor)."""
         self.metric.update(features, real=False)
         self._fake.append(features.detach().float())
+
+    def fork(self) -> "FIDEvaluator":
+        """An evaluator of its own generated images, sharing this one's extractor and reference:
+        several models scored side by side (`update_together`) hold one feature network."""
+        other = copy.copy(self)
+        other.metric = self.metric.clone()
+        other._fake = []
+        return other
 
     def compute(self) -> dict[str, Any]:
         result = self.metric.compute()
@@ -326,6 +338,19 @@ class FIDEvaluator:
         """Forget the generated images; keep the reference."""
         self.metric.reset()
         self._fake = []
+
+
+@torch.no_grad()
+def update_together(evaluators: list[FIDEvaluator], fakes: list[torch.Tensor]) -> None:
+    """Each evaluator's batch of generated images through one pass of their shared extractor (see
+    `FIDEvaluator.fork`): one larger batch rather than one per model, the same features up to the
+    extractor's floating-point reduction order."""
+    extractor = evaluators[0].extractor
+    if any(e.extractor is not extractor for e in evaluators):
+        raise ValueError("update_together needs evaluators forked from one (one extractor)")
+    features = extractor(torch.cat([x.to(evaluators[0].device) for x in fakes]))
+    for evaluator, part in zip(evaluators, features.split([len(x) for x in fakes])):
+        evaluator.update_features(part)
 
 
 def _gather_rows(local: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,7 @@ def arm_requests(config: dict, trial_id: str, search: SearchContext, trainable) 
     if not packing.is_packed(config):
         arms = {packing.arm_key(0): (trial_id, packing.arms_of(config)[0], {})}
     else:
-        pack_tags = {keys.PACK_TAG: trial_id, keys.PACK_WIDE_TAG: "perf/img_per_s, system/*"}
+        pack_tags = {keys.PACK_TAG: trial_id, keys.PACK_WIDE_TAG: "perf/img_per_s, eval/seconds, system/*"}
         arms = {packing.arm_key(i): (packing.arm_trial_id(trial_id, i), arm, pack_tags)
                 for i, arm in enumerate(packing.arms_of(config))}
     return {arm: RunRequest(search.tracking_uri, search.experiment, trainable.run_name(arm_config, arm_id),
