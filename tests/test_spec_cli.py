@@ -68,7 +68,7 @@ def test_set_overrides_base_and_pins_searched_paths(tmp_path):
         ("name: t\ntrainable: denoiser\nsearch: {curriculum.nope: {grid: [1]}}\n", "search.curriculum.nope"),
         # Both ends are valid integers; almost every draw in between is not.
         ("name: t\ntrainable: denoiser\nsearch: {curriculum.num_clusters: {uniform: [2, 8]}}\n",
-         "search.curriculum.num_clusters: uniform [2.0, 8.0] draws values like 4.22, which the field rejects"),
+         "search.curriculum.num_clusters: uniform [2.0, 8.0] draws fractional values over an integer field"),
         ("name: t\ntrainable: denoiser\nsearch: {train.lr: {loguniform: [0, 1]}}\n", "search.train.lr"),
         ("name: t\ntrainable: denoiser\nsearch: {train.lr: {grid: [0.1], choice: [0.2]}}\n", "exactly one"),
         ("name: t\ntrainable: nosuch\n", "no trainable named"),
@@ -142,7 +142,17 @@ def test_cli_bad_spec_is_one_line_non_zero_no_traceback(tmp_path):
 @pytest.mark.parametrize("text,args,needle", [
     # A search over an integer field that only its ends pass: it once failed on every trial's workers.
     ("name: t\ntrainable: denoiser\nsearch: {curriculum.num_clusters: {uniform: [2, 8]}}\n", [],
-     "use randint for an integer field"),
+     "use randint [low, high)"),
+    # Its probes (100, 137.0, 200) are whole numbers: it once started every trial, each failing on
+    # its workers with a traceback, and left a run behind for each.
+    ("name: t\ntrainable: denoiser\nsearch: {train.steps: {uniform: [100, 200]}}\n", [],
+     "search.train.steps: uniform [100.0, 200.0] draws fractional values over an integer field"),
+    ("name: t\ntrainable: denoiser\nsearch: {train.batch_size: {grid: [64, 64.0]}}\n", [],
+     "search.train.batch_size: grid [64, 64.0] gives 64.0 to an integer field"),
+    ("name: t\ntrainable: denoiser\nsearch: {curriculum.num_clusters: {choice: [2, '2']}}\n", [],
+     "search.curriculum.num_clusters: choice [2, '2'] mixes int, str values"),
+    ("name: t\ntrainable: denoiser\nsearch: {train.steps: {randint: [0, 50]}}\n", [],
+     "search: train.steps: Input should be greater than or equal to 1 (search point train.steps=0)"),  # steps ≥ 1
     # A tracking URI without a scheme: it once reached MLflow's store registry and its traceback.
     ("name: t\ntrainable: denoiser\n", ["--tracking-uri", "localhost:5000"], "tracking URI 'localhost:5000'"),
     ("name: t\ntrainable: denoiser\ntracking: {uri: 'localhost:5000'}\n", [], "tracking URI 'localhost:5000'"),
@@ -152,6 +162,19 @@ def test_cli_bad_search_or_uri_is_one_line_before_anything_starts(tmp_path, text
     r = run("tune", str(p), "--run-dir", str(tmp_path / "runs"), *args, check=False)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["tune", "train"])
+def test_a_run_dir_that_is_a_file_is_one_line_before_anything_starts(tmp_path, command):
+    p = write(tmp_path, "name: t\ntrainable: denoiser\n")
+    taken = tmp_path / "taken"
+    taken.write_text("not a directory")
+    for run_dir, says in ((taken, f"--run-dir {taken}: is a file, not a directory"),
+                          (taken / "runs", f"--run-dir {taken / 'runs'}: lies under the file {taken}")):
+        r = run(command, str(p), "--run-dir", str(run_dir), check=False)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+    assert taken.read_text() == "not a directory" and sorted(tmp_path.iterdir()) == sorted([p, taken])
 
 
 def test_preview_json_matches_the_sampler():

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from paceray.base.errors import PacerayError
+
 
 @dataclass(frozen=True)
 class Invocation:
@@ -19,5 +21,12 @@ class Invocation:
     verbose: bool = False
 
     def run_dir_or(self, default: Path) -> Path:
-        """--run-dir, absolute, or the spec's default."""
-        return Path(self.run_dir).expanduser().resolve() if self.run_dir else default
+        """--run-dir, absolute, or the spec's default (its run_dir, PACERAY_RUN_DIR or ./runs); a
+        path that is, or lies under, an existing file fails here in one line, before anything starts."""
+        path = Path(self.run_dir).expanduser().resolve() if self.run_dir else default
+        blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            named = f"--run-dir {self.run_dir}" if self.run_dir else f"run directory {path}"
+            where = "is a file" if blocker == path else f"lies under the file {blocker}"
+            raise PacerayError(f"{named}: {where}, not a directory; name a directory (it is made if missing)")
+        return path

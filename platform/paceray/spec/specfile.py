@@ -11,6 +11,8 @@ import copy
 import itertools
 import math
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -269,6 +271,7 @@ def check_search(config_cls, base: dict, search: dict[str, "Distribution"], wher
         if key not in known:
             raise PacerayError(f"{where}: search.{key}: no such config field in trainable's Config")
     for key, d in search.items():
+        _check_declared_type(config_cls, key, d, where)
         _check_interior(config_cls, base, key, d, where)
     probes = [[(k, v) for v in d.probe_values()] for k, d in search.items()]
     # Each value alone, and (for small spaces) every combination: cross-field checks
@@ -309,6 +312,56 @@ def check_seeds(spec: Spec, trainable, search: dict, where: str) -> None:
                            f"trial afresh); search {trainable.seed_path} with Optuna instead")
     if len(set(seeds)) != len(seeds):
         raise PacerayError(f"{where}: tune.seeds: {seeds} repeats a seed")
+
+
+def _check_declared_type(config_cls, key: str, d: "Distribution", where: str) -> None:
+    """A distribution checked against its field's declared type, not only against the values
+    probed: a float range over an integer field (whatever its probes happen to draw), a float in
+    a list over an integer field (`[64, 64.0]`), and a list that mixes kinds (`[1, "1"]`), which
+    pydantic's lax mode would coerce on some trials and not others."""
+    kinds = {_value_kind(v) for v in (d.args if d.kind in ("grid", "choice") else ()) if v is not None}  # None: unset
+    if len({"number" if k in ("int", "float") else k for k in kinds}) > 1:
+        raise PacerayError(f"{where}: search.{key}: {d.kind} {list(d.args)} mixes {', '.join(sorted(kinds))} values; "
+                           f"give every value as the field's type")
+    if not _integer_field(_annotation_at(config_cls, key)):
+        return
+    if d.kind in ("uniform", "loguniform"):
+        raise PacerayError(f"{where}: search.{key}: {d.kind} {list(d.args)} draws fractional values over an integer "
+                           f"field; use randint [low, high)")
+    fractional = [v for v in (d.args if d.kind in ("grid", "choice") else ()) if _value_kind(v) == "float"]
+    if fractional:
+        raise PacerayError(f"{where}: search.{key}: {d.kind} {list(d.args)} gives {fractional[0]!r} to an integer "
+                           f"field; write whole numbers without a decimal point")
+
+
+def _value_kind(value: Any) -> str:
+    return "bool" if isinstance(value, bool) else type(value).__name__
+
+
+def _annotation_at(config_cls, dotted: str) -> Any:
+    """The declared type of a dotted path in a pydantic model (None where it is not a field)."""
+    annotation: Any = config_cls
+    for part in dotted.split("."):
+        model = next((t for t in _types_in(annotation) if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if model is None or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+    return annotation
+
+
+def _types_in(annotation: Any) -> list:
+    """The types a (possibly Optional, Union or Annotated) annotation admits; a Literal's values' types."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return [type(a) for a in args]
+    if origin in (Union, types.UnionType, typing.Annotated):
+        return [t for a in args for t in _types_in(a)]
+    return [annotation]
+
+
+def _integer_field(annotation: Any) -> bool:
+    types = set(_types_in(annotation)) if annotation is not None else set()
+    return int in types and float not in types
 
 
 def _check_interior(config_cls, base: dict, key: str, d: "Distribution", where: str) -> None:
