@@ -189,6 +189,36 @@ def fashion_mnist() -> Path:
     pytest.skip(message)
 
 
+def postgres_missing(message: str = "") -> None:
+    """Skip a PostgreSQL test where Debian's postgresql is not installed; fail it where it must
+    run (`.ci/run` installs the package and sets PACERAY_REQUIRE_POSTGRES)."""
+    from postgres import REQUIRE_ENV
+
+    message = message or "no PostgreSQL under /usr/lib/postgresql (apt-get install postgresql)"
+    if os.environ.get(REQUIRE_ENV):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def postgres_mlflow(tmp_path_factory):
+    """A PostgreSQL server of the tests' own and an `mlflow server` on it (tests/postgres.py),
+    shared by the tests that track into it; both stopped at the session's end."""
+    from postgres import Postgres, PostgresMlflowServer, postgres_bin
+
+    if postgres_bin() is None:
+        postgres_missing()
+    pg = Postgres().start()
+    try:
+        server = PostgresMlflowServer(pg, tmp_path_factory.mktemp("pg-mlflow"), "mlflow").start()
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        pg.stop()
+
+
 def wait_for_checkpoint(run_dir: Path, proc: Started, timeout: float = 600) -> int:
     """The step of the first checkpoint Ray Train registers for the `paceray train` in `run_dir`."""
     deadline = time.monotonic() + timeout

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import (REPO, Started, checkpoint_dirs, checkpoint_step, experiment_runs, history, kill_session,
-                      mlflow_client, prelaunched, registered_checkpoint_step, run_paceray, tiny_base,
+                      mlflow_client, postgres_missing, prelaunched, registered_checkpoint_step, run_paceray, tiny_base,
                       wait_for_checkpoint, write_spec)
 from paceray.tracking.server import LocalServer
 from paceray.protocol.keys import VIEW_TAG
@@ -377,8 +377,13 @@ class MlflowServer(LocalServer):
         root.mkdir(parents=True, exist_ok=True)
         super().__init__(root)
 
+    client_env: dict = {}  # no authentication on the embedded store's server
+
     def client(self):
         return mlflow_client(self.run_dir)
+
+    def artifact_dir(self, run) -> Path:
+        return Path(run.info.artifact_uri.removeprefix("file://"))
 
 
 def _start_train(shared, spec: Path, run_dir: Path, uri: str, flush_timeout: float = 300, env=None) -> Started:
@@ -403,25 +408,44 @@ def _wait_for_metrics(server: MlflowServer, experiment: str, proc, at_least: int
     raise AssertionError("no metrics arrived")
 
 
-def _delivered(server: MlflowServer, run_id: str) -> dict:
-    """What the store holds of run `run_id` (read from its SQLite file: the server may be stopped)."""
+def _delivered(server, run_id: str) -> dict:
+    """What the store holds of run `run_id` (read from the store itself: the server may be stopped)."""
     client = server.client()
     run = client.get_run(run_id)
     steps = {key: sorted(m.step for m in client.get_metric_history(run_id, key)) for key in ("train/loss", "eval/fid")}
     system = sorted((m.step, m.timestamp) for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage"))
-    return {"status": run.info.status, "steps": steps, "artifacts": Path(run.info.artifact_uri), "system": system,
+    return {"status": run.info.status, "steps": steps, "artifacts": server.artifact_dir(run), "system": system,
             "metrics": set(run.data.metrics)}
 
 
 @prelaunched(long=True)
 def outage_trial(shared, tmp_path):
     """A trial whose server goes away mid-run for a while, then returns on the same port and store."""
-    server = MlflowServer(tmp_path / "mlflow").start()
+    return _outage_trial(shared, tmp_path, MlflowServer(tmp_path / "mlflow").start())
+
+
+@prelaunched(long=True)
+def outage_trial_postgres(shared, tmp_path):
+    """The same against the deployed kind of server: `mlflow server` on PostgreSQL, basic auth,
+    artifacts served (tests/postgres.py); None where no PostgreSQL is installed."""
+    from postgres import Postgres, PostgresMlflowServer, postgres_bin
+
+    if postgres_bin() is None:
+        return None
+    pg = Postgres().start()
+    try:
+        return _outage_trial(shared, tmp_path, PostgresMlflowServer(pg, tmp_path / "mlflow", "outage").start())
+    finally:
+        pg.stop()
+
+
+def _outage_trial(shared, tmp_path, server) -> dict:
     spec = write_spec(tmp_path / "o.yaml", "outage",
                       tiny_base(train={"steps": 200, "log_every": 5}, curriculum={"stage_steps": 40},
                                 eval={"every": 50}))
     # A system-metrics sample every second: several fall in the outage.
-    proc = _start_train(shared, spec, tmp_path / "runs", server.uri, env={"PACERAY_SYSTEM_METRICS_INTERVAL": "1"})
+    proc = _start_train(shared, spec, tmp_path / "runs", server.uri,
+                        env={"PACERAY_SYSTEM_METRICS_INTERVAL": "1", **server.client_env})
     try:
         run_id = _wait_for_metrics(server, "outage", proc)
         server.stop()  # gone mid-run: training must go on
@@ -440,7 +464,16 @@ def outage_trial(shared, tmp_path):
 
 
 def test_mlflow_outage_mid_run_loses_nothing(outage_trial):
-    got = outage_trial
+    _check_outage(outage_trial)
+
+
+def test_mlflow_outage_mid_run_loses_nothing_on_postgresql(outage_trial_postgres):
+    if outage_trial_postgres is None:
+        postgres_missing()
+    _check_outage(outage_trial_postgres)
+
+
+def _check_outage(got: dict) -> None:
     assert got["returncode"] == 0, got["out"][-4000:]
     run = got["run"]
     assert run["status"] == "FINISHED"
