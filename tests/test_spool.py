@@ -223,13 +223,33 @@ def test_mlflow_client_errors_are_set_aside_server_errors_retried(tmp_path, code
     assert (tmp_path / "q" / "dead-letter.jsonl").exists() == permanent
 
 
-def test_a_4xx_entry_against_a_real_store_is_set_aside_and_the_rest_delivered(tmp_path):
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path, monkeypatch) -> str:
+    """A real MLflow store to deliver to: a SQLite file, or the `mlflow server` on PostgreSQL with
+    basic auth that k8s/ deploys (tests/postgres.py; its admin's credentials set here)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    server = request.getfixturevalue("postgres_mlflow")
+    for key, value in server.client_env.items():
+        monkeypatch.setenv(key, value)
+    return server.uri
+
+
+def _new_run(uri: str, tmp_path) -> str:
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    exp = client.create_experiment("spool", artifact_location=(tmp_path / "artifacts").as_uri())
-    run_id = client.create_run(exp).info.run_id
+    # a file URI for SQLite; the server's own artifact store (--serve-artifacts) for the server
+    location = (tmp_path / "artifacts").as_uri() if uri.startswith("sqlite") else None
+    return client.create_run(client.create_experiment(f"spool-{tmp_path.name}", artifact_location=location)).info.run_id
+
+
+def test_a_4xx_entry_against_a_real_store_is_set_aside_and_the_rest_delivered(tmp_path, store):
+    from mlflow.tracking import MlflowClient
+
+    uri = store
+    client = MlflowClient(uri)
+    run_id = _new_run(uri, tmp_path)
     q = tmp_path / "q"
 
     def metrics(run, step):
@@ -248,6 +268,26 @@ def test_a_4xx_entry_against_a_real_store_is_set_aside_and_the_rest_delivered(tm
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [0, 2]
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [d["entry"].get("step") for d in _dead(q)] == [1, None]
+
+
+def test_a_batch_refused_as_a_whole_is_delivered_entry_by_entry_and_only_the_bad_set_aside(tmp_path):
+    """Consecutive metrics rows of a run go in one log_batch call; MLflow refuses such a call
+    whole for one bad row and does not say which: then each entry goes alone, and only the bad
+    one is set aside."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = _new_run(uri, tmp_path)
+    q = tmp_path / "q"
+    for step in range(5):
+        key = "bad key!" if step == 2 else "train/loss"  # "!" is not allowed in a metric name
+        spool.append(q, {"kind": "metrics", "run_id": run_id, "step": step, "timestamp": spool.now_ms() + step,
+                         "metrics": {key: 1.0 / (step + 1), "train/lr": 0.1}})
+    result = spool.replay(q, uri)
+    assert (result.delivered, result.set_aside) == (4, 1) and "bad key!" in _dead(q)[0]["entry"]["metrics"]
+    client = MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [0, 1, 3, 4]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/lr")) == [0, 1, 3, 4]
 
 
 def test_a_transient_error_stops_replay_and_says_so(tmp_path, monkeypatch):
@@ -295,6 +335,32 @@ def test_two_deliverers_at_once_deliver_each_entry_once(tmp_path):
     for t in threads:
         t.join(30)
     assert got == list(range(40)) and not q.exists()
+
+
+def test_two_deliverers_into_a_real_store_log_each_step_once_in_order(tmp_path, store):
+    from mlflow.tracking import MlflowClient
+
+    run_id = _new_run(store, tmp_path)
+    q = tmp_path / "q"
+    for step in range(12):
+        spool.append(q, {"kind": "metrics", "run_id": run_id, "step": step, "timestamp": spool.now_ms() + step,
+                         "metrics": {"train/loss": 1.0 / (step + 1)}})
+    deliver, start, drained = spool.mlflow_deliverer(store), threading.Barrier(2), []
+
+    def deliverer():
+        start.wait()
+        # The one that waits for the other's lock finds the queue gone (True), or gives up
+        # after LOCK_WAIT on a slow server (False: it would retry later): never a second copy.
+        drained.append(spool.drain(q, deliver))
+
+    threads = [threading.Thread(target=deliverer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(drained) == 2 and any(drained) and not q.exists()
+    history = sorted(MlflowClient(store).get_metric_history(run_id, "train/loss"), key=lambda m: m.timestamp)
+    assert [m.step for m in history] == list(range(12))
 
 
 def test_two_processes_at_once_deliver_each_entry_once(tmp_path):
@@ -426,3 +492,92 @@ def test_system_metrics_continue_after_a_restart_without_overwriting(tmp_path, m
     steps = [m.step for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage")]
     assert sorted(steps) == list(range(len(steps))) and len(steps) >= 4
     assert "system/system_memory_usage_percentage" in client.get_run(run_id).data.metrics
+
+
+# ---------------------------------------------------------------------- a slow server
+
+
+class SlowProxy:
+    """A loopback HTTP proxy in front of `upstream` that holds every request `delay` seconds,
+    counting the metric rows each log-batch call carries."""
+
+    def __init__(self, upstream: str, delay: float):
+        import http.client
+        import http.server
+        import urllib.parse
+
+        target = urllib.parse.urlparse(upstream)
+        proxy = self
+        self.rows_per_call: list[int] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                time.sleep(delay)
+                if self.path.endswith("/runs/log-batch"):
+                    proxy.rows_per_call.append(len(json.loads(body or b"{}").get("metrics", [])))
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                answer = conn.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_POST = do_PATCH = do_DELETE = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    from paceray.tracking.server import LocalServer
+
+    server = LocalServer(tmp_path / "mlflow").start()
+    yield server
+    server.stop()
+
+
+def test_a_slow_server_gets_fewer_larger_calls_and_the_backlog_stays_bounded(tmp_path, mlflow_server):
+    """200 ms a request, a metrics row every 40 ms (a fast GPU trial's pace, 25 values each): one
+    call per row could deliver 5 rows a second of the 25 written, and the queue would grow by 20
+    a second. Consecutive rows of a run go in one call (up to MLflow's 1000 values), so the
+    calls grow with the backlog instead, and every row arrives once, in order."""
+    from mlflow.tracking import MlflowClient
+
+    proxy = SlowProxy(mlflow_server.uri, delay=0.2)
+    try:
+        client = MlflowClient(mlflow_server.uri)
+        run_id = client.create_run(client.create_experiment("slow")).info.run_id
+        q = spool.Spool(tmp_path / "q", spool.mlflow_deliverer(proxy.uri), retry_seconds=0.2)
+        backlog = []
+        for step in range(250):
+            q.put({"kind": "metrics", "run_id": run_id, "step": step, "timestamp": spool.now_ms(),
+                   "metrics": {f"train/m{i}": step + i / 100 for i in range(25)}})
+            backlog.append(q.pending())
+            time.sleep(0.04)
+        assert q.close(timeout=120)
+        history = client.get_metric_history(run_id, "train/m3")
+        assert sorted(m.step for m in history) == list(range(250))
+        calls = proxy.rows_per_call
+        assert sum(calls) == 250 * 25 and len(calls) < 250 / 3, calls  # fewer, larger calls
+        assert max(calls) <= 1000 and max(calls) >= 10 * 25, calls
+        # bounded: the second half's backlog no larger than the first half's
+        assert max(backlog[125:]) <= max(max(backlog[:125]), 10) * 1.5, backlog
+    finally:
+        proxy.close()

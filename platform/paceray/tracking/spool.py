@@ -1,7 +1,9 @@
 """A write-ahead queue on disk between a trial and its MLflow server.
 
 Every write (a metrics row, an image, a figure, tags, the run's end) is first appended to a
-spool folder, then delivered by a background thread in order. A server that goes away never
+spool folder, then delivered by a background thread in order. Consecutive metrics rows of a run
+that wait together go in one call (up to MLflow's 1000 values): a server that falls behind gets
+fewer, larger calls rather than a backlog that grows. A server that goes away never
 stalls training: writes wait on disk, and are delivered when it answers again. A server that
 never returns leaves the spool behind, with the command that replays it:
 
@@ -35,6 +37,7 @@ DEAD_LETTER = "dead-letter.jsonl"
 LOCK = "deliver.lock"
 LOCK_MAX_AGE = 15 * 60.0  # s: another host's lock (its pid we cannot check) untouched this long is dead
 LOCK_WAIT = 30.0  # s: how long drain/replay wait for another deliverer of the same queue to finish
+MLFLOW_BATCH_METRICS = 1000  # values one log_batch call may carry (MLflow's limit)
 # MLflow error codes that no retry fixes (a run that does not exist, a value it refuses, a run
 # deleted): the entry is set aside. Not among them: auth (401/403) and 404 ENDPOINT_NOT_FOUND,
 # which say the URI or credentials are wrong (fix them and replay), nor 429 and 5xx.
@@ -223,25 +226,32 @@ def _deliver(folder: Path, deliver: Callable[[dict], None], on_error: Callable[[
             append_line(folder / ENTRIES, b"")  # a torn last line becomes a whole (bad) line
             done, start = _progress(folder)
             data, pos, marked = _read_from(folder, start), 0, 0
+            alone_until = 0  # after a batch refused as a whole: its entries one by one (see below)
             while (nl := data.find(b"\n", pos)) != -1:
-                raw, pos = data[pos:nl], nl + 1
+                line, raw, pos = pos, data[pos:nl], nl + 1
                 if not raw.strip():  # a fence's extra newline
                     continue
                 if not locks.holds(folder / LOCK, token):  # taken over (we seemed dead): it goes on
                     on_error(Busy(f"{folder}: lost {LOCK}"))
                     return out
-                entry = None
+                entry, n, end = None, 1, pos
                 try:
                     entry = _parse(raw)
-                    deliver(_with_files(folder, entry))
-                    out.delivered += 1
+                    group, end = ([entry], pos) if line < alone_until else _batch(data, pos, entry)
+                    n = len(group)
+                    deliver(_with_files(folder, entry) if n == 1 else _merged(group))
+                    out.delivered += n
                 except Exception as e:
                     if not is_permanent(e):
                         on_error(e)
                         return out
+                    if n > 1:  # which entry it was, MLflow does not say: each alone, the bad set aside
+                        alone_until, pos = end, line
+                        continue
                     out.reasons.append(_set_aside(folder, done, entry, raw, e))
                     out.set_aside += 1
-                done, marked = done + 1, pos
+                    n, end = 1, pos
+                done, marked, pos = done + n, end, end
                 write_text_atomic(folder / DELIVERED, f"{done} {start + pos}\n")
             if pos > marked:  # blank lines after the last entry: skip them for good
                 write_text_atomic(folder / DELIVERED, f"{done} {start + pos}\n")
@@ -255,6 +265,40 @@ def _deliver(folder: Path, deliver: Callable[[dict], None], on_error: Callable[[
     finally:
         locks.unlock(folder / LOCK, token)
     return out
+
+
+def _batch(data: bytes, pos: int, first: dict) -> tuple[list[dict], int]:
+    """`first` and the metrics entries of the same run on the whole lines right after it (from
+    `pos`), up to MLflow's log_batch limit of values, and the offset past the last: what a
+    backlog delivers in one call. A server that falls behind gets fewer, larger calls, not a
+    queue that grows. Anything else (another run, another kind, a torn line) ends the batch."""
+    if first.get("kind") != "metrics" or not isinstance(first.get("metrics"), dict):
+        return [first], pos
+    group, values, end = [first], len(first["metrics"]), pos
+    while (nl := data.find(b"\n", end)) != -1:
+        raw = data[end:nl]
+        if raw.strip():
+            try:
+                entry = _parse(raw)
+            except PermanentError:
+                break
+            if (entry.get("kind") != "metrics" or entry.get("run_id") != first.get("run_id")
+                    or not isinstance(entry.get("metrics"), dict)
+                    or values + len(entry["metrics"]) > MLFLOW_BATCH_METRICS):
+                break
+            group.append(entry)
+            values += len(entry["metrics"])
+        end = nl + 1
+    return group, end
+
+
+def _merged(group: list[dict]) -> dict:
+    """One metrics entry carrying every row of `group` (each with its own step and time)."""
+    try:
+        rows = [[k, v, e["timestamp"], e["step"]] for e in group for k, v in e["metrics"].items()]
+    except (KeyError, TypeError) as bad:  # a malformed one among them: each alone, it set aside
+        raise PermanentError(f"malformed metrics entry in a batch: {bad!r}") from None
+    return {"kind": "metrics", "run_id": group[0]["run_id"], "rows": rows}
 
 
 def _parse(raw: bytes) -> dict:
@@ -362,7 +406,10 @@ def mlflow_deliverer(tracking_uri: Optional[str]) -> Callable[[dict], None]:
         # while errors from the call itself are classified by is_permanent.
         try:
             run_id, kind = e["run_id"], e["kind"]
-            if kind == "metrics":
+            if kind == "metrics" and "rows" in e:  # a backlog's rows in one call (_merged)
+                rows = [Metric(key=k, value=float(v), timestamp=ts, step=step) for k, v, ts, step in e["rows"]]
+                send = lambda: client.log_batch(run_id, metrics=rows)  # noqa: E731
+            elif kind == "metrics":
                 rows = [Metric(key=k, value=float(v), timestamp=e["timestamp"], step=e["step"])
                         for k, v in e["metrics"].items()]
                 send = lambda: client.log_batch(run_id, metrics=rows)  # noqa: E731
