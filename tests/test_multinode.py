@@ -1,6 +1,6 @@
 """Past one machine: a real multi-node Ray cluster (tests/nodes.py: a head, a worker node in a
-network namespace on an address of its own), `ray job submit` of a search whose DDP trial spans
-both nodes, and a node lost mid-trial (an elastic trial finishes, a fixed one fails in bounded
+network namespace on an address of its own), `ray job submit` of a packed search whose DDP trial
+spans both nodes, and a node lost mid-trial (an elastic trial finishes, a fixed one fails in bounded
 time)."""
 
 from __future__ import annotations
@@ -65,12 +65,15 @@ def only_run(cluster: Cluster, experiment: str):
     return runs[0]
 
 
-def test_ray_job_submit_runs_a_search_whose_ddp_trial_spans_two_nodes(cluster, two_worker_trial, tmp_path):
-    """`ray job submit` to the multi-node head: a search whose one trial has two gloo ranks, one
-    per node (strict-spread); its FID equals the same trial's on one node (the shared cluster's
-    two-worker `paceray train`, the same config and seed)."""
+def test_ray_job_submit_runs_a_packed_search_whose_ddp_trial_spans_two_nodes(cluster, two_worker_trial, tmp_path):
+    """`ray job submit` to the multi-node head: a packed search (two curricula, `tune.pack: 2`)
+    whose one Tune trial has two gloo ranks, one per node (strict-spread), training both arms in
+    lockstep, each its own run with both nodes in its placement. The easy-to-hard arm's FID equals
+    the same config's unpacked trial on one node (the shared cluster's two-worker `paceray train`,
+    the same seed): packing and the second node change nothing it computes."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     spec = write_spec(tmp_path / "span.yaml", "span", TWO_WORKER_BASE,
+                      search={"curriculum.order": {"grid": ["easy-to-hard", "none"]}}, tune={"pack": 2},
                       resources={"workers": 2, "cpus_per_worker": 1, "placement": "strict-spread"})
     runtime_env = {"env_vars": {"PACERAY_STORAGE": os.environ["PACERAY_STORAGE"]}}
     argv = [ray_bin, "job", "submit", "--address", cluster.nodes.jobs_address, "--working-dir", str(REPO),
@@ -84,20 +87,25 @@ def test_ray_job_submit_runs_a_search_whose_ddp_trial_spans_two_nodes(cluster, t
         time.sleep(2)
     assert submit.returncode == 0 and "succeeded" in submit.stdout.lower(), submit.stdout[-5000:] + submit.stderr[-3000:]
     exp = cluster.client().get_experiment_by_name("span")
-    trials = [r for r in cluster.client().search_runs([exp.experiment_id]) if r.data.tags.get("paceray.kind") == "trial"]
-    assert len(trials) == 1 and trials[0].info.status == "FINISHED"
-    run = trials[0]
-    ranks = json.loads(run.data.tags[PLACEMENT_TAG])
-    assert sorted(p["rank"] for p in ranks) == [0, 1]
-    assert len({p["node_id"] for p in ranks}) == 2 and run.data.tags[NODES_TAG] == "2"
-    if cluster.nodes.isolated:  # the ranks talked across two addresses (gloo on each node's own interface)
-        assert {p["ip"] for p in ranks} == {cluster.nodes.head_ip, cluster.node.ip}
+    arms = {r.data.params["curriculum.order"]: r for r in cluster.client().search_runs([exp.experiment_id])
+            if r.data.tags.get("paceray.kind") == "trial"}
+    assert sorted(arms) == ["easy-to-hard", "none"] and all(r.info.status == "FINISHED" for r in arms.values())
+    packs = {r.data.tags["paceray.pack"] for r in arms.values()}
+    assert len(packs) == 1 and {r.data.tags["paceray.trial_id"] for r in arms.values()} == {
+        f"{next(iter(packs))}-a0", f"{next(iter(packs))}-a1"}
+    for run in arms.values():
+        ranks = json.loads(run.data.tags[PLACEMENT_TAG])
+        assert sorted(p["rank"] for p in ranks) == [0, 1]
+        assert len({p["node_id"] for p in ranks}) == 2 and run.data.tags[NODES_TAG] == "2"
+        if cluster.nodes.isolated:  # the ranks talked across two addresses (gloo on each node's own interface)
+            assert {p["ip"] for p in ranks} == {cluster.nodes.head_ip, cluster.node.ip}
     workers_log = (tmp_path / "runs/searches/span/workers.log").read_text()
-    assert "2 rank(s) on 2 node(s)" in workers_log
+    assert workers_log.count("2 rank(s) on 2 node(s)") >= 1
     _, _, shared = two_worker_trial
     client, runs = experiment_runs(shared, "two-workers")
+    assert runs[0].data.params["curriculum.order"] == "easy-to-hard"
     one_node = dict(history(client, runs[0].info.run_id, "eval/fid"))[STEPS]
-    two_nodes = dict(history(cluster.client(), run.info.run_id, "eval/fid"))[STEPS]
+    two_nodes = dict(history(cluster.client(), arms["easy-to-hard"].info.run_id, "eval/fid"))[STEPS]
     assert two_nodes == pytest.approx(one_node, rel=1e-6, abs=1e-6)
 
 
