@@ -61,3 +61,10 @@ def test_process_cpu_counts_a_command(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "process_cpu.py"), "--", PACERAY, "--help"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "CPU seen" in r.stdout and "paceray" in r.stdout, r.stdout + r.stderr
+
+
+def test_tracking_load_runs_its_loggers_against_a_server(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tracking_load.py"), "--smoke", "--json",
+                        str(tmp_path / "load.json")], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    out = _ran(r)
+    assert "sqlite   N=  2: delivered" in out and "drained in" in out and "MLflow holds" not in out, out
