@@ -73,3 +73,34 @@ def test_a_packs_line_gives_each_arms_metric_and_the_best_is_an_arm():
     lines = out.getvalue().splitlines()
     assert "trial pack-p0 at step 15/30: stage 2 · FID 12.5 · arms: a0 20, a1 12.5, a2 failed · 0/1 done" in lines[1]
     assert "best eval/fid 12.5 (p0-a1)" in lines[-1]
+
+
+def test_the_view_says_when_tracking_falls_behind(tmp_path, monkeypatch):
+    """A queue of this search whose oldest undelivered row is 45 s old: "tracking 45 s behind";
+    rows a few seconds old, or a queue left from before the search started, say nothing."""
+    import os
+    import time
+
+    from paceray.search import live_view
+    from paceray.tracking import spool
+
+    monkeypatch.setattr(live_view, "LAG_CHECK_S", 0.0)  # look at every event
+    queues = tmp_path / "mlflow-spool"
+    old = queues / "left-from-before"
+    spool.append(old, {"kind": "metrics", "run_id": "x", "step": 1, "timestamp": spool.now_ms() - 3_600_000,
+                       "metrics": {"a": 1.0}})
+    os.utime(old / spool.ENTRIES, (time.time() - 7200, time.time() - 7200))
+    out = io.StringIO()
+    with _view(out) as view:
+        view.queues = queues
+        spool.append(queues / "run-a", {"kind": "tags", "run_id": "a", "tags": {"k": "v"}})  # untimed
+        spool.append(queues / "run-a", {"kind": "metrics", "run_id": "a", "step": 5,
+                                        "timestamp": spool.now_ms() - 4_000, "metrics": {"a": 1.0}})
+        view.started(_trial("t0", "none"))
+        assert "behind" not in out.getvalue()
+        spool.append(queues / "run-b", {"kind": "metrics", "run_id": "b", "step": 5,
+                                        "timestamp": spool.now_ms() - 45_000, "metrics": {"a": 1.0}})
+        view.started(_trial("t1", "easy-to-hard"))
+        assert out.getvalue().splitlines()[-1].endswith("· tracking 45 s behind"), out.getvalue()
+        (queues / "run-b" / spool.DELIVERED).write_text(f"1 {(queues / 'run-b' / spool.ENTRIES).stat().st_size}\n")
+        assert view.tracking_lag() < 10  # run-a's row, 4 s old

@@ -65,8 +65,12 @@ class RunDir:
     def server_log(self) -> Path:
         return self.root / "mlflow-server.log"
 
+    @property
+    def queues(self) -> Path:
+        return self.root / "mlflow-spool"
+
     def queue(self, run_id: str) -> Path:
-        return self.root / "mlflow-spool" / run_id
+        return self.queues / run_id
 
     # ------------------------------------------------------------------ Ray's folders
     @property

@@ -135,6 +135,7 @@ def _started(search: _Search):
                                      loaded.metric, loaded.mode, lambda config: horizon_of(t, config).steps,
                                      lambda config, trial_id: name_of(t, config, trial_id))
         view = progress.SearchView(shape, worker_log, live=False if search.asked.verbose else None)
+        view.queues = search.rd.queues
         results = _fitted(search, uri, parent, tuner, view)
         base = uri if search.external else mlflow_server.ui_base()
         return results, parent_run.comparison_url(uri, parent.run_id, base)

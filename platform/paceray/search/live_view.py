@@ -25,6 +25,8 @@ from ray import tune
 from paceray.protocol import STEP_KEY, packing
 
 _active: Optional["SearchView"] = None
+LAG_SHOWN_S = 30.0  # "tracking N s behind" once the oldest undelivered write is older than this
+LAG_CHECK_S = 5.0
 
 
 @dataclass
@@ -93,6 +95,12 @@ class SearchView:
         self.best: Optional[tuple[float, str]] = None
         self.start = time.monotonic()
         self._live = None
+        # The run directory's tracking queues (RunDir.queue's folder): the view says when their
+        # oldest undelivered entry is older than LAG_SHOWN_S (queues on other nodes' disks it
+        # cannot see). Checked at most every LAG_CHECK_S.
+        self.queues: Optional[Path] = None
+        self._started_wall = time.time()
+        self._lag: tuple[float, Optional[float]] = (-math.inf, None)
 
     # ------------------------------------------------------------------ events (from the callback)
     def _trial(self, trial) -> TrialState:
@@ -182,8 +190,32 @@ class SearchView:
             return None
         return (time.monotonic() - self.start) * (1 - done) / done
 
+    def tracking_lag(self) -> Optional[float]:
+        """Seconds since the oldest entry still waiting in a queue this search wrote to (a queue
+        touched since it started), or None when none waits."""
+        checked, lag = self._lag
+        if self.queues is None or time.monotonic() - checked < LAG_CHECK_S:
+            return lag
+        from paceray.tracking.spool import ENTRIES, oldest_waiting_ms
+
+        oldest = []
+        for entries in self.queues.glob(f"*/{ENTRIES}"):
+            try:
+                if entries.stat().st_mtime >= self._started_wall and (t := oldest_waiting_ms(entries.parent)):
+                    oldest.append(t)
+            except OSError:  # delivered and removed meanwhile
+                continue
+        lag = time.time() - min(oldest) / 1000 if oldest else None
+        self._lag = (time.monotonic(), lag)
+        return lag
+
+    def _behind(self) -> str:
+        lag = self.tracking_lag()
+        return f" · tracking {lag:.0f} s behind" if lag is not None and lag > LAG_SHOWN_S else ""
+
     def summary(self) -> tuple[str, str]:
-        """Two lines: the trial counts; the best so far, the time taken and the ETA."""
+        """Two lines: the trial counts; the best so far, the time taken and the ETA (and how far
+        behind tracking is, when it is)."""
         c = self.counts()
         counts = ", ".join(f"{c[s]} {s}" for s in ("finished", "running", "stopped", "failed", "pending"))
         best = f"best {self.metric} {_fmt(self.best[0])} ({self.best[1]})" if self.best is not None else "no result yet"
@@ -191,7 +223,7 @@ class SearchView:
         eta = self.eta()
         if eta is not None:
             timing += f", ETA {_duration(eta)}"
-        return counts, f"{best} · {timing}"
+        return counts, f"{best} · {timing}{self._behind()}"
 
     def render(self):
         from rich.console import Group
@@ -223,7 +255,7 @@ class SearchView:
         if text:
             c = self.counts()
             print(f"[{_clock(time.monotonic() - self.start)}] {text} · {c['finished'] + c['stopped'] + c['failed']}"
-                  f"/{max(self.total or 0, len(self.trials))} done", file=self.out, flush=True)
+                  f"/{max(self.total or 0, len(self.trials))} done{self._behind()}", file=self.out, flush=True)
 
     # ------------------------------------------------------------------ lifetime
     def __enter__(self) -> "SearchView":

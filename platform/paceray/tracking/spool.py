@@ -196,6 +196,22 @@ def waiting(folder: Path) -> list[dict]:
     return out
 
 
+def oldest_waiting_ms(folder: Path) -> Optional[int]:
+    """The time (ms since the epoch) of the oldest entry still waiting in the queue that carries
+    one (metrics rows and images do), or None when nothing timed waits."""
+    done, offset = _progress(Path(folder))
+    with open(Path(folder) / ENTRIES, "rb") as f:
+        f.seek(offset)
+        for line in f:
+            try:
+                stamp = _parse(line).get("timestamp")
+            except PermanentError:
+                continue
+            if isinstance(stamp, (int, float)):
+                return int(stamp)
+    return None
+
+
 @dataclass
 class _Pass:
     delivered: int = 0
