@@ -68,3 +68,17 @@ def test_tracking_load_runs_its_loggers_against_a_server(tmp_path):
                         str(tmp_path / "load.json")], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     out = _ran(r)
     assert "sqlite   N=  2: delivered" in out and "drained in" in out and "MLflow holds" not in out, out
+
+
+def test_packed_throughput_times_the_loop_and_the_stack(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "packed_throughput.py"), "--smoke"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    out = _ran(r)
+    assert "K= 2: loop" in out and "stacked" in out and "× one arm" in out, out
+
+
+def test_feature_pass_times_one_pass_against_one_per_arm(tmp_path, storage):
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "feature_pass.py"), "--repeats", "1",
+                        "--images", "64", "--storage", str(storage)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600)
+    assert "together ÷ alone" in _ran(r), r.stdout

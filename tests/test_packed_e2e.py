@@ -104,9 +104,10 @@ def test_each_arm_trains_exactly_as_its_trial_alone(packed_and_alone):
     """Same seed, same batches, timesteps, noise and initial weights: on the loop path (fp32, the
     same batch shapes and threads) every logged loss is equal bit for bit, over the steps the arm
     ran (the one the arm scheduler stopped, up to its stop). The FID to 1e-6 relative: each arm
-    draws the images it draws alone (its own generator, seeded alike), but a pack's arms go through
-    the feature network in one pass, a larger batch whose floating-point reduction order may
-    differ in the last bits (equal here so far; tests/test_fid.py bounds it on real images)."""
+    draws the images it draws alone (its own generator, seeded alike) and on CPU goes through the
+    feature network alone, so it is equal here; on CUDA a pack's arms share one pass, a larger
+    batch whose floating-point reduction order may differ in the last bits (tests/test_fid.py
+    bounds that on real images)."""
     (_, (packed_client, packed_runs), _), (alone_result, (alone_client, alone_runs), _) = packed_and_alone
     assert alone_result.returncode == 0, alone_result.stdout[-3000:]
     packed, alone = _trials(packed_runs), _trials(alone_runs)
