@@ -12,13 +12,18 @@
 # reference statistics: nothing is downloaded or trained on the GPU machine).
 #
 # Run there, from the repository root, with carry [".gpu"] (pack.sh prints PREFIX, ending in ';'):
-#   PREFIX bash benchmarks/gpu.sh     (estimated 6-7 minutes on one H100, not yet measured: timeout_s=600)
+#   PREFIX PARTS="packed eager" bash benchmarks/gpu.sh      (then PARTS="fashion compile": each call's
+#   estimate 4-6 minutes on one H100, not yet measured: timeout_s=480 each; all parts at once would
+#   pass the device tool's 600 s per call)
 # Check here on CPU, same code paths at tiny sizes:   SMOKE=1 PYTHON=.venv/bin/python bash benchmarks/gpu.sh
 #
 # Parts, in order of importance (PARTS="eager fashion compile" picks some, e.g. for a rerun):
 #   eager    ddpm-cifar10 UNet (35.7M parameters in the 3-channel CIFAR shape; 1 channel here, as
 #            Fashion-MNIST at 32x32), batch 128, bf16: bare loop vs paceray's Ray Train path,
 #            2 pairs; the data path alone; MFU
+#   packed   benchmarks/packed_throughput.py: 1, 4, 8 and 16 packed arms of the tiny and the
+#            ddpm-cifar10 UNet at 32x32, batch 128, bf16, per-arm loop and stacked, against one
+#            arm alone; MFU (the packed-arms issue's goal: >= 3x at 8 arms for the small preset)
 #   fashion  the two trials of search_spaces/fashion-mnist.yaml (order none, easy-to-hard),
 #            shortened, each one real trial through paceray's Ray Train path: FID, eval share,
 #            training rate. Not `paceray tune`: it needs MLflow, which that machine lacks (see README)
@@ -31,7 +36,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-$PWD/runs/gpu-benchmark}
 STORAGE=${STORAGE:-$PWD/.gpu/data}
-PARTS=${PARTS:-eager fashion compile}
+PARTS=${PARTS:-eager packed fashion compile}
 SMOKE=${SMOKE:-0}
 mkdir -p "$OUT"
 parts_dir=$(mktemp -d)
@@ -41,6 +46,7 @@ exec > >(tee "$OUT/gpu-benchmark.log") 2>&1
 if [[ $SMOKE == 1 ]]; then  # CPU, tiny sizes: the same commands, checked in a couple of minutes
   MODEL=(--device cpu --preset tiny --batch 8 --warmup 2 --steps 4)
   EAGER=(--repeats 1) COMPILE=(--repeats 1)
+  PACKED=(--device cpu --arms 1,2 --batch 8 --steps 2 --warmup 1 --repeats 1)
   TRIAL=(--trial-set train.steps=20 --trial-set eval.every=10 --trial-set eval.fid_samples=16
          --trial-set eval.sampler_steps=2 --trial-set model.preset=tiny --trial-set train.batch_size=8
          --trial-set resources.gpus_per_worker=0 --trial-set resources.cpus_per_worker=1)
@@ -48,6 +54,7 @@ else
   MODEL=(--device cuda --preset ddpm-cifar10 --batch 128 --bf16)
   EAGER=(--warmup 20 --steps 200 --repeats 2)
   COMPILE=(--warmup 10 --steps 200 --repeats 1)  # warm-up starts with the compile itself
+  PACKED=(--device cuda --arms 1,4,8,16 --batch 128 --bf16 --steps 30 --warmup 5 --repeats 2)
   TRIAL=(--trial-set train.steps=1000 --trial-set eval.every=500 --trial-set eval.fid_samples=1000
          --trial-set eval.sampler_steps=25)
 fi
@@ -86,6 +93,12 @@ for name, part in parts.items() if summary else ():
         mfu = f", MFU bare {t['mfu_bare']:.1%} ours {t['mfu_ours']:.1%} ({t['peak_assumed']})" if "mfu_ours" in t else ""
         print(f"{name}: bare {t['bare_median']:,.0f} img/s, ours {t['ours_median']:,.0f} img/s, "
               f"ratio {t['ratio']:.3f} (goal {t['ratio_goal']}){mfu}")
+    if "medians" in part:  # packed_throughput.py: arm-images/s by path and K
+        med = {path: {int(k): v for k, v in by_k.items()} for path, by_k in part["medians"].items()}
+        alone = med.get("loop", {}).get(1)
+        for path, by_k in med.items():
+            print(f"{name} {path}: " + ", ".join(f"K={k} {v:,.0f}" + (f" ({v / alone:.2f}x)" if alone else "")
+                                                  for k, v in sorted(by_k.items())) + " arm-img/s")
     if "data_path" in part:
         print(f"{name}: data path {part['data_path']['img_per_s']:,.0f} img/s")
     if "trial" in part:
@@ -96,12 +109,12 @@ PY
 }
 
 failed=()
-part() {  # part NAME SECONDS ARGS...: one throughput.py run, its JSON kept as NAME
-  local name=$1 limit=$2
+part() {  # part NAME SECONDS ARGS...: one throughput.py (or $SCRIPT) run, its JSON kept as NAME
+  local name=$1 limit=$2 script=${SCRIPT:-benchmarks/throughput.py}
   shift 2
-  echo "=== $name: throughput.py $* ($(date +%T), limit ${limit}s)"
+  echo "=== $name: $script $* ($(date +%T), limit ${limit}s)"
   local start=$SECONDS
-  if ! timeout -k 20 "$limit" "$PY" benchmarks/throughput.py "$@" --json "$parts_dir/$name.json"; then
+  if ! timeout -k 20 "$limit" "$PY" "$script" "$@" --json "$parts_dir/$name.json"; then
     failed+=("$name")
     echo "=== $name FAILED"
   fi
@@ -114,11 +127,15 @@ for p in $PARTS; do
   case $p in
     eager)   part eager 240 "${MODEL[@]}" "${COMMON[@]}" "${EAGER[@]}" --parts throughput,data ;;
     compile) part compile 300 "${MODEL[@]}" "${COMMON[@]}" "${COMPILE[@]}" --compile --parts throughput ;;
+    packed)  for preset in tiny ddpm-cifar10; do  # K packed arms, loop and stacked, against one arm
+               SCRIPT=benchmarks/packed_throughput.py part "packed_${preset//-/_}" 200 "${PACKED[@]}" \
+                 --preset "$preset" --image-size 32
+             done ;;
     fashion) for order in none easy-to-hard; do
                part "fashion_${order//-/_}" 150 "${COMMON[@]}" --parts trial \
                  --trial search_spaces/fashion-mnist.yaml "${TRIAL[@]}" --trial-set curriculum.order=$order
              done ;;
-    *) echo "gpu.sh: unknown part $p (eager, fashion, compile)"; failed+=("$p") ;;
+    *) echo "gpu.sh: unknown part $p (eager, packed, fashion, compile)"; failed+=("$p") ;;
   esac
 done
 merge summary
