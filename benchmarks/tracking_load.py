@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stores", default="postgres,sqlite")
     p.add_argument("--processes", type=int, default=4, help="processes the loggers are spread over")
     p.add_argument("--watched", type=int, default=4, help="runs whose rows are polled for latency")
+    p.add_argument("--tracking-uri", help="load a running server instead (its store named 'given'; "
+                                          "credentials from MLFLOW_TRACKING_USERNAME/PASSWORD)")
     p.add_argument("--json", dest="json_out")
     p.add_argument("--smoke", action="store_true", help="N=2 for 3 s on SQLite: proves the script runs")
     args = p.parse_args(argv)
@@ -165,6 +167,14 @@ def load(server, n: int, args, scratch: Path) -> dict:
 # ------------------------------------------------------------------------------ the servers
 
 
+class _Given:
+    def __init__(self, uri: str):
+        self.uri, self.client_env = uri, {}
+
+    def stop(self):
+        pass
+
+
 class _Sqlite:
     def __init__(self, root: Path):
         from paceray.tracking.server import LocalServer
@@ -196,8 +206,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="paceray-tracking-load-"))
     results = []
-    for store in args.stores.split(","):
-        server = (_Postgres if store == "postgres" else _Sqlite)(scratch / store)
+    stores = ["given"] if args.tracking_uri else args.stores.split(",")
+    for store in stores:
+        server = _Given(args.tracking_uri) if args.tracking_uri else \
+            (_Postgres if store == "postgres" else _Sqlite)(scratch / store)
         try:
             for n in (int(x) for x in args.loggers.split(",")):
                 r = {"store": store, **load(server, n, args, scratch / store)}

@@ -63,11 +63,12 @@ def test_process_cpu_counts_a_command(tmp_path):
     assert r.returncode == 0 and "CPU seen" in r.stdout and "paceray" in r.stdout, r.stdout + r.stderr
 
 
-def test_tracking_load_runs_its_loggers_against_a_server(tmp_path):
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tracking_load.py"), "--smoke", "--json",
-                        str(tmp_path / "load.json")], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+def test_tracking_load_runs_its_loggers_against_a_server(tmp_path, shared):
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tracking_load.py"), "--smoke", "--tracking-uri",
+                        shared.uri, "--json", str(tmp_path / "load.json")], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
     out = _ran(r)
-    assert "sqlite   N=  2: delivered" in out and "drained in" in out and "MLflow holds" not in out, out
+    assert "given    N=  2: delivered" in out and "drained in" in out and "MLflow holds" not in out, out
 
 
 def test_packed_throughput_times_the_loop_and_the_stack(tmp_path):

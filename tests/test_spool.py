@@ -544,26 +544,17 @@ class SlowProxy:
         self.server.server_close()
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    from paceray.tracking.server import LocalServer
-
-    server = LocalServer(tmp_path / "mlflow").start()
-    yield server
-    server.stop()
-
-
-def test_a_slow_server_gets_fewer_larger_calls_and_the_backlog_stays_bounded(tmp_path, mlflow_server):
+def test_a_slow_server_gets_fewer_larger_calls_and_the_backlog_stays_bounded(tmp_path, shared):
     """200 ms a request, a metrics row every 40 ms (a fast GPU trial's pace, 25 values each): one
     call per row could deliver 5 rows a second of the 25 written, and the queue would grow by 20
     a second. Consecutive rows of a run go in one call (up to MLflow's 1000 values), so the
     calls grow with the backlog instead, and every row arrives once, in order."""
     from mlflow.tracking import MlflowClient
 
-    proxy = SlowProxy(mlflow_server.uri, delay=0.2)
+    proxy = SlowProxy(shared.uri, delay=0.2)  # the session's MLflow server (SQLite), slowed
     try:
-        client = MlflowClient(mlflow_server.uri)
-        run_id = client.create_run(client.create_experiment("slow")).info.run_id
+        client = MlflowClient(shared.uri)
+        run_id = client.create_run(client.create_experiment(f"slow-{tmp_path.name}")).info.run_id
         q = spool.Spool(tmp_path / "q", spool.mlflow_deliverer(proxy.uri), retry_seconds=0.2)
         backlog = []
         for step in range(250):
