@@ -566,9 +566,13 @@ def test_a_slow_server_gets_fewer_larger_calls_and_the_backlog_stays_bounded(tmp
         history = client.get_metric_history(run_id, "train/m3")
         assert sorted(m.step for m in history) == list(range(250))
         calls = proxy.rows_per_call
-        assert sum(calls) == 250 * 25 and len(calls) < 250 / 3, calls  # fewer, larger calls
-        assert max(calls) <= 1000 and max(calls) >= 10 * 25, calls
-        # bounded: the second half's backlog no larger than the first half's
-        assert max(backlog[125:]) <= max(max(backlog[:125]), 10) * 1.5, backlog
+        # Fewer, larger calls: each call takes at least 200 ms, so one row a call could not have
+        # delivered 250 rows in fewer than 125 calls. How many rows a call carries depends on how
+        # fast this machine writes (CI saw 5-7), so only the bounds are checked, never a size.
+        assert sum(calls) == 250 * 25 and len(calls) < 250 / 2, calls
+        assert max(calls) <= 1000 and max(calls) > 25, calls
+        # Bounded: one row a call would leave >= 150 rows behind by the last write (250 written,
+        # at most 5 a second delivered while writing took >= 10 s); batching keeps it to a few calls'.
+        assert max(backlog) < 100, backlog
     finally:
         proxy.close()
