@@ -5,6 +5,7 @@ deploys it: basic auth, served artifacts) and one on the embedded SQLite store.
 
     python benchmarks/tracking_load.py                          # N = 8, 32, 64; ~10 minutes
     python benchmarks/tracking_load.py --loggers 16 --seconds 20 --stores sqlite
+    python benchmarks/tracking_load.py --loggers 32 --stores postgres-nocache,postgres
 
 Each logger: a run of its own, a row of 25 metric values every 0.5 s, an image every 30 s. The
 loggers run as threads spread over `--processes` processes (so the load generator does not
@@ -45,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--loggers", default="8,32,64", help="comma-separated N")
     p.add_argument("--seconds", type=float, default=30.0, help="how long the loggers write")
-    p.add_argument("--stores", default="postgres,sqlite")
+    p.add_argument("--stores", default="postgres,sqlite",
+                   help="of postgres, sqlite, postgres-nocache (k8s/'s basic-auth credential cache off)")
     p.add_argument("--processes", type=int, default=4, help="processes the loggers are spread over")
     p.add_argument("--watched", type=int, default=4, help="runs whose rows are polled for latency (each poll is a "
                                                         "request the server serves too: keep it small)")
@@ -55,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", dest="json_out")
     p.add_argument("--smoke", action="store_true", help="N=2 for 3 s on SQLite: proves the script runs")
     args = p.parse_args(argv)
+    unknown = set(args.stores.split(",")) - {"postgres", "sqlite", "postgres-nocache"}
+    if unknown:
+        p.error(f"--stores: unknown {', '.join(sorted(unknown))} (postgres, sqlite, postgres-nocache)")
     if args.smoke:
         args.loggers, args.seconds, args.stores, args.processes = "2", 3.0, "sqlite", 1
     return args
@@ -150,7 +155,7 @@ def load(server, n: int, args, scratch: Path) -> dict:
     for p in procs:
         p.join()
     stop.set()
-    watcher.join()
+    watcher.join(timeout=30)
     depth: dict[int, int] = {}
     while not depth_q.empty():
         t, d = depth_q.get()
@@ -194,14 +199,14 @@ class _Sqlite:
 
 
 class _Postgres:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, auth_cache_ttl: int | None = None):
         sys.path.insert(0, str(REPO / "tests"))
         from postgres import Postgres, PostgresMlflowServer, postgres_bin
 
         if postgres_bin() is None:
             raise SystemExit("tracking_load: no PostgreSQL (apt-get install postgresql), or --stores sqlite")
         self.pg = Postgres().start()
-        self.server = PostgresMlflowServer(self.pg, root, "load").start()
+        self.server = PostgresMlflowServer(self.pg, root, "load", auth_cache_ttl).start()
         self.uri, self.client_env = self.server.uri, self.server.client_env
 
     def stop(self):
@@ -211,12 +216,21 @@ class _Postgres:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # The watcher's polls fail fast when a server is gone (an interrupt, a crash), as the loggers'
+    # own calls do, instead of MLflow's minutes of retries.
+    from paceray.tracking.runlog import FAST_FAIL_ENV
+
+    os.environ.update(FAST_FAIL_ENV)
     scratch = Path(tempfile.mkdtemp(prefix="paceray-tracking-load-"))
     results = []
     stores = ["given"] if args.tracking_uri else args.stores.split(",")
     for store in stores:
-        server = _Given(args.tracking_uri) if args.tracking_uri else \
-            (_Postgres if store == "postgres" else _Sqlite)(scratch / store)
+        if args.tracking_uri:
+            server = _Given(args.tracking_uri)
+        elif store == "sqlite":
+            server = _Sqlite(scratch / store)
+        else:
+            server = _Postgres(scratch / store, 0 if store == "postgres-nocache" else None)
         try:
             for n in (int(x) for x in args.loggers.split(",")):
                 r = {"store": store, **load(server, n, args, scratch / store)}

@@ -12,6 +12,7 @@ skip, unless PACERAY_REQUIRE_POSTGRES is set (`.ci/run` sets it): then they fail
 
 from __future__ import annotations
 
+import configparser
 import os
 import pwd
 import secrets
@@ -27,6 +28,7 @@ from typing import Optional
 from paceray.tracking.server import SERVER_ENV, free_port
 
 REQUIRE_ENV = "PACERAY_REQUIRE_POSTGRES"
+K8S_AUTH_INI = Path(__file__).resolve().parent.parent / "k8s" / "base" / "basic_auth.ini"
 ADMIN = "admin"
 
 
@@ -100,16 +102,21 @@ class PostgresMlflowServer:
     as there), an admin whose credentials `client_env` gives. Stopped and started again on the
     same port, database and folder, like `tests/test_reliability.py`'s SQLite server."""
 
-    def __init__(self, postgres: Postgres, root: Path, database: str):
+    def __init__(self, postgres: Postgres, root: Path, database: str, auth_cache_ttl: Optional[int] = None):
         root.mkdir(parents=True, exist_ok=True)
         self.root, self.port = root, free_port()
         self.backend = postgres.create_database(database)
         self.artifacts = root / "artifacts"
         self.password = secrets.token_hex(12)
-        (root / "basic_auth.ini").write_text(
-            "[mlflow]\ndefault_permission = READ\n"
-            f"database_uri = sqlite:///{root / 'basic_auth.db'}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        # k8s/'s basic_auth.ini, its users' database moved here; `auth_cache_ttl` other than None
+        # replaces its credential cache (0 turns it off: benchmarks/tracking_load.py compares).
+        auth = configparser.ConfigParser()
+        auth.read(K8S_AUTH_INI)
+        auth["mlflow"]["database_uri"] = f"sqlite:///{root / 'basic_auth.db'}"
+        if auth_cache_ttl is not None:
+            auth["mlflow"]["auth_cache_ttl_seconds"] = str(auth_cache_ttl)
+        with open(root / "basic_auth.ini", "w") as f:
+            auth.write(f)
         self.proc: Optional[subprocess.Popen] = None
 
     @property

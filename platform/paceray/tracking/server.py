@@ -30,7 +30,14 @@ def embedded_store(run_dir: Path) -> tuple[str, Path]:
 
 
 # No job runner: its eight huey consumers serve GenAI jobs we never submit, and cost seconds.
-SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+# A pool a request thread can always finish in: MLflow 3.17's log_batch holds a database
+# connection (its run lookup) while its metric and param writes each check out another. With
+# SQLAlchemy's default pool (5 + 10 overflow), 15 concurrent log_batch calls each hold one and
+# wait for a second: every request stalls until the pool's 30 s timeout. The server runs
+# requests on at most 40 threads (anyio's default), so 41 connections per worker process always
+# leave one free; idle ones above the 5 kept are closed.
+POOL_ENV = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "5", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "36"}
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **POOL_ENV}
 
 
 def server_argv(run_dir: Path, port: int, *options: str, host: str = "127.0.0.1") -> list[str]:
