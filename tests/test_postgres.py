@@ -111,3 +111,38 @@ def test_sixteen_loggers_through_a_server_restart_deliver_every_row_once(tmp_pat
             history = client.get_metric_history(logger.run_id, f"train/m{i:02d}")
             assert sorted(m.step for m in history) == list(range(written)), (logger.run_id, i)
             assert all(m.value == pytest.approx(m.step + i / 100) for m in history)
+
+
+def test_forty_concurrent_loggers_log_batch_calls_all_succeed(tmp_path, postgres_mlflow, monkeypatch):
+    """As many log_batch callers at once as the server has request threads (40), 10 calls each:
+    MLflow's log_batch
+    holds a database connection while it takes a second one, so with SQLAlchemy's default pool
+    (15) the calls stalled for the pool's 30 s timeout and some failed, answered 400 BAD_REQUEST
+    ("QueuePool limit ... reached"): a client error, which a queue sets aside as undeliverable.
+    The server's pool (paceray.tracking.server.POOL_ENV, k8s/base/mlflow.yaml) always leaves a
+    connection free. Checked to fail without it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow.entities import Metric
+
+    from paceray.tracking.runlog import FAST_FAIL_ENV
+
+    server = postgres_mlflow
+    for key, value in {**server.client_env, **FAST_FAIL_ENV, "MLFLOW_HTTP_REQUEST_TIMEOUT": "120"}.items():
+        monkeypatch.setenv(key, value)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(server.uri)
+    experiment = client.create_experiment(f"concurrent-{tmp_path.name}")
+    runs = [client.create_run(experiment).info.run_id for _ in range(40)]
+    barrier = threading.Barrier(len(runs))
+
+    def log(run_id: str) -> None:
+        barrier.wait()
+        for step in range(10):  # a burst is not enough: the stall needs 15 calls inside one window
+            client.log_batch(run_id, metrics=[Metric(f"m{i}", float(i), 0, step) for i in range(25)])
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        errors = [f.exception() for f in [pool.submit(log, r) for r in runs]]
+    assert not any(errors), [str(e)[:200] for e in errors if e]
+    assert all(len(client.get_metric_history(r, "m3")) == 10 for r in runs)
