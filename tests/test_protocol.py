@@ -170,6 +170,46 @@ def test_a_trainer_without_datasets_starts_no_dataset_manager():
     assert [type(c) for c in kept] == [type(c) for c in default if not isinstance(c, DatasetsCallback)]
 
 
+def test_paceray_elastic_policy_counts_a_node_once_for_strict_spread_and_never_shrinks_a_running_group():
+    """Ray's elastic policy counts a surviving node with 3 free CPUs as room for 2 strict-spread
+    workers (that cannot be placed there); paceray's counts the nodes that can take one. Ray's
+    shrinks a running group to what its coordinator now reserves; paceray's keeps it (it grows,
+    and a failure restarts it at what fits). The trainer hands the policy to the controller
+    through the keyword Ray's fit() passes."""
+    import inspect
+    from types import SimpleNamespace
+
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, NoopDecision, ResizeDecision
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from paceray.cluster.ray_internals import elastic_policy
+
+    spread = ScalingConfig(num_workers=(1, 2), placement_strategy="STRICT_SPREAD", resources_per_worker={"CPU": 1})
+    one_node_left = {"head": {"CPU": 3.0}}
+    assert ElasticScalingPolicy(spread)._count_possible_workers(one_node_left) == 2  # what the override fixes
+    ours = elastic_policy()(scaling_config=spread)
+    assert ours._count_possible_workers(one_node_left) == 1
+    assert ours._count_possible_workers({"head": {"CPU": 3.0}, "node": {"CPU": 1.0}}) == 2
+    assert ours._count_possible_workers({"head": {"CPU": 0.5}, "node": {"CPU": 1.0}}) == 1
+    packed = ScalingConfig(num_workers=(1, 2), resources_per_worker={"CPU": 1}, elastic_resize_monitor_interval_s=0)
+    assert elastic_policy()(scaling_config=packed)._count_possible_workers(one_node_left) == 2  # Ray's rule
+
+    def decide(policy, running: int, reserved: dict):
+        """The running-group decision on `reserved` (the coordinator's answer, given directly:
+        no Ray cluster here), at a group of `running` workers."""
+        policy._get_reserved_resources = lambda: reserved
+        policy._maybe_send_resource_request = lambda: None
+        return policy.make_decision_for_running_worker_group(SimpleNamespace(start_time=0.0, num_workers=running), None)
+
+    shrink = {"head": {"CPU": 1.0}}
+    assert isinstance(decide(ElasticScalingPolicy(packed), 2, shrink), ResizeDecision)  # Ray's would shrink it
+    assert isinstance(decide(elastic_policy()(scaling_config=packed), 2, shrink), NoopDecision)
+    grown = decide(elastic_policy()(scaling_config=packed), 1, {"head": {"CPU": 2.0}})
+    assert isinstance(grown, ResizeDecision) and grown.num_workers == 2
+    assert "scaling_policy=create_scaling_policy(" in inspect.getsource(DataParallelTrainer.fit)
+
+
 def test_the_checkpoint_snapshot_names_paceray_reads_are_still_there():
     from ray.train.v2._internal import constants
 

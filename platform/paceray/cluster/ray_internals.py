@@ -28,6 +28,11 @@
   counts to the GCS, and Ray Train reads them back through `ray._private.state`'s
   `get_max_resources_from_cluster_config` (its worker group's feasibility check); paceray reads
   the same (`autoscaler_max_resources`) to size a search's concurrency.
+- How Ray Train sizes an elastic worker group: `ElasticScalingPolicy._count_possible_workers`
+  over the resources its autoscaling coordinator reserved per node, blind to strict-spread; the
+  trainer's `_initialize_and_run_controller` takes the policy as a keyword, the only hook to give
+  a strict-spread trial one that counts a node once, and a running group one that never
+  shrinks (`elastic_policy`).
 - How Ray Train says its checkpoint snapshot (the list of checkpoints it registered, which it
   rewrites in place) cannot be read: `CheckpointManagerInitializationError`, and the file's name.
 
@@ -60,7 +65,8 @@ def unreadable_snapshot_error() -> type:
 
 @functools.cache
 def torch_trainer_class():
-    """TorchTrainer, less the idle DatasetManager actor when it is given no datasets."""
+    """TorchTrainer, less the idle DatasetManager actor when it is given no datasets, and with an
+    elastic strict-spread group sized by the nodes that can take a rank (one_rank_per_node_policy)."""
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 
@@ -71,7 +77,44 @@ def torch_trainer_class():
                 return callbacks
             return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
 
+        def _initialize_and_run_controller(self, **kwargs):
+            if self.scaling_config.elasticity_enabled:
+                kwargs["scaling_policy"] = elastic_policy()(scaling_config=self.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
     return Trainer
+
+
+@functools.cache
+def elastic_policy():
+    """Ray Train's elastic scaling policy, with two changes for trials that share a cluster:
+    - a strict-spread group counts at most one worker per node. Ray's own counts each node's free
+      resources over a worker's (`_count_possible_workers`), blind to the placement strategy: a
+      strict-spread trial that lost a node, on a surviving node with 3 free CPUs, is told 2
+      workers fit, asks for 2 strict-spread bundles that cannot be placed there, times out, and
+      asks again for ever (measured: tests/test_multinode.py, before this);
+    - a running group never shrinks. Ray's resizes it to whatever its autoscaling coordinator
+      reserves for it now, and that moves as other trials ask: three elastic trials of one
+      search restarted each other from checkpoints, 2 -> 1 -> 2 ranks, without any failure. A
+      group loses ranks only when a worker or node fails, and then restarts at what fits."""
+    from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, NoopDecision, ResizeDecision
+
+    class PacerayElasticPolicy(ElasticScalingPolicy):
+        def _count_possible_workers(self, reserved_resources) -> int:
+            if self.scaling_config.placement_strategy != "STRICT_SPREAD":
+                return super()._count_possible_workers(reserved_resources)
+            need = {k: v for k, v in self.scaling_config._resources_per_worker_not_none.items() if v > 0}
+            fits = sum(1 for free in reserved_resources.values()
+                       if all(free.get(k, 0.0) >= v for k, v in need.items()))
+            return min(fits, self.scaling_config.max_workers)
+
+        def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status):
+            decision = super().make_decision_for_running_worker_group(worker_group_state, worker_group_status)
+            if isinstance(decision, ResizeDecision) and decision.num_workers < worker_group_state.num_workers:
+                return NoopDecision()
+            return decision
+
+    return PacerayElasticPolicy
 
 
 def autoscaler_max_resources() -> Optional[dict[str, float]]:
