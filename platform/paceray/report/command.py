@@ -35,6 +35,11 @@ def run_report(experiment: str, tracking_uri: Optional[str] = None, run_dir: Opt
     uri = resolve_tracking_uri(tracking_uri, run_dir)
     rep = report.report_for_experiment(uri, experiment)
     print(rep.text, flush=True)
+    stranded = report.stranded_queues(uri, experiment)
+    if stranded:
+        print(f"\ntrial queue(s) the search's end found undelivered ({len(stranded)}):", flush=True)
+        for line in stranded:
+            print(f"  {line}", flush=True)
     if out:
         paths = report.write_outputs(rep, out)
         print(f"\nwrote {', '.join(p.name for p in paths)} to {paths[0].parent}")

@@ -23,6 +23,7 @@ from paceray.base.errors import PacerayError, one_line
 from paceray.protocol import BEST_TRIAL_TAG, ERROR_TAG, keys
 from paceray.protocol.report_hook import SearchRuns
 from paceray.tracking import client as tracking
+from paceray.tracking import stranded_queues as stranded
 
 DASH = "—"
 
@@ -68,6 +69,16 @@ def report_for_experiment(uri: str, experiment: str):
     runs = SearchRuns(client, experiment, "runs of `paceray train` (no search)", None, tags.get(keys.METRIC_TAG),
                       tags.get(keys.MODE_TAG, "min"), [], trials)
     return build(runs, tags.get(keys.TRAINABLE_TAG))
+
+
+def stranded_queues(uri: str, experiment: str) -> list[str]:
+    """The latest search's trial queues its end found undelivered, one line each (the parent's
+    tag, paceray.tracking.stranded_queues)."""
+    client = tracking.client(uri)
+    searches = search_all(client, _experiment(client, experiment).experiment_id, f"tags.`{keys.KIND_TAG}` = 'search'")
+    if not searches:
+        return []
+    return [stranded.describe(q, uri) for q in stranded.from_tag(searches[-1].data.tags.get(stranded.TAG))]
 
 
 def report_for_parent(uri: str, parent_run_id: str):

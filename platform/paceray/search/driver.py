@@ -22,8 +22,9 @@ from paceray.base.errors import PacerayError
 from paceray.base.paths import RunDir, storage_root
 from paceray.cluster import arm_scheduler
 from paceray.cluster import connect as raycluster
+from paceray.cluster import queue_locations
 from paceray.protocol import STEP_KEY, keys, packing
-from paceray.search import endings, parent_run
+from paceray.search import endings, leftover_queues, parent_run
 from paceray.search import live_view as progress
 from paceray.search import tuner as tuning
 from paceray.search.trial_fn import search_context
@@ -31,6 +32,7 @@ from paceray.spec import packs as packs_lib
 from paceray.spec.invocation import Invocation
 from paceray.spec.specfile import LoadedSpec, load, parse_overrides
 from paceray.tracking import server as mlflow_server
+from paceray.tracking import stranded_queues
 from paceray.tracking.outage import ServerWait, unless_away
 from paceray.tracking.run import Run
 from paceray.trial.prepare import check_same_store, prepare_assets, readable_store
@@ -128,6 +130,7 @@ def _started(search: _Search):
         context = search_context(loaded, uri, parent.run_id, str(search.storage), search.rd.root,
                                  mlflow_server.client_env(embedded=search.external is None))
         context = replace(context, arm_judge=_arm_judge(search))
+        queues = queue_locations.start()  # where each trial's tracking queue lies (its rank 0 says)
         tuner, total = tuning.build_tuner(loaded, context, concurrent, search.tuner_dir if search.previous else None)
         print(f"paceray tune {spec.name}: {where}; MLflow at {uri}; results in {search.tuner_dir}", flush=True)
         t = loaded.trainable
@@ -136,7 +139,7 @@ def _started(search: _Search):
                                      lambda config, trial_id: name_of(t, config, trial_id))
         view = progress.SearchView(shape, worker_log, live=False if search.asked.verbose else None)
         view.queues = search.rd.queues
-        results = _fitted(search, uri, parent, tuner, view)
+        results = _fitted(search, uri, parent, tuner, view, queues)
         base = uri if search.external else mlflow_server.ui_base()
         return results, parent_run.comparison_url(uri, parent.run_id, base)
 
@@ -161,9 +164,10 @@ def _parent_run(search: _Search, uri: str) -> Run:
     return parent
 
 
-def _fitted(search: _Search, uri: str, parent: Run, tuner, view):
+def _fitted(search: _Search, uri: str, parent: Run, tuner, view, queues):
     """Tuner.fit, then the ends only the driver can give: trials the scheduler stopped, trials
-    interrupted, the parent run's own; then the report. An outage at the end waits (bounded)."""
+    interrupted, trial queues nobody delivered, the parent run's own; then the report. An outage
+    at the end waits (bounded)."""
     spec, records = search.loaded.spec, search.rd.trial_records(search.name)
     status = "FAILED"
     end = ServerWait(uri, "end")
@@ -177,9 +181,13 @@ def _fitted(search: _Search, uri: str, parent: Run, tuner, view):
         unless_away(end, "closing unfinished trials' runs", endings.close_interrupted_trials, records, uri,
                     search.rd.root)
         end.server_back()  # else the parent's end waits on disk for a replay
+        stranded = leftover_queues.settle(queues, uri, mlflow_server.client_env(embedded=search.external is None),
+                                          records)
+        if stranded:
+            leftover_queues.save(stranded, search.rd.search(search.name))
         # Queued if the server went away since: delivered below, once the report's wait has seen
         # it back; said now only if the search is failing.
-        left = parent.end(status)
+        left = parent.end(status, {stranded_queues.TAG: stranded_queues.tag_value(stranded)} if stranded else None)
         if status != "FINISHED":
             parent.say_waiting(left)
     if not unless_away(end, "the report", parent_run.finish, uri, parent.run_id, search.loaded, results):
@@ -187,6 +195,11 @@ def _fitted(search: _Search, uri: str, parent: Run, tuner, view):
               f"(the trials' queued writes first: the replay commands above)", flush=True)
     if left and not (end.server_back() and parent.deliver_leftovers()):
         parent.say_waiting(left)
+    if stranded:
+        print(f"paceray: {len(stranded)} trial queue(s) left undelivered (in "
+              f"{search.rd.search(search.name) / leftover_queues.FILE}):", flush=True)
+        for q in stranded:
+            print(f"  {stranded_queues.describe(q, search.external)}", flush=True)
     return results
 
 

@@ -13,7 +13,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from paceray.base.atomic import write_text_atomic
 from paceray.base.paths import RunDir
@@ -49,6 +49,7 @@ class RunLogger:
         for key, step in self.queued.items():
             self.floor[key] = max(step, self.floor.get(key, -1))
         self.spool = spool.Spool(self.folder, spool.mlflow_deliverer(tracking_uri))
+        self.on_delivered: Optional[Callable[[], None]] = None  # called once close() emptied the queue
         self._lock = threading.Lock()  # the system-metrics thread logs too
         self.system = None
         if system_metrics:
@@ -144,6 +145,8 @@ class RunLogger:
             timeout = float(os.environ.get("PACERAY_TRACKING_FLUSH_TIMEOUT", "60"))
         if self.spool.close(timeout):
             self._marker.unlink(missing_ok=True)
+            if self.on_delivered is not None:
+                self.on_delivered()
             return None
         return (f"MLflow at {self.tracking_uri} did not take {self.spool.pending()} queued write(s) "
                 f"({self.spool.last_error}); they wait in {self.folder}: {replay_command(self.folder, self.tracking_uri)}")

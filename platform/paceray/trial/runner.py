@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -23,6 +24,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from paceray.base.atomic import write_text_atomic
 from paceray.base.errors import PacerayError, one_line
+from paceray.cluster import queue_locations
 from paceray.cluster.placement import placement_failure, placement_tags
 from paceray.protocol import TrialContext, failure_of
 from paceray.protocol.keys import ERROR_TAG, STOPPED_TAG, TRIAL_TAG
@@ -34,6 +36,34 @@ from paceray.tracking.run import Run
 from paceray.trial.trainer import FitPlan, resume_point, trainer_for
 
 ONLY_ARM = "a0"  # the arm of a trial that trains one
+
+
+def open_located_run_log(context: TrialContext) -> runlog.RunLogger:
+    """Rank 0's run logger (TrialContext.open_run_log), its queue's place told to the search's
+    driver, if one listens (paceray.cluster.queue_locations): a queue left on a node that died is
+    delivered or named at the search's end, never forgotten. A marker file beside the queue says
+    which node opened it, until its queue is empty."""
+    logger = runlog.open_for_trial(context)
+    try:
+        node = queue_locations.announce(logger.run_id, str(logger.folder))
+    except Exception as e:  # bookkeeping: it never fails a trial, which then goes unnamed if lost
+        print(f"warning: could not tell the search where run {logger.run_id}'s queue lies ({one_line(e)[:200]})",
+              file=sys.stderr, flush=True)
+        return logger
+    if node is not None:
+        mark = queue_locations.marker(logger.folder, node["node_id"])
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.touch()
+
+        def delivered() -> None:
+            mark.unlink(missing_ok=True)
+            try:
+                queue_locations.announce_delivered(logger.run_id, node)
+            except Exception:  # the search then checks an empty queue at its end: no harm
+                pass
+
+        logger.on_delivered = delivered
+    return logger
 
 
 class Outcome(Enum):
@@ -231,7 +261,7 @@ class TrialRunner:
     def context(self, plan: FitPlan) -> TrialContext:
         arms = tuple(Arm(arm, self.arm_ids[arm], run.run_id) for arm, run in self.runs.items()) if self.arm_ids else ()
         first = next(iter(self.runs.values()))
-        return TrialContext(trial_id=self.trial_id, run_id=first.run_id, open_run_log=runlog.open_for_trial,
+        return TrialContext(trial_id=self.trial_id, run_id=first.run_id, open_run_log=open_located_run_log,
                             arms=arms, **plan.context)
 
     def fit(self, plan: FitPlan, stop_flag=None) -> Ending:
