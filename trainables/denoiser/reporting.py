@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from paceray.protocol import TrialContext
+from paceray.protocol import TrialContext, html_report
 from trainables.diffusion.data import from_unit_range
 
 
@@ -159,7 +159,7 @@ def schedule_figure(history, sampler):
         if h:
             ax2.plot([s for s, _ in h], [v for _, v in h], color=cmap(k / max(1, sampler.num_clusters - 1)),
                      label=f"C{k + 1}" if sampler.num_clusters <= 10 or k in (0, sampler.num_clusters - 1) else None)
-    ax2.set_yscale("log")
+    html_report.plain_log_scale(ax2, "y")
     ax2.set_xlabel("step")
     ax2.set_ylabel("loss per cluster (C1 hardest)")
     ax2.legend(fontsize="small", ncol=2)

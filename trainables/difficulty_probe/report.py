@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from paceray.protocol import ERROR_TAG, TRIAL_TAG
+from paceray.protocol import ERROR_TAG, TRIAL_TAG, html_report
 from trainables.diffusion.difficulty import DIFFICULTY_FILE, FORMAT, MEASURES
 
 METRICS = {"convergence_steps": "probe/convergence_steps", "relative_final_loss": "probe/relative_final_loss",
@@ -129,7 +129,7 @@ class ProbeReport:
             ax.set_xlabel("timestep t (cluster)")
             ax.set_title(label, fontsize=9)
             if col == "kl" and len(self.table) and (self.table["kl"] > 0).all():
-                ax.set_yscale("log")
+                html_report.plain_log_scale(ax, "y")
         fig.suptitle(f"{self.experiment}: denoising difficulty per timestep cluster", fontsize=11)
         return fig
 

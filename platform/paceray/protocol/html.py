@@ -46,6 +46,18 @@ def figure_uri(fig) -> str:
     return png_uri(buf.getvalue())
 
 
+def plain_log_scale(ax, which: str = "y") -> None:
+    """A log scale on a matplotlib Axes' `which` axis whose ticks read 10, 20, 50 (not 2×10^1):
+    major ticks at 1, 2 and 5 of each decade, minor ticks unlabelled."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def esc(text) -> str:
     return html.escape(str(text))
 
