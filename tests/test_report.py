@@ -102,6 +102,12 @@ def store(tmp_path_factory):
                   None, distribution="logit-normal")
     # stopped early: its final FID is from another step, so it pairs with nothing
     add_trial(c, fair, fparent, "random-s0", "random", 4, "fixed", 0, "FINISHED", [70, 50], None)
+
+    timing = c.create_experiment("timing", artifact_location=str(run_dir / "mlartifacts-timing"))
+    tparent = c.create_run(timing, run_name="search-timing", tags=SEARCH).info.run_id
+    for order, histories in TIMING.items():
+        for seed, fids in enumerate(histories):
+            add_trial(c, timing, tparent, f"{order}-s{seed}", order, 4, "fixed", seed, "FINISHED", fids, None)
     return {"uri": uri, "run_dir": run_dir, "parent": parent, "mixed_parent": mparent}
 
 
@@ -118,6 +124,15 @@ PAIRED = {
     "easy-to-hard": [[76, 55, 46, 37], [80, 58, 45, 38], [75, 52, 44, 36], [85, 61, 49, 40], [79, 55, 47, 39]],
     # worse at some seeds, better at others
     "hard-to-easy": [[82, 61, 50, 42], [83, 61, 48, 41], [79, 58, 48, 40], [88, 65, 50, 43], [82, 60, 52, 42]],
+}
+
+
+# order -> per seed 0..2, FIDs at STEPS: easy-to-hard reaches each seed's baseline final FID early,
+# hard-to-easy never does at seeds 0 and 2 (censored at its last step)
+TIMING = {
+    "none": [[80, 60, 50, 40], [82, 62, 50, 42], [84, 64, 52, 44]],
+    "easy-to-hard": [[60, 40, 35, 30], [70, 50, 42, 35], [60, 44, 40, 38]],
+    "hard-to-easy": [[90, 70, 55, 45], [85, 60, 45, 41], [95, 80, 60, 50]],
 }
 
 
@@ -342,3 +357,83 @@ def test_a_schedule_plot_that_fails_does_not_fail_the_finished_trial(monkeypatch
     log.finish()
     assert Run.logged == ["curriculum/schedule.json"] and Run.closed
     assert "[t1] warning: curriculum/schedule.png skipped: ValueError: 'x' has size 9" in capsys.readouterr().err
+
+
+def _first_step(fids, target):
+    """The first of STEPS whose FID is at or below `target`, or None: computed here, apart from the report."""
+    return next((step for step, f in zip(STEPS, fids) if f <= target), None)
+
+
+@pytest.mark.parametrize("target", [None, 50.0])
+def test_steps_to_target_ratios_against_values_computed_here(store, target):
+    """Per seed, the first eval step at or below the target (each seed's baseline final FID, or
+    `--target`), over the baseline's own; per arm the geometric mean of the ratios and a 95%
+    percentile-bootstrap interval of their logs (scipy's, independent of the report's). An arm
+    that never reaches it counts at its last step, and the report says '≥' with how many seeds."""
+    from scipy.stats import bootstrap
+
+    rep = report.report_for_experiment(store["uri"], "timing", target)
+    summary = rep.summary.set_index("arm")
+    for arm in ("easy-to-hard", "hard-to-easy"):
+        logs, censored = [], 0
+        for base, mine in zip(TIMING["none"], TIMING[arm]):
+            goal = base[-1] if target is None else target
+            reached = _first_step(mine, goal)
+            censored += reached is None
+            logs.append(np.log((reached or STEPS[-1]) / _first_step(base, goal)))
+        logs = np.array(logs)
+        row = summary.loc[arm]
+        assert row["steps_ratio_pairs"] == 3 and row["steps_ratio_censored"] == censored
+        assert row["steps_ratio"] == pytest.approx(np.exp(logs.mean()))
+        if logs.max() > logs.min():
+            ci = bootstrap((logs,), np.mean, n_resamples=10_000, method="percentile", confidence_level=0.95,
+                           random_state=np.random.default_rng(1)).confidence_interval
+            tolerance = 0.03 * (logs.max() - logs.min())
+            assert np.log(row["steps_ratio_ci_low"]) == pytest.approx(ci.low, abs=tolerance)
+            assert np.log(row["steps_ratio_ci_high"]) == pytest.approx(ci.high, abs=tolerance)
+    text = rep.text
+    if target is None:
+        assert summary.loc["easy-to-hard", "steps_ratio"] == pytest.approx((0.5 * 0.75 * 0.5) ** (1 / 3))
+        assert "≥1.00× [≥1.00, ≥1.00], 2 of 3 never reached it" in text  # hard-to-easy, censored at 0 and 2
+        assert "at or below its seed's baseline final FID" in text
+    else:
+        assert summary.loc["hard-to-easy", "steps_ratio_censored"] == 0
+        assert "at or below FID 50 (--target)" in text
+    trials = rep.table.set_index("trial")
+    assert bool(trials.loc["hard-to-easy-s0", "target_censored"]) is (target is None)
+    assert trials.loc["hard-to-easy-s0", "target_steps"] == 400  # reached at its last step, or counted there
+
+
+def test_a_target_the_baseline_never_reaches_pairs_nothing(store):
+    rep = report.report_for_experiment(store["uri"], "timing", 10.0)
+    summary = rep.summary.set_index("arm")
+    assert summary.loc["easy-to-hard", "steps_ratio_pairs"] == 0 and math.isnan(summary.loc["easy-to-hard", "steps_ratio"])
+
+
+def test_report_target_from_the_cli_and_its_plot(store, tmp_path, capsys):
+    run_report("timing", tracking_uri=store["uri"], out=str(tmp_path / "out"), target=50.0)
+    out = capsys.readouterr().out
+    assert "steps to target ÷ baseline's [95%]" in out and "FID 50 (--target)" in out
+    assert (tmp_path / "out" / "fid_by_order.png").stat().st_size > 0 and (tmp_path / "out" / "summary.csv").exists()
+    assert "steps_ratio" in pd.read_csv(tmp_path / "out" / "summary.csv").columns
+    with pytest.raises(PacerayError, match="--target: a finite value"):
+        run_report("timing", tracking_uri=store["uri"], target=float("nan"))
+
+
+def test_log_axes_label_their_ticks_plainly():
+    """10, 20, 50 on a log axis, never 2×10^1."""
+    from matplotlib.figure import Figure
+
+    from paceray.protocol import html_report
+
+    fig = Figure()
+    ax = fig.add_subplot()
+    ax.plot([0, 1, 2], [6, 60, 300])
+    html_report.plain_log_scale(ax, "y")
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    lo, hi = ax.get_ylim()
+    shown = [float(x) for x in labels if lo <= float(x) <= hi]
+    assert {10.0, 20.0, 50.0, 100.0, 200.0} <= set(shown), labels
+    assert all(re.fullmatch(r"[0-9.]+", x) for x in labels), labels
+    assert not any(t.get_text() for t in ax.get_yticklabels(minor=True))

@@ -29,7 +29,8 @@ ENDED_BADLY = ("FAILED", "KILLED")
 FILES = ("trials.csv", "summary.csv", "fid_by_order.png", "fid_by_clusters.png", "report.html")
 DASH = "—"
 COLUMNS = ["trial", "status", "order", "N", "clustering", "pacing", "stage_or_tau", "cumulative", "distribution", "seed",
-           "best_fid", "best_step", "final_fid", "final_step", "steps_to_baseline", "features", "error", "run_id"]
+           "best_fid", "best_step", "final_fid", "final_step", "steps_to_baseline", "target", "target_steps",
+           "target_censored", "features", "error", "run_id"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Report:
     best_trial: Optional[str]  # None when FIDs are not comparable across trials
     best_fid: Optional[float]
     search: object = None  # the SearchRuns it was built from (KID histories, artifacts for report.html)
+    user_target: Optional[float] = None  # `paceray report --target`: else each seed's baseline final FID
     # file name -> writer(path), given the report: study_report's (tables, plots, report.html)
     file_writers: Optional[Callable[["Report"], dict]] = None
 
@@ -115,10 +117,30 @@ def _row(run, history: pd.Series) -> dict:
         "final_fid": history.iloc[-1] if len(history) else math.nan,
         "final_step": int(history.index[-1]) if len(history) else None,
         "steps_to_baseline": None,
+        "target": math.nan,
+        "target_steps": None,
+        "target_censored": False,
         "features": tags.get(FEATURES_TAG) or (UNKNOWN_FEATURES if len(finite) else None),
         "error": one_line(tags[ERROR_TAG]) if tags.get(ERROR_TAG) else None,
         "run_id": run.info.run_id,
     }
+
+
+def _time_to_target(table: pd.DataFrame, histories: dict, user_target: Optional[float]) -> None:
+    """Per trial, the FID it is timed to reach (`user_target`, or the final FID of its seed's
+    baseline trials in its feature group: the mean if a seed has several), the first eval step at
+    or below it, and whether it never got there (then counted at its last step: censored)."""
+    base = table[(table["arm"] == BASELINE_ARM) & ~table["status"].isin(ENDED_BADLY) & finite_mask(table["final_fid"])]
+    per_seed = base.groupby(["features", "seed"])["final_fid"].mean().to_dict()
+    targets, steps, censored = [], [], []
+    for _, row in table.iterrows():
+        history = histories[row["run_id"]]
+        target = user_target if user_target is not None else per_seed.get((row["features"], row["seed"]), math.nan)
+        reached = steps_to_reach(history, target) if math.isfinite(target) and len(history) else None
+        targets.append(target)
+        steps.append(reached if reached is not None else row["final_step"] if math.isfinite(target) else None)
+        censored.append(reached is None and math.isfinite(target) and row["final_step"] is not None)
+    table["target"], table["target_steps"], table["target_censored"] = targets, steps, censored
 
 
 def _baselines(table: pd.DataFrame) -> dict:
@@ -178,16 +200,17 @@ def _summary(table: pd.DataFrame, histories: dict, by_features: bool) -> pd.Data
                "final_fid_std": fids.std(ddof=1) if len(fids) > 1 else math.nan,
                "best_fid_mean": counted["best_fid"].mean() if len(fids) else math.nan,
                "failed": int(sub["status"].isin(ENDED_BADLY).sum()),
-               "steps_to_baseline": paired.steps_to_baseline(counted), **paired.EMPTY}
+               "steps_to_baseline": paired.steps_to_baseline(counted), **paired.EMPTY, **paired.RATIO_EMPTY}
         group = finished[finished["features"] == sub["features"].iloc[0]] if by_features else finished
         if row["arm"] == BASELINE_ARM:
             row["verdict"] = "the baseline"
         else:
-            mine = group[group["arm"] == row["arm"]]
-            row.update(paired.compare(mine, group[group["arm"] == BASELINE_ARM], histories))
+            mine, theirs = group[group["arm"] == row["arm"]], group[group["arm"] == BASELINE_ARM]
+            row.update(paired.compare(mine, theirs, histories))
+            row.update(paired.steps_ratio(mine, theirs))
         rows.append(row)
     columns = keys + ["order", "n", "final_fid_mean", "final_fid_std", "best_fid_mean", "failed",
-                      "steps_to_baseline", *paired.COLUMNS]
+                      "steps_to_baseline", *paired.COLUMNS, *paired.RATIO_EMPTY]
     summary = pd.DataFrame(rows, columns=columns)
     rank = {o: i for i, o in enumerate(ORDERS)}
     summary["_rank"] = summary["order"].map(lambda o: rank.get(o, len(ORDERS)))
@@ -211,7 +234,9 @@ def build(search, file_writers: Optional[Callable[[Report], dict]] = None) -> Re
     table["steps_to_baseline"] = [
         steps_to_reach(histories[t], baselines[g].fid) if g in baselines else None
         for t, g in zip(table["run_id"], table["features"])]
-    for col in ("N", "seed", "best_step", "final_step", "steps_to_baseline"):
+    user_target = getattr(search, "target", None)
+    _time_to_target(table, histories, user_target)
+    for col in ("N", "seed", "best_step", "final_step", "steps_to_baseline", "target_steps"):
         table[col] = table[col].astype("Int64")
     table["group"] = table["features"].map(lambda g: groups.index(g) if g in groups else len(groups))
     table = table.sort_values(["group", "best_fid", "trial"], na_position="last").reset_index(drop=True)
@@ -223,7 +248,7 @@ def build(search, file_writers: Optional[Callable[[Report], dict]] = None) -> Re
     if len(groups) <= 1 and not ranked.empty:
         best_trial, best_fid = str(ranked.iloc[0]["trial"]), float(ranked.iloc[0]["best_fid"])
     return Report(experiment, source, parent_run_id, table, _summary(table, histories, len(groups) > 1), histories,
-                  groups, baselines, best_trial, best_fid, search, file_writers)
+                  groups, baselines, best_trial, best_fid, search, user_target, file_writers)
 
 
 # ---------------------------------------------------------------- text
@@ -247,10 +272,18 @@ def feature_lines(rep: Report) -> list:
     return lines
 
 
+def _target_line(rep: Report) -> str:
+    target = (f"FID {rep.user_target:g} (--target)" if rep.user_target is not None
+              else "its seed's baseline final FID")
+    return (f"steps to target: per seed, the first eval step at or below {target}, over the baseline's own; "
+            f"geometric mean over seeds, 95% percentile bootstrap; '≥': some seeds never reached it "
+            f"(counted at their last step)")
+
+
 def _baseline_lines(rep: Report) -> list:
     if not rep.baselines:
         return ["baseline: no order=none trial with a FID yet, so no steps-to-baseline"]
-    lines = []
+    lines = [_target_line(rep)]
     for i, g in enumerate(rep.feature_groups):
         b = rep.baselines.get(g)
         if b is None:
@@ -293,6 +326,18 @@ def _interval(mean, low, high) -> str:
     return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
+def _ratio(arm, ratio, low, high, censored, pairs) -> str:
+    """'0.80× [0.62, 1.05]'; '≥1.20× [1.10, 1.40], 2 of 5 never reached it' when some seeds'
+    steps are lower bounds (the whole mean and interval are then lower bounds too)."""
+    if arm == BASELINE_ARM or not (isinstance(ratio, float) and math.isfinite(ratio)):
+        return DASH
+    bound = "≥" if censored else ""
+    text = f"{bound}{ratio:.2f}×"
+    if math.isfinite(low) and math.isfinite(high):
+        text += f" [{bound}{low:.2f}, {bound}{high:.2f}]"
+    return text + (f", {censored} of {pairs} never reached it" if censored else "")
+
+
 def display_summary(rep: Report) -> pd.DataFrame:
     s = rep.summary
     out = pd.DataFrame({"arm": s["arm"].map(_fmt), "n": s["n"],
@@ -305,6 +350,9 @@ def display_summary(rep: Report) -> pd.DataFrame:
                         "ΔFID over training [95%]": [_interval(*v) for v in zip(s["delta_auc_mean"],
                                                                                   s["delta_auc_ci_low"],
                                                                                   s["delta_auc_ci_high"])],
+                        "steps to target ÷ baseline's [95%]": [_ratio(*v) for v in zip(
+                            s["arm"], s["steps_ratio"], s["steps_ratio_ci_low"], s["steps_ratio_ci_high"],
+                            s["steps_ratio_censored"], s["steps_ratio_pairs"])],
                         "→baseline by seed": s["steps_to_baseline"].map(_fmt),
                         "failed": s["failed"]})
     if "features" in s:
@@ -355,9 +403,15 @@ def verdict_lines(rep: Report) -> list:
         lines.append(f"  {where}{row['arm']}: {row['verdict']} at 95% — final FID "
                      f"{_interval(row['delta_fid_mean'], row['delta_fid_ci_low'], row['delta_fid_ci_high'])}, "
                      f"mean FID over training "
-                     f"{_interval(row['delta_auc_mean'], row['delta_auc_ci_low'], row['delta_auc_ci_high'])} "
-                     f"({row['n_pairs']} seeds: {row['paired_seeds']})")
+                     f"{_interval(row['delta_auc_mean'], row['delta_auc_ci_low'], row['delta_auc_ci_high'])}"
+                     f"{_steps_clause(row)} ({row['n_pairs']} seeds: {row['paired_seeds']})")
     return lines
+
+
+def _steps_clause(row) -> str:
+    ratio = _ratio(row["arm"], row["steps_ratio"], row["steps_ratio_ci_low"], row["steps_ratio_ci_high"],
+                   row["steps_ratio_censored"], row["steps_ratio_pairs"])
+    return "" if ratio == DASH else f", steps to target {ratio} the baseline's"
 
 
 # ---------------------------------------------------------------- the parent run

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from paceray.protocol import html_report
 from trainables.denoiser.study_model import ENDED_BADLY, ORDERS, Report, finite_mask
 
 ORDER_COLORS = {"none": "#4d4d4d", "easy-to-hard": "#1f77b4", "hard-to-easy": "#d62728", "random": "#2ca02c",
@@ -33,6 +34,7 @@ def plot_fid(rep: Report, by: str, histories: dict | None = None, metric: str = 
     own = histories is None
     histories = rep.histories if own else histories
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     colouring = _by_arm(rep) if by == "order" else _by_cluster_count(rep)
     fig = Figure(figsize=(9.5, 5.5), dpi=110, layout="constrained")
@@ -47,6 +49,12 @@ def plot_fid(rep: Report, by: str, histories: dict | None = None, metric: str = 
     handles = _legend_handles(rep, colouring, counts, dashed_baseline, own, bool(banded))
     for g, b in (rep.baselines.items() if own else ()):
         ax.axhline(b.fid, color=ORDER_COLORS["none"], linestyle=":", linewidth=1)
+    if own and rep.user_target is not None:  # what `paceray report --target` times the arms to
+        ax.axhline(rep.user_target, color="black", linestyle="--", linewidth=1)
+        handles.append(Line2D([], [], color="black", linestyle="--", label=f"target {rep.user_target:g}"))
+    elif own and rep.baselines:
+        handles.append(Line2D([], [], color=ORDER_COLORS["none"], linestyle=":",
+                              label="baseline final FID (the seeds' targets)"))
     _scale_and_label(ax, histories, metric)
     if handles:
         ax.legend(handles=handles, fontsize=8, loc="best", title="curriculum arm (trials)" if by == "order" else
@@ -156,7 +164,7 @@ def _scale_and_label(ax, histories: dict, metric: str) -> None:
     values = pd.concat([h for h in histories.values() if not h.empty] or [pd.Series(dtype=float)])
     values = values[finite_mask(values)]
     if len(values) and values.min() > 0 and values.max() / values.min() > 5:
-        ax.set_yscale("log")
+        html_report.plain_log_scale(ax, "y")
     if not len(values):
         ax.text(0.5, 0.5, f"no {metric} logged yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("training step")

@@ -85,13 +85,16 @@ def tune(spec, overrides, address, tracking_uri, resume, run_dir, verbose):
 @TRACKING
 @click.option("--run-dir", default=None, help="Run directory of the embedded store (default ./runs).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Write the report's files (tables, plots) here.")
+@click.option("--target", type=float, default=None,
+              help="A value of the search metric to time each arm to (default: the trainable's report chooses; "
+                   "the denoiser's: each seed's baseline final FID).")
 @user_errors
-def report(experiment, tracking_uri, run_dir, out):
+def report(experiment, tracking_uri, run_dir, out, target):
     """The latest search's trials sorted by the search metric, from MLflow (finished or running); the
     trainable's report hook adds its analysis and plots."""
     from paceray.report.command import run_report
 
-    run_report(experiment, tracking_uri=tracking_uri, run_dir=run_dir, out=out)
+    run_report(experiment, tracking_uri=tracking_uri, run_dir=run_dir, out=out, target=target)
 
 
 @main.command()

@@ -24,6 +24,9 @@ class SearchRuns:
     searched: list[str]  # the trial config paths the search varied
     runs: list = field(default_factory=list)  # mlflow Run objects, oldest first
     distributions: dict = field(default_factory=dict)  # searched path -> its spec distribution, e.g. "grid['a', 'b']"
+    # `paceray report --target`: a value of the search metric the report times arms to reach
+    # (what it does without one is the trainable's report's to say)
+    target: Optional[float] = None
 
     def history(self, run_id: str, key: str) -> pd.Series:
         """`key` by step; a restarted trial may log a step twice: the later value wins."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Optional
 
@@ -29,11 +31,13 @@ def resolve_tracking_uri(tracking_uri: Optional[str], run_dir: Optional[str]) ->
 
 
 def run_report(experiment: str, tracking_uri: Optional[str] = None, run_dir: Optional[str] = None,
-               out: Optional[str] = None) -> None:
+               out: Optional[str] = None, target: Optional[float] = None) -> None:
     from paceray.report import search as report
 
+    if target is not None and not math.isfinite(target):
+        raise PacerayError(f"--target: a finite value of the search metric, not {target}")
     uri = resolve_tracking_uri(tracking_uri, run_dir)
-    rep = report.report_for_experiment(uri, experiment)
+    rep = report.report_for_experiment(uri, experiment, target)
     print(rep.text, flush=True)
     stranded = report.stranded_queues(uri, experiment)
     if stranded:

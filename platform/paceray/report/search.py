@@ -54,20 +54,21 @@ def _searched(params: dict) -> list[str]:
     return sorted(k.removeprefix("search.") for k in params if k.startswith("search."))
 
 
-def report_for_experiment(uri: str, experiment: str):
-    """The latest search of `experiment`; without any search, its `paceray train` runs."""
+def report_for_experiment(uri: str, experiment: str, target: Optional[float] = None):
+    """The latest search of `experiment`; without any search, its `paceray train` runs.
+    `target`: SearchRuns.target."""
     client = tracking.client(uri)
     exp = _experiment(client, experiment)
     searches = search_all(client, exp.experiment_id, f"tags.`{keys.KIND_TAG}` = 'search'")
     if searches:
-        return report_for_parent(uri, searches[-1].info.run_id)
+        return report_for_parent(uri, searches[-1].info.run_id, target)
     trials = [r for r in search_all(client, exp.experiment_id, f"tags.`{keys.KIND_TAG}` = 'trial'")
               if keys.PARENT_TAG not in r.data.tags]
     if not trials:
         raise PacerayError(f"MLflow experiment {experiment!r} has no paceray search or trial runs yet")
     tags = trials[-1].data.tags
     runs = SearchRuns(client, experiment, "runs of `paceray train` (no search)", None, tags.get(keys.METRIC_TAG),
-                      tags.get(keys.MODE_TAG, "min"), [], trials)
+                      tags.get(keys.MODE_TAG, "min"), [], trials, target=target)
     return build(runs, tags.get(keys.TRAINABLE_TAG))
 
 
@@ -81,7 +82,7 @@ def stranded_queues(uri: str, experiment: str) -> list[str]:
     return [stranded.describe(q, uri) for q in stranded.from_tag(searches[-1].data.tags.get(stranded.TAG))]
 
 
-def report_for_parent(uri: str, parent_run_id: str):
+def report_for_parent(uri: str, parent_run_id: str, target: Optional[float] = None):
     """The trials (child runs) of one search, finished or still running."""
     client = tracking.client(uri)
     try:
@@ -94,7 +95,8 @@ def report_for_parent(uri: str, parent_run_id: str):
     runs = SearchRuns(client, experiment, f"search run {parent_run_id} ({parent.info.run_name}, {parent.info.status})",
                       parent_run_id, tags.get(keys.METRIC_TAG), tags.get(keys.MODE_TAG, "min"),
                       _searched(parent.data.params), children,
-                      {k.removeprefix("search."): v for k, v in parent.data.params.items() if k.startswith("search.")})
+                      {k.removeprefix("search."): v for k, v in parent.data.params.items() if k.startswith("search.")},
+                      target=target)
     return build(runs, tags.get(keys.TRAINABLE_TAG))
 
 
