@@ -3,8 +3,8 @@ delivered: a queue sits on the disk of the node its rank 0 ran on, and a node th
 trial's deliverer with it (the trial itself may go on elsewhere, with a queue of its own there).
 
 One Ray actor per search, named in the search's Ray namespace and owned by its driver (it ends
-with it). A rank 0 opening its run's queue says so (`opened`: run, node, path), and says it again
-once the queue is empty (`delivered`). What the actor holds at the search's end, less what was
+with it). A rank 0 opening its run's queue says so (`announce`: run, node, path), and says it
+again once the queue is empty (`announce_delivered`). What the actor holds at the search's end, less what was
 delivered, is what the driver looks at (paceray.search.leftover_queues). Outside a search (no
 actor: `paceray train`), opening a queue tells nobody.
 """
@@ -66,7 +66,7 @@ def announce(run_id: str, path: str) -> Optional[dict[str, str]]:
         return None
     import ray
 
-    node = {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
+    node = {"node_id": this_node(), "ip": ray.util.get_node_ip_address()}
     # Waited for: "said" means the actor holds it, before any later word of this process.
     ray.get(actor.open.remote({"run_id": run_id, "path": path, **node}), timeout=SAY_TIMEOUT_S)
     return node
@@ -88,6 +88,7 @@ def undelivered(actor, timeout: float = 30.0) -> list[dict]:
 
 
 def this_node() -> str:
+    """The Ray id of this process's node."""
     import ray
 
     return ray.get_runtime_context().get_node_id()

@@ -65,8 +65,8 @@ def unreadable_snapshot_error() -> type:
 
 @functools.cache
 def torch_trainer_class():
-    """TorchTrainer, less the idle DatasetManager actor when it is given no datasets, and with an
-    elastic strict-spread group sized by the nodes that can take a rank (one_rank_per_node_policy)."""
+    """TorchTrainer, less the idle DatasetManager actor when it is given no datasets, and with
+    paceray's elastic scaling policy for an elastic trial (`elastic_policy`)."""
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 

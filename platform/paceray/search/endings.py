@@ -6,7 +6,7 @@ one place a trial's status is decided (paceray.trial.runner)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Optional
 
 from paceray.protocol import STEP_KEY
 from paceray.search.tuner import trial_id_of
@@ -34,22 +34,26 @@ def end_stopped_trials(results, records: Path, uri: str, run_dir: Path, schedule
             runner.end(Ending(Outcome.STOPPED, stopped_by=scheduler))
 
 
+def recorded_runners(records: Path, uri: str = "", run_dir: Optional[Path] = None) -> Iterator[TrialRunner]:
+    """The runner of every trial the search's records name (paceray.trial.runner); `uri` and
+    `run_dir` only for a runner that will end its runs."""
+    for record in sorted(records.glob("*.json")) if records.is_dir() else []:
+        runner = TrialRunner.from_record(record, uri, run_dir or record.parent)
+        if runner is not None:
+            yield runner
+
+
 def close_interrupted_trials(records: Path, uri: str, run_dir: Path) -> None:
     """The runs of trials whose process died with the search (none ended them) end FAILED, after
     what their processes had queued is delivered."""
-    for record in sorted(records.glob("*.json")) if records.is_dir() else []:
-        runner = TrialRunner.from_record(record, uri, run_dir)
-        if runner is not None:
-            runner.end(Ending(Outcome.INTERRUPTED, INTERRUPTED_REASON))
+    for runner in recorded_runners(records, uri, run_dir):
+        runner.end(Ending(Outcome.INTERRUPTED, INTERRUPTED_REASON))
 
 
 def failed_arms(records: Path) -> tuple[int, int]:
     """How many arms (runs) of a search's trials ended FAILED, and how many there are."""
     failed = total = 0
-    for record in sorted(records.glob("*.json")) if records.is_dir() else []:
-        runner = TrialRunner.from_record(record, "", record.parent)
-        if runner is None:
-            continue
+    for runner in recorded_runners(records):
         ended = runner.ended()
         total += len(runner.runs)
         failed += sum(1 for arm in runner.runs if ended.get(arm) == "FAILED")

@@ -18,8 +18,8 @@ from typing import Optional
 
 from paceray.base.atomic import write_text_atomic
 from paceray.cluster import queue_locations
+from paceray.search.endings import recorded_runners
 from paceray.tracking import spool
-from paceray.trial.runner import TrialRunner
 
 FILE = "undelivered-queues.json"
 
@@ -45,7 +45,7 @@ def settle(actor, uri: str, env: dict[str, str], records: Path) -> list[dict]:
     except Exception as e:  # Ray went down under the driver: nothing to say but that
         return [{"run_id": "?", "trial_id": "?", "node_id": "?", "ip": "?", "path": "?", "node_alive": None,
                  "waiting": None, "error": f"where the trials' queues lie was lost with Ray ({type(e).__name__})"}]
-    trials = _trials_by_run(records)
+    trials = {run.run_id: runner.trial_id for runner in recorded_runners(records) for run in runner.runs.values()}
     left = []
     for q in opened:
         folder = Path(q["path"])
@@ -63,15 +63,6 @@ def settle(actor, uri: str, env: dict[str, str], records: Path) -> list[dict]:
         left.append({**q, "trial_id": trials.get(q["run_id"], "?"), "node_alive": alive.get(q["node_id"], False),
                      "waiting": waiting})
     return left
-
-
-def _trials_by_run(records: Path) -> dict[str, str]:
-    out = {}
-    for record in sorted(records.glob("*.json")) if records.is_dir() else []:
-        runner = TrialRunner.from_record(record, "", record.parent)
-        if runner is not None:
-            out.update({run.run_id: runner.trial_id for run in runner.runs.values()})
-    return out
 
 
 def save(left: list[dict], search_dir: Path) -> Path:
