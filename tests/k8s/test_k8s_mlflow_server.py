@@ -35,6 +35,10 @@ from k8s_pods import env_by_name
 from k8s_render import KUSTOMIZATIONS, render
 
 READY_TIMEOUT_S = 90
+# The manifest trusts a checked credential for a minute per server worker (basic_auth.ini), so a
+# rotated password dies within that minute, not at once. The test's server trusts it this long,
+# so the rotation check below waits seconds rather than the manifest's minute.
+TEST_AUTH_CACHE_TTL_S = 3
 UNLISTED_HOST = "attacker.example:5000"
 
 
@@ -70,6 +74,15 @@ class _Mounts:
             pattern = r"(?<![\w.-])" + re.escape(mount_path) + r"(?=/|$|\s|,)"
             text = re.sub(pattern, lambda _: str(self.paths[mount_path]), text, flags=re.MULTILINE)
         return text
+
+
+def _shorten_auth_cache(ini: Path) -> None:
+    config = configparser.ConfigParser()
+    config.read(ini)
+    assert config.getint("mlflow", "auth_cache_ttl_seconds") > 0, "basic_auth.ini no longer caches credentials"
+    config["mlflow"]["auth_cache_ttl_seconds"] = str(TEST_AUTH_CACHE_TTL_S)
+    with ini.open("w") as out:
+        config.write(out)
 
 
 def _server_command(container: dict, mounts: _Mounts, database: Path, port: int) -> list[str]:
@@ -181,6 +194,7 @@ def test_mlflow_server_with_manifest_arguments(tmp_path):
     secret_values = {("paceray-mlflow-auth", "username"): "paceray-admin"}
     env = _container_env(container, mounts, secret_values)
     credentials = (env["MLFLOW_AUTH_ADMIN_USERNAME"], env["MLFLOW_AUTH_ADMIN_PASSWORD"])
+    _shorten_auth_cache(Path(env["MLFLOW_AUTH_CONFIG_PATH"]))
     port = free_port()
     command = _server_command(container, mounts, tmp_path / "mlflow.db", port)
     artifacts = Path(next(a for a in command if a.startswith("--artifacts-destination=")).partition("=")[2])
@@ -243,7 +257,11 @@ def _check_ray_user(objects, tmp_path, secret_values, port, host, admin, admin_e
     secret_values[("paceray-mlflow-ray", "password")] = rotated = secrets.token_urlsafe(18)
     made = _run_client(job, job_mounts, secret_values, port)
     assert made.returncode == 0 and "exists" in made.stdout, made.stdout + made.stderr
-    assert call("GET", "/api/2.0/mlflow/users/current")[0] == 401  # the old password is gone
+    # The worker that served the Job forgets the old password at once; the other one within its TTL.
+    deadline = time.monotonic() + TEST_AUTH_CACHE_TTL_S + 10
+    while call("GET", "/api/2.0/mlflow/users/current")[0] != 401:
+        assert time.monotonic() < deadline, "the old password still works past the credential cache's TTL"
+        time.sleep(0.5)
     ray = (ray[0], rotated)
     assert call("GET", "/api/2.0/mlflow/users/current")[0] == 200
     # What a search does: its own experiment, runs in an experiment another user made, metrics, artifacts.
