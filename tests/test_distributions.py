@@ -119,3 +119,82 @@ def test_loss_second_moment_histories_agree_on_two_gloo_ranks(tmp_path):
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["probs"] == r1["probs"] and max(r0["probs"]) > 1.5 / 100  # the same, and not uniform
     assert r0["t"] != r1["t"]  # each rank still draws its own timesteps
+
+
+# ----------------------------------------------------------------- SpeeD, against the repository's formulas
+
+def _speed_reference(alphas_cumprod, k=5.0, tau=700, lam=0.6):
+    """NUS-HPC-AI-Lab/SpeeD's Speed_IDDPM (speed/diffusion/speed/__init__.py, commit f5650f96)
+    written out with numpy as the repository computes it: the meaningful step, p, the weights."""
+    import numpy as np
+
+    grad = np.gradient(np.sqrt(1.0 - alphas_cumprod))
+    meaningful = np.argmax(grad < 1e-4) + 1
+    T = len(alphas_cumprod)
+    p = np.array([k] * tau + [1] * (T - tau), dtype=np.float64)
+    p = p / p.sum()
+    w = np.gradient(1 - alphas_cumprod)
+    low = 1 - lam
+    w = low + (1 - 2 * low) * (w - w.min()) / (w.max() - w.min())
+    w = np.array(w[:tau].tolist() + [1] * (T - tau))
+    return meaningful, p, w
+
+
+def _speed_draws(p, meaningful, n, generator):
+    """The repository's `_sample_time` (sampling `ours`): half from p, each with its dual."""
+    t = torch.multinomial(torch.from_numpy(p), n // 2 + 1, replacement=True, generator=generator)
+    dual_t = torch.where(t < meaningful, meaningful - t, t - meaningful)
+    return torch.cat([t, dual_t], dim=0)[:n]
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_speed_draws_t_as_the_repository_does_and_weights_the_loss_as_it_does(schedule):
+    import numpy as np
+
+    from trainables.diffusion.diffusion import GaussianDiffusion
+
+    d = GaussianDiffusion(1000, schedule)
+    alphas_cumprod = d.alphas_cumprod.numpy()
+    meaningful, p, w = _speed_reference(alphas_cumprod)
+    s = CurriculumSampler(CurriculumConfig(num_clusters=4, order="none", distribution="speed"), 1000,
+                          log_snr=d.log_snr())
+    assert s.distribution.meaningful_step == meaningful
+    if schedule == "linear":
+        assert meaningful == 642  # where √(1 − ᾱ) grows by < 1e-4 per step on DDPM's schedule
+    probs = s.distribution.probs(torch.arange(1000)).numpy()
+    # the marginal of a draw and its dual, pushed forward by hand
+    expected = 0.5 * p
+    dual = np.where(np.arange(1000) < meaningful, meaningful - np.arange(1000), np.arange(1000) - meaningful)
+    np.add.at(expected, dual, 0.5 * p)
+    np.testing.assert_allclose(probs, expected, rtol=1e-12, atol=1e-15)
+    # The repository's own draws and ours, 1M each, in 20 bins of 50 timesteps, against that
+    # marginal: ours are i.i.d. (a χ² test); theirs come in pairs, so a bin's count can vary up to
+    # twice a multinomial's (within 5 such σ).
+    n, binned = 1_000_000, expected.reshape(20, 50).sum(axis=1)
+    bins = lambda t: torch.bincount(t // 50, minlength=20).double().numpy()  # noqa: E731
+    assert chisquare(bins(s.sample(n)), n * binned).pvalue > 1e-3
+    theirs = bins(_speed_draws(p, meaningful, n, torch.Generator().manual_seed(0))) / n
+    assert (np.abs(theirs - binned) <= 5 * np.sqrt(2 * binned * (1 - binned) / n)).all(), (theirs, binned)
+    weights = d.loss_weight(torch.arange(1000), "speed").double().numpy()
+    np.testing.assert_allclose(weights, w, rtol=1e-6)
+    assert weights[700:].tolist() == [1.0] * 300 and 0.4 - 1e-6 <= weights[:700].min() <= weights[:700].max() <= 0.6 + 1e-6
+
+
+def test_speed_under_a_curriculum_is_restricted_to_the_active_set_and_other_t_work():
+    from trainables.diffusion.diffusion import GaussianDiffusion
+
+    d = GaussianDiffusion(1000, "linear")
+    s = CurriculumSampler(CurriculumConfig(num_clusters=4, order="easy-to-hard", stage_steps=10 ** 6,
+                                           distribution="speed"), 1000, log_snr=d.log_snr())
+    active = torch.arange(750, 1000)  # stage 1: C4 only
+    whole = s.distribution.probs(torch.arange(1000))
+    t = s.sample(50_000)
+    assert bool(((t >= 750) & (t < 1000)).all())
+    torch.testing.assert_close(s.distribution.probs(active)[active], whole[active] / whole[active].sum())
+    # another T: τ scales with it and the meaningful step is the schedule's own
+    small = GaussianDiffusion(200, "linear")
+    meaningful, _, _ = _speed_reference(small.alphas_cumprod.numpy(), tau=140)
+    speed = CurriculumSampler(CurriculumConfig(num_clusters=2, order="none", distribution="speed"), 200,
+                              log_snr=small.log_snr()).distribution
+    assert speed.meaningful_step == meaningful and speed.tau_step == 140
+    assert float(speed.probs(torch.arange(200)).sum()) == pytest.approx(1.0)

@@ -194,6 +194,17 @@ def test_preview_json_matches_the_sampler():
     assert all(c > 800 for c in stages[-1]["sampled_counts"])
 
 
+def test_preview_shows_speed_draws_per_cluster():
+    """SpeeD's sampling in the final phase: C4 (t ≥ 750, past τ = 700) is drawn least, per its
+    probabilities (tests/test_distributions.py checks them against the repository's)."""
+    r = run("curriculum", "preview", "-T", "1000", "-N", "4", "--order", "none", "--distribution", "speed",
+            "--sample", "20000", "--json")
+    p = json.loads(r.stdout)
+    assert p["distribution"] == "speed" and "meaningful step" in p["distribution_note"]
+    counts = p["stages"][-1]["sampled_counts"]
+    assert sum(counts) == 20000 and counts[3] == min(counts) and counts[3] < 0.15 * 20000
+
+
 def test_preview_table_patience_exclusive_cosine_log_snr():
     r = run("curriculum", "preview", "-T", "100", "-N", "3", "--order", "random", "--seed", "2",
             "--clustering", "log-snr", "--schedule", "cosine", "--pacing", "patience", "--patience", "50",

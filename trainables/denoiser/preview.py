@@ -15,6 +15,8 @@ from trainables.diffusion.curriculum import CurriculumSampler, SamplerInputs, de
 
 DISTRIBUTION_NOTES = {
     "logit-normal": "t = ⌊sigmoid(m + s·z)·T⌋ (SD3), renormalised over each stage's active timesteps",
+    "speed": ("SpeeD: p(t) ∝ k below τ·T and 1 above, each draw mirrored about the schedule's meaningful "
+              "step m (drawn i.i.d. from that marginal), renormalised over each stage's active timesteps"),
     "loss-second-moment": ("uniform until every active t has 10 squared losses (the counts below are that "
                            "warm-up), then p(t) ∝ sqrt(E[loss²]) with 0.1% uniform, the loss weighted by "
                            "1/(|active|·p(t))"),
@@ -27,7 +29,7 @@ def build_sampler(config: CurriculumConfig, timesteps: int, schedule: str = "lin
                   inputs: Optional[SamplerInputs] = None) -> CurriculumSampler:
     """The sampler a trial with this curriculum, T and schedule would train with."""
     log_snr = None
-    if config.clustering != "uniform":
+    if config.clustering != "uniform" or config.distribution == "speed":
         from trainables.diffusion.diffusion import GaussianDiffusion
 
         log_snr = GaussianDiffusion(timesteps, schedule).log_snr()

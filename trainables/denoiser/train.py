@@ -219,7 +219,7 @@ def _new_arm(trial: _Trial, key: str, cfg: Config, model: torch.nn.Module) -> _A
     sampler = curriculum_lib.from_config(cfg.curriculum, T, trial.diffusion.log_snr(), trial.rank)
     weights_by_t = trial.diffusion.loss_weight(torch.arange(T), cfg.loss.weighting,
                                                cfg.loss.gamma if cfg.loss.weighting == "min-snr" else cfg.loss.p2_gamma,
-                                               cfg.loss.p2_k).to(trial.device)
+                                               cfg.loss.p2_k, cfg.loss.speed_lambda, cfg.loss.speed_tau).to(trial.device)
     model = copy.deepcopy(model)
     ema = EMA(model, decay=cfg.train.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

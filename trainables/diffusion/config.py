@@ -13,10 +13,16 @@ Order = Literal["none", "easy-to-hard", "hard-to-easy", "random", "measured", "s
 DifficultyMeasure = Literal["convergence_steps", "kl"]
 Clustering = Literal["uniform", "log-snr", "quantile"]
 Pacing = Literal["fixed", "patience"]
-Weighting = Literal["uniform", "min-snr", "p2"]
+Weighting = Literal["uniform", "min-snr", "p2", "speed"]
 Dataset = Literal["digits", "fashion-mnist", "mnist", "cifar10", "imagefolder"]
 Preset = Literal["tiny", "small", "base", "ddpm-cifar10"]
 
+
+# SpeeD's defaults (Wang et al., CVPR 2025), from NUS-HPC-AI-Lab/SpeeD at commit
+# f5650f960915e1d8c556a89a847c7eeb62b884e4, configs/ablation/base.yaml: `k: 5, lam: 0.6, tau: 700`
+# for T = 1000 (Speed_IDDPM's own constructor defaults, k=1 and lam=5, would weigh some t
+# negatively). τ is kept as a fraction of T, so that other T work.
+SPEED_K, SPEED_TAU, SPEED_LAMBDA = 5.0, 0.7, 0.6
 
 # The error type of a check that a path field is given: `curriculum preview` asks for the flag
 # that gives it (its context names the field) instead of quoting the spec's message.
@@ -65,10 +71,13 @@ class CurriculumConfig(Section):
     # the weighted loss the optimiser minimises.
     patience_loss: Literal["raw", "weighted"] = Field("raw", description="Patience pacing: the loss it watches.")
     # trainables/diffusion/distributions.py
-    distribution: Literal["uniform", "logit-normal", "loss-second-moment"] = Field(
+    distribution: Literal["uniform", "logit-normal", "speed", "loss-second-moment"] = Field(
         "uniform", description="What t is drawn from inside the active set.")
     logit_mean: float = Field(0.0, description="logit-normal: m.")  # t = ⌊sigmoid(m + s·z)·T⌋
     logit_std: float = Field(1.0, gt=0, description="logit-normal: s.")
+    # SpeeD's defaults (trainables/diffusion/distributions.py names their file and commit).
+    speed_k: float = Field(SPEED_K, gt=0, description="speed: how much likelier a t below τ is than one above.")
+    speed_tau: float = Field(SPEED_TAU, gt=0, le=1, description="speed: τ, as a fraction of T.")
     smoothing: float = Field(0.99, ge=0.0, lt=1.0, description="Patience pacing: the EMA of the loss it watches.")
     min_delta: float = Field(0.0, ge=0.0, description="Patience pacing: the relative improvement that counts as one.")
     cumulative: bool = Field(True, description="Stage n trains on the first n clusters of the order (else the n-th).")
@@ -106,6 +115,10 @@ class CurriculumConfig(Section):
 
 class LossConfig(Section):
     weighting: Weighting = "uniform"
+    # SpeeD's change-aware weighting (trainables/diffusion/diffusion.py): w(t) in [1 − λ, λ] below
+    # τ·T by how fast ᾱ changes there, 1 above. λ in [0.5, 1]: 0.5 weighs every t below τ alike.
+    speed_lambda: float = Field(SPEED_LAMBDA, ge=0.5, le=1.0)
+    speed_tau: float = Field(SPEED_TAU, gt=0, le=1)
     gamma: float = Field(5.0, gt=0.0)  # min-snr γ; p2 γ is p2_gamma
     p2_k: float = Field(1.0, gt=0.0)
     p2_gamma: float = Field(1.0, ge=0.0)

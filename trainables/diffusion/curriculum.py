@@ -307,7 +307,7 @@ class CurriculumSampler:
         # `shuffled` introduces no cluster of its own: its plan draws easy-to-hard's allocation.
         self.order = ([] if config.order == "shuffled"
                       else stage_order(config.order, config.num_clusters, config.seed, inputs.ranking))
-        self.distribution = make_distribution(config.distribution, timesteps, config.logit_mean, config.logit_std)
+        self.distribution = make_distribution(config, timesteps, log_snr)
         self._last_probs: Optional[torch.Tensor] = None
         self.plan = self._plan(inputs.reference_lengths)
         self.full_index = self._full_index()  # the plan never changes, nor does this

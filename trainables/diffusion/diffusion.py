@@ -17,10 +17,11 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from trainables.diffusion.config import SPEED_LAMBDA, SPEED_TAU
 from trainables.diffusion.model import null_label
 
 SCHEDULES = ("linear", "cosine")
-WEIGHTINGS = ("uniform", "min-snr", "p2")
+WEIGHTINGS = ("uniform", "min-snr", "p2")  # functions of SNR(t) alone; `speed` is GaussianDiffusion's
 DEFAULT_GAMMA = {"min-snr": 5.0, "p2": 1.0}
 
 # DDPM's linear schedule is given for T = 1000; like improved-diffusion we scale both ends by
@@ -56,6 +57,17 @@ def min_snr_weight(snr: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
 def p2_weight(snr: torch.Tensor, k: float = 1.0, gamma: float = 1.0) -> torch.Tensor:
     """P2 weighting (Choi et al. 2022): 1 / (k + SNR)^γ."""
     return (k + snr) ** -gamma
+
+
+def speed_weights(alphas_cumprod: torch.Tensor, lam: float, tau: float) -> torch.Tensor:
+    """SpeeD's change-aware weighting (Speed_IDDPM._weights, `weighting: ours`; the commit and
+    defaults: config.py): w = ∂(1 − ᾱ_t)/∂t (np.gradient), min–max scaled onto [1 − λ, λ] below
+    τ·T; 1 from τ·T on. Float64, one per t."""
+    rate = torch.gradient(1.0 - alphas_cumprod.double())[0]
+    low = 1.0 - lam
+    w = low + (1.0 - 2.0 * low) * (rate - rate.min()) / (rate.max() - rate.min())
+    w[round(tau * len(alphas_cumprod)):] = 1.0
+    return w
 
 
 def weight_from_snr(
@@ -130,9 +142,14 @@ class GaussianDiffusion:
         return torch.log(self.alphas_cumprod) - torch.log1p(-self.alphas_cumprod)
 
     def loss_weight(
-        self, t: torch.Tensor, weighting: str = "uniform", gamma: float | None = None, k: float = 1.0
+        self, t: torch.Tensor, weighting: str = "uniform", gamma: float | None = None, k: float = 1.0,
+        speed_lambda: float = SPEED_LAMBDA, speed_tau: float = SPEED_TAU,
     ) -> torch.Tensor:
-        """w(t) per sample (float32) for `uniform`, `min-snr` (γ=5) or `p2` (k=1, γ=1)."""
+        """w(t) per sample (float32) for `uniform`, `min-snr` (γ=5), `p2` (k=1, γ=1) or `speed`
+        (SpeeD's, from the whole schedule: `speed_weights`)."""
+        if weighting == "speed":
+            table = speed_weights(self.alphas_cumprod, speed_lambda, speed_tau)
+            return table.to(t.device)[t].to(torch.float32)
         return weight_from_snr(self.snr(t), weighting, gamma, k).to(torch.float32)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
