@@ -78,11 +78,13 @@ def start_paceray(*args, log: Path, env=None, base_env=None) -> Started:
 
 
 def write_spec(path: Path, name: str, base: dict, search: dict | None = None, resources: dict | None = None,
-               tune: dict | None = None) -> Path:
+               tune: dict | None = None, arms: list | None = None) -> Path:
     import yaml
 
     spec = {"name": name, "trainable": "denoiser", "base": base, "search": search or {},
             "resources": resources or {"workers": 1, "cpus_per_worker": 1}, "tune": tune or {}}
+    if arms is not None:
+        spec["arms"] = arms
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 

@@ -12,7 +12,7 @@ import pytest
 
 from paceray.protocol import keys
 
-from test_tune_e2e import quick_search, search_runs  # noqa: F401  (the shared finished search)
+from test_tune_e2e import quick_search, search_runs, seeded_search  # noqa: F401  (the shared finished searches)
 
 pytestmark = pytest.mark.slow
 
@@ -148,3 +148,30 @@ def _has_body(frame) -> bool:
         return bool(frame.evaluate("document.body && document.body.innerText.length > 0"))
     except Exception:
         return False
+
+
+def test_a_seeded_search_reads_as_one_line_per_arm(browser, seeded_search, shared, tmp_path):
+    """The seeded search's view (8 runs: 4 arms × 2 seeds) groups its runs by `paceray.arm`: the
+    chart's legend names the 4 arms, not the 8 runs."""
+    from paceray.tracking import ui_view
+
+    client, parents, children = search_runs(shared, "seeded")
+    (parent,) = parents
+    url = ui_view.comparison_url(shared.uri, parent.info.experiment_id, parent.data.tags[keys.VIEW_TAG])
+    page = _page(browser, url)
+    try:
+        page.get_by_text("eval/fid by trial").wait_for(timeout=60_000)
+        page.wait_for_function("document.querySelectorAll('.js-plotly-plot .scatterlayer .trace').length > 0",
+                               timeout=60_000)
+        arms = sorted({c.data.tags[keys.ARM_TAG] for c in children})
+        assert len(arms) == 4
+        for arm in arms:
+            page.get_by_text(arm).first.wait_for(timeout=30_000)
+        legend = page.locator(".js-plotly-plot .legend").first.inner_text() if page.locator(
+            ".js-plotly-plot .legend").count() else ""
+        text = page.inner_text("body")
+        for child in children:  # no run of its own in the chart
+            assert f"{child.info.run_name} (eval/fid)" not in text + legend
+        page.screenshot(path=tmp_path / "grouped.png")
+    finally:
+        page.close()

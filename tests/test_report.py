@@ -39,8 +39,10 @@ TRIALS = {
 
 
 def add_trial(c, exp, parent, trial_id, order, n, pacing, seed, status, fids, error, features=FEATURES,
-              distribution=None):
+              distribution=None, weighting=None, arm=None):
     tags = {"paceray.kind": "trial", "paceray.trial_id": trial_id, "paceray.trainable": "denoiser"}
+    if arm:  # as a search labels its trials (trainables/denoiser/search_hooks.arm_label)
+        tags["paceray.arm"] = arm
     if parent:
         tags["mlflow.parentRunId"] = parent
     if fids and features:
@@ -53,6 +55,8 @@ def add_trial(c, exp, parent, trial_id, order, n, pacing, seed, status, fids, er
               "curriculum.cumulative": True, "train.seed": seed, "train.steps": 400, "eval.fid_samples": 256}
     if distribution:  # runs logged before curriculum.distribution existed have no such param: uniform
         params["curriculum.distribution"] = distribution
+    if weighting:
+        params["loss.weighting"] = weighting
     metrics = [Metric("eval/fid", float(v), 1000 + i, s) for i, (s, v) in enumerate(zip(STEPS, fids))]
     metrics += [Metric("train/loss", 1.0 / (i + 1), 1000 + i, s) for i, s in enumerate(STEPS)]
     c.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
@@ -100,6 +104,11 @@ def store(tmp_path_factory):
     for seed, fids in enumerate(PAIRED["none"]):
         add_trial(c, fair, fparent, f"lognorm-s{seed}", "none", 4, "fixed", seed, "FINISHED", [f - 1 for f in fids],
                   None, distribution="logit-normal")
+    # order none with min-SNR weighting: an arm of its own, not the baseline; one tagged by its
+    # search, one run from before the tag (its label is read from its params)
+    for seed, fids in enumerate(PAIRED["none"][:2]):
+        add_trial(c, fair, fparent, f"minsnr-s{seed}", "none", 4, "fixed", seed, "FINISHED", [f + 2 for f in fids],
+                  None, weighting="min-snr", arm="none min-snr weighting" if seed == 0 else None)
     # stopped early: its final FID is from another step, so it pairs with nothing
     add_trial(c, fair, fparent, "random-s0", "random", 4, "fixed", 0, "FINISHED", [70, 50], None)
 
@@ -218,8 +227,12 @@ def test_paired_intervals_against_bounds_computed_here(store):
     assert summary.loc["random", "n_pairs"] == 0  # stopped at step 200: not paired with 400-step baselines
     # a none arm with another timestep distribution is an arm of its own, paired with the uniform none
     assert summary.loc["none", "final_fid_mean"] == pytest.approx(base[:, -1].mean())
-    assert summary.loc["none logit-normal", "n_pairs"] == 5
-    assert summary.loc["none logit-normal", "delta_fid_mean"] == pytest.approx(-1.0)
+    assert summary.loc["none logit-normal timesteps", "n_pairs"] == 5
+    assert summary.loc["none logit-normal timesteps", "delta_fid_mean"] == pytest.approx(-1.0)
+    # min-SNR weighting with order none is not the baseline: an arm paired against it
+    assert summary.loc["none min-snr weighting", "n_pairs"] == 2
+    assert summary.loc["none min-snr weighting", "delta_fid_mean"] == pytest.approx(2.0)
+    assert summary.loc["none", "n"] == 5
     text = rep.text
     assert "easy-to-hard: better than the baseline at 95% — final FID -3.40 [" in text
     assert "hard-to-easy: indistinguishable from the baseline at 95%" in text

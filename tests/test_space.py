@@ -17,8 +17,8 @@ ORDER_X_N = {"curriculum.order": {"grid": ["none", "easy-to-hard", "random"]},
              "curriculum.pacing": {"grid": ["fixed", "patience"]}}
 
 
-def spec(tmp_path, search=ORDER_X_N, tune=None, **base):
-    return load(write_spec(tmp_path / "s.yaml", "s", tiny_base(**base), search, tune=tune))
+def spec(tmp_path, search=ORDER_X_N, tune=None, arms=None, **base):
+    return load(write_spec(tmp_path / "s.yaml", "s", tiny_base(**base), search, tune=tune, arms=arms))
 
 
 def test_a_grid_over_order_and_n_runs_none_once_per_seed(tmp_path):
@@ -175,3 +175,110 @@ def test_pack_auto_fills_the_trials_that_run_at_once(tmp_path):
     assert [len(p) for p in grouped] == [3, 2] * 5
     assert all(len({a["train"]["seed"] for a in pack}) == 1 for pack in grouped)
     assert [len(p) for p in packs.packs(study, packs.arm_configs(study), slots=5)] == [5] * 5
+
+
+# ----------------------------------------------------------------- arms as a list
+
+ARMS = [{"curriculum.order": "none"}, {"curriculum.order": "easy-to-hard"},
+        {"curriculum": {"order": "none"}, "loss.weighting": "min-snr"},  # nested or dotted alike
+        {"curriculum.order": "none", "curriculum.distribution": "logit-normal"}]
+
+
+def _tune_trials(loaded) -> list[dict]:
+    """The configs Tune's own generator makes of the search's param space and presets, as the
+    grid search hands them to it (paceray.search.tuner)."""
+    from ray.tune.search.variant_generator import _get_preset_variants
+
+    from paceray.base.dotted import flatten
+    from paceray.search import tuner
+
+    points = space.grid_points(loaded)
+    param_space = tuner.param_space(loaded, "grid", points)
+    generator = tuner.search_alg(loaded, 1, points)
+    configs = []
+    for preset in generator._points_to_evaluate:
+        variants = list(_get_preset_variants({"config": param_space}, preset))
+        assert len(variants) == 1, "a preset left some grid path to Tune's crossing"
+        configs.append(flatten(variants[0][1]["config"]))
+    return configs
+
+
+def test_arms_cross_the_search_and_the_seeds_each_arm_jointly(tmp_path):
+    s = spec(tmp_path, search={"curriculum.num_clusters": {"grid": [2, 8]}}, tune={"seeds": [0, 1]}, arms=ARMS)
+    points = space.grid_points(s)
+    # per seed: none once (N means nothing to it), easy-to-hard × 2 N, min-snr and logit-normal once
+    assert len(points) == 2 * (1 + 2 + 1 + 1) == space.trial_count(s) == space.trial_count_preview(s)
+    assert [p["train.seed"] for p in points[:5]] == [0] * 5
+    arms = {(p["curriculum.order"], p["curriculum.num_clusters"], p["loss.weighting"], p["curriculum.distribution"])
+            for p in points}
+    assert arms == {("none", 4, "uniform", "uniform"), ("easy-to-hard", 2, "uniform", "uniform"),
+                    ("easy-to-hard", 8, "uniform", "uniform"), ("none", 4, "min-snr", "uniform"),
+                    ("none", 4, "uniform", "logit-normal")}
+    # Tune makes exactly these trials: an arm's settings are never crossed with another arm's.
+    tune_trials = _tune_trials(s)
+    keys = ("curriculum.order", "curriculum.num_clusters", "loss.weighting", "curriculum.distribution", "train.seed")
+    assert sorted(tuple(c[k] for k in keys) for c in tune_trials) == sorted(tuple(p[k] for k in keys) for p in points)
+    assert space.searched_paths(s) == ("curriculum.num_clusters", "curriculum.order", "loss.weighting",
+                                       "curriculum.distribution")
+
+
+def test_packed_arms_from_a_list_share_a_pack_per_seed(tmp_path):
+    from paceray.spec import packs
+
+    s = spec(tmp_path, search={}, tune={"seeds": [0, 1], "pack": 8}, arms=ARMS)
+    grouped = packs.packs(s, packs.arm_configs(s))
+    assert [len(p) for p in grouped] == [4, 4]
+    assert [{a["train"]["seed"] for a in p} for p in grouped] == [{0}, {1}]
+    random = spec(tmp_path, search={"train.lr": {"loguniform": [1e-3, 1e-2]}},
+                  tune={"pack": 8, "algorithm": "random", "num_samples": 2}, arms=ARMS)
+    configs = packs.arm_configs(random)
+    assert len(configs) == 8 and len({c["train"]["lr"] for c in configs}) == 2  # a sample's arms share its draw
+    assert [c["train"]["lr"] for c in configs[:4]] == [configs[0]["train"]["lr"]] * 4
+
+
+@pytest.mark.parametrize("arms, tune, message", [
+    ([], None, r"s\.yaml: arms: List should have at least 1 item"),
+    ([{}], None, r"s\.yaml: arms: arms\[0\] sets nothing"),
+    ("none", None, r"s\.yaml: arms: Input should be a valid list"),
+    ([{"curriculum.ordr": "none"}], None, r"s\.yaml: arms\[0\]\.curriculum\.ordr: no such config field"),
+    ([{"curriculum.order": "sideways"}], None, r"s\.yaml: arms\[0\]: curriculum\.order: Input should be"),
+    ([{"curriculum.stage_steps": 4.0}], None, r"arms\[0\]\.curriculum\.stage_steps: 4\.0 given to an integer"),
+    ([{"curriculum.num_clusters": 2}], None, r"arms\[0\]\.curriculum\.num_clusters: also in search"),
+    ([{"train.seed": 3}], {"seeds": [0, 1]}, r"arms\[0\]\.train\.seed: tune\.seeds gives the seeds"),
+    ([{"curriculum.order": "none"}], {"algorithm": "optuna"}, r"arms: algorithm optuna cannot cross a list of arms"),
+    ([{"curriculum.order": "none"}], {"algorithm": "random"}, r"arms: algorithm random .*or random with tune\.pack"),
+    # valid alone, not with the search: the shuffled order takes only the uniform distribution
+    ([{"curriculum.order": "none"}, {"curriculum.order": "shuffled"}], None,
+     r"search: curriculum: order 'shuffled' .*\(search point curriculum\.distribution='logit-normal' in arms\[1\]\)"),
+])
+def test_a_malformed_arm_list_is_one_line(tmp_path, arms, tune, message):
+    search = {"curriculum.num_clusters": {"grid": [2, 4]}}
+    if "shuffled" in str(arms):
+        search = {"curriculum.distribution": {"grid": ["uniform", "logit-normal"]}}
+    with pytest.raises(PacerayError, match=message) as caught:
+        spec(tmp_path, search=search, tune=tune, arms=arms)
+    assert "\n" not in str(caught.value)
+
+
+def test_set_pins_a_path_the_arms_set(tmp_path):
+    path = write_spec(tmp_path / "s.yaml", "s", tiny_base(), {}, arms=ARMS)
+    pinned = load(path, {"curriculum.order": "random"})
+    configs = [space.with_point(pinned.base, p) for p in space.grid_points(pinned)]
+    assert {c["curriculum"]["order"] for c in configs} == {"random"}
+    # the two arms that set only the order are one now: uniform, min-snr and logit-normal, all random
+    assert sorted((c["loss"]["weighting"], c["curriculum"]["distribution"]) for c in configs) == [
+        ("min-snr", "uniform"), ("uniform", "logit-normal"), ("uniform", "uniform")]
+
+
+def test_arm_labels_name_what_differs_from_the_baseline(tmp_path):
+    s = spec(tmp_path, search={"curriculum.num_clusters": {"grid": [2, 8]}}, tune={"seeds": [0, 1]}, arms=ARMS)
+    label = s.trainable.arm_label
+    searched = tuple(p for p in space.searched_paths(s) if p != "train.seed")
+    labels = [label(space.with_point(s.base, p), searched) for p in space.grid_points(s)]
+    assert labels[:5] == ["none", "easy-to-hard N=2", "none min-snr weighting", "none logit-normal timesteps",
+                          "easy-to-hard N=8"]
+    assert labels[5:] == labels[:5]  # the seed is no part of an arm
+    # the platform's own label, for a trainable that names none: the searched paths' values
+    from paceray.protocol.trainable import default_arm_label
+    assert default_arm_label(s.base, ("curriculum.order", "train.lr")) == "curriculum.order=easy-to-hard, train.lr=0.002"
+    assert default_arm_label(s.base, ()) == "base"

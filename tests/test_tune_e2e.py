@@ -227,36 +227,71 @@ def test_asha_stops_the_weak_trials(asha_search, shared):
 
 @prelaunched
 def seeded_search(shared, tmp_path):
-    """A grid over order × N with `tune.seeds: [0, 1]`: the baseline runs once per seed, every
-    curriculum arm once per seed, and the report pairs them by seed."""
+    """Arms as a list (order none, easy-to-hard, and SpeeD: order none with its sampling and its
+    weighting) crossed with a grid over N and with `tune.seeds: [0, 1]`: the baseline and SpeeD
+    run once per seed (N means nothing to them), easy-to-hard once per N and seed; the report
+    pairs them by seed."""
     import yaml
 
     spec = yaml.safe_load((REPO / "search_spaces/quick.yaml").read_text())
     spec["name"] = "seeded"
-    spec["search"] = {"curriculum.order": {"grid": ["none", "easy-to-hard"]},
-                      "curriculum.num_clusters": {"grid": [2, 4]}}
-    spec["tune"] = {"seeds": [0, 1], "pack": "auto"}  # packed: each seed's three arms in one trial
+    spec["search"] = {"curriculum.num_clusters": {"grid": [2, 4]}}
+    spec["arms"] = [{"curriculum.order": "none"}, {"curriculum.order": "easy-to-hard"},
+                    {"curriculum.order": "none", "curriculum.distribution": "speed", "loss.weighting": "speed"}]
+    spec["tune"] = {"seeds": [0, 1], "pack": "auto"}  # packed: each seed's four arms in one trial
     path = tmp_path / "seeded.yaml"
     path.write_text(yaml.safe_dump(spec))
     run_dir = tmp_path / "runs"
     return shared.paceray("tune", path, "--run-dir", run_dir, *SHORT, "--set", "train.steps=10",
-                          "--set", "eval.every=10", "--set", "curriculum.stage_steps=2")
+                          "--set", "eval.every=5", "--set", "curriculum.stage_steps=2")
+
+
+SPEED_ARM = "none speed timesteps speed weighting"
 
 
 def test_seeds_replicate_every_arm_and_none_runs_once_per_seed(seeded_search, shared):
     client, parents, children = search_runs(shared, "seeded")
     arms = sorted((c.data.params["curriculum.order"], c.data.params["curriculum.num_clusters"],
+                   c.data.params["curriculum.distribution"], c.data.params["loss.weighting"],
                    c.data.params["train.seed"]) for c in children)
-    assert arms == [("easy-to-hard", "2", "0"), ("easy-to-hard", "2", "1"), ("easy-to-hard", "4", "0"),
-                    ("easy-to-hard", "4", "1"), ("none", "4", "0"), ("none", "4", "1")]
-    assert all(c.info.status == "FINISHED" for c in children)
+    assert arms == sorted([("none", "4", "uniform", "uniform", s) for s in "01"]
+                          + [("easy-to-hard", n, "uniform", "uniform", s) for n in "24" for s in "01"]
+                          + [("none", "4", "speed", "speed", s) for s in "01"])
+    assert all(c.info.status == "FINISHED" for c in children), [c.data.tags.get("paceray.error") for c in children]
+    labels = sorted(c.data.tags["paceray.arm"] for c in children)
+    assert labels == sorted(["none", "easy-to-hard N=2", "easy-to-hard N=4", SPEED_ARM] * 2)
     packs: dict = {}
-    for c in children:  # packed by seed: each seed's three arms in one trial, never two seeds in one
+    for c in children:  # packed by seed: each seed's four arms in one trial, never two seeds in one
         packs.setdefault(c.data.tags["paceray.pack"], set()).add(c.data.params["train.seed"])
     assert sorted(packs.values(), key=sorted) == [{"0"}, {"1"}]
     out = seeded_search.stdout
-    assert "easy-to-hard N=2" in out and "easy-to-hard N=4" in out
+    assert "easy-to-hard N=2" in out and "easy-to-hard N=4" in out and SPEED_ARM in out
     assert "paired by seed against order=none" in out and "(2 seeds: 0;1)" in out
+
+
+def test_a_seeded_search_reports_steps_to_target_and_groups_its_runs_by_arm(seeded_search, shared):
+    """The report's steps-to-target (each seed's baseline final FID) with its interval, for the
+    SpeeD arm too; the MLflow view groups the 8 runs into their 4 arms."""
+    import base64
+    import json
+    import zlib
+
+    import pandas as pd
+
+    from paceray.tracking import ui_view
+
+    client, parents, children = search_runs(shared, "seeded")
+    (parent,) = parents
+    summary = pd.read_csv(artifact_dir(parent) / "report" / "summary.csv").set_index("arm")
+    speed = summary.loc[SPEED_ARM]
+    assert speed["n"] == 2 and speed["steps_ratio_pairs"] == 2
+    assert speed["steps_ratio_ci_low"] <= speed["steps_ratio"] <= speed["steps_ratio_ci_high"]
+    assert {"steps_ratio_censored", "delta_fid_mean"} <= set(summary.columns)
+    experiment = client.get_experiment(parent.info.experiment_id)
+    value = json.loads(experiment.tags[ui_view.SHARED_VIEW_PREFIX + parent.data.tags["paceray.ui_view"]])
+    state = json.loads(zlib.decompress(base64.b64decode(value["state"].removeprefix("deflate;"))))
+    assert state["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "paceray.arm"}]
+    assert "params.`curriculum.order`" in state["selectedColumns"]
 
 
 # ----------------------------------------------------------------- ray job submit

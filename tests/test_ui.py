@@ -101,3 +101,16 @@ def test_the_shared_view_decodes_as_mlflow_reads_it():
     url = ui_view.comparison_url("http://h:5000/", "3", "paceray-P1")
     assert url == ("http://h:5000/#/experiments/3/runs?viewStateShareKey=paceray-P1&compareRunsMode=CHART"
                    "&workflowType=machine_learning")
+
+
+def test_a_seeded_search_view_groups_its_runs_by_arm():
+    """With replicates the view groups runs by their `paceray.arm` tag (the UI's `groupBy`: one
+    mean line per arm with its min–max band); without, there is no grouping."""
+    from paceray.tracking import ui_view
+
+    grouped = ui_view.comparison_state("P1", "eval/fid", "min", ["curriculum.order"], group_by_tag="paceray.arm")
+    assert grouped["groupBy"] == {"aggregateFunction": "average",
+                                  "groupByKeys": [{"mode": "tag", "groupByData": "paceray.arm"}]}
+    assert grouped["useGroupedValuesInCharts"] is True
+    assert grouped["selectedColumns"][-1] == "tags.`paceray.arm`"
+    assert "groupBy" not in ui_view.comparison_state("P1", "eval/fid", "min", ["curriculum.order"])

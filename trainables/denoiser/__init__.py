@@ -62,6 +62,12 @@ def irrelevant(config: dict) -> list:
     return _irrelevant(config)
 
 
+def arm_label(config: dict, searched) -> str:
+    from trainables.denoiser.search_hooks import arm_label as _arm_label
+
+    return _arm_label(config, searched)
+
+
 def judged_from(config: dict):
     from trainables.denoiser.search_hooks import judged_from as _judged_from
 
@@ -94,6 +100,7 @@ TRAINABLE = Trainable(
                   "curriculum.clustering", "curriculum.cumulative", "curriculum.distribution"),
     horizon=lambda config: Horizon(steps=config["train"]["steps"], report_every=config["eval"]["every"]),
     run_name=run_name,
+    arm_label=arm_label,
     checkpoints_to_keep=lambda config: config["train"]["checkpoint_keep"],
     prepare=prepare,
     export=export,

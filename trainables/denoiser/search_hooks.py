@@ -19,12 +19,16 @@ SHUFFLED_ONLY = ("curriculum.reference",)
 
 
 LOGIT_NORMAL_ONLY = ("curriculum.logit_mean", "curriculum.logit_std")
+SPEED_DISTRIBUTION_ONLY = ("curriculum.speed_k", "curriculum.speed_tau")
+SPEED_WEIGHTING_ONLY = ("loss.speed_lambda", "loss.speed_tau")
 
 
 def irrelevant(config: dict) -> list[str]:
-    c = config["curriculum"]
-    logit = [] if c.get("distribution") == "logit-normal" else list(LOGIT_NORMAL_ONLY)
-    return list(dict.fromkeys([*_curriculum_irrelevant(c), *logit]))
+    c, weighting = config["curriculum"], config.get("loss", {}).get("weighting")
+    drawn = [] if c.get("distribution") == "logit-normal" else list(LOGIT_NORMAL_ONLY)
+    drawn += [] if c.get("distribution") == "speed" else list(SPEED_DISTRIBUTION_ONLY)
+    drawn += [] if weighting == "speed" else list(SPEED_WEIGHTING_ONLY)
+    return list(dict.fromkeys([*_curriculum_irrelevant(c), *drawn]))
 
 
 def _curriculum_irrelevant(c: dict) -> list[str]:
@@ -44,6 +48,48 @@ def _curriculum_irrelevant(c: dict) -> list[str]:
     if order != "shuffled":
         out += SHUFFLED_ONLY
     return list(dict.fromkeys(out))
+
+
+# How an arm's label names a curriculum setting the search varies (the order comes first; the
+# distribution and the loss weighting last, whenever they are not uniform).
+LABEL_PARTS = {
+    "curriculum.num_clusters": "N={}",
+    "curriculum.clustering": "{}",
+    "curriculum.pacing": "{}",
+    "curriculum.stage_steps": "{} steps/stage",
+    "curriculum.patience": "τ={}",
+}
+NAMED_ALWAYS = ("curriculum.order", "curriculum.distribution", "loss.weighting")
+
+
+def arm_label(config: dict, searched) -> str:
+    """The arm a config is: its order, then each other setting the search varies that matters to
+    it, then its timestep distribution and its loss weighting where they are not uniform. The
+    baseline, order `none` with uniform timesteps and weighting, reads `none`; order `none` with
+    min-SNR weighting reads `none min-snr weighting`."""
+    off = set(irrelevant(config))
+    parts = [str(config["curriculum"]["order"])]
+    for path in searched:
+        if path in off or path in NAMED_ALWAYS or path == SEED_PATH:
+            continue
+        value = config
+        for key in path.split("."):
+            value = value[key]
+        parts.append(label_part(path, value))
+    return " ".join(parts + drawn_parts(config["curriculum"].get("distribution"),
+                                        config.get("loss", {}).get("weighting")))
+
+
+def label_part(path: str, value) -> str:
+    if path == "curriculum.cumulative":
+        return "cumulative" if str(value).lower() == "true" else "exclusive"
+    return LABEL_PARTS.get(path, f"{path.rpartition('.')[2]}={{}}").format(value)
+
+
+def drawn_parts(distribution, weighting) -> list[str]:
+    """How timesteps are drawn and weighted, where not uniform (None: a run from before the setting)."""
+    parts = [] if distribution in ("uniform", None) else [f"{distribution} timesteps"]
+    return parts + ([] if weighting in ("uniform", None) else [f"{weighting} weighting"])
 
 
 def stages_before_full(config: dict) -> int:

@@ -17,18 +17,20 @@ from typing import Callable, Optional
 
 import pandas as pd
 
-from paceray.protocol import BEST_TRIAL_TAG, ERROR_TAG, TRIAL_TAG, one_line
+from paceray.protocol import ARM_TAG, BEST_TRIAL_TAG, ERROR_TAG, TRIAL_TAG, one_line
+from trainables.denoiser.search_hooks import drawn_parts
 
 FID_METRIC = "eval/fid"
 KID_METRIC = "eval/kid"
 FEATURES_TAG = "paceray.fid_features"
 UNKNOWN_FEATURES = "unknown (trial has FIDs but no paceray.fid_features tag)"
 ORDERS = ("none", "easy-to-hard", "hard-to-easy", "random", "shuffled", "measured")
-BASELINE_ARM = "none"  # order none, t uniform: what every other arm is paired against
+BASELINE_ARM = "none"  # order none, t and weighting uniform: what every other arm is paired against
 ENDED_BADLY = ("FAILED", "KILLED")
 FILES = ("trials.csv", "summary.csv", "fid_by_order.png", "fid_by_clusters.png", "report.html")
 DASH = "—"
-COLUMNS = ["trial", "status", "order", "N", "clustering", "pacing", "stage_or_tau", "cumulative", "distribution", "seed",
+COLUMNS = ["trial", "status", "order", "N", "clustering", "pacing", "stage_or_tau", "cumulative", "distribution",
+           "weighting", "arm_tag", "seed",
            "best_fid", "best_step", "final_fid", "final_step", "steps_to_baseline", "target", "target_steps",
            "target_censored", "features", "error", "run_id"]
 
@@ -111,6 +113,8 @@ def _row(run, history: pd.Series) -> dict:
         "stage_or_tau": stage,
         "cumulative": p.get("curriculum.cumulative"),
         "distribution": p.get("curriculum.distribution", "uniform"),  # runs from before it existed: uniform
+        "weighting": p.get("loss.weighting", "uniform"),
+        "arm_tag": tags.get(ARM_TAG),  # the arm as its search labelled it (search_hooks.arm_label)
         "seed": _int(p.get("train.seed")),
         "best_fid": finite.min() if len(finite) else math.nan,
         "best_step": int(finite.idxmin()) if len(finite) else None,
@@ -169,15 +173,19 @@ def _arm_part(field: str, value) -> str:
 
 
 def arm_labels(table: pd.DataFrame) -> list:
-    """Each trial's arm: its curriculum without the seed. `none` is one arm whatever its other
-    settings (they mean nothing to it), one per timestep distribution (`none` with the uniform
-    one is the baseline); other arms name the settings that vary in the search and a distribution
-    other than uniform."""
-    curriculum = table[table["order"] != "none"]
+    """Each trial's arm: the `paceray.arm` tag its search gave it (search_hooks.arm_label), or for
+    a run without one, its curriculum without the seed: `none` is one arm whatever its other
+    settings (they mean nothing to it), one per timestep distribution and loss weighting (`none`
+    with both uniform is the baseline); other arms name the settings that vary among the runs,
+    and a distribution or weighting other than uniform."""
+    untagged = table[table["arm_tag"].isna()]
+    curriculum = untagged[untagged["order"] != "none"]
     varying = [f for f in ARM_FIELDS if curriculum[f].astype(str).nunique() > 1]
 
     def label(row) -> str:
-        drawn = [] if row["distribution"] in ("uniform", None) else [str(row["distribution"])]
+        if isinstance(row["arm_tag"], str) and row["arm_tag"]:
+            return row["arm_tag"]
+        drawn = drawn_parts(row["distribution"], row["weighting"])
         if row["order"] == "none":
             return " ".join([BASELINE_ARM, *drawn])
         return " ".join([str(row["order"]), *(_arm_part(f, row[f]) for f in varying), *drawn])

@@ -15,6 +15,7 @@ from paceray.base.locks import held as storage_lock
 from paceray.base.paths import storage_root
 from paceray.protocol import html as html_report
 from paceray.protocol.keys import (
+                                   ARM_TAG,
                                    BEST_TRIAL_TAG,
                                    CHECKPOINT_PREFIX,
                                    ENTRY_POINT_GROUP,
@@ -40,12 +41,13 @@ from paceray.protocol.trainable import (
                                    PrepareContext,
                                    Trainable,
                                    TrialContext,
+                                   default_arm_label,
                                    default_run_name,
                                    failure_of,
 )
 
 __all__ = ["ARM_FAILURES_KEY", "ARM_STOPPED_KEY", "Arm", "Packing", "arm_key", "arms_of", "is_packed", "pack_report",
-           "BEST_TRIAL_TAG", "CHECKPOINT_PREFIX", "ENTRY_POINT_GROUP", "ERROR_TAG", "FAILURE_KEY", "STEP_KEY",
+           "ARM_TAG", "BEST_TRIAL_TAG", "CHECKPOINT_PREFIX", "ENTRY_POINT_GROUP", "ERROR_TAG", "FAILURE_KEY", "STEP_KEY",
            "TRIAL_TAG", "CheckpointFallback", "Horizon", "PacerayError", "PrepareContext", "RunLog", "Trainable",
-           "TrialContext", "default_run_name", "failure_of", "html_report", "one_line", "progress_bar",
+           "TrialContext", "default_arm_label", "default_run_name", "failure_of", "html_report", "one_line", "progress_bar",
            "storage_lock", "storage_root", "write_atomic", "write_text_atomic"]

@@ -18,6 +18,9 @@ ERROR_TAG = "paceray.error"  # why a trial failed
 STOPPED_TAG = "paceray.stopped_early"  # who stopped it before its last step (a scheduler)
 PLACEMENT_TAG = "paceray.placement"  # where its ranks ran, as JSON
 NODES_TAG = "paceray.nodes"  # how many nodes its ranks ran on
+# Which arm of the search a trial is, in the trainable's words (Trainable.arm_label): its
+# settings of the paths the search varies, the seed aside; runs of one arm over seeds share it.
+ARM_TAG = "paceray.arm"
 PACK_TAG = "paceray.pack"  # on an arm of a packed trial: the Tune trial id of its pack
 # On an arm of a packed trial: the metrics measured for the whole pack, not the arm (perf/img_per_s
 # counts every arm's images; system/* is the pack's node).

@@ -144,6 +144,13 @@ def default_run_name(config: dict, trial_id: str) -> str:
     return trial_id
 
 
+def default_arm_label(config: dict, searched: Sequence[str]) -> str:
+    """`path=value` for every path the search varies (the seed aside); `base` where it varies none."""
+    from paceray.base.dotted import get_path
+
+    return ", ".join(f"{path}={get_path(config, path)}" for path in searched) or "base"
+
+
 @dataclass(frozen=True)
 class Trainable:
     """One trainable, declared. The platform asks it, and nothing else, for what is trainable-specific.
@@ -180,6 +187,10 @@ class Trainable:
     packing              `Packing`: which configs may share one trial (`tune.pack`) and how many;
                          its train_loop then takes a packed config (paceray.protocol.packing).
                          None: the trainable never packs
+    arm_label            `arm_label(config, searched) -> str`: which arm of the search the
+                         config is, from the paths the search varies (`searched`: its `search`
+                         and `arms` paths, the seed path aside); the same for every seed of an
+                         arm. The run's tag paceray.arm, the live view and the report's arms
     resume_fixed         dotted config paths (a prefix covers everything under it) that a resumed
                          `paceray train` may not change: its checkpoint could not follow (e.g. the
                          architecture); a change is refused in one line before the run is touched
@@ -192,6 +203,7 @@ class Trainable:
     horizon: Callable[[dict], Horizon]
     mode: str = "min"
     run_name: Callable[[dict, str], str] = default_run_name
+    arm_label: Callable[[dict, Sequence[str]], str] = default_arm_label
     checkpoints_to_keep: Callable[[dict], int] = lambda config: 2
     prepare: Optional[Callable[[dict, PrepareContext], Optional[dict]]] = None
     export: Optional[Callable[[str, dict, str], Any]] = None

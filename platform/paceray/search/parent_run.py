@@ -19,6 +19,7 @@ from paceray.tracking import server as mlflow_server
 def search_params(loaded) -> dict:
     t, r = loaded.spec.tune, loaded.spec.resources
     params = {f"search.{k}": f"{d.kind}{list(d.args)}" for k, d in loaded.search.items()}
+    params.update({f"arms.{i}": ", ".join(f"{k}={v}" for k, v in arm.items()) for i, arm in enumerate(loaded.arms)})
     params.update({f"tune.{k}": v for k, v in t.model_dump().items()})
     params.update({f"resources.{k}": v for k, v in r.model_dump().items()})
     params["trainable"] = loaded.spec.trainable
@@ -29,7 +30,7 @@ def log_spec(uri: str, parent: str, loaded) -> None:
     c = tracking.client(uri)
     c.log_text(parent, Path(loaded.spec.path).read_text() if loaded.spec.path else "", "spec/spec.yaml")
     resolved = {"base": loaded.base, "search": {k: {d.kind: list(d.args)} for k, d in loaded.search.items()},
-                "overrides": loaded.overrides}
+                "arms": loaded.arms, "overrides": loaded.overrides}
     c.log_text(parent, yaml.safe_dump(resolved, sort_keys=False), "spec/resolved.yaml")
 
 
@@ -44,7 +45,12 @@ def save_comparison(uri: str, parent: str, loaded, with_metrics: bool) -> None:
     if with_metrics:
         for run in c.search_runs([experiment_id], filter_string=f"tags.`{keys.PARENT_TAG}` = '{parent}'"):
             logged.update(run.data.metrics)
-    view = ui_view.Comparison(loaded.spec.name, loaded.metric, loaded.mode, tuple(loaded.search), tuple(sorted(logged)))
+    from paceray.spec.space import searched_paths
+
+    # Replicates read as arms: one line per arm over its seeds.
+    group = keys.ARM_TAG if loaded.spec.tune.seeds else None
+    view = ui_view.Comparison(loaded.spec.name, loaded.metric, loaded.mode, searched_paths(loaded),
+                              tuple(sorted(logged)), group)
     ui_view.save_comparison(c, experiment_id, parent, view)
 
 

@@ -37,6 +37,7 @@ class SearchContext:
     mode: str
     client_env: dict
     console_progress: bool = True
+    searched: tuple = ()  # the paths the search varies, the seed path aside (Trainable.arm_label)
     arm_judge: object = None  # a packed search's arm scheduler (paceray.cluster.arm_scheduler.ArmJudge)
 
 
@@ -45,7 +46,13 @@ def search_context(loaded: LoadedSpec, uri: str, parent_run_id: str, storage: st
     return SearchContext(trainable=loaded.spec.trainable, name=loaded.spec.name, experiment=loaded.spec.experiment,
                          tracking_uri=uri, parent_run_id=parent_run_id, storage=storage, run_dir=str(run_dir),
                          resources=loaded.spec.resources.model_dump(), metric=loaded.metric, mode=loaded.mode,
-                         client_env=client_env)
+                         client_env=client_env, searched=searched_without_seed(loaded))
+
+
+def searched_without_seed(loaded: LoadedSpec) -> tuple[str, ...]:
+    from paceray.spec.space import searched_paths
+
+    return tuple(p for p in searched_paths(loaded) if p != loaded.trainable.seed_path)
 
 
 def run_trial(config: dict, search: SearchContext) -> None:
@@ -98,7 +105,8 @@ def arm_requests(config: dict, trial_id: str, search: SearchContext, trainable) 
                 for i, arm in enumerate(packing.arms_of(config))}
     return {arm: RunRequest(search.tracking_uri, search.experiment, trainable.run_name(arm_config, arm_id),
                             identity={keys.TRIAL_TAG: arm_id, keys.PARENT_TAG: search.parent_run_id},
-                            tags={keys.KIND_TAG: "trial", keys.TRAINABLE_TAG: search.trainable, **tags},
+                            tags={keys.KIND_TAG: "trial", keys.TRAINABLE_TAG: search.trainable,
+                                  keys.ARM_TAG: trainable.arm_label(arm_config, search.searched), **tags},
                             params=flatten(arm_config), run_dir=run_dir)
             for arm, (arm_id, arm_config, tags) in arms.items()}
 

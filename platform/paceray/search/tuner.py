@@ -26,8 +26,8 @@ from paceray.spec.specfile import Distribution, LoadedSpec
 def param_space(loaded: LoadedSpec, algorithm: str, points: list) -> dict:
     """The trial config with Tune distributions at the searched paths (nested like the config).
 
-    grid: the grid's paths hold the values the expanded points use (points_to_evaluate sets
-    each trial's; see search_alg); random: Tune expands the grid and `tune.seeds` per sample;
+    grid: the grid's and the arms' paths hold the values the expanded points use
+    (points_to_evaluate sets each trial's; see search_alg); random: Tune expands the grid and `tune.seeds` per sample;
     optuna: only constants (the define-by-run space suggests the rest)."""
     import copy
 
@@ -45,6 +45,9 @@ def param_space(loaded: LoadedSpec, algorithm: str, points: list) -> dict:
         else:
             value = tune_distribution(dist)
         set_path(config, key, value)
+    for key in space_lib.arm_paths(loaded):  # grid only (specfile.check_arms_algorithm); preset per point
+        used = list(dict.fromkeys(json_key(p[key]) for p in points))
+        set_path(config, key, tune.grid_search([json.loads(v) for v in used]))
     seeds = space_lib.seeds(loaded)
     if seeds:
         set_path(config, loaded.trainable.seed_path, tune.grid_search(seeds))

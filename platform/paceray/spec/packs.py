@@ -29,7 +29,7 @@ def pack_size(loaded: LoadedSpec) -> Optional[int | str]:
 def arm_configs(loaded: LoadedSpec) -> list[dict]:
     """Every arm's full config: grid points (canonical, × seeds) × num_samples for a grid search;
     for a random search, num_samples draws of the non-grid distributions (seeded by `tune.seed`),
-    each crossed with the grid and the seeds as Tune would."""
+    each crossed with the grid and the seeds as Tune would, and with the arms (which share it)."""
     t = loaded.spec.tune
     if t.algorithm == "grid":
         points = space_lib.grid_points(loaded) * t.num_samples
@@ -43,10 +43,11 @@ def arm_configs(loaded: LoadedSpec) -> list[dict]:
         drawn = {k: draw(loaded.search[k], rng) for k in drawn_keys}
         for values in itertools.product(*(loaded.search[k].args for k in grid_keys)):
             for seed in seeds:
-                point = {**drawn, **dict(zip(grid_keys, values))}
-                if seed is not None:
-                    point[loaded.trainable.seed_path] = seed
-                configs.append(space_lib.canonical(loaded, space_lib.with_point(loaded.base, point)))
+                for arm in space_lib.arm_points(loaded):
+                    point = {**arm, **drawn, **dict(zip(grid_keys, values))}
+                    if seed is not None:
+                        point[loaded.trainable.seed_path] = seed
+                    configs.append(space_lib.canonical(loaded, space_lib.with_point(loaded.base, point)))
     return configs
 
 

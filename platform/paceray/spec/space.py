@@ -1,6 +1,7 @@
 """The search space a spec describes, as trials: grid points expanded once on the driver and made
 canonical (settings a point's other settings make irrelevant take the base's value, so points
-differing only there run once), `tune.seeds` as replicates of every arm, Optuna's conditional
+differing only there run once), crossed with the spec's `arms` (joint settings, each one arm),
+`tune.seeds` as replicates of every arm, Optuna's conditional
 (define-by-run) space, and the step before which no trial of the space may be judged.
 
 The trainable says what is irrelevant (`Trainable.irrelevant`) and which path is its seed
@@ -41,19 +42,39 @@ def seeds(loaded: LoadedSpec) -> list:
     return list(loaded.spec.tune.seeds or [])
 
 
+def arm_paths(loaded: LoadedSpec) -> list[str]:
+    """Every path some arm of the spec's `arms` sets, in order of first mention."""
+    return list(dict.fromkeys(k for arm in loaded.arms for k in arm))
+
+
+def arm_points(loaded: LoadedSpec) -> list[dict]:
+    """Each arm as a point over every arm path, a path the arm leaves alone at the base's value
+    (so that each point presets every path Tune's grid varies); `[{}]` without arms."""
+    paths = arm_paths(loaded)
+    return [{p: arm[p] if p in arm else get_path(loaded.base, p) for p in paths} for arm in loaded.arms] or [{}]
+
+
+def searched_paths(loaded: LoadedSpec) -> tuple[str, ...]:
+    """The paths a search varies, the seed path aside: `search`'s, then the arms'."""
+    return tuple(dict.fromkeys([*loaded.search, *arm_paths(loaded)]))
+
+
 def grid_points(loaded: LoadedSpec) -> list[dict]:
-    """Every distinct grid point (dotted path -> value), canonical, times every seed of
-    `tune.seeds` (seed-major: all arms of the first seed come first, so a search cut short still
-    pairs its arms). Non-grid distributions are not here: Tune samples them per trial."""
+    """Every distinct grid point (dotted path -> value) crossed with every arm (the arms of one
+    grid point side by side), canonical, times every seed of `tune.seeds` (seed-major: all arms of
+    the first seed come first, so a search cut short still pairs its arms). Non-grid distributions
+    are not here: Tune samples them per trial."""
     keys = [k for k, d in loaded.search.items() if d.kind == "grid"]
+    paths = keys + arm_paths(loaded)
     points, seen = [], set()
     for values in itertools.product(*(loaded.search[k].args for k in keys)):
-        config = canonical(loaded, with_point(loaded.base, dict(zip(keys, values))))
-        point = {k: get_path(config, k) for k in keys}
-        key = json.dumps(point, sort_keys=True, default=str)
-        if key not in seen:
-            seen.add(key)
-            points.append(point)
+        for arm in arm_points(loaded):
+            config = canonical(loaded, with_point(loaded.base, {**arm, **dict(zip(keys, values))}))
+            point = {k: get_path(config, k) for k in paths}
+            key = json.dumps(point, sort_keys=True, default=str)
+            if key not in seen:
+                seen.add(key)
+                points.append(point)
     if seeds(loaded):
         path = loaded.trainable.seed_path
         points = [{**p, path: s} for s in seeds(loaded) for p in points]
@@ -75,6 +96,7 @@ def trial_count_preview(loaded: LoadedSpec) -> int:
         return count
     n = loaded.spec.tune.num_samples * max(1, len(loaded.spec.tune.seeds or []))
     if loaded.spec.tune.algorithm == "random":
+        n *= len(arm_points(loaded))
         for d in loaded.search.values():
             if d.kind == "grid":
                 n *= len(d.args)
@@ -134,14 +156,17 @@ def _gates_first(loaded: LoadedSpec) -> list[str]:
 
 
 def probe_configs(loaded: LoadedSpec) -> list[dict]:
-    """Configs at every listed value and both ends of every range of the space (all combinations
-    up to 4,096, else each value alone), canonical."""
+    """Configs of every arm at every listed value and both ends of every range of the space (all
+    combinations up to 4,096, else each value alone), canonical."""
     probes = [[(k, v) for v in d.probe_values()] for k, d in loaded.search.items()]
     size = 1
     for p in probes:
         size *= max(1, len(p))
-    combos = itertools.product(*probes) if size <= 4096 else ([p] for ps in probes for p in ps)
-    return [canonical(loaded, with_point(loaded.base, dict(combo))) for combo in combos] or [loaded.base]
+    configs = []
+    for arm in arm_points(loaded):
+        combos = itertools.product(*probes) if size <= 4096 else ([p] for ps in probes for p in ps)
+        configs += [canonical(loaded, with_point(loaded.base, {**arm, **dict(combo)})) for combo in combos]
+    return configs or [loaded.base]
 
 
 def judged_from(loaded: LoadedSpec) -> Optional[int]:

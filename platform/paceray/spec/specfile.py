@@ -1,8 +1,9 @@
 """Experiment specs: YAML -> `Spec`, checked against the trainable's `Config` before Ray starts.
 
 A spec names what to train (`trainable`, `base`), what to search (`search`: dotted config path
--> distribution), how to schedule it (`tune`), on what (`resources`) and where to track it
-(`tracking`). Every error is one line naming the file and the field.
+-> distribution; `arms`: a list of joint settings, each one arm, crossed with `search` and the
+seeds), how to schedule it (`tune`), on what (`resources`) and where to track it (`tracking`).
+Every error is one line naming the file and the field.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from paceray.base.dotted import flatten, set_path
 from paceray.base.errors import PacerayError, one_line
@@ -162,6 +163,9 @@ class Spec(_Strict):
     description: str = ""
     base: dict[str, Any] = {}
     search: dict[str, Distribution] = {}
+    # Arms that differ in different settings (an order; a distribution with its weighting): each
+    # a mapping of dotted paths to values, one arm, crossed with `search` and `tune.seeds`.
+    arms: Optional[list[dict[str, Any]]] = Field(None, min_length=1)
     tune: TuneSection = TuneSection()
     resources: ResourcesSection = ResourcesSection()
     tracking: TrackingSection = TrackingSection()
@@ -173,6 +177,15 @@ class Spec(_Strict):
     @property
     def experiment(self) -> str:
         return self.tracking.experiment or self.name
+
+    @field_validator("arms")
+    @classmethod
+    def _arms_set_something(cls, arms):
+        for i, arm in enumerate(arms or []):
+            if not arm:
+                raise ValueError(f"arms[{i}] sets nothing; an arm is a mapping of config paths to values, "
+                                 f"e.g. {{curriculum.order: easy-to-hard}}")
+        return arms
 
 
 def parse_overrides(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
@@ -229,13 +242,14 @@ def load(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> "Loade
         raise _pydantic_error(str(path), e) from None
     base = copy.deepcopy(spec.base)
     search = dict(spec.search)
+    arms = [flatten(arm) for arm in spec.arms or []]  # {curriculum: {order: x}} as curriculum.order
     spec_overrides = {k: v for k, v in (overrides or {}).items() if k.split(".")[0] in SPEC_SECTIONS}
     if spec_overrides:  # e.g. --set resources.gpus_per_worker=0 to try a GPU spec on a laptop
         raw = spec.model_dump(exclude={"search"})
         for key, value in spec_overrides.items():
             set_path(raw, key, value)
         try:
-            spec = Spec.model_validate({**raw, "search": spec.search})
+            spec = Spec.model_validate({**raw, "search": spec.search, "arms": spec.arms})
         except ValidationError as e:
             raise _pydantic_error(f"{path} (with --set)", e) from None
     for key, value in (overrides or {}).items():
@@ -243,18 +257,28 @@ def load(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> "Loade
             continue
         set_path(base, key, value)
         search.pop(key, None)  # --set pins a searched path
+        for arm in arms:  # and a path the arms set
+            arm.pop(key, None)
     trainable = registry.resolve(spec.trainable, str(path))
     config = check_config(trainable.config, base, str(path), "base.")
-    check_search(trainable.config, config, search, str(path))
-    check_seeds(spec, trainable, search, str(path))
+    check_arms(trainable.config, config, search, arms, str(path))
+    for i, arm in enumerate(arms or [{}]):
+        arm_base = config
+        if arm:
+            arm_base = copy.deepcopy(config)
+            for key, value in arm.items():
+                set_path(arm_base, key, value)
+        check_search(trainable.config, arm_base, search, str(path), f" in arms[{i}]" if arm else "")
+    check_seeds(spec, trainable, search, str(path), arms)
+    check_arms_algorithm(spec, trainable, arms, str(path))
     check_pack(spec, trainable, str(path))
     # The metric and its mode: the spec's, else the trainable's (a spec naming another metric
     # says its mode too, or gets the trainable's).
     metric = spec.tune.metric or trainable.metric
     mode = spec.tune.mode or trainable.mode
     run_dir = Path(os.environ.get("PACERAY_RUN_DIR") or spec.run_dir or default_run_dir()).expanduser()
-    return LoadedSpec(spec=spec, base=config, search=search, run_dir=run_dir.resolve(), overrides=overrides or {},
-                      trainable=trainable, metric=metric, mode=mode)
+    return LoadedSpec(spec=spec, base=config, search=search, arms=arms, run_dir=run_dir.resolve(),
+                      overrides=overrides or {}, trainable=trainable, metric=metric, mode=mode)
 
 
 def check_config(config_cls, values: dict, where: str, prefix: str) -> dict:
@@ -264,8 +288,30 @@ def check_config(config_cls, values: dict, where: str, prefix: str) -> dict:
         raise _pydantic_error(where, e, prefix) from None
 
 
-def check_search(config_cls, base: dict, search: dict[str, "Distribution"], where: str) -> None:
-    """Every grid/choice value and both ends of every range must be a valid trial config."""
+def check_arms(config_cls, base: dict, search: dict[str, "Distribution"], arms: list[dict], where: str) -> None:
+    """Every arm sets known fields to values of their type, none that `search` also searches, and
+    is a valid trial config on its own (with the search: see check_search)."""
+    known = set(flatten(base))
+    for i, arm in enumerate(arms):
+        for key, value in arm.items():
+            if key not in known:
+                raise PacerayError(f"{where}: arms[{i}].{key}: no such config field in trainable's Config")
+            if key in search:
+                raise PacerayError(f"{where}: arms[{i}].{key}: also in search; set it in the arms or search it, "
+                                   f"not both")
+            _check_declared_type(config_cls, key, Distribution(grid=[value]), where, f"arms[{i}].{key}")
+        trial = copy.deepcopy(base)
+        for key, value in arm.items():
+            set_path(trial, key, value)
+        try:
+            config_cls.model_validate(trial)
+        except ValidationError as e:
+            raise _pydantic_error(where, e, f"arms[{i}]: ") from None
+
+
+def check_search(config_cls, base: dict, search: dict[str, "Distribution"], where: str, context: str = "") -> None:
+    """Every grid/choice value and both ends of every range must be a valid trial config
+    (`context`: which arm's config `base` is, for the error)."""
     known = set(flatten(base))
     for key in search:
         if key not in known:
@@ -286,7 +332,7 @@ def check_search(config_cls, base: dict, search: dict[str, "Distribution"], wher
         except ValidationError as e:
             point = ", ".join(f"{k}={v!r}" for k, v in combo)
             err = _pydantic_error(where, e, "search: ")
-            raise PacerayError(f"{err} (search point {point})") from None
+            raise PacerayError(f"{err} (search point {point}{context})") from None
 
 
 def check_pack(spec: Spec, trainable, where: str) -> None:
@@ -299,10 +345,25 @@ def check_pack(spec: Spec, trainable, where: str) -> None:
         return
 
 
-def check_seeds(spec: Spec, trainable, search: dict, where: str) -> None:
+def check_arms_algorithm(spec: Spec, trainable, arms: list[dict], where: str) -> None:
+    """Tune's own random and Optuna searchers know no joint settings: arms need a grid search, or
+    a packed random one (its arms are expanded on the driver, paceray.spec.packs, each sample's
+    draws shared by every arm, as the seeds share them)."""
+    t = spec.tune
+    packed = t.pack != 1 and trainable.packing is not None
+    if arms and t.algorithm != "grid" and not (t.algorithm == "random" and packed):
+        raise PacerayError(f"{where}: arms: algorithm {t.algorithm} cannot cross a list of arms; use algorithm "
+                           f"grid{', or random with tune.pack' if trainable.packing is not None else ''}")
+
+
+def check_seeds(spec: Spec, trainable, search: dict, where: str, arms: list[dict] = ()) -> None:
     seeds = spec.tune.seeds
     if not seeds:
         return
+    for i, arm in enumerate(arms):
+        if trainable.seed_path in arm:
+            raise PacerayError(f"{where}: arms[{i}].{trainable.seed_path}: tune.seeds gives the seeds; an arm "
+                               f"does not set one")
     if trainable.seed_path is None:
         raise PacerayError(f"{where}: tune.seeds: trainable {trainable.name!r} names no seed path (Trainable.seed_path)")
     if trainable.seed_path in search:
@@ -314,7 +375,7 @@ def check_seeds(spec: Spec, trainable, search: dict, where: str) -> None:
         raise PacerayError(f"{where}: tune.seeds: {seeds} repeats a seed")
 
 
-def _check_declared_type(config_cls, key: str, d: "Distribution", where: str) -> None:
+def _check_declared_type(config_cls, key: str, d: "Distribution", where: str, field: str = "") -> None:
     """A distribution checked against its field's declared type, not only against the values
     probed: a float range over an integer field (whatever its probes happen to draw), a float in
     a list over an integer field (`[64, 64.0]`), and a list that mixes kinds (`[1, "1"]`), which
@@ -329,6 +390,9 @@ def _check_declared_type(config_cls, key: str, d: "Distribution", where: str) ->
         raise PacerayError(f"{where}: search.{key}: {d.kind} {list(d.args)} draws fractional values over an integer "
                            f"field; use randint [low, high)")
     fractional = [v for v in (d.args if d.kind in ("grid", "choice") else ()) if _value_kind(v) == "float"]
+    if fractional and field:
+        raise PacerayError(f"{where}: {field}: {fractional[0]!r} given to an integer field; write a whole number "
+                           f"without a decimal point")
     if fractional:
         raise PacerayError(f"{where}: search.{key}: {d.kind} {list(d.args)} gives {fractional[0]!r} to an integer "
                            f"field; write whole numbers without a decimal point")
@@ -396,6 +460,7 @@ class LoadedSpec(BaseModel):
     spec: Spec
     base: dict[str, Any]
     search: dict[str, Distribution]
+    arms: list[dict[str, Any]] = []  # the spec's arms, less the paths --set pins
     run_dir: Path
     overrides: dict[str, Any] = {}
     trainable: Any = None  # paceray.protocol.Trainable

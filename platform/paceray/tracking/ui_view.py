@@ -10,6 +10,9 @@ the experiment tag `mlflow.sharedViewState.KEY`: a JSON envelope `{name, created
 - the metric and the searched parameters as columns;
 - chart mode (a URL parameter, not part of the state) with one section: the metric against step,
   one line per trial, and MLflow's difference table of the trials' parameters and metrics.
+- a search with replicates (`tune.seeds`) groups its runs by their arm tag (`paceray.arm`):
+  MLflow's own run grouping, one line per arm in the chart, the metric's mean over its seeds with
+  the min–max band, so 25 trials of 5 arms read as 5 lines.
   Every other metric the trials logged gets a deleted placeholder chart, or the UI would add a
   chart per metric around them.
 The view is written when the search starts (its trials show up as they run) and again at its end
@@ -27,7 +30,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from paceray.protocol.keys import VIEW_TAG
+from paceray.protocol.keys import ARM_TAG, VIEW_TAG
 
 SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
 SECTION = "paceray-comparison"
@@ -43,7 +46,7 @@ def _column(kind: str, key: str) -> str:
 
 
 def comparison_state(parent_run_id: str, metric: str, mode: str, params: Iterable[str],
-                     other_metrics: Iterable[str] = ()) -> dict:
+                     other_metrics: Iterable[str] = (), group_by_tag: Optional[str] = None) -> dict:
     line = {"uuid": "paceray-metric", "type": "LINE", "metricKey": metric, "selectedMetricKeys": [metric],
             "metricSectionId": SECTION, "deleted": False, "isGenerated": False, "runsCountToCompare": 100,
             "xAxisKey": "step", "useGlobalXaxisKey": False, "scaleType": "linear", "xAxisScaleType": "linear",
@@ -56,10 +59,17 @@ def comparison_state(parent_run_id: str, metric: str, mode: str, params: Iterabl
     hidden = [{"uuid": f"paceray-hidden-{i}", "type": "LINE", "metricKey": key, "metricSectionId": SECTION,
                "deleted": True, "isGenerated": True}
               for i, key in enumerate(sorted(set(other_metrics) - {metric}))]
+    grouping = {}
+    if group_by_tag:  # the UI's run grouping (its state `groupBy`): the mean line, the min–max band
+        grouping = {"groupBy": {"aggregateFunction": "average",
+                                "groupByKeys": [{"mode": "tag", "groupByData": group_by_tag}]},
+                    "groupsExpanded": {}, "useGroupedValuesInCharts": True}
     return {
         "searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}'",
         "orderByKey": _column("metrics", metric), "orderByAsc": mode == "min",
-        "selectedColumns": [_column("metrics", metric), *(_column("params", p) for p in params)],
+        "selectedColumns": [_column("metrics", metric), *(_column("params", p) for p in params),
+                            *([_column("tags", ARM_TAG)] if group_by_tag else [])],
+        **grouping,
         "runsHiddenMode": "SHOW_ALL",  # the default shows only the first 10 runs in charts
         "compareRunCharts": [line, table, *hidden],
         "compareRunSections": [{"uuid": SECTION, "name": f"{metric} by trial", "display": True, "isReordered": False,
@@ -83,15 +93,17 @@ class Comparison:
     mode: str
     params: tuple[str, ...]
     other_metrics: tuple[str, ...] = ()
+    group_by_tag: Optional[str] = None  # a tag whose runs read as one line (the arm, over seeds)
 
 
 def save_comparison(client, experiment_id: str, parent_run_id: str, view: Comparison) -> str:
     """Write the search's shared view (and its key on the parent run); returns the key."""
     params, other = list(view.params), list(view.other_metrics)
     name = f"paceray search {view.search}"
-    value = encode(name, comparison_state(parent_run_id, view.metric, view.mode, params, other))
+    value = encode(name, comparison_state(parent_run_id, view.metric, view.mode, params, other, view.group_by_tag))
     if len(value) > MAX_TAG_VALUE:  # thousands of metric keys: let the UI add their charts instead
-        value = encode(name, comparison_state(parent_run_id, view.metric, view.mode, params))
+        value = encode(name, comparison_state(parent_run_id, view.metric, view.mode, params,
+                                              group_by_tag=view.group_by_tag))
     key = view_key(parent_run_id)
     client.set_experiment_tag(experiment_id, SHARED_VIEW_PREFIX + key, value)
     client.set_tag(parent_run_id, VIEW_TAG, key)
