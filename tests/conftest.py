@@ -429,9 +429,17 @@ class Prelaunch:
     def __init__(self, names: list[str], tmp_path_factory):
         shared = SharedCluster.get()
         self.pool = ThreadPoolExecutor(PRELAUNCH_AT_ONCE, thread_name_prefix="prelaunch")
+        self.spans: dict[str, tuple[float, float]] = {}  # name -> (start, end), monotonic, for the summary
         self.futures: dict[str, Future] = {
-            name: self.pool.submit(self.launchers[name], shared, tmp_path_factory.mktemp(name))
+            name: self.pool.submit(self._timed, name, shared, tmp_path_factory.mktemp(name))
             for name in sorted(names, key=lambda n: n not in self.long)}
+
+    def _timed(self, name: str, shared, folder):
+        start = time.monotonic()
+        try:
+            return self.launchers[name](shared, folder)
+        finally:
+            self.spans[name] = (start, time.monotonic())
 
     def result(self, name: str):
         return self.futures[name].result()
@@ -500,6 +508,18 @@ def pytest_runtest_setup(item):
 def shut_shared() -> None:
     Prelaunch.cancel()
     SharedCluster.shut()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How long each prelaunched command ran, and when it ended: the suite's critical path is
+    these two slots once the unit tests are done (their tests' `setup` time is only the wait)."""
+    instance = Prelaunch.instance
+    if instance is None or not instance.spans:
+        return
+    first = min(start for start, _ in instance.spans.values())
+    terminalreporter.write_sep("=", "prelaunched commands (wall s, ended at s)")
+    for name, (start, end) in sorted(instance.spans.items(), key=lambda kv: kv[1][0] - kv[1][1]):
+        terminalreporter.write_line(f"{end - start:8.1f}  {end - first:8.1f}  {name}")
 
 
 def pytest_sessionfinish(session, exitstatus):
