@@ -143,19 +143,31 @@ def data() -> None:
               help="Directory with the raw files (IDX files, CIFAR python batches, an image folder).")
 @click.option("--storage", type=click.Path(file_okay=False), default=None,
               help="Storage root (default: PACERAY_STORAGE, else ~/.cache/paceray).")
-def prepare(dataset, source, storage):
-    """Write DATASET once as Parquet shards plus a manifest; a second call is a no-op."""
+@click.option("--captions", default=None, metavar="templated|FILE",
+              help="Captions beside the images: `templated` (from the class names), or a .jsonl/.csv/.parquet of "
+                   "image files (relative to --source) and texts. An image folder's own captions.jsonl or "
+                   "captions.csv is used without it.")
+def prepare(dataset, source, storage, captions):
+    """Write DATASET once as Parquet shards plus a manifest (and captions, if given); a second
+    call is a no-op."""
     from paceray.protocol import storage_root
     from trainables.diffusion.assets import preparing
+    from trainables.diffusion.captions import folder_captions, prepare_captions
     from trainables.diffusion.data import prepare as prepare_dataset
     from trainables.diffusion.data import read_manifest
 
     root = Path(storage).resolve() if storage else storage_root()
+    if captions is None and dataset == "imagefolder" and source is not None:
+        captions = folder_captions(source)
     with preparing(dataset, root):
         path = prepare_dataset(dataset, root, source=source)
+        prepared = prepare_captions(path, captions, source if dataset == "imagefolder" else None) if captions else None
     m = read_manifest(path)
     counts = ", ".join(f"{k}: {v['count'] if isinstance(v, dict) else v}" for k, v in m["splits"].items())
     click.echo(f"{dataset}: {counts} images of shape {tuple(m['image_shape'])} in {path}")
+    if prepared is not None:
+        kind = "templated from the class names" if prepared.templated else f"from {prepared.source}"
+        click.echo(f"captions {prepared.key} ({kind}): {sum(prepared.counts.values())} in {prepared.path}")
 
 
 @click.group("fid-net")

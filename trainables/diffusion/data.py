@@ -52,15 +52,21 @@ def dataset_dir(dataset: str, cache_dir: str | Path, source: str | Path | None =
     return root / f"imagefolder-{key}"
 
 
+# An image folder's own captions (trainables/diffusion/captions.py) are no part of its images:
+# editing them prepares new captions, not the images again.
+FOLDER_CAPTION_FILES = ("captions.jsonl", "captions.csv")
+
+
 def folder_fingerprint(folder: str | Path) -> str:
     """sha256 over every file's path (relative to `folder`) and content, in sorted order: any
-    added, removed, renamed or edited image changes it."""
+    added, removed, renamed or edited image changes it (the folder's caption files do not)."""
     folder = Path(folder).expanduser().resolve()
     if not folder.is_dir():
         raise PacerayError(f"imagefolder: {folder} is not a directory; pass --source DIR holding one sub-folder "
                            f"of images per class")
     digest = hashlib.sha256()
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    files = sorted(p for p in folder.rglob("*")
+                   if p.is_file() and not (p.parent == folder and p.name in FOLDER_CAPTION_FILES))
     with progress_bar(f"fingerprinting {folder.name}", len(files), "files") as advance:
         for path in files:
             digest.update(str(path.relative_to(folder)).encode() + b"\0")

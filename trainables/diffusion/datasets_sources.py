@@ -264,9 +264,9 @@ def read_cifar10(directory: Path) -> RawDataset:
 
 # --- a folder of class folders of images ----------------------------------------------------
 
-def read_image_folder(source: Path) -> RawDataset:
-    from PIL import Image, UnidentifiedImageError
-
+def image_folder_files(source: str | Path) -> tuple[Path, list[str], list[tuple[Path, int]]]:
+    """An image folder's root, its classes (sorted sub-folder names) and its images with their
+    labels, in the order they are prepared (by class, then file name): captions follow it."""
     root = Path(source).expanduser().resolve()
     how = "pass --source DIR holding one sub-folder of images per class"
     if not root.is_dir():
@@ -277,6 +277,13 @@ def read_image_folder(source: Path) -> RawDataset:
              if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")]
     if not files:
         raise PacerayError(f"imagefolder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in sub-folders of {root}; {how}")
+    return root, classes, files
+
+
+def read_image_folder(source: Path) -> RawDataset:
+    from PIL import Image, UnidentifiedImageError
+
+    root, classes, files = image_folder_files(source)
 
     images = None
     first = files[0][0]
