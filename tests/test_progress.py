@@ -13,9 +13,21 @@ def _trial(tid: str, order: str, error_file=None):
     return SimpleNamespace(trial_id=tid, config={"order": order, "steps": 30}, last_result={}, error_file=error_file)
 
 
+def _pack(tid: str, orders: list[str]):
+    """A packed trial's config (paceray.protocol.packing) of arms with these orders."""
+    from paceray.protocol.packing import ARMS_KEY
+
+    arms = [{"order": o, "steps": 30} for o in orders]
+    return SimpleNamespace(trial_id=tid, config={ARMS_KEY: arms}, last_result={}, error_file=None)
+
+
 def _view(out, live=False, total=3):
+    from paceray.protocol.packing import arms_of
+
     shape = SearchShape("quick", total, [("step", "step"), ("stage", "curriculum/stage"), ("FID", "eval/fid")],
-                        "eval/fid", "min", lambda c: c["steps"], lambda c, tid: f"{c['order']}-{tid}")
+                        "eval/fid", "min", lambda c: arms_of(c)[0]["steps"],
+                        lambda c, tid: f"{arms_of(c)[0]['order'] if len(arms_of(c)) == 1 else 'pack'}-{tid}",
+                        lambda c: [arm["order"] for arm in arms_of(c)])
     return SearchView(shape, worker_log=None, live=live, out=out)
 
 
@@ -36,7 +48,7 @@ def test_plain_lines_one_per_event_with_best_stopped_and_failed(tmp_path):
         view.errored(c)
     lines = out.getvalue().splitlines()
     assert len(lines) == 3 + 2 + 3 + 1, lines
-    assert lines[0].endswith("trial none-t0 started · 0/3 done")
+    assert lines[0].endswith("trial none-t0 started · arm none · 0/3 done")
     assert "trial easy-to-hard-t1 at step 15/30: stage 3 · FID 55.5 · 0/3 done" in lines[4]
     assert "trial none-t0 stopped by the scheduler at step 15/30" in lines[5]
     assert "trial easy-to-hard-t1 finished at step 30/30 · 2/3 done" in lines[6]
@@ -65,12 +77,13 @@ def test_the_live_panel_shows_running_trials_their_columns_and_the_best(tmp_path
 
 def test_a_packs_line_gives_each_arms_metric_and_the_best_is_an_arm():
     out = io.StringIO()
-    pack = _trial("p0", "pack")
+    pack = _pack("p0", ["none", "none min-snr weighting", "easy-to-hard"])
     with _view(out, total=1) as view:
         view.started(pack)
         view.result(pack, {"step": 15, "curriculum/stage": 2, "eval/fid": 12.5, "paceray_best_arm": "a1",
                            "a0/eval/fid": 20.0, "a1/eval/fid": 12.5, "a2/paceray_failed": 1})
     lines = out.getvalue().splitlines()
+    assert lines[0].endswith("trial pack-p0 started · a0 none, a1 none min-snr weighting, a2 easy-to-hard · 0/1 done")
     assert "trial pack-p0 at step 15/30: stage 2 · FID 12.5 · arms: a0 20, a1 12.5, a2 failed · 0/1 done" in lines[1]
     assert "best eval/fid 12.5 (p0-a1)" in lines[-1]
 

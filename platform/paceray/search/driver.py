@@ -137,7 +137,8 @@ def _started(search: _Search):
         t = loaded.trainable
         shape = progress.SearchShape(spec.name, total, [("step", STEP_KEY), *(t.progress or [(loaded.metric,) * 2])],
                                      loaded.metric, loaded.mode, lambda config: horizon_of(t, config).steps,
-                                     functools.partial(name_of, t, searched=context.searched))
+                                     lambda config, trial_id: name_of(t, config, trial_id),
+                                     functools.partial(arm_labels_of, t, searched=context.searched))
         view = progress.SearchView(shape, worker_log, live=False if search.asked.verbose else None)
         view.queues = search.rd.queues
         results = _fitted(search, uri, parent, tuner, view, queues)
@@ -223,12 +224,16 @@ def horizon_of(trainable, config: dict):
     return max((trainable.horizon(arm) for arm in packing.arms_of(config)), key=lambda h: h.steps)
 
 
-def name_of(trainable, config: dict, trial_id: str, searched: tuple = ()) -> str:
-    """A trial's name in the live view, with its arm (Trainable.arm_label); a packed trial's
-    counts its arms (each arm's line says its own: live_view)."""
+def name_of(trainable, config: dict, trial_id: str) -> str:
+    """A trial's name in the live view; a packed trial's counts its arms."""
     if not packing.is_packed(config):
-        return f"{trial_id} ({trainable.arm_label(packing.arms_of(config)[0], searched)})"
+        return trainable.run_name(packing.arms_of(config)[0], trial_id)
     return f"{trial_id} (a pack of {len(packing.arms_of(config))} arms)"
+
+
+def arm_labels_of(trainable, config: dict, searched: tuple = ()) -> list[str]:
+    """A trial's arms' labels (Trainable.arm_label), a packed trial's in order (a0, a1, ...)."""
+    return [trainable.arm_label(arm, searched) for arm in packing.arms_of(config)]
 
 
 def _divert_worker_logs(path: Path) -> Path:

@@ -69,7 +69,8 @@ def _duration(seconds: float) -> str:
 class SearchShape:
     """What the view shows of one search: its name and trial count (None: unknown), `columns`
     ((header, result key) pairs from the trainable's `progress` hook), the metric and its mode,
-    `steps_of(config)` a trial's step budget and `name_of(config, trial_id)` its run name."""
+    `steps_of(config)` a trial's step budget, `name_of(config, trial_id)` its name and
+    `arms_of(config)` its arms' labels (Trainable.arm_label; a packed trial's in order a0, a1, ...)."""
 
     search: str
     total: Optional[int]
@@ -78,6 +79,7 @@ class SearchShape:
     mode: str
     steps_of: Callable[[dict], int]
     name_of: Callable[[dict, str], str]
+    arms_of: Callable[[dict], list[str]] = lambda config: []
 
 
 class SearchView:
@@ -87,7 +89,7 @@ class SearchView:
                  out: Optional[TextIO] = None):
         self.search, self.total, self.columns = shape.search, shape.total, list(shape.columns)
         self.metric, self.mode = shape.metric, shape.mode
-        self.steps_of, self.name_of = shape.steps_of, shape.name_of
+        self.steps_of, self.name_of, self.arms_of = shape.steps_of, shape.name_of, shape.arms_of
         self.worker_log = worker_log
         self.out = out or sys.stdout
         self.live = self.out.isatty() if live is None else live
@@ -117,7 +119,16 @@ class SearchView:
     def started(self, trial) -> None:
         state = self._trial(trial)
         state.status = "running"
-        self._event(f"trial {state.name} started")
+        config = trial.config or {}
+        try:
+            arms = self.arms_of(config)
+        except Exception:  # a config the hooks cannot read: no legend
+            arms = []
+        if packing.is_packed(config):
+            legend = ", ".join(f"{packing.arm_key(k)} {label}" for k, label in enumerate(arms))
+        else:
+            legend = f"arm {arms[0]}" if arms else ""
+        self._event(f"trial {state.name} started" + (f" · {legend}" if legend else ""))
 
     def result(self, trial, result: dict) -> None:
         state = self._trial(trial)
