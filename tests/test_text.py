@@ -100,3 +100,28 @@ def test_a_folder_without_clip_weights_says_where_to_put_them(tmp_path):
     message = str(caught.value)
     assert "\n" not in message and str(tmp_path / "empty") in message
     assert "config.json and model.safetensors of a CLIPTextModel" in message and "save_pretrained(PATH)" in message
+
+
+def test_a_text_conditioned_unet_reads_the_caption_and_trains_its_tiny_encoder():
+    """The tiny text preset's UNet2DConditionModel on 8x8 with the tiny encoder: ε of the right
+    shape, another caption gives another ε, padding is masked (a caption alone or in a longer
+    batch predicts alike), and the loss's gradient reaches the encoder (they train jointly)."""
+    from trainables.diffusion.model import build_text_model
+
+    torch.manual_seed(0)
+    encoder = text.TinyTextEncoder(dim=32, layers=1, heads=4, max_length=24)
+    unet = build_text_model("tiny", 8, 1, cross_attention_dim=32)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 900])
+    hidden, mask = encoder.encode(["the number 3", "the number 8, written large"])
+    eps = unet(x, t, encoder_hidden_states=hidden, encoder_attention_mask=mask).sample
+    assert eps.shape == x.shape
+    other, other_mask = encoder.encode(["the number 8, written large", "the number 3"])
+    swapped = unet(x, t, encoder_hidden_states=other, encoder_attention_mask=other_mask).sample
+    assert not torch.allclose(eps, swapped, atol=1e-4)
+    alone, alone_mask = encoder.encode(["the number 3"])
+    eps_alone = unet(x[:1], t[:1], encoder_hidden_states=alone, encoder_attention_mask=alone_mask).sample
+    torch.testing.assert_close(eps_alone, eps[:1], rtol=1e-4, atol=1e-5)
+    eps.pow(2).mean().backward()
+    assert encoder.embed.weight.grad is not None and float(encoder.embed.weight.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="multiple of 2"):
+        build_text_model("tiny", 7, 1, cross_attention_dim=32)

@@ -70,6 +70,48 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Text-conditioned presets: UNet2DConditionModel kwargs without the data-dependent ones (size,
+# channels, the text encoder's width). Cross-attention on the caption's hidden states wherever
+# attention is, and at the bottleneck.
+TEXT_PRESETS: dict[str, dict] = {
+    # CPU tests at 8x8-16x16: cross-attention at the first level and the bottleneck.
+    "tiny": dict(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ),
+    # One GPU at 28x28-32x32 (Fashion-MNIST, CIFAR-10): cross-attention at the two lower levels.
+    "base": dict(
+        block_out_channels=(64, 128, 256),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=32,
+        norm_num_groups=32,
+        dropout=0.1,
+    ),
+}
+
+
+def build_text_model(preset: str, image_size: int, channels: int, cross_attention_dim: int) -> nn.Module:
+    """A UNet2DConditionModel predicting ε from x_t, t and a caption's hidden states (B, L,
+    cross_attention_dim), in one of TEXT_PRESETS."""
+    from diffusers import UNet2DConditionModel
+
+    if preset not in TEXT_PRESETS:
+        raise ValueError(f"model.preset={preset!r} has no text-conditioned form; choose one of {sorted(TEXT_PRESETS)}")
+    kwargs = dict(TEXT_PRESETS[preset])
+    factor = 2 ** (len(kwargs["block_out_channels"]) - 1)
+    if image_size < factor or image_size % factor:
+        raise ValueError(f"model.preset={preset!r} (text) halves the resolution {factor.bit_length() - 1} times, so "
+                         f"data.image_size must be a multiple of {factor}, got {image_size}")
+    return UNet2DConditionModel(sample_size=image_size, in_channels=channels, out_channels=channels,
+                                cross_attention_dim=cross_attention_dim, **kwargs)
+
+
 def num_downsamples(preset: str) -> int:
     # Every block but the last halves the resolution.
     return len(_preset_kwargs(preset)["block_out_channels"]) - 1
