@@ -193,4 +193,25 @@ def train_fid_net_command(dataset, source, storage, epochs, seed):
     click.echo(f"{dataset}: fid-net test accuracy {info['accuracy']:.4f} → {path}")
 
 
-COMMANDS = [curriculum, data, fid_net]
+@click.command("sample")
+@click.argument("export", type=click.Path(exists=True, file_okay=False))
+@click.option("--n", "n", type=click.IntRange(1, 4096), default=16, show_default=True, help="Images to draw.")
+@click.option("--steps", type=click.IntRange(1, 10_000), default=50, show_default=True, help="DDIM steps.")
+@click.option("--label", type=int, default=None, help="A class-conditional model: the class of every image.")
+@click.option("--prompt", default=None, help="A text-conditioned model: the caption of every image.")
+@click.option("--guidance", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Classifier-free guidance scale (1: none).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
+              help="The grid PNG; what was drawn goes beside it as .json.")
+def sample_command(export, n, steps, label, prompt, guidance, seed, out):
+    """Draw images from an exported model (a search's best/pipeline) into one grid PNG."""
+    from trainables.denoiser.sample import SampleRequest, sample
+
+    record = sample(SampleRequest(Path(export).resolve(), n, steps, label, prompt, guidance, seed), Path(out))
+    what = f"class {label}" if label is not None else "no condition"
+    click.echo(f"{record['n']} images ({what}, {steps} DDIM steps, seed {seed}) in {out}; "
+               f"{Path(out).with_suffix('.json')} says how")
+
+
+COMMANDS = [curriculum, data, fid_net, sample_command]
