@@ -4,6 +4,8 @@ exact across 2 gloo ranks, and the Inception-v3 weights paths (local file, env, 
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,11 +45,35 @@ def test_fid_net_is_accurate_and_saved_with_its_provenance(digits):
     assert not list(digits["net_path"].parent.glob(".*.tmp"))  # the atomic write left nothing behind
 
 
-def _fid(extractor, reference, images, batch=128):
+def _fid(extractor, reference, images, batch=128, labels=None):
     evaluator = FIDEvaluator(extractor, reference)
     for start in range(0, len(images), batch):
-        evaluator.update(images[start:start + batch])
+        evaluator.update(images[start:start + batch], None if labels is None else labels[start:start + batch])
     return evaluator.compute()
+
+
+def test_class_accuracy_is_the_fid_nets_own_on_the_labels_images_were_drawn_for(digits):
+    """Labelled images (a class-conditional model's samples and their labels) are classified by
+    the FID network's own head: held-out digits with their labels score its accuracy, counted here
+    through its forward; shuffled labels score chance; forks and one shared pass count apart; no
+    labels, no accuracy."""
+    extractor = digits["extractor"]
+    reference = reference_statistics(extractor, digits["dataset_dir"], digits["root"] / "stats",
+                                     ReferenceImages(split="train"))
+    images, labels = load_split(digits["dataset_dir"], "test")
+    images = to_unit_range(images)
+    with torch.no_grad():
+        expected = float((extractor.net(images).argmax(1) == labels).double().mean())
+    assert expected > 0.9
+    assert _fid(extractor, reference, images, labels=labels)["class_accuracy"] == pytest.approx(expected, abs=1e-12)
+    shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+    assert _fid(extractor, reference, images, labels=shuffled)["class_accuracy"] < 0.3
+    assert math.isnan(_fid(extractor, reference, images)["class_accuracy"])
+    base = FIDEvaluator(extractor, reference)
+    forks = [base.fork(), base.fork()]
+    update_together(forks, [images, images], [labels, shuffled])
+    together = [e.compute()["class_accuracy"] for e in forks]
+    assert together[0] == pytest.approx(expected, abs=1e-12) and together[1] < 0.3
 
 
 def test_fid_is_low_on_held_out_images_and_grows_with_noise(digits):
@@ -166,9 +192,10 @@ def _fid_on_rank(rank, world, rendezvous, net_path, dataset_dir, cache, images_p
         # every rank passes the reference; the evaluator must count it once (rank 0), not twice
         reference = reference_statistics(extractor, dataset_dir, cache)
         images = torch.load(images_path)[rank::world]
+        labels = torch.load(Path(images_path).with_name("labels.pt"))[rank::world]
         evaluator = FIDEvaluator(extractor, reference)
         for start in range(0, len(images), 50):  # uneven shares and batches across ranks
-            evaluator.update(images[start:start + 50])
+            evaluator.update(images[start:start + 50], labels[start:start + 50])
         result = evaluator.compute()
         evaluator.reset()  # the next evaluation: the same images in one batch per rank
         evaluator.update(images)
@@ -184,8 +211,10 @@ def test_fid_from_two_gloo_ranks_equals_one_process(digits, tmp_path):
     reference = reference_statistics(extractor, digits["dataset_dir"], cache)
     held_out = to_unit_range(load_split(digits["dataset_dir"], "test")[0])
     images = (held_out + 0.3 * torch.randn(held_out.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    labels = load_split(digits["dataset_dir"], "test")[1]
     torch.save(images, tmp_path / "images.pt")
-    single = _fid(extractor, reference, images)
+    torch.save(labels, tmp_path / "labels.pt")
+    single = _fid(extractor, reference, images, labels=labels)
     mp.spawn(_fid_on_rank, nprocs=2, join=True,
              args=(2, str(tmp_path / "rendezvous"), digits["net_path"], digits["dataset_dir"], cache, tmp_path / "images.pt", tmp_path))
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -198,7 +227,8 @@ def test_fid_from_two_gloo_ranks_equals_one_process(digits, tmp_path):
         assert result["kid_subset_size"] == single["kid_subset_size"] == len(images)
         assert result["kid"] == pytest.approx(single["kid"], rel=1e-6, abs=1e-9)
         assert result["kid_std"] == pytest.approx(single["kid_std"], rel=1e-6, abs=1e-9)
-    assert single["kid"] > 0
+        assert result["class_accuracy"] == pytest.approx(single["class_accuracy"], abs=1e-12)  # counts summed
+    assert single["kid"] > 0 and 0.3 < single["class_accuracy"] <= 1
 
 
 def _poly_mmd_unbiased(x, y):

@@ -19,9 +19,10 @@ pytestmark = pytest.mark.slow
 STEPS, STAGE, EVERY = 60, 10, 30
 # loss-second-moment: its histories are all-gathered every step, a collective the two DDP ranks
 # must both make (T=100 so that the first stage's 25 timesteps warm up and its weights apply).
+# Class-conditional: each rank's samples are classified against their labels, the counts summed.
 TWO_WORKER_BASE = tiny_base(train={"steps": STEPS, "log_every": 5}, diffusion={"timesteps": 100, "schedule": "cosine"},
                             curriculum={"stage_steps": STAGE, "distribution": "loss-second-moment"},
-                            eval={"every": EVERY})
+                            data={"class_conditional": True}, eval={"every": EVERY})
 
 
 def only_run(where, experiment: str):
@@ -43,7 +44,7 @@ def test_two_worker_trial_logs_every_metric(two_worker_trial):
     assert run.info.status == "FINISHED"
     keys = set(run.data.metrics)
     for key in ("train/loss", "curriculum/stage", "curriculum/t_min", "curriculum/t_max", "perf/img_per_s",
-                "eval/fid", "train/lr"):
+                "eval/fid", "eval/class_accuracy", "train/lr"):
         assert key in keys, key
     assert {f"train/loss_c{k}" for k in range(1, 5)} <= keys
     assert run.data.params["curriculum.order"] == "easy-to-hard"
@@ -94,6 +95,7 @@ def test_fid_in_the_loop_with_two_workers_equals_one_process(two_worker_trial, s
     from trainables.diffusion.assets import dataset_path
     from trainables.denoiser.features import fid_evaluator
     from trainables.denoiser.train import Sampling, generate_share
+    from trainables.diffusion.model import null_label
 
     run_dir, _, shared = two_worker_trial
     client, run = only_run(shared, "two-workers")
@@ -102,9 +104,11 @@ def test_fid_in_the_loop_with_two_workers_equals_one_process(two_worker_trial, s
     model, cfg = load_checkpoint_model(ckpt, Config.model_validate(TWO_WORKER_BASE).model_dump())
     diffusion = GaussianDiffusion(cfg.diffusion.timesteps, cfg.diffusion.schedule)
     evaluator = fid_evaluator(cfg, storage, dataset_path(cfg.data, storage), "cpu")  # the loop's own, one process
+    classes = null_label(model)  # class-conditional: the loop drew each image for a label, as here
+    assert classes == 10
     for rank in (0, 1):
-        for x in generate_share(Sampling(cfg, diffusion, rank, 2, torch.device("cpu")), model):
-            evaluator.update(x)
+        for x, y in generate_share(Sampling(cfg, diffusion, rank, 2, torch.device("cpu"), classes), model):
+            evaluator.update(x, y)
     one_process = evaluator.compute()
     logged = dict(history(client, run.info.run_id, "eval/fid"))[STEPS]
     assert one_process["num_fake"] == cfg.eval.fid_samples
@@ -112,6 +116,9 @@ def test_fid_in_the_loop_with_two_workers_equals_one_process(two_worker_trial, s
     # KID from the same features and samples: the two ranks' score is the one-process score
     logged_kid = dict(history(client, run.info.run_id, "eval/kid"))[STEPS]
     assert one_process["kid"] == pytest.approx(logged_kid, rel=1e-6, abs=1e-9)
+    # the class accuracy of the same samples against the labels they were drawn for: both ranks' counts
+    logged_accuracy = dict(history(client, run.info.run_id, "eval/class_accuracy"))[STEPS]
+    assert one_process["class_accuracy"] == pytest.approx(logged_accuracy, abs=1e-12)
     assert dict(history(client, run.info.run_id, "eval/kid_std"))[STEPS] >= 0
 
 

@@ -72,11 +72,15 @@ class TrialLog:
         self.fid_features = f"{fid['features']}; {fid['num_fake']} samples vs {fid['num_real']} reference images"
         if self.run:
             kid = {} if math.isnan(fid["kid"]) else {"eval/kid": fid["kid"], "eval/kid_std": fid["kid_std"]}
+            accuracy = fid.get("class_accuracy", math.nan)
+            kid.update({} if math.isnan(accuracy) else {"eval/class_accuracy": accuracy})
             self.run.log_metrics({"eval/fid": fid["fid"], **kid, "eval/seconds": seconds}, step)
             if grid is not None:
                 self.run.log_image(grid, key="samples", step=step, belongs_to="eval/fid")
             self.run.set_tags({"paceray.fid_features": self.fid_features})
-        self._say(f"eval at step {step}: FID {fid['fid']:.3f}, KID {fid['kid']:.5f} ± {fid['kid_std']:.5f} "
+        accuracy = fid.get("class_accuracy", math.nan)
+        classified = "" if math.isnan(accuracy) else f", class accuracy {accuracy:.3f}"
+        self._say(f"eval at step {step}: FID {fid['fid']:.3f}, KID {fid['kid']:.5f} ± {fid['kid_std']:.5f}{classified} "
                   f"({self.fid_features}; KID subsets of {fid['kid_subset_size']}) in {seconds:.1f}s")
 
     def fail(self, reason: str) -> None:

@@ -490,6 +490,8 @@ def _eval_and_checkpoint(trial: _Trial, step: int) -> None:
         by_arm[arm.key] = {"eval/fid": fid["fid"], "eval/kid": fid["kid"], "eval/seconds": eval_seconds,
                            "step": step, "curriculum/stage": arm.trained.stage, "fid_features": fid["features"],
                            "fid_samples": fid["num_fake"]}
+        if not math.isnan(fid["class_accuracy"]):  # a class-conditional model scored by the classifier FID net
+            by_arm[arm.key]["eval/class_accuracy"] = fid["class_accuracy"]
         if arm.log:
             arm.log.eval(fid, grid, step, eval_seconds)
         arm.last_fid = fid["fid"]
@@ -542,9 +544,10 @@ class Sampling:
 
 @torch.no_grad()
 def generate_share(s: Sampling, ema_model):
-    """This rank's share of the `eval.fid_samples` images, batch by batch; the same noise at every
-    eval (seeded by rank), so FIDs over training compare like with like. Sampling runs in the
-    trial's own precision (`bf16`), as its training did."""
+    """This rank's share of the `eval.fid_samples` images, batch by batch, with the labels they
+    were drawn for (None unconditionally); the same noise at every eval (seeded by rank), so FIDs
+    over training compare like with like. Sampling runs in the trial's own precision (`bf16`), as
+    its training did."""
     cfg = s.cfg
     share = cfg.eval.fid_samples // s.world + (1 if s.rank < cfg.eval.fid_samples % s.world else 0)
     gen = torch.Generator(device=s.device).manual_seed(10_000 + s.rank)
@@ -557,7 +560,7 @@ def generate_share(s: Sampling, ema_model):
             x = s.diffusion.sample(ema_model, n, shape, cfg.eval.sampler_steps,
                                    SampleOptions(labels=y, guidance_scale=cfg.eval.guidance_scale, generator=gen,
                                                  device=s.device))
-        yield x.float()
+        yield x.float(), y
         done += n
 
 
@@ -577,12 +580,13 @@ def evaluate(s: Sampling, arms: list, evaluator) -> list:
     firsts = None
     with contextlib.ExitStack() as applied:
         ema_models = [applied.enter_context(ema.applied_to(model)) for model, ema in arms]
-        for batch in zip(*(generate_share(s, m) for m in ema_models)):
+        for drawn in zip(*(generate_share(s, m) for m in ema_models)):
+            batch, labels = [x for x, _ in drawn], [y for _, y in drawn]
             if one_pass:
-                update_together(evaluators, list(batch))
+                update_together(evaluators, batch, labels)
             else:
-                for e, x in zip(evaluators, batch):
-                    e.update(x)
+                for e, x, y in zip(evaluators, batch, labels):
+                    e.update(x, y)
             if firsts is None and s.rank == 0:  # the sample grids are rank 0's to log
                 firsts = [x[: s.cfg.eval.sample_grid].cpu() for x in batch]
     grids = [sample_grid(x) if s.rank == 0 and s.cfg.eval.sample_grid and firsts is not None else None

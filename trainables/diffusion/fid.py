@@ -263,8 +263,13 @@ class FIDEvaluator:
 
     Every rank calls `update` with its share of generated images (floats in [-1, 1]) and then
     `compute()` (a collective when torch.distributed is initialised); every rank gets the same
-    {"fid", "kid", "kid_std", "kid_subset_size", "features", "num_fake", "num_real"}.
-    `reference` may be None on ranks other than 0.
+    {"fid", "kid", "kid_std", "kid_subset_size", "features", "num_fake", "num_real",
+    "class_accuracy"}. `reference` may be None on ranks other than 0.
+
+    Images given with the labels they were drawn for (a class-conditional model's) are also
+    classified by the extractor's own classifier head, where it has one (the `classifier` FID
+    network): `class_accuracy` is the share of them it assigns their label, summed over ranks
+    (NaN without labels or without a head, e.g. Inception).
 
     One feature pass per batch feeds both metrics. FID: torchmetrics sums its states over ranks.
     KID (torchmetrics' KernelInceptionDistance, polynomial kernel, KID_SUBSETS subsets of
@@ -281,6 +286,7 @@ class FIDEvaluator:
         self.num_features = extractor.num_features
         self.metric = _metric(Precomputed(self.num_features)).to(self.device)
         self._fake: list[torch.Tensor] = []
+        self._classified = torch.zeros(2, dtype=torch.float64, device=self.device)  # correct, counted
         self.kid_reference = None
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         if self.rank != 0:
@@ -298,13 +304,24 @@ class FIDEvaluator:
         self.kid_reference = reference.kid_features
 
     @torch.no_grad()
-    def update(self, fake: torch.Tensor) -> None:
-        self.update_features(self.extractor(fake.to(self.device)))
+    def update(self, fake: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        self.update_features(self.extractor(fake.to(self.device)), labels)
 
-    def update_features(self, features: torch.Tensor) -> None:
-        """Count generated images by their features (from this evaluator's extractor)."""
+    @property
+    def classifies(self) -> bool:
+        """Whether the extractor has a classifier head on its features (a FIDNet's)."""
+        return hasattr(getattr(self.extractor, "net", None), "head")
+
+    @torch.no_grad()
+    def update_features(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Count generated images by their features (from this evaluator's extractor) and, given
+        the labels they were drawn for, whether its classifier head agrees."""
         self.metric.update(features, real=False)
         self._fake.append(features.detach().float())
+        if labels is not None and self.classifies:
+            predicted = self.extractor.net.head(features).argmax(dim=1)
+            self._classified[0] += float((predicted == labels.to(predicted.device)).sum())
+            self._classified[1] += len(labels)
 
     def fork(self) -> "FIDEvaluator":
         """An evaluator of its own generated images, sharing this one's extractor and reference:
@@ -312,6 +329,7 @@ class FIDEvaluator:
         other = copy.copy(self)
         other.metric = self.metric.clone()
         other._fake = []
+        other._classified = torch.zeros_like(self._classified)
         return other
 
     def compute(self) -> dict[str, Any]:
@@ -321,7 +339,15 @@ class FIDEvaluator:
                                f"and {result['num_real']}: raise eval.fid_samples")
         kid, kid_std, subset = self._kid()
         return {"fid": float(result["fid"]), "kid": kid, "kid_std": kid_std, "kid_subset_size": subset,
-                "features": self.features, "num_fake": result["num_fake"], "num_real": result["num_real"]}
+                "features": self.features, "num_fake": result["num_fake"], "num_real": result["num_real"],
+                "class_accuracy": self._class_accuracy()}
+
+    def _class_accuracy(self) -> float:
+        counts = self._classified.clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)  # every rank, every eval: a collective like the others here
+        correct, counted = counts.tolist()
+        return correct / counted if counted else float("nan")
 
     def _kid(self) -> tuple[float, float, int]:
         local = torch.cat(self._fake) if self._fake else torch.zeros(0, self.num_features, device=self.device)
@@ -338,19 +364,21 @@ class FIDEvaluator:
         """Forget the generated images; keep the reference."""
         self.metric.reset()
         self._fake = []
+        self._classified.zero_()
 
 
 @torch.no_grad()
-def update_together(evaluators: list[FIDEvaluator], fakes: list[torch.Tensor]) -> None:
-    """Each evaluator's batch of generated images through one pass of their shared extractor (see
-    `FIDEvaluator.fork`): one larger batch rather than one per model, the same features up to the
-    extractor's floating-point reduction order."""
+def update_together(evaluators: list[FIDEvaluator], fakes: list[torch.Tensor],
+                    labels: list[torch.Tensor | None] | None = None) -> None:
+    """Each evaluator's batch of generated images (and the labels they were drawn for, if any)
+    through one pass of their shared extractor (see `FIDEvaluator.fork`): one larger batch rather
+    than one per model, the same features up to the extractor's floating-point reduction order."""
     extractor = evaluators[0].extractor
     if any(e.extractor is not extractor for e in evaluators):
         raise ValueError("update_together needs evaluators forked from one (one extractor)")
     features = extractor(torch.cat([x.to(evaluators[0].device) for x in fakes]))
-    for evaluator, part in zip(evaluators, features.split([len(x) for x in fakes])):
-        evaluator.update_features(part)
+    for evaluator, part, y in zip(evaluators, features.split([len(x) for x in fakes]), labels or [None] * len(fakes)):
+        evaluator.update_features(part, y)
 
 
 def _gather_rows(local: torch.Tensor) -> torch.Tensor:
