@@ -276,6 +276,10 @@ class SharedCluster:
         self.head = subprocess.Popen(
             [ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
+             # Not Ray's fixed default (52365): another Ray on the machine (a search of one's own)
+             # holds it, and then this head's agent never registers: no `ray job submit`, no State
+             # API for Ray Train's PlacementGroupCleaner (both seen in a suite run beside a search).
+             "--dashboard-agent-listen-port", str(free_port()),
              "--num-cpus", "2", "--temp-dir", str(self.temp)],
             stdout=open(self.temp / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
         root = self.temp / "mlflow"

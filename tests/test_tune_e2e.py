@@ -314,14 +314,22 @@ def job_search(shared, tmp_path):
     wrong = subprocess.run([ray_bin, "job", "list", "--address", address], capture_output=True, text=True,
                            env={**env, "RAY_AUTH_TOKEN": secrets.token_hex(32)})
     runtime_env = {"env_vars": {"PACERAY_STORAGE": shared.base_env["PACERAY_STORAGE"]}}
-    submit = subprocess.run(
-        [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO),
-         "--runtime-env-json", json.dumps(runtime_env), "--",
-         "paceray", "tune", "search_spaces/quick.yaml", "--run-dir", str(run_dir), *SHORT,
-         # One trial (--set pins the searched order): the job path is under test here; the
-         # four-trial search is test_search_makes_one_parent_and_a_child_per_order's.
-         "--set", "curriculum.order=easy-to-hard"],
-        capture_output=True, text=True, timeout=900, env=env)
+    # The Jobs API may answer before the head's dashboard agent has registered; a submission then is
+    # refused (500, "No available agent to submit job, please try again later") and starts nothing,
+    # so it is tried again, as Ray's message says.
+    deadline = time.monotonic() + 180
+    while True:
+        submit = subprocess.run(
+            [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO),
+             "--runtime-env-json", json.dumps(runtime_env), "--",
+             "paceray", "tune", "search_spaces/quick.yaml", "--run-dir", str(run_dir), *SHORT,
+             # One trial (--set pins the searched order): the job path is under test here; the
+             # four-trial search is test_search_makes_one_parent_and_a_child_per_order's.
+             "--set", "curriculum.order=easy-to-hard"],
+            capture_output=True, text=True, timeout=900, env=env)
+        if "No available agent to submit job" not in submit.stdout + submit.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(5)
     return r, wrong, submit, run_dir
 
 
